@@ -1,0 +1,125 @@
+"""Command line: ``gradsparse run CONFIG.yaml [--set key=value ...] [--out DIR]``.
+
+Other commands: ``gradsparse demo`` (the embedded default example), ``gradsparse compare``
+(one plot of several run directories), ``gradsparse examples`` (list shipped configs),
+``gradsparse bench`` (the benchmark suite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _example_path(name: str) -> Path:
+    base = resources.files("gradsparse") / "examples"
+    p = Path(str(base / name))
+    if not p.suffix:
+        p = p.with_suffix(".yaml")
+    return p
+
+
+def _resolve_config(arg: str) -> Path:
+    p = Path(arg)
+    if p.exists():
+        return p
+    ex = _example_path(arg)
+    return ex if ex.exists() else p
+
+
+def cmd_run(args) -> int:
+    from .experiments.runner import run
+
+    try:
+        cfg = load_config(_resolve_config(args.config), args.set)
+        out = run(cfg, args.out, progress=False if args.no_progress else None)
+    except ConfigError as exc:
+        print(f"gradsparse: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run directory: {out}")
+    return 0
+
+
+DEMO_CONFIGS = ("toy_uplink", "toy_bidirectional", "toy_downlink_only", "digits_mlp_topk")
+
+
+def cmd_demo(args) -> int:
+    """The embedded default: the paper-003 toy on three topologies and a digits MLP."""
+    from .experiments.plots import compare_runs
+    from .experiments.runner import run
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = []
+    for name in DEMO_CONFIGS:
+        cfg = load_config(_example_path(name), args.set)
+        d = run(cfg, out / name, progress=not args.no_progress)
+        print(f"{name}: {d}")
+        dirs.append(d)
+    fig = compare_runs(dirs[:3], out / "toy_topologies.png")
+    print(f"comparison plot: {fig}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .experiments.plots import compare_runs
+
+    try:
+        print(compare_runs(args.runs, args.out, args.metric))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gradsparse: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_examples(args) -> int:
+    base = Path(str(resources.files("gradsparse") / "examples"))
+    for p in sorted(base.glob("*.yaml")):
+        print(p.stem)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a config on the synchronous simulator")
+    r.add_argument("config", help="YAML file, or the name of a shipped example (see `gradsparse examples`)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    r.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+    dm = sub.add_parser("demo", help="run the embedded default examples and write plots")
+    dm.add_argument("--out", default="runs/demo")
+    dm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    dm.add_argument("--no-progress", action="store_true")
+    dm.set_defaults(fn=cmd_demo)
+    c = sub.add_parser("compare", help="plot several run directories together")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="compare.png")
+    c.add_argument("--metric", default=None)
+    c.set_defaults(fn=cmd_compare)
+    e = sub.add_parser("examples", help="list the shipped example configs")
+    e.set_defaults(fn=cmd_examples)
+    b = sub.add_parser("bench", help="benchmark suite (see benchmarks/)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

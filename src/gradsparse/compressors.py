@@ -1,0 +1,280 @@
+"""Compressors C : R^d -> R^d (ALGORITHMS.md §1).
+
+Every compressor works on a batch of rows ``x`` of shape ``[n, d]`` (one row per worker; an
+engine with one worker per process passes ``n = 1``) and returns the compressed rows (dense
+tensors with zeros off the support) together with the boolean support that goes on the wire.
+
+Tie rule for top-k (everywhere in gradsparse): entries are ranked by ``|x_i|`` descending and,
+among equal magnitudes, the LOWER index wins. NaN entries are never selected by top-k ranking
+(they compare false) — gradsparse does not guard against NaN gradients in the hot path.
+
+Rounding rule for a density ``rho`` (paper 003): ``k = d - floor((1 - rho) * d)``, at least 1.
+
+Scope: ``entire`` treats the flattened model as one vector; ``layerwise`` applies the rule to
+each parameter tensor separately (segment ``l`` gets ``k_l`` from ``rho * d_l``, or, when a
+count ``k`` is given, ``k_l = max(1, round(k * d_l / d))``). Hard-threshold is the same in both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "Compressor",
+    "Identity",
+    "TopK",
+    "HardThreshold",
+    "RandomK",
+    "k_from_density",
+    "topk_mask_rows",
+    "make_compressor",
+    "random_k_indices",
+]
+
+
+def k_from_density(rho: float, d: int) -> int:
+    """Paper 003's rounding rule: K = d - floor((1 - rho) d), kept >= 1 (and <= d)."""
+    if not (0.0 < rho <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {rho!r}")
+    if d == 0:
+        return 0
+    k = d - math.floor((1.0 - rho) * d)
+    return int(min(max(k, 1), d))
+
+
+def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact per-row top-k support by magnitude, ties to the lower index.
+
+    Returns a boolean mask of shape ``x.shape`` with exactly ``min(k, d)`` True per row.
+    """
+    n, d = x.shape
+    if k < 0 or k > d:
+        raise ValueError(f"top-k k = {k} must be in [0, d = {d}]")
+    if k == 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    if k == d:
+        return torch.ones_like(x, dtype=torch.bool)
+    mag = x.abs()
+    # k-th largest magnitude per row, then break ties at that magnitude towards lower indices
+    thr = torch.topk(mag, k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values
+    above = mag > thr
+    need = k - above.sum(dim=1, keepdim=True)
+    at = mag == thr
+    return above | (at & (torch.cumsum(at, dim=1) <= need))
+
+
+def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
+    """Sorted k-of-d indices drawn without replacement from ``seed`` (shared with the wire)."""
+    from .wire import random_k_indices as _rk
+
+    return _rk(seed, d, k)
+
+
+class Compressor:
+    """Base class. Subclasses implement :meth:`mask` (the support) and may override
+    :meth:`__call__` (e.g. to rescale values)."""
+
+    name = "compressor"
+    #: C(c x) = c C(x) for c > 0 (then ef and ef-scaled coincide).
+    scale_invariant = True
+    #: True when the receiver can rebuild the support without transmitted indices.
+    seeded_support = False
+
+    def mask(self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress rows of ``x`` ([n, d]); returns (compressed rows, support mask)."""
+        m = self.mask(x, step, workers)
+        return torch.where(m, x, torch.zeros((), dtype=x.dtype)), m
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Identity(Compressor):
+    name = "identity"
+
+    def mask(self, x, step=0, workers=None):
+        return torch.ones_like(x, dtype=torch.bool)
+
+    def __call__(self, x, step=0, workers=None):
+        return x.clone(), torch.ones_like(x, dtype=torch.bool)
+
+
+def _segments(d: int, layout: Sequence[int] | None) -> list[tuple[int, int]]:
+    if layout is None:
+        return [(0, d)]
+    if sum(layout) != d:
+        raise ValueError(f"layout sizes sum to {sum(layout)} but the vector has d = {d}")
+    out, off = [], 0
+    for n in layout:
+        out.append((off, off + int(n)))
+        off += int(n)
+    return out
+
+
+class TopK(Compressor):
+    """Keep the k entries of largest magnitude (per row; per segment when layer-wise).
+
+    Give exactly one of ``k`` (a count) or ``density`` (rho = k/d, paper 003's rounding).
+    ``layout``: the sizes of the parameter tensors in flattening order (layer-wise scope).
+    """
+
+    name = "topk"
+
+    def __init__(
+        self,
+        k: int | None = None,
+        density: float | None = None,
+        scope: str = "entire",
+        layout: Sequence[int] | None = None,
+    ) -> None:
+        if (k is None) == (density is None):
+            raise ValueError("top-k needs exactly one of k (count) or density (k/d)")
+        if k is not None and (not isinstance(k, int) or k < 0):
+            raise ValueError(f"top-k k must be a non-negative integer, got {k!r}")
+        if density is not None and not (0.0 < density <= 1.0):
+            raise ValueError(f"top-k density must be in (0, 1], got {density!r}")
+        if scope not in ("entire", "layerwise"):
+            raise ValueError(f"scope must be 'entire' or 'layerwise', got {scope!r}")
+        self.k, self.density, self.scope = k, density, scope
+        self.layout = list(layout) if layout is not None else None
+
+    def k_for(self, d: int) -> int:
+        if self.density is not None:
+            return k_from_density(self.density, d)
+        if self.k > d:
+            raise ValueError(f"top-k k = {self.k} exceeds the vector size d = {d}")
+        return self.k
+
+    def segment_ks(self, d: int) -> list[tuple[int, int, int]]:
+        """[(start, stop, k_l)] for the configured scope."""
+        if self.scope == "entire" or self.layout is None:
+            return [(0, d, self.k_for(d))]
+        segs = _segments(d, self.layout)
+        out = []
+        for a, b in segs:
+            dl = b - a
+            if self.density is not None:
+                kl = k_from_density(self.density, dl)
+            else:
+                kl = min(dl, max(1, round(self.k * dl / d)))
+            out.append((a, b, kl))
+        return out
+
+    def mask(self, x, step=0, workers=None):
+        d = x.shape[-1]
+        segs = self.segment_ks(d)
+        if len(segs) == 1:
+            return topk_mask_rows(x, segs[0][2])
+        m = torch.zeros_like(x, dtype=torch.bool)
+        for a, b, kl in segs:
+            m[:, a:b] = topk_mask_rows(x[:, a:b], kl)
+        return m
+
+    def describe(self):
+        amount = f"k={self.k}" if self.k is not None else f"density={self.density}"
+        return f"top-k({amount}, {self.scope})"
+
+
+class HardThreshold(Compressor):
+    """Keep entries with |x_i| >= lambda. The count varies per step and may be 0."""
+
+    name = "hard_threshold"
+    scale_invariant = False
+
+    def __init__(self, threshold: float) -> None:
+        if not (threshold >= 0.0) or math.isinf(threshold):
+            raise ValueError(f"hard-threshold lambda must be a finite number >= 0, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def mask(self, x, step=0, workers=None):
+        return x.abs() >= self.threshold
+
+    def describe(self):
+        return f"hard-threshold(lambda={self.threshold:g})"
+
+
+class RandomK(Compressor):
+    """k coordinates uniform without replacement, regenerable from (seed, step, worker).
+
+    With ``scale=True`` the kept values are multiplied by d/k (unbiased estimator).
+    """
+
+    name = "randomk"
+
+    def __init__(
+        self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False
+    ) -> None:
+        if (k is None) == (density is None):
+            raise ValueError("random-k needs exactly one of k (count) or density (k/d)")
+        if k is not None and (not isinstance(k, int) or k < 0):
+            raise ValueError(f"random-k k must be a non-negative integer, got {k!r}")
+        if density is not None and not (0.0 < density <= 1.0):
+            raise ValueError(f"random-k density must be in (0, 1], got {density!r}")
+        self.k, self.density, self.seed, self.scale = k, density, int(seed), bool(scale)
+        self.seeded_support = True
+        # the scaled variant is still linear in x, so it stays scale invariant
+        self.scale_invariant = True
+
+    def k_for(self, d: int) -> int:
+        if self.density is not None:
+            return k_from_density(self.density, d)
+        if self.k > d:
+            raise ValueError(f"random-k k = {self.k} exceeds the vector size d = {d}")
+        return self.k
+
+    def message_seed(self, step: int, worker: int) -> int:
+        """The seed a receiver needs: a deterministic function of (seed, step, worker)."""
+        # 64-bit mix (splitmix-style constants) keeps seeds of neighbouring steps unrelated
+        z = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + worker * 0x94D049BB133111EB)
+        z &= (1 << 63) - 1
+        return int(z)
+
+    def mask(self, x, step=0, workers=None):
+        n, d = x.shape
+        if workers is None:
+            workers = torch.arange(n)
+        k = self.k_for(d)
+        m = torch.zeros_like(x, dtype=torch.bool)
+        for row, w in enumerate(workers.tolist()):
+            m[row, random_k_indices(self.message_seed(step, int(w)), d, k)] = True
+        return m
+
+    def __call__(self, x, step=0, workers=None):
+        out, m = super().__call__(x, step, workers)
+        if self.scale:
+            d = x.shape[-1]
+            k = self.k_for(d)
+            if k:
+                out = out * (d / k)
+        return out, m
+
+    def describe(self):
+        amount = f"k={self.k}" if self.k is not None else f"density={self.density}"
+        return f"random-k({amount}{', scaled' if self.scale else ''})"
+
+
+COMPRESSORS = {"identity": Identity, "topk": TopK, "hard_threshold": HardThreshold, "randomk": RandomK}
+
+
+def make_compressor(kind: str, layout: Sequence[int] | None = None, **options) -> Compressor:
+    """Build a compressor by name: identity, topk, hard_threshold, randomk."""
+    if kind not in COMPRESSORS:
+        raise ValueError(f"unknown compressor {kind!r}; allowed: {', '.join(COMPRESSORS)}")
+    if kind == "topk":
+        return TopK(layout=layout, **options)
+    return COMPRESSORS[kind](**options)

@@ -1,0 +1,286 @@
+"""Synchronous simulator: N workers (1..1000) in one process.
+
+Workers share the model in synchronous SGD, so the N per-worker gradients are computed in one
+call, ``torch.func.vmap(torch.func.grad(loss))`` over a ``[N, batch, ...]`` stack of the workers'
+mini-batches — no model copies, no Python loop over workers. The model is kept as one flat
+vector ``w`` of size d (the parameter tensors concatenated in the task's order); the algorithm's
+worker and server steps act on ``[N, d]`` rows.
+
+Mini-batches: each step every worker draws ``batch_size`` rows uniformly with replacement from
+its own shard (``batch_size="full"`` uses the whole shard: exact local gradients). The data split
+is ``iid`` or ``shards`` (sort by label, cut into shards, a fixed number per worker).
+Everything random comes from one ``torch.Generator`` seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad, vmap  # noqa: F401  (functional_call used by tasks)
+
+from ..algorithm import Algorithm, ServerOutput, WorkerOutput
+from ..schedules import Schedule
+from ..tasks import Task, split_workers
+from .. import topology as topo
+
+
+def param_layout(params: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Size], list[int]]:
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    sizes = [int(params[n].numel()) for n in names]
+    return names, shapes, sizes
+
+
+def flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()]).to(torch.float32)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    lr: float
+    params_before: torch.Tensor  # [d]
+    grads: torch.Tensor  # [N, d] raw stochastic gradients (before weight decay / prox)
+    worker: WorkerOutput
+    server: ServerOutput
+    nnz: torch.Tensor  # [N] uplink support sizes
+    up_bytes: int
+    down_bytes: int
+    down_nnz: int
+    server_state_before: dict
+
+
+class SyncSimulator:
+    def __init__(
+        self,
+        task: Task,
+        algorithm: Algorithm,
+        schedule: Schedule,
+        *,
+        n_workers: int,
+        batch_size: int | str = 1,
+        split: str = "iid",
+        shards_per_worker: int = 2,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        value_dtype: str = "fp32",
+    ) -> None:
+        if not (1 <= n_workers <= 100_000):
+            raise ValueError(f"n_workers must be >= 1, got {n_workers!r}")
+        if value_dtype not in topo.VALUE_BYTES:
+            raise ValueError(f"value_dtype must be one of {list(topo.VALUE_BYTES)}, got {value_dtype!r}")
+        self.task, self.alg, self.schedule = task, algorithm, schedule
+        self.n_workers, self.seed = n_workers, seed
+        self.value_bytes = topo.VALUE_BYTES[value_dtype]
+        self.gen = torch.Generator().manual_seed(seed)
+        params0 = task.init_params(self.gen)
+        self.names, self.shapes, self.sizes = param_layout(params0)
+        self.d = sum(self.sizes)
+        self.w = flatten(params0).clone()
+
+        # --- data assignment
+        if task.worker_data is not None:
+            rows = [torch.as_tensor(r, dtype=torch.long) for r in task.worker_data]
+            if len(rows) != n_workers:
+                raise ValueError(
+                    f"task {task.name!r} fixes {len(rows)} workers, but n_workers = {n_workers}"
+                )
+        else:
+            labels = task.train_y if task.train_y.dtype == torch.long else None
+            rows = split_workers(
+                task.n_train, labels, n_workers, split, shards_per_worker=shards_per_worker, generator=self.gen
+            )
+        self.worker_rows = rows
+        self.lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if int(self.lens.min()) == 0:
+            raise ValueError("a worker received no training rows; use fewer workers or another split")
+        self.offsets = torch.cumsum(self.lens, 0) - self.lens
+        self.rows_cat = torch.cat(rows)
+        if batch_size == "full":
+            if int(self.lens.min()) != int(self.lens.max()):
+                self.full_batch_equal = False
+            else:
+                self.full_batch_equal = True
+        elif not (isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer or 'full', got {batch_size!r}")
+        self.batch_size = batch_size
+
+        if weights is None:
+            self.weights = torch.full((n_workers,), 1.0 / n_workers)
+        else:
+            if len(weights) != n_workers or any(p < 0 for p in weights):
+                raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
+            self.weights = torch.tensor(weights, dtype=torch.float32)
+        self.worker_ids = torch.arange(n_workers)
+
+        self.wstate = algorithm.init_worker_state(n_workers, self.d)
+        self.sstate = algorithm.init_server_state(self.d)
+        self.t = 0
+        self.samples_seen = 0
+        # cumulative accounting
+        self.uplink_bytes = 0
+        self.downlink_bytes = 0
+        self.density_sum = 0.0
+        self.total_error = 0.0
+        # stagewise learning (paper 004 §6)
+        self.anchor = self.w.clone() if schedule.kind == "stagewise" else None
+        self.stage_sum = torch.zeros(self.d) if schedule.kind == "stagewise" else None
+        self.stage_count = 0
+
+        self._vgrad = vmap(grad(self._loss_flat), in_dims=(None, 0, 0))
+        self._grad = grad(self._loss_flat)
+
+    # ---- model helpers ----------------------------------------------------------------
+    def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(w, self.sizes)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def _loss_flat(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(self.unflatten(w), x, y)
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / max(self.task.n_train, 1)
+
+    # ---- gradients --------------------------------------------------------------------
+    def sample_rows(self) -> torch.Tensor:
+        """[N, b] training-row indices for this step."""
+        if self.batch_size == "full":
+            return torch.stack([r for r in self.worker_rows]) if self.full_batch_equal else None
+        r = torch.rand(self.n_workers, self.batch_size, generator=self.gen)
+        pos = self.offsets[:, None] + (r * self.lens[:, None]).long().clamp_max(self.lens[:, None] - 1)
+        return self.rows_cat[pos]
+
+    def worker_gradients(self, w: torch.Tensor) -> torch.Tensor:
+        """[N, d] stochastic gradients of all workers at w (one vmapped call)."""
+        idx = self.sample_rows()
+        if idx is None:  # full local batches of unequal sizes: one call per worker
+            g = torch.stack(
+                [self._grad(w, self.task.train_x[r], self.task.train_y[r]) for r in self.worker_rows]
+            )
+            self.samples_seen += int(self.lens.sum())
+            return g
+        self.samples_seen += idx.numel()
+        return self._vgrad(w, self.task.train_x[idx], self.task.train_y[idx])
+
+    def loop_gradients(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Reference path: one gradient call per worker (tests compare it with the vmapped one)."""
+        return torch.stack(
+            [self._grad(w, self.task.train_x[i], self.task.train_y[i]) for i in idx]
+        )
+
+    # ---- one synchronous step ---------------------------------------------------------
+    def step(self) -> StepRecord:
+        t = self.t
+        if self.schedule.stage_start(t):
+            self.anchor = self.stage_sum / max(self.stage_count, 1)
+            self.stage_sum.zero_()
+            self.stage_count = 0
+        lr = float(self.schedule(t, self.epoch))
+        w = self.w
+        grads = self.worker_gradients(w)
+        g_in = grads
+        if self.anchor is not None:
+            g_in = grads + (w - self.anchor) / self.schedule.prox_gamma
+        wo = self.alg.worker_step(g_in, w, self.wstate, t, lr, self.worker_ids)
+        sstate_before = self.sstate
+        so = self.alg.server_step(wo.sent, self.weights, self.sstate, t, lr)
+        self.wstate, self.sstate = wo.state, so.state
+        self.w = w - so.update
+        if self.stage_sum is not None:
+            self.stage_sum += self.w
+            self.stage_count += 1
+
+        # --- accounting
+        nnz = wo.support.sum(dim=1)
+        comp = self.alg.compressor
+        up_nb = topo.message_nbytes(
+            wo.support,
+            dense=comp.name == "identity",
+            seeded=comp.seeded_support,
+            value_bytes=self.value_bytes,
+        )
+        if so.down_support is not None:
+            down_mask = so.down_support
+        else:
+            down_mask = so.update != 0
+        down_nnz = int(down_mask.sum())
+        down_nb = int(
+            topo.message_nbytes(down_mask[None], dense=False, seeded=False, value_bytes=self.value_bytes)[0]
+        )
+        up, down = topo.traffic(self.alg.topology, up_nb, down_nb, self.n_workers)
+        self.uplink_bytes += up
+        self.downlink_bytes += down
+        self.density_sum += float(nnz.float().mean()) / self.d
+        if "e" in self.wstate:
+            e_mean = self.weights @ self.wstate["e"]
+            self.total_error += float(e_mean.square().sum())
+        self.t += 1
+        return StepRecord(t, lr, w, grads, wo, so, nnz, up, down, down_nnz, sstate_before)
+
+    # ---- evaluation -------------------------------------------------------------------
+    def _chunks(self, n: int, size: int = 4096):
+        for a in range(0, n, size):
+            yield a, min(n, a + size)
+
+    @torch.no_grad()
+    def full_loss(self, w: torch.Tensor | None = None) -> float:
+        w = self.w if w is None else w
+        n = self.task.n_train
+        tot = 0.0
+        for a, b in self._chunks(n):
+            tot += float(self._loss_flat(w, self.task.train_x[a:b], self.task.train_y[a:b])) * (b - a)
+        return tot / n
+
+    def full_gradient(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.w if w is None else w
+        n = self.task.n_train
+        g = torch.zeros(self.d)
+        for a, b in self._chunks(n):
+            g += self._grad(w, self.task.train_x[a:b], self.task.train_y[a:b]) * (b - a)
+        return g / n
+
+    @torch.no_grad()
+    def test_accuracy(self, w: torch.Tensor | None = None) -> float | None:
+        if self.task.predict is None:
+            return None
+        x, y = (self.task.test_x, self.task.test_y)
+        if x is None:
+            x, y = self.task.train_x, self.task.train_y
+        w = self.w if w is None else w
+        params = self.unflatten(w)
+        correct = 0
+        for a, b in self._chunks(int(x.shape[0])):
+            correct += int((self.task.predict(params, x[a:b]).argmax(dim=-1) == y[a:b]).sum())
+        return correct / int(x.shape[0])
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "t": self.t,
+            "w": self.w.clone(),
+            "wstate": {k: v.clone() for k, v in self.wstate.items()},
+            "sstate": {k: v.clone() for k, v in self.sstate.items()},
+            "gen": self.gen.get_state(),
+            "samples_seen": self.samples_seen,
+            "uplink_bytes": self.uplink_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "density_sum": self.density_sum,
+            "total_error": self.total_error,
+            "anchor": None if self.anchor is None else self.anchor.clone(),
+            "stage_sum": None if self.stage_sum is None else self.stage_sum.clone(),
+            "stage_count": self.stage_count,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.t = int(sd["t"])
+        self.w = sd["w"].clone()
+        self.wstate = {k: v.clone() for k, v in sd["wstate"].items()}
+        self.sstate = {k: v.clone() for k, v in sd["sstate"].items()}
+        self.gen.set_state(sd["gen"])
+        for k in ("samples_seen", "uplink_bytes", "downlink_bytes", "density_sum", "total_error", "stage_count"):
+            setattr(self, k, sd[k])
+        self.anchor = None if sd["anchor"] is None else sd["anchor"].clone()
+        self.stage_sum = None if sd["stage_sum"] is None else sd["stage_sum"].clone()

@@ -1,0 +1,77 @@
+"""Error feedback (memory) at the workers (ALGORITHMS.md §2).
+
+All functions act on a batch of workers: ``g`` and the memory ``e`` have shape ``[n, d]``.
+Each returns ``(sent, support, new_e, accumulated)`` where ``accumulated`` is the vector that
+was handed to the compressor's rule (``a``, ``p`` or ``v`` in the formulas) — the diagnostics
+of §7 need it — and ``sent + new_e == accumulated`` holds exactly (for ``ef-scaled`` up to the
+rounding of ``gamma * C(p / gamma)``).
+
+- ``none``:      s = C(alpha g)                                    (no memory)
+- ``ef``:        a = e + alpha g; s = C(a); e <- a - s             (step inside; papers 000, 003)
+- ``ef-scaled``: p = e + gamma g; s = gamma C(p / gamma); e <- p - s   (paper 002)
+- ``memory``:    v = u + g; s = C(v); u <- v - s                   (step outside; paper 004
+                 M-DSGD, paper 001 phi-MemSGD); the server then multiplies by eta_t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .compressors import Compressor
+
+FEEDBACK_KINDS = ("none", "ef", "ef-scaled", "memory")
+
+
+def lr_inside(kind: str) -> bool:
+    """Whether the worker's message already includes the step size."""
+    check_kind(kind)
+    return kind != "memory"
+
+
+def check_kind(kind: str) -> None:
+    if kind not in FEEDBACK_KINDS:
+        raise ValueError(f"unknown error feedback {kind!r}; allowed: {', '.join(FEEDBACK_KINDS)}")
+
+
+def has_memory(kind: str) -> bool:
+    return kind != "none"
+
+
+def feedback_step(
+    kind: str,
+    compressor: Compressor,
+    g: torch.Tensor,
+    e: torch.Tensor | None,
+    lr: float,
+    step: int = 0,
+    workers: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One worker-side error-feedback step for rows ``g`` with memory ``e``.
+
+    Returns (sent, support mask, new memory (None for ``none``), accumulated vector).
+    """
+    if kind == "none":
+        a = lr * g
+        s, m = compressor(a, step, workers)
+        return s, m, None, a
+    if e is None:
+        raise ValueError(f"error feedback {kind!r} needs a memory tensor")
+    if kind == "ef":
+        a = e + lr * g
+        s, m = compressor(a, step, workers)
+        return s, m, a - s, a
+    if kind == "ef-scaled":
+        if lr <= 0:
+            raise ValueError(f"ef-scaled needs a positive step size, got {lr!r}")
+        p = e + lr * g
+        c, m = compressor(p / lr, step, workers)
+        s = lr * c
+        # keep sent + memory == p exactly on the support and off it
+        new_e = torch.where(m, p - s, p)
+        return s, m, new_e, p
+    if kind == "memory":
+        v = e + g
+        s, m = compressor(v, step, workers)
+        return s, m, v - s, v
+    check_kind(kind)
+    raise AssertionError  # unreachable
