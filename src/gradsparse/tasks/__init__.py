@@ -1,0 +1,99 @@
+"""Training tasks: data sets, worker splits, models and convex problems with a known optimum.
+
+    from gradsparse.tasks import make_task, split_workers
+    task = make_task("logreg", dataset="madelon_like", seed=0)
+    parts = split_workers(task.n_train, task.train_y, 20, "iid", generator=torch.Generator().manual_seed(0))
+
+Every builder in :data:`TASKS` takes keyword options with defaults and ``seed: int = 0``; the
+task is a deterministic function of its options. Tensors are float32 (convex tasks accept
+``dtype="float64"``); class labels are int64, regression targets float32, logistic-regression
+training labels +-1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from .base import Task
+from .convex import linreg, logreg, solve_logreg, toy_quadratic
+from .idx import default_data_dir, find_idx_files, load_idx_dataset, read_idx
+from .splits import SPLITS, split_workers
+from .vision import (
+    digits_cnn,
+    digits_lenet,
+    digits_mlp,
+    fashion_mnist_cnn,
+    fashion_mnist_lenet,
+    fashion_mnist_mlp,
+    mnist_cnn,
+    mnist_lenet,
+    mnist_mlp,
+)
+
+TASKS: dict[str, Callable[..., Task]] = {
+    "toy_quadratic": toy_quadratic,
+    "linreg": linreg,
+    "logreg": logreg,
+    "digits_mlp": digits_mlp,
+    "digits_cnn": digits_cnn,
+    "digits_lenet": digits_lenet,
+    "mnist_mlp": mnist_mlp,
+    "mnist_cnn": mnist_cnn,
+    "mnist_lenet": mnist_lenet,
+    "fashion_mnist_mlp": fashion_mnist_mlp,
+    "fashion_mnist_cnn": fashion_mnist_cnn,
+    "fashion_mnist_lenet": fashion_mnist_lenet,
+}
+
+
+def task_options(name: str) -> dict[str, Any]:
+    """The options of task ``name`` with their defaults."""
+    builder = _builder(name)
+    return {p.name: p.default for p in inspect.signature(builder).parameters.values()}
+
+
+def _builder(name: str) -> Callable[..., Task]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build task ``name`` with keyword ``options``.
+
+    Raises ValueError for an unknown name (listing the allowed names), for an unknown option
+    (listing the task's options) and, from the builder, for bad option values."""
+    builder = _builder(name)
+    allowed = task_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"task {name!r} has no option(s) {unknown}; allowed options: {sorted(allowed)}")
+    return builder(**options)
+
+
+__all__ = [
+    "Task",
+    "TASKS",
+    "SPLITS",
+    "make_task",
+    "task_options",
+    "split_workers",
+    "toy_quadratic",
+    "linreg",
+    "logreg",
+    "solve_logreg",
+    "digits_mlp",
+    "digits_cnn",
+    "digits_lenet",
+    "mnist_mlp",
+    "mnist_cnn",
+    "mnist_lenet",
+    "fashion_mnist_mlp",
+    "fashion_mnist_cnn",
+    "fashion_mnist_lenet",
+    "read_idx",
+    "find_idx_files",
+    "load_idx_dataset",
+    "default_data_dir",
+]

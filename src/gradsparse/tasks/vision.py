@@ -1,0 +1,143 @@
+"""Image classification tasks: sklearn digits (offline, ships with scikit-learn) and
+MNIST / Fashion-MNIST read from local IDX files.
+
+Images are stored as float32 tensors of shape [n, 1, H, W] with pixel values scaled to [0, 1]
+(digits: /16, MNIST: /255); labels are int64 in 0..9. The loss is the mean cross-entropy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ._common import check_fraction, check_int, split_indices, subsample
+from .base import Task
+from .idx import load_idx_dataset
+from .models import MLP, LeNet, SmallCNN, module_task
+
+
+def _hidden_tuple(hidden: int | Sequence[int]) -> tuple[int, ...]:
+    if isinstance(hidden, (list, tuple)):
+        return tuple(check_int(f"hidden[{i}]", h, minimum=1) for i, h in enumerate(hidden))
+    return (check_int("hidden", hidden, minimum=1),)
+
+
+def _channels_pair(channels: Sequence[int]) -> tuple[int, int]:
+    if not isinstance(channels, (list, tuple)) or len(channels) != 2:
+        raise ValueError(f"channels must be a pair (c1, c2), got {channels!r}")
+    return tuple(check_int(f"channels[{i}]", c, minimum=1) for i, c in enumerate(channels))
+
+
+# --------------------------------------------------------------------------------------------
+# sklearn digits
+# --------------------------------------------------------------------------------------------
+
+
+def _digits_data(seed: int, test_fraction: float):
+    from sklearn.datasets import load_digits
+
+    check_int("seed", seed)
+    test_fraction = check_fraction("test_fraction", test_fraction)
+    ds = load_digits()
+    X = (ds.data.astype(np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = ds.target.astype(np.int64)
+    tr, te = split_indices(len(y), test_fraction, seed, stratify=y)
+    test_x = torch.from_numpy(X[te]) if len(te) else None
+    test_y = torch.from_numpy(y[te]) if len(te) else None
+    return torch.from_numpy(X[tr]), torch.from_numpy(y[tr]), test_x, test_y
+
+
+def digits_mlp(*, hidden: int | Sequence[int] = 64, test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """sklearn digits (1,797 8x8 images), MLP 64-hidden-10 with ReLU (d = 4,810 for hidden=64).
+    Stratified train/test split with ``test_fraction`` and ``seed``."""
+    hidden = _hidden_tuple(hidden)
+    data = _digits_data(seed, test_fraction)
+    return module_task("digits_mlp", MLP(64, hidden, 10), *data, info={"dataset": "digits"})
+
+
+def digits_cnn(*, channels: Sequence[int] = (8, 16), hidden: int = 0, test_fraction: float = 0.2,
+               seed: int = 0) -> Task:
+    """sklearn digits, small CNN: conv 1->8 3x3 pad 1, ReLU, maxpool 2, conv 8->16 3x3 pad 1,
+    ReLU, maxpool 2, [optional Linear(64, hidden) + ReLU], Linear -> 10 (d = 1,898 by default)."""
+    c = _channels_pair(channels)
+    hidden = check_int("hidden", hidden, minimum=0)
+    data = _digits_data(seed, test_fraction)
+    return module_task("digits_cnn", SmallCNN(8, c, 3, 10, hidden), *data, info={"dataset": "digits"})
+
+
+def digits_lenet(*, test_fraction: float = 0.2, seed: int = 0) -> Task:
+    """sklearn digits, LeNet-5 adapted to 8x8 input (3x3 convolutions with padding 1 instead of
+    5x5; see :class:`~gradsparse.tasks.models.LeNet`)."""
+    data = _digits_data(seed, test_fraction)
+    return module_task("digits_lenet", LeNet(8), *data, info={"dataset": "digits"})
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST
+# --------------------------------------------------------------------------------------------
+
+
+def _idx_data(dataset: str, data_dir, n_train, n_test, seed):
+    check_int("seed", seed)
+    tr_img, tr_lab, te_img, te_lab = load_idx_dataset(dataset, data_dir)
+    itr = subsample(tr_img.shape[0], n_train, seed, "n_train")
+    ite = subsample(te_img.shape[0], n_test, seed + 1, "n_test")
+
+    def to_x(img):
+        return torch.from_numpy(img.astype(np.float32) / 255.0).unsqueeze(1)
+
+    def to_y(lab):
+        return torch.from_numpy(lab.astype(np.int64))
+
+    return to_x(tr_img[itr]), to_y(tr_lab[itr]), to_x(te_img[ite]), to_y(te_lab[ite])
+
+
+def _make_idx_builders(dataset: str):
+    pretty = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[dataset]
+
+    def mlp(*, data_dir: str | os.PathLike | None = None, hidden: int | Sequence[int] = 64,
+            n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> Task:
+        hidden_t = _hidden_tuple(hidden)
+        data = _idx_data(dataset, data_dir, n_train, n_test, seed)
+        side = data[0].shape[-1]
+        return module_task(f"{dataset}_mlp", MLP(side * side, hidden_t, 10), *data,
+                           info={"dataset": dataset})
+
+    def cnn(*, data_dir: str | os.PathLike | None = None, channels: Sequence[int] = (16, 32),
+            kernel_size: int = 5, hidden: int = 0, n_train: int | None = None,
+            n_test: int | None = None, seed: int = 0) -> Task:
+        c = _channels_pair(channels)
+        k = check_int("kernel_size", kernel_size, minimum=1)
+        hidden_i = check_int("hidden", hidden, minimum=0)
+        data = _idx_data(dataset, data_dir, n_train, n_test, seed)
+        side = data[0].shape[-1]
+        return module_task(f"{dataset}_cnn", SmallCNN(side, c, k, 10, hidden_i), *data,
+                           info={"dataset": dataset})
+
+    def lenet(*, data_dir: str | os.PathLike | None = None, n_train: int | None = None,
+              n_test: int | None = None, seed: int = 0) -> Task:
+        data = _idx_data(dataset, data_dir, n_train, n_test, seed)
+        side = data[0].shape[-1]
+        return module_task(f"{dataset}_lenet", LeNet(side), *data, info={"dataset": dataset})
+
+    mlp.__doc__ = (
+        f"{pretty} (IDX files from ``data_dir``, default $GRADSPARSE_DATA or ~/.cache/gradsparse), "
+        "MLP 784-hidden-10 with ReLU; hidden=64 gives paper 003's d = 50,890. ``n_train``/``n_test`` "
+        "subsample rows (seeded) for quick runs."
+    )
+    cnn.__doc__ = (
+        f"{pretty}, CNN: conv 1->c1 kxk 'same', ReLU, maxpool 2, conv c1->c2 kxk 'same', ReLU, "
+        "maxpool 2, [Linear(c2*7*7, hidden) + ReLU], Linear -> 10. Defaults (16, 32), k=5, no "
+        "hidden layer: d = 28,938."
+    )
+    lenet.__doc__ = f"{pretty}, LeNet-5 (ReLU, max pooling; d = 61,706 as in paper 001)."
+    for fn, kind in ((mlp, "mlp"), (cnn, "cnn"), (lenet, "lenet")):
+        fn.__name__ = fn.__qualname__ = f"{dataset}_{kind}"
+    return mlp, cnn, lenet
+
+
+mnist_mlp, mnist_cnn, mnist_lenet = _make_idx_builders("mnist")
+fashion_mnist_mlp, fashion_mnist_cnn, fashion_mnist_lenet = _make_idx_builders("fashion_mnist")
