@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .metrics import DEFAULT_METRICS, METRICS
 
@@ -94,6 +94,7 @@ class AlgorithmConfig(_Strict):
     feedback: Literal["none", "ef", "ef-scaled", "memory"] = "ef"
     momentum: MomentumConfig = Field(default_factory=MomentumConfig)
     weight_decay: float = Field(0.0, ge=0.0)
+    gradient_shift: Literal["none", "optimum"] = "none"
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
 
 
@@ -111,10 +112,15 @@ class ScheduleConfig(_Strict):
     stage_steps: list[int] = Field(default_factory=list)
     prox_gamma: float = Field(1.0, gt=0.0)
 
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v):
+        if isinstance(v, float) and v <= 0:
+            raise ValueError("lr must be > 0 or '1/L'")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
-        if isinstance(self.lr, float) and self.lr <= 0:
-            raise ValueError(f"lr must be > 0 or '1/L', got {self.lr}")
         if self.kind == "stagewise" and not self.stage_steps:
             raise ValueError("stagewise needs stage_steps (list of steps per stage)")
         if any(s < 1 for s in self.stage_steps):

@@ -66,6 +66,7 @@ class SyncSimulator:
         weights: list[float] | None = None,
         seed: int = 0,
         value_dtype: str = "fp32",
+        gradient_shift: str = "none",
     ) -> None:
         if not (1 <= n_workers <= 100_000):
             raise ValueError(f"n_workers must be >= 1, got {n_workers!r}")
@@ -88,7 +89,8 @@ class SyncSimulator:
                     f"task {task.name!r} fixes {len(rows)} workers, but n_workers = {n_workers}"
                 )
         else:
-            labels = task.train_y if task.train_y.dtype == torch.long else None
+            # shards sort rows by label (class labels, +-1 labels or regression targets alike)
+            labels = task.train_y if task.train_y.dim() == 1 else None
             rows = split_workers(
                 task.n_train, labels, n_workers, split, shards_per_worker=shards_per_worker, generator=self.gen
             )
@@ -114,6 +116,14 @@ class SyncSimulator:
                 raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
             self.weights = torch.tensor(weights, dtype=torch.float32)
         self.worker_ids = torch.arange(n_workers)
+        if gradient_shift not in ("none", "optimum"):
+            raise ValueError(f"gradient_shift must be 'none' or 'optimum', got {gradient_shift!r}")
+        self.x_star = None
+        if gradient_shift == "optimum":
+            # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
+            if task.x_star is None:
+                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
+            self.x_star = flatten(task.x_star)
 
         self.wstate = algorithm.init_worker_state(n_workers, self.d)
         self.sstate = algorithm.init_server_state(self.d)
@@ -160,10 +170,18 @@ class SyncSimulator:
             g = torch.stack(
                 [self._grad(w, self.task.train_x[r], self.task.train_y[r]) for r in self.worker_rows]
             )
+            if self.x_star is not None:
+                g = g - torch.stack(
+                    [self._grad(self.x_star, self.task.train_x[r], self.task.train_y[r]) for r in self.worker_rows]
+                )
             self.samples_seen += int(self.lens.sum())
             return g
         self.samples_seen += idx.numel()
-        return self._vgrad(w, self.task.train_x[idx], self.task.train_y[idx])
+        x, y = self.task.train_x[idx], self.task.train_y[idx]
+        g = self._vgrad(w, x, y)
+        if self.x_star is not None:
+            g = g - self._vgrad(self.x_star, x, y)
+        return g
 
     def loop_gradients(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Reference path: one gradient call per worker (tests compare it with the vmapped one)."""

@@ -88,7 +88,7 @@ def build_simulator(cfg: RunConfig) -> SyncSimulator:
         sim = SyncSimulator(
             task, alg, sched, n_workers=w.count, batch_size=w.batch_size, split=w.split,
             shards_per_worker=w.shards_per_worker, weights=w.weights, seed=cfg.seed,
-            value_dtype=cfg.value_dtype,
+            value_dtype=cfg.value_dtype, gradient_shift=cfg.algorithm.gradient_shift,
         )
         # dry run of the compressors on the real dimension (e.g. k > d is caught here)
         alg.compressor(torch.zeros(1, sim.d))

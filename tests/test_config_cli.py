@@ -1,0 +1,130 @@
+"""Config validation, overrides, the CLI and the run directory."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gradsparse.cli import main
+from gradsparse.config import ConfigError, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "gradsparse" / "examples"
+
+TOY = {
+    "name": "t",
+    "task": {"name": "toy_quadratic"},
+    "workers": {"count": 3, "batch_size": "full"},
+    "algorithm": {"compressor": {"kind": "topk", "k": 1}, "feedback": "ef", "topology": {"kind": "ps_uplink"}},
+    "schedule": {"lr": 0.01},
+    "steps": 20,
+    "metrics": {"every": 5},
+    "plots": False,
+    "progress": False,
+}
+
+
+def write(tmp_path, cfg, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.mark.parametrize(
+    "patch, needle",
+    [
+        ({"steps": -3}, "steps"),
+        ({"workers": {"count": 0}}, "workers.count"),
+        ({"algorithm": {"compressor": {"kind": "topq", "k": 1}}}, "algorithm.compressor.kind"),
+        ({"algorithm": {"compressor": {"kind": "topk"}}}, "exactly one of k or density"),
+        ({"algorithm": {"compressor": {"kind": "topk", "density": 1.5}}}, "algorithm.compressor.density"),
+        ({"algorithm": {"feedback": "memroy"}}, "algorithm.feedback"),
+        ({"algorithm": {"topology": {"kind": "bidirectional"}}}, "needs down_compressor"),
+        ({"schedule": {"lr": -1}}, "schedule.lr"),
+        ({"schedule": {"kind": "stagewise"}}, "stage_steps"),
+        ({"metrics": {"names": ["loss", "losss"]}}, "losss"),
+        ({"typo_key": 1}, "typo_key"),
+        ({"task": {"name": "no_such_task"}}, "no_such_task"),
+        ({"algorithm": {"compressor": {"kind": "topk", "k": 1000}}}, "k = 1000"),
+        ({"workers": {"count": 3, "batch_size": 0}}, "batch_size"),
+        ({"value_dtype": "fp8"}, "value_dtype"),
+        ({"schedule": {"momentum": 0.9}}, "schedule.momentum"),
+    ],
+)
+def test_malformed_configs_give_one_clear_line_and_no_run_dir(tmp_path, capsys, patch, needle):
+    cfg = json.loads(json.dumps(TOY))
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    path = write(tmp_path, cfg)
+    out = tmp_path / "run"
+    rc = main(["run", str(path), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert needle in err, err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_file_and_bad_yaml(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    p = tmp_path / "bad.yaml"
+    p.write_text("a: [1, 2\n")
+    assert main(["run", str(p)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = load_config(dict(TOY), ["workers.count=5", "algorithm.compressor.k=3", "schedule.lr=0.5"])
+    assert cfg.workers.count == 5 and cfg.algorithm.compressor.k == 3 and cfg.schedule.lr == 0.5
+    with pytest.raises(ConfigError, match="workers.count"):
+        load_config(dict(TOY), ["workers.count=zero"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(dict(TOY), ["workers.count"])
+
+
+def read_csv(p):
+    with open(p) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_directory_round_trip_reproduces_metrics(tmp_path):
+    path = write(tmp_path, TOY)
+    a = tmp_path / "a"
+    assert main(["run", str(path), "--out", str(a), "--no-progress"]) == 0
+    for f in ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pt"):
+        assert (a / f).exists(), f
+    b = tmp_path / "b"
+    assert main(["run", str(a / "config.yaml"), "--out", str(b), "--no-progress"]) == 0
+    ra, rb = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
+    drop = {"wall_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == rb
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    sa.pop("wall_seconds"), sb.pop("wall_seconds"), sa.pop("name"), sb.pop("name")
+    assert sa == sb
+    assert [int(r["step"]) for r in ra] == [0, 5, 10, 15, 20]
+    assert sa["steps"] == 20
+
+
+def test_set_overrides_topology_on_the_command_line(tmp_path):
+    path = write(tmp_path, TOY)
+    out = tmp_path / "bi"
+    rc = main([
+        "run", str(path), "--out", str(out), "--no-progress",
+        "--set", "algorithm.topology.kind=bidirectional",
+        "--set", "algorithm.topology.down_compressor={kind: topk, k: 1}",
+    ])
+    assert rc == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["algorithm"]["topology"]["kind"] == "bidirectional"
+    s = json.loads((out / "summary.json").read_text())
+    assert "down=top-k(k=1" in s["algorithm"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+def test_every_example_validates(name):
+    cfg = load_config(EXAMPLES / f"{name}.yaml")
+    assert cfg.name == name
