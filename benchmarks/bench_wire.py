@@ -1,0 +1,205 @@
+"""Benchmark of the wire format (gradsparse.wire).
+
+For each d and density rho (k = rho * d, support = top-k of a Gaussian vector, i.e. uniformly
+random) it measures, as the median of ``--repeats`` (>= 7) runs:
+
+* encode and decode time of every index encoding (raw32, varint, rice, bitmap, auto; and seed,
+  whose decode regenerates the support with ``randperm(d)``),
+* the time of ``torch.topk(x.abs(), k)`` on the same d in the same run, and the ratio
+  (encode + decode) / topk,
+* index payload bytes per encoding, against int32 indices (4k bytes) and against the
+  information-theoretic bound log2 C(d, k) / 8,
+* the time of ``batch_encoded_nbytes`` for 1000 workers x d = 1e5 (the simulator's per-step
+  accounting call).
+
+Usage::
+
+    python benchmarks/bench_wire.py                  # d = 25M and 1M, rho = 0.1 %, 1 %
+    python benchmarks/bench_wire.py --quick          # d = 1e5 (seconds)
+    python benchmarks/bench_wire.py --d 25000000 --densities 0.001 0.01 --out bench_results/wire.csv
+
+A suite runner can call :func:`run` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gradsparse import wire
+from gradsparse.message import SparseMessage
+
+DEFAULT_DS = (25_000_000, 1_000_000)
+QUICK_DS = (100_000,)
+DEFAULT_DENSITIES = (0.001, 0.01)
+ENCODINGS = ("raw32", "varint", "rice", "bitmap", "auto", "seed")
+FIELDS = (
+    "kind", "d", "density", "k", "encoding", "chosen", "index_bytes", "total_bytes",
+    "bits_per_index", "idx_vs_int32", "idx_vs_entropy", "encode_ms", "decode_ms", "topk_ms",
+    "encdec_over_topk", "n_rows", "repeats",
+)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def _codec_rows(d: int, rho: float, repeats: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, generator=gen)
+    k = max(1, int(round(rho * d)))
+    ax = x.abs()
+    torch.topk(ax, k)  # warm-up
+    topk_ms = _median_ms(lambda: torch.topk(ax, k), repeats)
+    idx = torch.sort(torch.topk(ax, k).indices).values
+    msg = SparseMessage((d,), idx, x[idx].clone())
+    sidx = wire.random_k_indices(seed, d, k)
+    smsg = SparseMessage((d,), sidx, x[sidx].clone(), seed=seed)
+    H_bytes = wire.index_entropy_bits(d, k) / 8
+    rows = []
+    for enc in ENCODINGS:
+        m = smsg if enc == "seed" else msg
+        data = wire.encode(m, index_encoding=enc)
+        out = wire.decode(data)
+        assert torch.equal(out.indices, m.indices) and torch.equal(out.values, m.values)
+        chosen = out.meta["index_encoding"]
+        # exact index payload of the encoding actually used (0 for seed: only the seed is sent)
+        ib = 0 if chosen == "seed" else wire.index_payload_nbytes(m.indices, d)[chosen]
+        enc_ms = _median_ms(lambda: wire.encode(m, index_encoding=enc), repeats)
+        dec_ms = _median_ms(lambda: wire.decode(data), repeats)
+        rows.append(
+            dict(
+                kind="codec", d=d, density=rho, k=k, encoding=enc, chosen=chosen,
+                index_bytes=ib, total_bytes=len(data), bits_per_index=8 * ib / k,
+                idx_vs_int32=ib / (4 * k), idx_vs_entropy=ib / H_bytes,
+                encode_ms=enc_ms, decode_ms=dec_ms, topk_ms=topk_ms,
+                encdec_over_topk=(enc_ms + dec_ms) / topk_ms, n_rows=1, repeats=repeats,
+            )
+        )
+    rows.append(
+        dict(
+            kind="entropy", d=d, density=rho, k=k, encoding="log2C(d,k)", chosen="",
+            index_bytes=H_bytes, total_bytes="", bits_per_index=8 * H_bytes / k,
+            idx_vs_int32=H_bytes / (4 * k), idx_vs_entropy=1.0, encode_ms="", decode_ms="",
+            topk_ms=topk_ms, encdec_over_topk="", n_rows=1, repeats=repeats,
+        )
+    )
+    return rows
+
+
+def _batch_rows(n: int, d: int, rho: float, repeats: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    k = max(1, int(round(rho * d)))
+    x = torch.randn(n, d, generator=gen)
+    ind = torch.topk(x.abs(), k, dim=1).indices
+    mask = torch.zeros(n, d, dtype=torch.bool).scatter_(1, ind, True)
+    del x
+    wire.batch_encoded_nbytes(mask)
+    mask_ms = _median_ms(lambda: wire.batch_encoded_nbytes(mask), repeats)
+    idx_ms = _median_ms(lambda: wire.batch_encoded_nbytes_from_indices(ind, d), repeats)
+    sizes = wire.batch_encoded_nbytes(mask)
+    out = []
+    for name, ms in (("batch_encoded_nbytes(mask)", mask_ms),
+                     ("batch_encoded_nbytes_from_indices", idx_ms)):
+        out.append(
+            dict(
+                kind="batch", d=d, density=rho, k=k, encoding=name, chosen="auto", index_bytes="",
+                total_bytes=float(sizes.double().mean()), bits_per_index="", idx_vs_int32="",
+                idx_vs_entropy="", encode_ms=ms, decode_ms="", topk_ms="", encdec_over_topk="",
+                n_rows=n, repeats=repeats,
+            )
+        )
+    return out
+
+
+def run(
+    quick: bool = False,
+    ds: tuple[int, ...] | None = None,
+    densities: tuple[float, ...] = DEFAULT_DENSITIES,
+    repeats: int = 7,
+    out: str | os.PathLike | None = "bench_results/wire.csv",
+    seed: int = 0,
+    verbose: bool = True,
+) -> list[dict]:
+    """Run the benchmark; returns one dict per CSV row (and writes the CSV unless ``out`` is None)."""
+    ds = tuple(ds) if ds else (QUICK_DS if quick else DEFAULT_DS)
+    rows: list[dict] = []
+    for d in ds:
+        for rho in densities:
+            rows += _codec_rows(int(d), float(rho), repeats, seed)
+    batch_n, batch_d = (100, 100_000) if quick else (1000, 100_000)
+    for rho in densities:
+        rows += _batch_rows(batch_n, batch_d, float(rho), repeats, seed)
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+    if verbose:
+        print(format_table(rows))
+        if out is not None:
+            print(f"\nwrote {out}")
+    return rows
+
+
+def _f(v, fmt: str) -> str:
+    return "" if v == "" or v is None else format(v, fmt)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'d':>10} {'rho':>6} {'k':>8} {'encoding':<11} {'idx bytes':>10} {'bits/idx':>8} "
+        f"{'vs int32':>8} {'vs H':>6} {'enc ms':>8} {'dec ms':>8} {'topk ms':>8} {'(e+d)/topk':>10}"
+    ]
+    for r in rows:
+        if r["kind"] == "batch":
+            continue
+        name = r["encoding"] if r["encoding"] != "auto" else f"auto:{r['chosen']}"
+        lines.append(
+            f"{r['d']:>10} {r['density']:>6.3%} {r['k']:>8} {name:<11} {_f(r['index_bytes'], '>10.0f')} "
+            f"{_f(r['bits_per_index'], '>8.2f')} {_f(r['idx_vs_int32'], '>8.3f')} "
+            f"{_f(r['idx_vs_entropy'], '>6.3f')} {_f(r['encode_ms'], '>8.2f')} "
+            f"{_f(r['decode_ms'], '>8.2f')} {_f(r['topk_ms'], '>8.1f')} {_f(r['encdec_over_topk'], '>10.4f')}"
+        )
+    batch = [r for r in rows if r["kind"] == "batch"]
+    if batch:
+        lines.append("")
+        lines.append(f"{'call':<36} {'n':>6} {'d':>8} {'rho':>6} {'median ms':>10} {'mean bytes':>11}")
+        for r in batch:
+            lines.append(
+                f"{r['encoding']:<36} {r['n_rows']:>6} {r['d']:>8} {r['density']:>6.3%} "
+                f"{r['encode_ms']:>10.2f} {r['total_bytes']:>11.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small d (1e5) for a fast check")
+    ap.add_argument("--d", type=int, nargs="+", default=None,
+                    help=f"vector sizes (default {DEFAULT_DS}; quick {QUICK_DS})")
+    ap.add_argument("--densities", type=float, nargs="+", default=list(DEFAULT_DENSITIES))
+    ap.add_argument("--repeats", type=int, default=7, help="runs per timing (median; >= 7)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench_results/wire.csv")
+    a = ap.parse_args(argv)
+    if a.repeats < 7:
+        ap.error("--repeats must be >= 7")
+    run(quick=a.quick, ds=a.d, densities=tuple(a.densities), repeats=a.repeats, out=a.out, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
