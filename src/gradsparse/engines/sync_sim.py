@@ -21,6 +21,7 @@ import torch
 from torch.func import functional_call, grad, vmap  # noqa: F401  (functional_call used by tasks)
 
 from ..algorithm import Algorithm, ServerOutput, WorkerOutput
+from ..compressors import row_counts
 from ..schedules import Schedule
 from ..tasks import Task, split_workers
 from .. import topology as topo
@@ -34,7 +35,7 @@ def param_layout(params: dict[str, torch.Tensor]) -> tuple[list[str], list[torch
 
 
 def flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params.values()]).to(torch.float32)
+    return torch.cat([p.reshape(-1) for p in params.values()])
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SyncSimulator:
         self.names, self.shapes, self.sizes = param_layout(params0)
         self.d = sum(self.sizes)
         self.w = flatten(params0).clone()
+        self.dtype = self.w.dtype  # float32, or float64 for tasks built with dtype="float64"
 
         # --- data assignment
         if task.worker_data is not None:
@@ -110,11 +112,11 @@ class SyncSimulator:
         self.batch_size = batch_size
 
         if weights is None:
-            self.weights = torch.full((n_workers,), 1.0 / n_workers)
+            self.weights = torch.full((n_workers,), 1.0 / n_workers, dtype=self.dtype)
         else:
             if len(weights) != n_workers or any(p < 0 for p in weights):
                 raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
-            self.weights = torch.tensor(weights, dtype=torch.float32)
+            self.weights = torch.tensor(weights, dtype=self.dtype)
         self.worker_ids = torch.arange(n_workers)
         if gradient_shift not in ("none", "optimum"):
             raise ValueError(f"gradient_shift must be 'none' or 'optimum', got {gradient_shift!r}")
@@ -123,10 +125,10 @@ class SyncSimulator:
             # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
             if task.x_star is None:
                 raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
-            self.x_star = flatten(task.x_star)
+            self.x_star = flatten(task.x_star).to(self.dtype)
 
-        self.wstate = algorithm.init_worker_state(n_workers, self.d)
-        self.sstate = algorithm.init_server_state(self.d)
+        self.wstate = algorithm.init_worker_state(n_workers, self.d, self.dtype)
+        self.sstate = algorithm.init_server_state(self.d, self.dtype)
         self.t = 0
         self.samples_seen = 0
         # cumulative accounting
@@ -134,9 +136,11 @@ class SyncSimulator:
         self.downlink_bytes = 0
         self.density_sum = 0.0
         self.total_error = 0.0
+        #: accumulate sum_t ||sum_q p_q e_q||^2 every step (the runner turns it off when unused)
+        self.track_total_error = True
         # stagewise learning (paper 004 §6)
         self.anchor = self.w.clone() if schedule.kind == "stagewise" else None
-        self.stage_sum = torch.zeros(self.d) if schedule.kind == "stagewise" else None
+        self.stage_sum = torch.zeros(self.d, dtype=self.dtype) if schedule.kind == "stagewise" else None
         self.stage_count = 0
 
         self._vgrad = vmap(grad(self._loss_flat), in_dims=(None, 0, 0))
@@ -189,6 +193,10 @@ class SyncSimulator:
             [self._grad(w, self.task.train_x[i], self.task.train_y[i]) for i in idx]
         )
 
+    def worker_phase(self, grads: torch.Tensor, w: torch.Tensor, t: int, lr: float):
+        """All workers' side of the step, in one batched call."""
+        return self.alg.worker_step(grads, w, self.wstate, t, lr, self.worker_ids)
+
     # ---- one synchronous step ---------------------------------------------------------
     def step(self) -> StepRecord:
         t = self.t
@@ -202,7 +210,7 @@ class SyncSimulator:
         g_in = grads
         if self.anchor is not None:
             g_in = grads + (w - self.anchor) / self.schedule.prox_gamma
-        wo = self.alg.worker_step(g_in, w, self.wstate, t, lr, self.worker_ids)
+        wo = self.worker_phase(g_in, w, t, lr)
         sstate_before = self.sstate
         so = self.alg.server_step(wo.sent, self.weights, self.sstate, t, lr)
         self.wstate, self.sstate = wo.state, so.state
@@ -212,7 +220,7 @@ class SyncSimulator:
             self.stage_count += 1
 
         # --- accounting
-        nnz = wo.support.sum(dim=1)
+        nnz = row_counts(wo.support)
         comp = self.alg.compressor
         up_nb = topo.message_nbytes(
             wo.support,
@@ -224,7 +232,7 @@ class SyncSimulator:
             down_mask = so.down_support
         else:
             down_mask = so.update != 0
-        down_nnz = int(down_mask.sum())
+        down_nnz = int(row_counts(down_mask))
         down_nb = int(
             topo.message_nbytes(down_mask[None], dense=False, seeded=False, value_bytes=self.value_bytes)[0]
         )
@@ -232,7 +240,7 @@ class SyncSimulator:
         self.uplink_bytes += up
         self.downlink_bytes += down
         self.density_sum += float(nnz.float().mean()) / self.d
-        if "e" in self.wstate:
+        if self.track_total_error and "e" in self.wstate:
             e_mean = self.weights @ self.wstate["e"]
             self.total_error += float(e_mean.square().sum())
         self.t += 1
@@ -255,7 +263,7 @@ class SyncSimulator:
     def full_gradient(self, w: torch.Tensor | None = None) -> torch.Tensor:
         w = self.w if w is None else w
         n = self.task.n_train
-        g = torch.zeros(self.d)
+        g = torch.zeros(self.d, dtype=self.dtype)
         for a, b in self._chunks(n):
             g += self._grad(w, self.task.train_x[a:b], self.task.train_y[a:b]) * (b - a)
         return g / n

@@ -128,6 +128,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
     sim = build_simulator(cfg)
     steps = total_steps(cfg, sim)
     names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
+    sim.track_total_error = "total_error" in names
     columns = [m for m in METRICS if m in names]
     rr = cfg.metrics.residual_ratio
     bad = [s for s in rr.steps if not 1 <= s <= steps]
@@ -209,7 +210,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         "uplink_bytes": sim.uplink_bytes,
         "downlink_bytes": sim.downlink_bytes,
         "avg_density": sim.density_sum / max(sim.t, 1),
-        "total_error": sim.total_error,
+        "total_error": sim.total_error if sim.track_total_error else None,
         "f_star": sim.task.f_star,
         "final": final,
     }
