@@ -173,3 +173,42 @@ def test_stagewise_restarts_anchor_at_stage_average():
     sim.step()  # first step of stage 1 moves the anchor to the mean of stage 0's iterates
     torch.testing.assert_close(sim.anchor, torch.stack(ws).mean(0))
     assert sched(3) == pytest.approx(0.05)
+
+
+def test_loop_over_model_copies_equals_vectorized_simulator():
+    from gradsparse.engines.loop_sim import LoopSimulator
+    from gradsparse.tasks.models import MLP
+
+    task = make_task("digits_mlp")
+
+    def alg():
+        return Algorithm(compressor=TopK(density=0.01), feedback="ef", momentum="update", beta=0.5)
+
+    kw = dict(n_workers=6, batch_size=5, seed=2)
+    vec = SyncSimulator(task, alg(), Schedule(lr=0.1), **kw)
+    loop = LoopSimulator(task, alg(), Schedule(lr=0.1), module=MLP(64, [64], 10), **kw)
+    for _ in range(8):
+        rv, rl = vec.step(), loop.step()
+        torch.testing.assert_close(rv.grads, rl.grads, rtol=1e-4, atol=1e-6)
+        assert torch.equal(rv.worker.support, rl.worker.support)
+    torch.testing.assert_close(vec.w, loop.w, rtol=1e-4, atol=1e-6)
+    assert vec.uplink_bytes == loop.uplink_bytes
+
+
+def test_efgd_star_shift_vanishes_at_the_optimum():
+    task = make_task("logreg", dataset="breast_cancer", dtype="float64")
+    alg = Algorithm(compressor=HardThreshold(0.0), feedback="ef-scaled")
+    sim = SyncSimulator(task, alg, Schedule(lr=0.5), n_workers=4, batch_size="full", gradient_shift="optimum")
+    sim.w = torch.cat([p.reshape(-1) for p in task.x_star.values()]).clone()
+    for _ in range(3):
+        rec = sim.step()
+        assert float(rec.grads.abs().max()) == 0.0
+    assert sim.full_loss() - task.f_star < 1e-12
+
+
+def test_threshold_rules():
+    from gradsparse.compressors import threshold_for_precision, threshold_for_topk_volume
+
+    assert threshold_for_topk_volume(25) == pytest.approx(0.1)
+    lam = threshold_for_precision(1e-6, 100, 0.5)
+    assert 100 * 0.5**2 * lam**2 == pytest.approx(1e-6)
