@@ -9,8 +9,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.gradsparse-installed
-want=$(cat pyproject.toml setup.py 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml; [ -f setup.py ] && cat setup.py || true) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing torch==2.13.0 and gradsparse into .venv" >&2
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet torch==2.13.0
   .venv/bin/python -m pip install --quiet -e '.[dev]'

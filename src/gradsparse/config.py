@@ -59,6 +59,17 @@ class CompressorConfig(_Strict):
             raise ValueError(f"{self.kind} needs exactly one of k or density")
         if self.kind == "hard_threshold" and self.threshold is None:
             raise ValueError("hard_threshold needs threshold (lambda >= 0)")
+        # keep only the fields this kind uses, so the resolved config says what actually ran
+        # (switching kind with --set leaves the other kind's fields behind otherwise)
+        unused = {
+            "identity": ("k", "density", "threshold"),
+            "topk": ("threshold",),
+            "hard_threshold": ("k", "density"),
+            "randomk": ("threshold",),
+        }[self.kind]
+        for name in unused:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, None)
         return self
 
     def options(self) -> dict:
@@ -85,7 +96,10 @@ class TopologyConfig(_Strict):
     @model_validator(mode="after")
     def _check(self):
         if self.kind in ("bidirectional", "downlink_only") and self.down_compressor is None:
-            raise ValueError(f"topology {self.kind} needs down_compressor")
+            raise ValueError(
+                f"topology {self.kind} needs down_compressor "
+                "(e.g. --set 'algorithm.topology.down_compressor={kind: topk, k: 1}')"
+            )
         return self
 
 
@@ -96,6 +110,14 @@ class AlgorithmConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     gradient_shift: Literal["none", "optimum"] = "none"
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
+
+    @model_validator(mode="after")
+    def _downlink_only(self):
+        # downlink-only means: workers send alpha g uncompressed, no worker memory (paper 003)
+        if self.topology.kind == "downlink_only":
+            object.__setattr__(self, "compressor", CompressorConfig(kind="identity"))
+            object.__setattr__(self, "feedback", "none")
+        return self
 
 
 class ScheduleConfig(_Strict):

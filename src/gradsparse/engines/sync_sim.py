@@ -88,7 +88,8 @@ class SyncSimulator:
             rows = [torch.as_tensor(r, dtype=torch.long) for r in task.worker_data]
             if len(rows) != n_workers:
                 raise ValueError(
-                    f"task {task.name!r} fixes {len(rows)} workers, but n_workers = {n_workers}"
+                    f"task {task.name!r} fixes {len(rows)} workers (one per local objective), "
+                    f"but n_workers = {n_workers}; set workers.count = {len(rows)}"
                 )
         else:
             # shards sort rows by label (class labels, +-1 labels or regression targets alike)

@@ -90,12 +90,16 @@ def build_simulator(cfg: RunConfig) -> SyncSimulator:
             shards_per_worker=w.shards_per_worker, weights=w.weights, seed=cfg.seed,
             value_dtype=cfg.value_dtype, gradient_shift=cfg.algorithm.gradient_shift,
         )
-        # dry run of the compressors on the real dimension (e.g. k > d is caught here)
-        alg.compressor(torch.zeros(1, sim.d))
-        if alg.down_compressor is not None:
-            alg.down_compressor(torch.zeros(1, sim.d))
     except ValueError as exc:
-        raise ConfigError(f"config key 'workers'/'algorithm': {exc}") from None
+        raise ConfigError(f"config key 'workers': {exc}") from None
+    # dry run of the compressors on the real dimension (e.g. k > d is caught here)
+    for key, comp in (("compressor", alg.compressor), ("topology.down_compressor", alg.down_compressor)):
+        if comp is None:
+            continue
+        try:
+            comp(torch.zeros(1, sim.d, dtype=sim.dtype))
+        except ValueError as exc:
+            raise ConfigError(f"config key 'algorithm.{key}': {exc} (the model has d = {sim.d})") from None
     return sim
 
 
