@@ -1,0 +1,844 @@
+/*
+ * gradsparse/_kernels.c -- optional compiled kernels for exact top-k by magnitude and fused
+ * error-feedback steps on contiguous float32 CPU arrays.
+ *
+ * Loaded with ctypes by gradsparse/kernels.py (no Python C API is used; PyInit is a stub so that
+ * setuptools can build this file as an ordinary extension). All entry points are prefixed gs_.
+ *
+ * Ordering key. For a float32 x with bit pattern b, key(x) = min(b & 0x7fffffff, NANKEY) with
+ * NANKEY = 0x7f800001. For non-negative IEEE floats the unsigned bit pattern orders like the
+ * value, so key orders entries by |x|, puts +0 and -0 together, +inf (0x7f800000) above every
+ * finite value, and every NaN (whatever its payload or sign) at one key above +inf. Exact top-k
+ * = the k entries of largest key; among equal keys the lower index wins.
+ *
+ * Algorithm (sample, filter, select):
+ *  1. draw m positions with a fixed-seed splitmix64 generator, read their keys, and take the
+ *     sample's r-th largest key as threshold thr, r = mu + 4 sqrt(mu) + 2, mu = k m / n, so that
+ *     with high probability at least k entries have key >= thr and not many more;
+ *  2. one pass over x (split among threads in contiguous chunks) collects, per chunk in index
+ *     order, every entry with key > thr (index and raw bits) and the first k entries with
+ *     key == thr (count of all of them kept);
+ *  3. if #(> thr) >= k the k-th largest key T is found among the collected keys by a two-level
+ *     radix select (histograms of the high 15 and low 16 key bits), and each thread emits its
+ *     chunk's entries with key > T plus its share of the lowest-index entries with key == T
+ *     (shares are assigned in chunk order, so ties go to the lowest indices overall); if
+ *     #(> thr) < k <= #(>= thr), T = thr and the output merges the > thr entries with the
+ *     first k - #(> thr) entries equal to thr; otherwise (rare) the sample rank is raised and
+ *     step 2 is repeated (rank >= m means thr = 0, which always succeeds).
+ * Segments shorter than SMALL_N skip the sampling: their keys are copied and quickselected.
+ * The sample is stratified (one position drawn in each of m equal strata).
+ * The result does not depend on the sample: only the running time does.
+ *
+ * The EF variants fuse a = fma(alpha, g, e) into the pass (e is overwritten with a), which
+ * matches torch's e.add_(g, alpha=alpha) on CPU (a vectorised fmadd); gs_set_fma(0) switches to
+ * a separate multiply and add for builds of torch that do not contract.
+ *
+ * The hot loops are compiled twice (this file includes itself at the bottom): for the baseline
+ * ISA and with AVX2+FMA (intrinsics); the variant is chosen at run time from the CPU's features.
+ * Threads: plain pthreads, one contiguous chunk per thread (nthreads comes from the caller,
+ * torch.get_num_threads()); inputs shorter than PAR_MIN use the calling thread only.
+ */
+#ifndef GS_HOT_SUFFIX
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <pthread.h>
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define NANKEY ((int32_t)0x7f800001)
+#define MAXT 64
+#define BLK 32
+#define SMALL_N 32768      /* below this a segment is selected directly, without sampling */
+#define SAMPLE_M 32768     /* sample size for large inputs */
+#define PAR_MIN 262144     /* below this a single thread does the pass */
+
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define GS_X86 1
+#else
+#define GS_X86 0
+#endif
+
+/* A stub so that the file also loads as a CPython extension module name; never called by us. */
+void *PyInit__kernels_c(void) { return 0; }
+
+static int g_use_fma = 1;
+EXPORT void gs_set_fma(int on) { g_use_fma = on ? 1 : 0; }
+EXPORT int gs_get_fma(void) { return g_use_fma; }
+EXPORT int gs_abi_version(void) { return 1; }
+/* Testing hook: scales the sample rank that sets the first threshold (0 forces the retry path). */
+static double g_rank_scale = 1.0;
+EXPORT void gs_set_rank_scale(double v) { g_rank_scale = v; }
+
+static inline int32_t canon(int32_t b) {
+    b &= 0x7fffffff;
+    return b > NANKEY ? NANKEY : b;
+}
+static inline int32_t fbits(float f) { int32_t b; memcpy(&b, &f, 4); return b; }
+
+/* ------------------------------------------------------------------ workspace */
+
+typedef struct {
+    int64_t *gidx; int32_t *gbits; int64_t ng, gcap;   /* entries with key > thr */
+    int64_t *eidx; int64_t ne_stored, ne_count, ecap;   /* entries with key == thr (first ecap) */
+    int32_t *tmp; int64_t tcap;                         /* quickselect scratch */
+    int64_t *tmp64; int64_t t64cap;                     /* merge scratch */
+    int32_t *samp; int64_t scap;                        /* sample keys */
+    uint32_t *hist; int64_t hcap;                       /* radix-select histogram */
+    int64_t sel_gt, sel_eq, sel_take_eq, sel_out;       /* per-part emit plan */
+    int64_t nallocs, bytes;
+    int oom;
+    char pad[64];
+} slot_t;
+
+typedef struct {
+    slot_t s[MAXT];
+    int last_nparts;
+} ws_t;
+
+static int cpu_avx2(void);
+EXPORT void *gs_ws_new(void) {
+    (void)cpu_avx2();   /* resolve the CPU features here, before any worker thread runs */
+    return calloc(1, sizeof(ws_t));
+}
+
+EXPORT void gs_ws_free(void *p) {
+    ws_t *ws = (ws_t *)p;
+    if (!ws) return;
+    for (int t = 0; t < MAXT; t++) {
+        slot_t *s = &ws->s[t];
+        free(s->gidx); free(s->gbits); free(s->eidx); free(s->tmp); free(s->tmp64); free(s->samp); free(s->hist);
+    }
+    free(ws);
+}
+
+/* out[0] = number of (re)allocations so far, out[1] = bytes held */
+EXPORT void gs_ws_stats(void *p, int64_t *out) {
+    ws_t *ws = (ws_t *)p;
+    out[0] = 0; out[1] = 0;
+    for (int t = 0; t < MAXT; t++) { out[0] += ws->s[t].nallocs; out[1] += ws->s[t].bytes; }
+}
+
+static int grow(slot_t *s, void **p, int64_t *cap, int64_t need, size_t el) {
+    if (need <= *cap) return 1;
+    int64_t nc = *cap * 2;
+    if (nc < need) nc = need;
+    if (nc < 1024) nc = 1024;
+    void *q = realloc(*p, (size_t)nc * el);
+    if (!q) { s->oom = 1; return 0; }
+    *p = q;
+    s->bytes += (nc - *cap) * (int64_t)el;
+    s->nallocs += 1;
+    *cap = nc;
+    return 1;
+}
+
+static int grow_g(slot_t *s, int64_t need) {
+    if (need <= s->gcap) return 1;
+    int64_t c1 = s->gcap, c2 = s->gcap;
+    if (!grow(s, (void **)&s->gidx, &c1, need, sizeof(int64_t))) return 0;
+    if (!grow(s, (void **)&s->gbits, &c2, need, sizeof(int32_t))) return 0;
+    s->gcap = c1 < c2 ? c1 : c2;
+    return 1;
+}
+
+static inline void push_e(slot_t *s, int64_t i, int64_t ecap_limit) {
+    if (s->ne_stored < ecap_limit) {
+        if (s->ne_stored == s->ecap && !grow(s, (void **)&s->eidx, &s->ecap, s->ne_stored + 1, sizeof(int64_t))) {
+            s->ne_count++;
+            return;
+        }
+        s->eidx[s->ne_stored++] = i;
+    }
+    s->ne_count++;
+}
+
+/* ------------------------------------------------------------------ threads */
+
+typedef void (*task_fn)(void *arg, int t);
+typedef struct { task_fn fn; void *arg; int t; } thr_arg;
+static void *thr_main(void *p) { thr_arg *a = (thr_arg *)p; a->fn(a->arg, a->t); return NULL; }
+
+static void run_par(int nt, task_fn fn, void *arg) {
+    if (nt <= 1) { fn(arg, 0); return; }
+    pthread_t th[MAXT]; thr_arg ta[MAXT]; int ok[MAXT];
+    for (int t = 1; t < nt; t++) {
+        ta[t].fn = fn; ta[t].arg = arg; ta[t].t = t;
+        ok[t] = pthread_create(&th[t], NULL, thr_main, &ta[t]) == 0;
+    }
+    fn(arg, 0);
+    for (int t = 1; t < nt; t++) {
+        if (ok[t]) pthread_join(th[t], NULL);
+        else fn(arg, t);
+    }
+}
+
+/* ------------------------------------------------------------------ the pass */
+
+enum { MODE_FILTER = 0, MODE_EF = 1, MODE_HT = 2 };
+
+typedef struct {
+    ws_t *ws; int s0;            /* slots s0 .. s0+nparts-1 */
+    float *x; const float *g; float alpha;
+    int mode; int64_t n; int nparts;
+    int32_t thr; float lam; int64_t ecap_limit;
+    int avx2;
+} pass_t;
+
+static inline int64_t part_lo(int64_t n, int t, int np) {
+    if (t == 0) return 0;
+    if (t == np) return n;
+    int64_t lo = (int64_t)((__int128)n * t / np);
+    return lo & ~(int64_t)15;   /* 64-byte aligned chunk starts */
+}
+
+/* Room for BLK more candidates, so that a block can be scanned without capacity checks. */
+static inline int reserve_g(slot_t *s) {
+    return s->gcap - s->ng >= BLK || grow_g(s, s->ng + BLK);
+}
+
+/* The hot loops are compiled twice from the bottom of this file: once for the baseline ISA
+ * (suffix _gen) and once with AVX2+FMA enabled (suffix _avx2); run_pass picks by CPU features. */
+#define GS_DECLARE(SUF)                                                                         \
+    static void pass_filter##SUF(slot_t *, const int32_t *, int64_t, int64_t, int32_t, int64_t); \
+    static void pass_ef_fma##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, int32_t, int64_t); \
+    static void pass_ef_mul##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, int32_t, int64_t); \
+    static void pass_ht_fma##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, float); \
+    static void pass_ht_mul##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, float);
+GS_DECLARE(_gen)
+#if GS_X86
+GS_DECLARE(_avx2)
+#endif
+
+static int cpu_avx2(void) {
+#if GS_X86
+    static int r = -1;
+    if (r < 0) {
+        __builtin_cpu_init();
+        r = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return r;
+#else
+    return 0;
+#endif
+}
+static int g_force_generic = 0;
+EXPORT void gs_force_generic(int on) { g_force_generic = on ? 1 : 0; }
+EXPORT int gs_uses_avx2(void) { return !g_force_generic && cpu_avx2(); }
+
+#if GS_X86
+#define DISPATCH(P, name, ...) do { if ((P)->avx2) name##_avx2(__VA_ARGS__); else name##_gen(__VA_ARGS__); } while (0)
+#else
+#define DISPATCH(P, name, ...) name##_gen(__VA_ARGS__)
+#endif
+
+static void pass_task(void *arg, int t) {
+    pass_t *P = (pass_t *)arg;
+    slot_t *s = &P->ws->s[P->s0 + t];
+    int64_t lo = part_lo(P->n, t, P->nparts), hi = part_lo(P->n, t + 1, P->nparts);
+    s->ng = 0; s->ne_stored = 0; s->ne_count = 0;
+    switch (P->mode) {
+    case MODE_FILTER:
+        DISPATCH(P, pass_filter, s, (const int32_t *)P->x, lo, hi, P->thr, P->ecap_limit);
+        break;
+    case MODE_EF:
+        if (g_use_fma) DISPATCH(P, pass_ef_fma, s, P->x, P->g, P->alpha, lo, hi, P->thr, P->ecap_limit);
+        else DISPATCH(P, pass_ef_mul, s, P->x, P->g, P->alpha, lo, hi, P->thr, P->ecap_limit);
+        break;
+    case MODE_HT:
+        if (g_use_fma) DISPATCH(P, pass_ht_fma, s, P->x, P->g, P->alpha, lo, hi, P->lam);
+        else DISPATCH(P, pass_ht_mul, s, P->x, P->g, P->alpha, lo, hi, P->lam);
+        break;
+    }
+}
+
+static int run_pass(pass_t *P) {
+    P->avx2 = gs_uses_avx2();
+    run_par(P->nparts, pass_task, P);
+    int oom = 0;
+    for (int t = 0; t < P->nparts; t++) oom |= P->ws->s[P->s0 + t].oom;
+    return oom ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ selection */
+
+static uint64_t splitmix(uint64_t *st) {
+    uint64_t z = (*st += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+/* k-th largest (1 <= k <= n) of a[0..n) (reordered); *cnt_gt = number of entries > result. */
+static int32_t kth_largest(int32_t *a, int64_t n, int64_t k, int64_t *cnt_gt) {
+    uint64_t st = 0x5eed5eedULL ^ (uint64_t)n;
+    int64_t lo = 0, hi = n, above = 0;
+    for (;;) {
+        int32_t p = a[lo + (int64_t)(splitmix(&st) % (uint64_t)(hi - lo))];
+        int64_t i = lo, lt = lo, gt = hi;
+        while (i < gt) {
+            int32_t v = a[i];
+            if (v > p) { a[i] = a[lt]; a[lt] = v; lt++; i++; }
+            else if (v < p) { gt--; a[i] = a[gt]; a[gt] = v; }
+            else i++;
+        }
+        int64_t ngt = lt - lo, neq = gt - lt;
+        if (k <= ngt) { hi = lt; }
+        else if (k <= ngt + neq) { *cnt_gt = above + ngt; return p; }
+        else { above += ngt + neq; k -= ngt + neq; lo = gt; }
+    }
+}
+
+typedef struct {
+    int64_t *out_idx; float *out_val; float *zero_x; int64_t pos; int64_t base;
+} emit_t;
+
+static inline void emit(emit_t *E, const float *x, int64_t i) {
+    E->out_idx[E->pos] = E->base + i;
+    if (E->out_val) E->out_val[E->pos] = x[i];
+    if (E->zero_x) E->zero_x[i] = 0.0f;
+    E->pos++;
+}
+
+/* Direct exact selection for a small range: two passes, scratch = n keys. */
+static int select_small(slot_t *s, const float *x, int64_t n, int64_t k, emit_t *E) {
+    const int32_t *b = (const int32_t *)x;
+    if (!grow(s, (void **)&s->tmp, &s->tcap, n, sizeof(int32_t))) return -1;
+    for (int64_t i = 0; i < n; i++) s->tmp[i] = canon(b[i]);
+    int64_t cgt;
+    int32_t T = kth_largest(s->tmp, n, k, &cgt);
+    int64_t need = k - cgt;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t key = canon(b[i]);
+        if (key > T) emit(E, x, i);
+        else if (key == T && need > 0) { emit(E, x, i); need--; }
+    }
+    return 0;
+}
+
+/* After a pass with threshold thr: 1 = done, 0 = too few candidates, -1 = out of memory. */
+#define RADIX_BINS 65536
+
+/* k-th largest key among the candidates (key > thr) of parts s0..s0+np-1, by a two-level radix
+ * select on the 31-bit keys (high 15 bits, then low 16 bits); *cnt_gt = #candidates above it. */
+static int radix_kth(ws_t *ws, int s0, int np, int64_t k, int32_t *T, int64_t *cnt_gt) {
+    slot_t *s = &ws->s[s0];
+    if (!grow(s, (void **)&s->hist, &s->hcap, RADIX_BINS, sizeof(uint32_t))) return -1;
+    uint32_t *h = s->hist;
+    memset(h, 0, RADIX_BINS * sizeof(uint32_t));
+    for (int t = 0; t < np; t++) {
+        slot_t *q = &ws->s[s0 + t];
+        for (int64_t j = 0; j < q->ng; j++) h[(uint32_t)canon(q->gbits[j]) >> 16]++;
+    }
+    int64_t acc = 0;
+    int32_t hb = RADIX_BINS - 1;
+    for (; hb > 0; hb--) {
+        if (acc + h[hb] >= k) break;
+        acc += h[hb];
+    }
+    memset(h, 0, RADIX_BINS * sizeof(uint32_t));
+    for (int t = 0; t < np; t++) {
+        slot_t *q = &ws->s[s0 + t];
+        for (int64_t j = 0; j < q->ng; j++) {
+            uint32_t key = (uint32_t)canon(q->gbits[j]);
+            h[key & 0xffff] += (key >> 16) == (uint32_t)hb;
+        }
+    }
+    int32_t lb = 0xffff;
+    for (; lb > 0; lb--) {
+        if (acc + h[lb] >= k) break;
+        acc += h[lb];
+    }
+    *T = (hb << 16) | lb;
+    *cnt_gt = acc;
+    return 0;
+}
+
+typedef struct { ws_t *ws; int s0; int32_t T; emit_t *E; float *zero_x; } emit_plan_t;
+
+/* Emit part t's share: its candidates with key > T, and its first sel_take_eq with key == T. */
+static void emit_task(void *arg, int t) {
+    emit_plan_t *A = (emit_plan_t *)arg;
+    slot_t *q = &A->ws->s[A->s0 + t];
+    int64_t *oi = A->E->out_idx + A->E->pos + q->sel_out;
+    float *ov = A->E->out_val ? A->E->out_val + A->E->pos + q->sel_out : NULL;
+    float *zx = A->zero_x;
+    int64_t base = A->E->base, take = q->sel_take_eq, p = 0;
+    int32_t T = A->T;
+    for (int64_t j = 0; j < q->ng; j++) {
+        int32_t bb = q->gbits[j];
+        int32_t key = canon(bb);
+        if (key > T || (key == T && take > 0)) {
+            if (key == T) take--;
+            int64_t i = q->gidx[j];
+            oi[p] = base + i;
+            if (ov) memcpy(&ov[p], &bb, 4);
+            if (zx) zx[i] = 0.0f;
+            p++;
+        }
+    }
+}
+
+/* After a pass with threshold thr: 1 = done, 0 = too few candidates, -1 = out of memory. */
+static int select_candidates(ws_t *ws, int s0, int np, const float *x, int64_t k, emit_t *E) {
+    int64_t tg = 0, te = 0;
+    for (int t = 0; t < np; t++) { tg += ws->s[s0 + t].ng; te += ws->s[s0 + t].ne_count; }
+    slot_t *s = &ws->s[s0];
+    if (tg >= k) {
+        int32_t T;
+        int64_t cgt;
+        if (radix_kth(ws, s0, np, k, &T, &cgt)) return -1;
+        int64_t need = k - cgt, out = 0;
+        for (int t = 0; t < np; t++) {
+            slot_t *q = &ws->s[s0 + t];
+            int64_t ngt = 0, neq = 0;
+            for (int64_t j = 0; j < q->ng; j++) {
+                int32_t key = canon(q->gbits[j]);
+                ngt += key > T;
+                neq += key == T;
+            }
+            q->sel_take_eq = neq < need ? neq : need;
+            need -= q->sel_take_eq;
+            q->sel_out = out;
+            out += ngt + q->sel_take_eq;
+        }
+        emit_plan_t A = {ws, s0, T, E, E->zero_x};
+        if (tg >= 65536) run_par(np, emit_task, &A);
+        else for (int t = 0; t < np; t++) emit_task(&A, t);
+        E->pos += out;
+        return 1;
+    }
+    if (tg + te < k) return 0;
+    /* T = thr: all > thr, plus the first need entries equal to thr (in index order). */
+    int64_t need = k - tg;
+    if (!grow(s, (void **)&s->tmp64, &s->t64cap, need + 1, sizeof(int64_t))) return -1;
+    int64_t p = 0;
+    for (int t = 0; t < np && p < need; t++) {
+        slot_t *q = &ws->s[s0 + t];
+        for (int64_t j = 0; j < q->ne_stored && p < need; j++) s->tmp64[p++] = q->eidx[j];
+    }
+    int64_t ie = 0;
+    for (int t = 0; t < np; t++) {
+        slot_t *q = &ws->s[s0 + t];
+        for (int64_t j = 0; j < q->ng; j++) {
+            int64_t gi = q->gidx[j];
+            while (ie < need && s->tmp64[ie] < gi) emit(E, x, s->tmp64[ie++]);
+            emit(E, x, gi);
+        }
+    }
+    while (ie < need) emit(E, x, s->tmp64[ie++]);
+    return 1;
+}
+
+#ifdef GS_PROFILE
+#include <stdio.h>
+#include <time.h>
+#define PROF_T(v) struct timespec v; clock_gettime(CLOCK_MONOTONIC, &v)
+#define MS(a, b) ((b.tv_sec - a.tv_sec) * 1e3 + (b.tv_nsec - a.tv_nsec) * 1e-6)
+#define PROF_PRINT(n, k, t0, t1, t2, t3, t4) do { int64_t c_ = 0; for (int t = 0; t < np; t++) c_ += ws->s[s0 + t].ng; \
+    fprintf(stderr, "n=%ld k=%ld cand=%ld sample %.2f thr %.2f pass %.2f select %.2f ms\n", (long)n, (long)k, (long)c_, MS(t0, t1), MS(t1, t2), MS(t2, t3), MS(t3, t4)); } while (0)
+#else
+#define PROF_T(v)
+#define PROF_PRINT(...)
+#endif
+
+/* Exact top-k of x[0..n) (mode FILTER) or of a = fma(alpha, g, x) written into x (mode EF). */
+static int topk_range(ws_t *ws, int s0, int np, float *x, const float *g, float alpha, int mode,
+                      int64_t n, int64_t k, emit_t *E) {
+    if (n < PAR_MIN) np = 1;
+    pass_t P;
+    memset(&P, 0, sizeof P);
+    P.ws = ws; P.s0 = s0; P.x = x; P.g = g; P.alpha = alpha; P.n = n; P.nparts = np;
+    P.ecap_limit = k;
+    if (mode == MODE_EF && (k <= 0 || k >= n || n <= SMALL_N)) {
+        P.mode = MODE_EF; P.thr = INT32_MAX; P.ecap_limit = 0;
+        if (run_pass(&P)) return -1;
+        mode = MODE_FILTER;
+    }
+    if (k <= 0) return 0;
+    if (k >= n) {
+        for (int64_t i = 0; i < n; i++) emit(E, x, i);
+        return 0;
+    }
+    if (n <= SMALL_N) return select_small(&ws->s[s0], x, n, k, E);
+
+    PROF_T(t0);
+    slot_t *s = &ws->s[s0];
+    int64_t m = n / 8 < SAMPLE_M ? n / 8 : SAMPLE_M;
+    if (!grow(s, (void **)&s->samp, &s->scap, 2 * m + 2, sizeof(int32_t))) return -1;
+    int32_t *samp = s->samp, *work = s->samp + m;
+    uint64_t st = 0x9a3dcb1e5f0aULL;
+    int64_t stride = n / m;   /* stratified: one position drawn in each of m equal strata */
+    int64_t half = (m + 1) / 2;
+    int64_t *pos = (int64_t *)(work + (((uintptr_t)work & 7) ? 1 : 0));   /* room for half int64 */
+    for (int64_t j0 = 0; j0 < m; j0 += half) {
+        int64_t j1 = j0 + half < m ? j0 + half : m;
+        for (int64_t j = j0; j < j1; j++)
+            pos[j - j0] = j * stride + (int64_t)(((unsigned __int128)splitmix(&st) * (uint64_t)stride) >> 64);
+        for (int64_t j = j0; j < j1; j++) {
+            if (j + 16 < j1) {
+                __builtin_prefetch(x + pos[j + 16 - j0]);
+                if (mode == MODE_EF) __builtin_prefetch(g + pos[j + 16 - j0]);
+            }
+            int64_t p = pos[j - j0];
+            float v = x[p];
+            if (mode == MODE_EF) {
+                if (g_use_fma) v = fmaf(alpha, g[p], v);
+                else { volatile float pr = alpha * g[p]; v = v + pr; }
+            }
+            samp[j] = canon(fbits(v));
+        }
+    }
+    PROF_T(t1);
+    double mu = (double)k * (double)m / (double)n;
+    int64_t r = (int64_t)(g_rank_scale * (mu + 4.0 * sqrt(mu) + 2.0));
+    for (;;) {
+        int32_t thr = 0;
+        if (r < m) {
+            memcpy(work, samp, (size_t)m * sizeof(int32_t));
+            int64_t cg;
+            thr = kth_largest(work, m, r + 1, &cg);
+        }
+        PROF_T(t2);
+        P.mode = mode; P.thr = thr; P.ecap_limit = k;
+        if (run_pass(&P)) return -1;
+        PROF_T(t3);
+        mode = MODE_FILTER;
+        int rc = select_candidates(ws, s0, np, x, k, E);
+        PROF_T(t4);
+        PROF_PRINT(n, k, t0, t1, t2, t3, t4);
+        if (rc < 0) return -1;
+        if (rc == 1) return 0;
+        r = 4 * r + 16;
+    }
+}
+
+
+static int clamp_threads(int nt) { return nt < 1 ? 1 : (nt > MAXT ? MAXT : nt); }
+
+/* Exact top-k indices (ascending) of |x|. Returns 0, or -1 when out of memory. */
+EXPORT int gs_topk(void *wsp, const float *x, int64_t n, int64_t k, int64_t *out_idx, int nthreads) {
+    ws_t *ws = (ws_t *)wsp;
+    emit_t E = {out_idx, NULL, NULL, 0, 0};
+    return topk_range(ws, 0, clamp_threads(nthreads), (float *)x, NULL, 0.0f, MODE_FILTER, n, k, &E);
+}
+
+/* e <- a = fma(alpha, g, e); (idx, val) <- exact top-k of a; e[idx] <- 0. */
+EXPORT int gs_topk_ef(void *wsp, float *e, const float *g, float alpha, int64_t n, int64_t k,
+                      int64_t *out_idx, float *out_val, int nthreads) {
+    ws_t *ws = (ws_t *)wsp;
+    emit_t E = {out_idx, out_val, e, 0, 0};
+    return topk_range(ws, 0, clamp_threads(nthreads), e, g, alpha, MODE_EF, n, k, &E);
+}
+
+/* e <- a = fma(alpha, g, e); entries with |a| >= lam are kept in the workspace and zeroed in e.
+ * Returns their number (fetch them with gs_ht_gather), or -1 when out of memory. */
+EXPORT int64_t gs_ht_pass(void *wsp, float *e, const float *g, float alpha, float lam, int64_t n, int nthreads) {
+    ws_t *ws = (ws_t *)wsp;
+    int np = clamp_threads(nthreads);
+    if (n < PAR_MIN) np = 1;
+    pass_t P;
+    memset(&P, 0, sizeof P);
+    P.ws = ws; P.s0 = 0; P.x = e; P.g = g; P.alpha = alpha; P.mode = MODE_HT; P.n = n;
+    P.nparts = np; P.lam = lam;
+    if (run_pass(&P)) return -1;
+    ws->last_nparts = np;
+    int64_t tot = 0;
+    for (int t = 0; t < np; t++) tot += ws->s[t].ng;
+    return tot;
+}
+
+EXPORT void gs_ht_gather(void *wsp, int64_t *out_idx, float *out_val) {
+    ws_t *ws = (ws_t *)wsp;
+    int64_t p = 0;
+    for (int t = 0; t < ws->last_nparts; t++) {
+        slot_t *q = &ws->s[t];
+        memcpy(out_idx + p, q->gidx, (size_t)q->ng * sizeof(int64_t));
+        memcpy(out_val + p, q->gbits, (size_t)q->ng * sizeof(float));
+        p += q->ng;
+    }
+}
+
+/* ------------------------------------------------------------------ segments */
+
+typedef struct {
+    ws_t *ws; const float *x; const int64_t *off; const int64_t *ks; const int64_t *opos;
+    int64_t *out; int64_t L; int64_t next; int big_min; int err;
+} seg_t;
+
+static void seg_task(void *arg, int t) {
+    seg_t *S = (seg_t *)arg;
+    for (;;) {
+        int64_t l = __atomic_fetch_add(&S->next, 1, __ATOMIC_RELAXED);
+        if (l >= S->L) break;
+        int64_t lo = S->off[l], n = S->off[l + 1] - lo;
+        if (n >= S->big_min) continue;    /* done by the caller with all threads */
+        emit_t E = {S->out + S->opos[l], NULL, NULL, 0, lo};
+        if (topk_range(S->ws, t, 1, (float *)(S->x + lo), NULL, 0.0f, MODE_FILTER, n, S->ks[l], &E))
+            __atomic_store_n(&S->err, 1, __ATOMIC_RELAXED);
+    }
+}
+
+/* Exact top-ks[l] of every segment [off[l], off[l+1]) of x; out (length sum ks) receives global
+ * indices, ascending within each segment and segments in order (so ascending overall when the
+ * offsets are non-decreasing). opos = exclusive prefix sums of ks. */
+EXPORT int gs_topk_segments(void *wsp, const float *x, const int64_t *off, const int64_t *ks,
+                            const int64_t *opos, int64_t L, int64_t *out, int nthreads) {
+    ws_t *ws = (ws_t *)wsp;
+    int nt = clamp_threads(nthreads);
+    int64_t small_total = 0;
+    int big_min = nt > 1 ? 4 * PAR_MIN : INT32_MAX;
+    for (int64_t l = 0; l < L; l++) {
+        int64_t n = off[l + 1] - off[l];
+        if (n >= big_min) {
+            emit_t E = {out + opos[l], NULL, NULL, 0, off[l]};
+            if (topk_range(ws, 0, nt, (float *)(x + off[l]), NULL, 0.0f, MODE_FILTER, n, ks[l], &E)) return -1;
+        } else {
+            small_total += n;
+        }
+    }
+    seg_t S = {ws, x, off, ks, opos, out, L, 0, big_min, 0};
+    run_par(small_total >= PAR_MIN ? nt : 1, seg_task, &S);
+    return S.err ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ hot loops (compiled twice) */
+
+#define GS_HOT_SUFFIX _gen
+#include "_kernels.c"
+#undef GS_HOT_SUFFIX
+#if GS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#endif
+#define GS_HOT_SUFFIX _avx2
+#define GS_HOT_AVX2 1
+#include "_kernels.c"
+#undef GS_HOT_AVX2
+#undef GS_HOT_SUFFIX
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+#pragma GCC pop_options
+#endif
+
+#else /* GS_HOT_SUFFIX: this part is included twice by the part above */
+
+#define GS_CAT2(a, b) a##b
+#define GS_CAT(a, b) GS_CAT2(a, b)
+#define HOTNAME(f) GS_CAT(f, GS_HOT_SUFFIX)
+
+/* Candidates of one block: every key > thr is appended without a branch (room was reserved);
+ * keys == thr go to the (rare) eq list. */
+static inline void HOTNAME(scan_keys)(slot_t *s, const int32_t *b, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    int64_t ng = s->ng;
+    int64_t *gi = s->gidx; int32_t *gb = s->gbits;
+    for (int64_t i = lo; i < hi; i++) {
+        int32_t bb = b[i];
+        int32_t key = canon(bb);
+        gi[ng] = i; gb[ng] = bb;
+        ng += key > thr;
+        if (__builtin_expect(key == thr, 0)) push_e(s, i, ecap);
+    }
+    s->ng = ng;
+}
+
+#if defined(GS_HOT_AVX2)
+/* Bits of the lanes of a 32-entry block whose key (|x| bits) is >= thr. */
+static inline uint32_t HOTNAME(block_mask)(__m256i v0, __m256i v1, __m256i v2, __m256i v3, __m256i thr1) {
+    const __m256i am = _mm256_set1_epi32(0x7fffffff);
+    uint32_t m0 = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(v0, am), thr1)));
+    uint32_t m1 = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(v1, am), thr1)));
+    uint32_t m2 = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(v2, am), thr1)));
+    uint32_t m3 = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_and_si256(v3, am), thr1)));
+    return m0 | (m1 << 8) | (m2 << 16) | (m3 << 24);
+}
+
+/* Push the set lanes of mask (block starting at i). */
+static inline void HOTNAME(push_mask)(slot_t *s, const int32_t *b, int64_t i, uint32_t m, int32_t thr, int64_t ecap) {
+    int64_t ng = s->ng;
+    while (m) {
+        int j = __builtin_ctz(m);
+        m &= m - 1;
+        int32_t bb = b[i + j], key = canon(bb);
+        if (__builtin_expect(key > thr, 1)) { s->gidx[ng] = i + j; s->gbits[ng] = bb; ng++; }
+        else if (key == thr) push_e(s, i + j, ecap);
+    }
+    s->ng = ng;
+}
+
+static void HOTNAME(pass_filter)(slot_t *s, const int32_t *b, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    const __m256i thr1 = _mm256_set1_epi32(thr - 1);   /* key >= thr  <=>  key > thr - 1 */
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        const __m256i *p = (const __m256i *)(b + i);
+        uint32_t m = HOTNAME(block_mask)(_mm256_loadu_si256(p), _mm256_loadu_si256(p + 1),
+                                         _mm256_loadu_si256(p + 2), _mm256_loadu_si256(p + 3), thr1);
+        if (m) {
+            if (!reserve_g(s)) return;
+            HOTNAME(push_mask)(s, b, i, m, thr, ecap);
+        }
+    }
+    if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
+}
+
+static void HOTNAME(pass_ef_fma)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    const int32_t *b = (const int32_t *)x;
+    const __m256i thr1 = _mm256_set1_epi32(thr - 1);
+    const __m256 va = _mm256_set1_ps(al);
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        __m256 a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(g + i), _mm256_loadu_ps(x + i));
+        __m256 a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(g + i + 8), _mm256_loadu_ps(x + i + 8));
+        __m256 a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(g + i + 16), _mm256_loadu_ps(x + i + 16));
+        __m256 a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(g + i + 24), _mm256_loadu_ps(x + i + 24));
+        _mm256_storeu_ps(x + i, a0);
+        _mm256_storeu_ps(x + i + 8, a1);
+        _mm256_storeu_ps(x + i + 16, a2);
+        _mm256_storeu_ps(x + i + 24, a3);
+        uint32_t m = HOTNAME(block_mask)(_mm256_castps_si256(a0), _mm256_castps_si256(a1),
+                                         _mm256_castps_si256(a2), _mm256_castps_si256(a3), thr1);
+        if (m) {
+            if (!reserve_g(s)) { thr = INT32_MAX; continue; }
+            HOTNAME(push_mask)(s, b, i, m, thr, ecap);
+        }
+    }
+    for (int64_t j = i; j < hi; j++) x[j] = fmaf(al, g[j], x[j]);
+    if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
+}
+#else
+static void HOTNAME(pass_filter)(slot_t *s, const int32_t *b, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) any |= ((b[i + j] & 0x7fffffff) >= thr);
+        if (__builtin_expect(any, 0)) {
+            if (!reserve_g(s)) return;
+            HOTNAME(scan_keys)(s, b, i, i + BLK, thr, ecap);
+        }
+    }
+    if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
+}
+
+static void HOTNAME(pass_ef_fma)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    const int32_t *b = (const int32_t *)x;
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) {
+            float a = fmaf(al, g[i + j], x[i + j]);
+            x[i + j] = a;
+            any |= ((fbits(a) & 0x7fffffff) >= thr);
+        }
+        if (__builtin_expect(any, 0) && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, i + BLK, thr, ecap);
+    }
+    for (int64_t j = i; j < hi; j++) x[j] = fmaf(al, g[j], x[j]);
+    if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
+}
+
+#endif
+
+static inline void HOTNAME(scan_ht)(slot_t *s, float *x, int64_t lo, int64_t hi, float lam) {
+    int64_t ng = s->ng;
+    int64_t *gi = s->gidx; int32_t *gb = s->gbits;
+    for (int64_t i = lo; i < hi; i++) {
+        float a = x[i];
+        int take = fabsf(a) >= lam;
+        gi[ng] = i; gb[ng] = fbits(a);
+        ng += take;
+        x[i] = take ? 0.0f : a;
+    }
+    s->ng = ng;
+}
+
+#if defined(GS_HOT_AVX2)
+static void HOTNAME(pass_ht_fma)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, float lam) {
+    const __m256 va = _mm256_set1_ps(al), vl = _mm256_set1_ps(lam);
+    const __m256 am = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        uint32_t m = 0;
+        for (int q = 0; q < BLK; q += 8) {
+            __m256 a = _mm256_fmadd_ps(va, _mm256_loadu_ps(g + i + q), _mm256_loadu_ps(x + i + q));
+            _mm256_storeu_ps(x + i + q, a);
+            m |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(a, am), vl, _CMP_GE_OQ)) << q;
+        }
+        if (m) {
+            if (!reserve_g(s)) continue;
+            int64_t ng = s->ng;
+            while (m) {
+                int j = __builtin_ctz(m);
+                m &= m - 1;
+                s->gidx[ng] = i + j; s->gbits[ng] = fbits(x[i + j]); ng++;
+                x[i + j] = 0.0f;
+            }
+            s->ng = ng;
+        }
+    }
+    for (int64_t j = i; j < hi; j++) x[j] = fmaf(al, g[j], x[j]);
+    if (i < hi && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, hi, lam);
+}
+#else
+static void HOTNAME(pass_ht_fma)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, float lam) {
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) {
+            float a = fmaf(al, g[i + j], x[i + j]);
+            x[i + j] = a;
+            any |= (fabsf(a) >= lam);
+        }
+        if (__builtin_expect(any, 0) && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, i + BLK, lam);
+    }
+    for (int64_t j = i; j < hi; j++) x[j] = fmaf(al, g[j], x[j]);
+    if (i < hi && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, hi, lam);
+}
+
+#endif
+
+/* Separate multiply and add (two roundings), for a torch whose add_ does not fuse. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+static void HOTNAME(pass_ef_mul)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
+    const int32_t *b = (const int32_t *)x;
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) {
+            float p = al * g[i + j];
+            float a = x[i + j] + p;
+            x[i + j] = a;
+            any |= ((fbits(a) & 0x7fffffff) >= thr);
+        }
+        if (__builtin_expect(any, 0) && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, i + BLK, thr, ecap);
+    }
+    for (int64_t j = i; j < hi; j++) { float p = al * g[j]; x[j] = x[j] + p; }
+    if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
+}
+
+static void HOTNAME(pass_ht_mul)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, float lam) {
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) {
+            float p = al * g[i + j];
+            float a = x[i + j] + p;
+            x[i + j] = a;
+            any |= (fabsf(a) >= lam);
+        }
+        if (__builtin_expect(any, 0) && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, i + BLK, lam);
+    }
+    for (int64_t j = i; j < hi; j++) { float p = al * g[j]; x[j] = x[j] + p; }
+    if (i < hi && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, hi, lam);
+}
+#pragma GCC pop_options
+
+#undef HOTNAME
+#undef GS_CAT
+#undef GS_CAT2
+#endif /* GS_HOT_SUFFIX */

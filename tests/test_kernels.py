@@ -1,0 +1,474 @@
+"""Exactness and allocation tests for gradsparse.kernels, on the compiled and the torch paths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+from gradsparse import kernels as K
+
+NAN = float("nan")
+INF = float("inf")
+
+PATHS = [
+    pytest.param(True, id="ext", marks=pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")),
+    pytest.param(False, id="torch"),
+]
+
+
+@pytest.fixture(params=PATHS)
+def use_ext(request):
+    return request.param
+
+
+def ref_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: first k of a full stable sort by |x| descending (NaN first), sorted ascending."""
+    return torch.sort(x.reshape(-1).abs(), descending=True, stable=True).indices[:k].sort().values
+
+
+def bits_f32(vals: list[int]) -> torch.Tensor:
+    return torch.tensor([v - (1 << 32) if v >= (1 << 31) else v for v in vals], dtype=torch.int32).view(torch.float32)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def retry_path():
+    K._set_rank_scale(0.0)
+    yield
+    K._set_rank_scale(1.0)
+
+
+def adversarial(name: str, n: int, seed: int = 0) -> torch.Tensor:
+    g = gen(seed)
+    if name == "randn":
+        return torch.randn(n, generator=g)
+    if name == "ties":
+        return torch.randint(-3, 4, (n,), generator=g).float()
+    if name == "all_equal":
+        return torch.full((n,), -1.5)
+    if name == "zeros":
+        return torch.zeros(n)
+    if name == "signed_zeros":
+        x = torch.randint(0, 2, (n,), generator=g).float().mul_(2).sub_(1) * 0.0  # +0 and -0
+        x[:: max(1, n // 7)] = torch.randn(len(range(0, n, max(1, n // 7))), generator=g)
+        return x
+    if name == "sparse":  # mostly zeros, some large values
+        return torch.randn(n, generator=g) * (torch.rand(n, generator=g) < 0.001)
+    if name == "nan_inf":
+        x = torch.randn(n, generator=g)
+        m = torch.rand(n, generator=g)
+        x[m < 0.002] = NAN
+        x[(m >= 0.002) & (m < 0.004)] = -NAN
+        x[(m >= 0.004) & (m < 0.006)] = INF
+        x[(m >= 0.006) & (m < 0.008)] = -INF
+        return x
+    if name == "tiny_range":  # many exact ties around the threshold
+        return (torch.randint(0, 50, (n,), generator=g).float() - 25) * 1e-3
+    raise ValueError(name)
+
+
+KINDS = ["randn", "ties", "all_equal", "zeros", "signed_zeros", "sparse", "nan_inf", "tiny_range"]
+
+
+# ------------------------------------------------------------------------------ topk_indices
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 37, 5000, 300_000])
+def test_topk_adversarial(use_ext, kind, n):
+    x = adversarial(kind, n, seed=n)
+    for k in sorted({0, 1, min(2, n), n // 1000, n // 100, n // 3, n - 1, n}):
+        got = K.topk_indices(x, k, use_ext=use_ext)
+        assert got.dtype == torch.long and got.shape == (k,)
+        assert torch.equal(got, ref_topk(x, k)), (kind, n, k)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "sparse", "nan_inf"])
+def test_topk_medium(use_ext, kind):
+    n = 2_000_000
+    x = adversarial(kind, n, seed=7)
+    order = torch.sort(x.abs(), descending=True, stable=True).indices
+    for k in (1, n // 1000, n // 100):
+        assert torch.equal(K.topk_indices(x, k, use_ext=use_ext), order[:k].sort().values), (kind, k)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "tiny_range"])
+def test_topk_retry_path(use_ext, kind, retry_path):
+    """With the first threshold forced to the sample maximum the kernel must retry and stay exact."""
+    x = adversarial(kind, 400_000, seed=3)
+    for k in (10, 4000, 40_000):
+        assert torch.equal(K.topk_indices(x, k, use_ext=use_ext), ref_topk(x, k)), (kind, k)
+
+
+def test_topk_nan_policy(use_ext):
+    # NaNs of any sign and payload rank above +inf and tie among themselves (lower index first)
+    x = bits_f32([0x3F800000, 0x7FC00000, 0xFF800000, 0x7F800001, 0x00000000, 0xFFC12345, 0x80000000, 0x7F800000])
+    #            1.0         nan         -inf        nan(sig)    +0          -nan        -0          +inf
+    assert K.topk_indices(x, 2, use_ext=use_ext).tolist() == [1, 3]
+    assert K.topk_indices(x, 3, use_ext=use_ext).tolist() == [1, 3, 5]
+    assert K.topk_indices(x, 4, use_ext=use_ext).tolist() == [1, 2, 3, 5]  # -inf ties +inf: lower index
+    assert K.topk_indices(x, 7, use_ext=use_ext).tolist() == [0, 1, 2, 3, 4, 5, 7]  # +0 before -0
+    for k in range(9):
+        assert torch.equal(K.topk_indices(x, k, use_ext=use_ext), ref_topk(x, k))
+
+
+def test_topk_signed_zero_tie(use_ext):
+    x = torch.tensor([-0.0, 0.0, -0.0, 0.0])
+    assert K.topk_indices(x, 2, use_ext=use_ext).tolist() == [0, 1]
+
+
+def test_topk_edge_cases(use_ext):
+    e = torch.empty(0)
+    assert K.topk_indices(e, 0, use_ext=use_ext).numel() == 0
+    x = torch.randn(10)
+    assert K.topk_indices(x, 0, use_ext=use_ext).numel() == 0
+    assert torch.equal(K.topk_indices(x, 10, use_ext=use_ext), torch.arange(10))
+    with pytest.raises(ValueError, match=r"k=11.*d=10"):
+        K.topk_indices(x, 11, use_ext=use_ext)
+    with pytest.raises(ValueError, match=r"k=1.*d=0"):
+        K.topk_indices(e, 1, use_ext=use_ext)
+    with pytest.raises(ValueError):
+        K.topk_indices(x, -1, use_ext=use_ext)
+    with pytest.raises(TypeError):
+        K.topk_indices(torch.arange(5), 1, use_ext=use_ext)
+    # any shape: flat row-major indices
+    m = torch.randn(30, 40, generator=gen(1))
+    assert torch.equal(K.topk_indices(m, 50, use_ext=use_ext), ref_topk(m, 50))
+    # non-contiguous input
+    t = torch.randn(400, 300, generator=gen(2)).t()
+    assert torch.equal(K.topk_indices(t, 500, use_ext=use_ext), ref_topk(t, 500))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_topk_other_dtypes(dtype):
+    x = (adversarial("nan_inf", 100_000, seed=5) * 4).round_().to(dtype)  # plenty of ties
+    for k in (1, 100, 5000):
+        assert torch.equal(K.topk_indices(x, k), ref_topk(x, k))
+
+
+def test_paths_agree_and_env_var(monkeypatch):
+    x = adversarial("ties", 500_000, seed=11)
+    a = K.topk_indices(x, 2500, use_ext=False)
+    if K.has_extension():
+        assert torch.equal(K.topk_indices(x, 2500, use_ext=True), a)
+    monkeypatch.setenv("GRADSPARSE_NO_EXT", "1")
+    assert not K.has_extension()
+    assert torch.equal(K.topk_indices(x, 2500), a)
+    with pytest.raises(RuntimeError, match="GRADSPARSE_NO_EXT"):
+        K.topk_indices(x, 2500, use_ext=True)
+
+
+VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, -0.5, 3.25, INF, -INF, NAN, 1e-30, -1e30])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    vals=st.lists(st.one_of(VALUES, st.floats(width=32, allow_nan=True)), min_size=0, max_size=300),
+    frac=st.floats(0.0, 1.0),
+    reps=st.integers(1, 200),
+)
+def test_topk_hypothesis(vals, frac, reps):
+    x = torch.tensor(vals, dtype=torch.float32).repeat(reps)  # repetition makes ties and big inputs
+    k = int(round(frac * x.numel()))
+    exp = ref_topk(x, k)
+    for ue in (True, False) if K.has_extension() else (False,):
+        assert torch.equal(K.topk_indices(x, k, use_ext=ue), exp)
+
+
+# ------------------------------------------------------------------------------ layer-wise
+
+
+def ref_layerwise(x, offs, ks):
+    parts = [ref_topk(x[offs[i] : offs[i + 1]], ks[i]) + offs[i] for i in range(len(ks))]
+    return torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.long)
+
+
+def test_layerwise(use_ext):
+    g = gen(4)
+    sizes = [0, 1, 3, 100, 5000, 70_000, 300_000, 1_200_000, 7, 64] + torch.randint(1, 2000, (200,), generator=g).tolist()
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    x = adversarial("tiny_range", offs[-1], seed=9)
+    x[5:20] = NAN
+    x[offs[6] : offs[6] + 100] = -0.0
+    ks = [0, 1, 2, 10, 100, 700, 3000, 12000, 7, 0] + [int(v) for v in torch.randint(0, 2000, (200,), generator=g)]
+    ks = [min(k, s) for k, s in zip(ks, sizes)]
+    got = K.topk_indices_layerwise(x, offs, ks, use_ext=use_ext)
+    assert torch.equal(got, ref_layerwise(x, offs, ks))
+    # tensor arguments, offsets not starting at 0 / not covering the end
+    offs_t = torch.tensor(offs[3:8])
+    got = K.topk_indices_layerwise(x, offs_t, torch.tensor(ks[3:7]), use_ext=use_ext)
+    assert torch.equal(got, ref_layerwise(x, offs[3:8], ks[3:7]))
+
+
+def test_layerwise_many_tiny(use_ext):
+    sizes = torch.randint(1, 40, (3000,), generator=gen(8))
+    offs = [0] + torch.cumsum(sizes, 0).tolist()
+    x = adversarial("ties", offs[-1], seed=2)
+    ks = [int(s) // 3 for s in sizes]
+    assert torch.equal(K.topk_indices_layerwise(x, offs, ks, use_ext=use_ext), ref_layerwise(x, offs, ks))
+
+
+def test_layerwise_errors(use_ext):
+    x = torch.randn(100)
+    with pytest.raises(ValueError, match=r"segment 1: k=60"):
+        K.topk_indices_layerwise(x, [0, 50, 100], [5, 60], use_ext=use_ext)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        K.topk_indices_layerwise(x, [0, 60, 50], [1, 1], use_ext=use_ext)
+    with pytest.raises(ValueError, match="segments"):
+        K.topk_indices_layerwise(x, [0, 50, 100], [1], use_ext=use_ext)
+    with pytest.raises(ValueError, match="within"):
+        K.topk_indices_layerwise(x, [0, 101], [1], use_ext=use_ext)
+    assert K.topk_indices_layerwise(x, [0], [], use_ext=use_ext).numel() == 0
+
+
+# ------------------------------------------------------------------------------ rows
+
+
+@pytest.mark.parametrize("n,d,k", [(5, 1000, 10), (3, 200_000, 200), (16, 10, 3), (4, 7, 0), (4, 7, 7), (0, 5, 2)])
+def test_rows(use_ext, n, d, k):
+    x = torch.randint(-3, 4, (n, d), generator=gen(n * d)).float()
+    if x.numel():
+        x.view(-1)[::97] = NAN
+        x.view(-1)[1::89] = -0.0
+    exp = torch.zeros(n, d, dtype=torch.bool)
+    for i in range(n):
+        exp[i, ref_topk(x[i], k)] = True
+    got = K.topk_mask_rows(x, k, use_ext=use_ext)
+    assert got.dtype == torch.bool and torch.equal(got, exp)
+    with pytest.raises(ValueError, match=rf"k={d + 1}"):
+        K.topk_mask_rows(x, d + 1, use_ext=use_ext)
+
+
+# ------------------------------------------------------------------------------ error feedback
+
+
+def accumulate(e, g, alpha):
+    return e.clone().add_(g, alpha=alpha)
+
+
+def dense(idx, val, n):
+    out = torch.zeros(n, dtype=val.dtype)
+    out[idx] = val
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 1000, 33, 1_000_000])
+@pytest.mark.parametrize("alpha", [1.0, 0.1, -0.37, 1e-3])
+def test_hard_threshold_ef(use_ext, n, alpha):
+    g_ = gen(n)
+    e = torch.randn(n, generator=g_) * 0.05
+    g = torch.randn(n, generator=g_)
+    ef = K.EFStep(use_ext=use_ext)
+    a = accumulate(e, g, alpha)
+    for lam in (float(a.abs().max()) + 1, float(a.abs().sort().values[int(0.99 * (n - 1))]), float(a.abs()[n // 2])):
+        # lam equal to an entry's magnitude exercises the >= boundary
+        e1 = e.clone()
+        idx, val = ef.hard_threshold_ef_(e1, g, lam, alpha)
+        mask = a.abs() >= lam
+        assert torch.equal(idx, mask.nonzero().view(-1))
+        assert torch.equal(val, a[mask])
+        assert torch.equal(e1, a.masked_fill(mask, 0.0))
+        assert torch.equal(dense(idx, val, n) + e1, a)  # sent + new memory == accumulated
+        assert float(e1.abs().max()) < lam
+    # lam <= 0 sends everything
+    e1 = e.clone()
+    idx, val = ef.hard_threshold_ef_(e1, g, 0.0, alpha)
+    assert idx.numel() == n and torch.equal(val, a) and not e1.any()
+
+
+def test_hard_threshold_nan_stays(use_ext):
+    e = torch.tensor([1.0, NAN, -3.0, INF, 0.5] * 100)
+    g = torch.zeros_like(e)
+    idx, val = K.EFStep(use_ext=use_ext).hard_threshold_ef_(e, g, 1.0, 1.0)
+    assert idx[:3].tolist() == [0, 2, 3]
+    assert torch.isnan(e[1::5]).all() and (e[0::5] == 0).all() and (e[4::5] == 0.5).all()
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "nan_inf", "sparse"])
+@pytest.mark.parametrize("n", [1000, 40_000, 1_000_000])
+def test_topk_ef(use_ext, kind, n):
+    e = adversarial(kind, n, seed=n + 1) * 0.1
+    g = adversarial("randn" if kind != "ties" else "ties", n, seed=n + 2)
+    ef = K.EFStep(use_ext=use_ext)
+    for alpha, k in [(0.1, max(1, n // 1000)), (-0.37, n // 100), (1.0, 0), (0.5, n), (1e-3, 1)]:
+        a = accumulate(e, g, alpha)
+        e1 = e.clone()
+        idx, val = ef.topk_ef_(e1, g, k, alpha)
+        ridx = ref_topk(a, k)
+        assert torch.equal(idx, ridx), (kind, n, k)
+        assert torch.equal(val.view(torch.int32), a[ridx].view(torch.int32))  # bitwise, NaN included
+        exp_e = a.clone()
+        exp_e[ridx] = 0.0
+        assert torch.equal(e1.view(torch.int32), exp_e.view(torch.int32))
+        if kind != "nan_inf":
+            assert torch.equal(dense(idx, val, n) + e1, a)
+            an = a.double().pow(2).sum()
+            assert float(e1.double().pow(2).sum()) <= (1 - k / n) * float(an) * (1 + 1e-12) + 1e-30
+
+
+def test_topk_ef_retry(use_ext, retry_path):
+    n = 500_000
+    e, g = torch.randn(n, generator=gen(1)), adversarial("ties", n, seed=2)
+    a = accumulate(e, g, 0.25)
+    idx, val = K.EFStep(use_ext=use_ext).topk_ef_(e, g, 5000, 0.25)
+    assert torch.equal(idx, ref_topk(a, 5000)) and torch.equal(val, a[idx])
+
+
+def test_ef_update_matches_torch_add_bitwise(use_ext):
+    """The fused kernel's a = e + alpha*g must round exactly like e.add_(g, alpha=alpha)."""
+    for n in (7, 1003, 300_001):
+        g_ = gen(n)
+        e = torch.randn(n, generator=g_) * torch.exp(torch.randn(n, generator=g_) * 4)
+        g = torch.randn(n, generator=g_) * torch.exp(torch.randn(n, generator=g_) * 4)
+        for alpha in (0.1, -1.7e-3, 3.3333333, 1.0):
+            e1 = e.clone()
+            K.EFStep(use_ext=use_ext).topk_ef_(e1, g, 0, alpha)
+            assert torch.equal(e1, accumulate(e, g, alpha))
+
+
+def test_ef_validation(use_ext):
+    ef = K.EFStep(use_ext=use_ext)
+    e = torch.zeros(10)
+    with pytest.raises(ValueError, match="same shape"):
+        ef.topk_ef_(e, torch.zeros(11), 1)
+    with pytest.raises(ValueError, match=r"k=11"):
+        ef.topk_ef_(e, torch.zeros(10), 11)
+    with pytest.raises(ValueError, match="contiguous"):
+        ef.hard_threshold_ef_(torch.zeros(4, 4).t(), torch.zeros(4, 4), 1.0)
+
+
+def max_alloc_bytes(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max([ev.cpu_memory_usage for ev in prof.events()] + [0])
+
+
+def test_ef_no_O_d_allocation_after_warmup(use_ext):
+    n, k = 1_000_000, 1000
+    e0, g = torch.randn(n, generator=gen(1)), torch.randn(n, generator=gen(2))
+    e = e0.clone()
+    lam = 3.0
+    ef = K.EFStep(use_ext=use_ext)
+
+    def steps():  # same sizes every time: e restarts from e0 (copy_ allocates nothing)
+        e.copy_(e0)
+        ef.topk_ef_(e, g, k, 0.1)
+        ef.hard_threshold_ef_(e, g, lam, 0.1)
+
+    steps()
+    steps()
+    before = ef.workspace_info()
+    big = max_alloc_bytes(steps)
+    for _ in range(3):
+        steps()
+    after = ef.workspace_info()
+    # torch-side allocations are O(k) (outputs, sample) -- an O(d) buffer would be >= n bytes
+    assert big < n, big
+    assert after["buffers"] == before["buffers"]  # scratch tensors reused (same data_ptr)
+    assert after["c_allocs"] == before["c_allocs"]  # C workspace not grown
+    assert after["c_bytes"] < 64 * k * 8 + (1 << 20)  # and it is O(k), not O(d)
+    if use_ext:
+        assert after["c_allocs"] > 0 and not after["buffers"]
+    else:
+        assert before["buffers"] and after["c_bytes"] == 0
+
+
+def test_efstep_pickles():
+    import pickle
+
+    ef = K.EFStep(use_ext=False)
+    ef.topk_ef_(torch.zeros(10), torch.ones(10), 2)
+    ef2 = pickle.loads(pickle.dumps(ef))
+    assert ef2.use_ext is False and ef2.workspace_info()["buffers"] == {}
+
+
+# ------------------------------------------------------------------------------ approximate thresholds
+
+
+def test_sampled_threshold():
+    x = torch.randn(200_000, generator=gen(0))
+    t1 = K.sampled_threshold(x, 2000, 0.01, gen(5))
+    t2 = K.sampled_threshold(x, 2000, 0.01, gen(5))
+    assert t1 == t2
+    cnt = int((x.abs() >= t1).sum())
+    assert 1000 <= cnt <= 3000
+    assert K.sampled_threshold(x, 0) == math.inf
+    with pytest.raises(ValueError):
+        K.sampled_threshold(x, 10, sample_frac=0.0)
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "exponential", "lognormal", "gamma"])
+def test_fitted_threshold_on_matching_data(dist):
+    src = {"gaussian": "gaussian", "exponential": "laplace", "lognormal": "lognormal", "gamma": "laplace"}[dist]
+    x = K.make_test_vector(src, 400_000, gen(3))
+    k = 4000
+    cnt = int((x.abs() >= K.fitted_threshold(x, k, dist)).sum())
+    assert 0.7 * k <= cnt <= 1.3 * k, (dist, cnt)
+    with pytest.raises(ValueError):
+        K.fitted_threshold(x, k, "cauchy")
+
+
+def test_hit_rate():
+    r = K.threshold_hit_rate("sampled", "student_t2", 100_000, 1000, trials=5, seed=1)
+    assert 0.0 <= r <= 1.0
+    ratios = K.threshold_count_ratios("fitted:gaussian", "gaussian", 100_000, 1000, trials=3)
+    assert ratios.shape == (3,) and bool(((ratios > 0.7) & (ratios < 1.3)).all())
+    with pytest.raises(ValueError):
+        K.threshold_hit_rate("bogus", "gaussian", 100, 1)
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+def test_compiled_generic_isa_loops(retry_path):
+    """The baseline-ISA loops (used on CPUs without AVX2/FMA) give the same exact results."""
+    assert K._Lib.ef_exact  # the compiled EF update rounds like torch's add_ on this machine
+    K._force_generic(True)
+    try:
+        x = adversarial("ties", 600_000, seed=21)
+        assert torch.equal(K.topk_indices(x, 3000, use_ext=True), ref_topk(x, 3000))
+        e, g = torch.randn(600_001, generator=gen(1)), torch.randn(600_001, generator=gen(2))
+        a = accumulate(e, g, 0.3)
+        e1 = e.clone()
+        idx, val = K.EFStep(use_ext=True).topk_ef_(e1, g, 6000, 0.3)
+        assert torch.equal(idx, ref_topk(a, 6000)) and torch.equal(val, a[idx])
+        e2 = e.clone()
+        idx, val = K.EFStep(use_ext=True).hard_threshold_ef_(e2, g, 1.5, 0.3)
+        mask = a.abs() >= 1.5
+        assert torch.equal(idx, mask.nonzero().view(-1)) and torch.equal(e2, a.masked_fill(mask, 0.0))
+    finally:
+        K._force_generic(False)
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+def test_compiled_unfused_update_mode():
+    """gs_set_fma(0) (for a torch whose add_ does not fuse) rounds the product, then the sum."""
+    lib = K._Lib.lib
+    n = 300_001
+    e, g = torch.randn(n, generator=gen(5)), torch.randn(n, generator=gen(6))
+    alpha = 0.1
+    unfused = e + g * torch.tensor(alpha, dtype=torch.float32)  # two roundings
+    fused = e.clone().add_(g, alpha=alpha)
+    assert not torch.equal(unfused, fused)  # the two really differ on this data
+    prev = lib.gs_get_fma()
+    for generic in (False, True):
+        K._force_generic(generic)
+        lib.gs_set_fma(0)
+        try:
+            e1, e2 = e.clone(), e.clone()
+            K.EFStep(use_ext=True).topk_ef_(e1, g, 0, alpha)
+            idx, val = K.EFStep(use_ext=True).hard_threshold_ef_(e2, g, 2.0, alpha)
+        finally:
+            lib.gs_set_fma(prev)
+            K._force_generic(False)
+        assert torch.equal(e1, unfused)
+        mask = unfused.abs() >= 2.0
+        assert torch.equal(idx, mask.nonzero().view(-1)) and torch.equal(val, unfused[mask])
