@@ -37,18 +37,49 @@ from dataclasses import dataclass, field
 import torch
 
 from . import feedback as fb
-from .compressors import Compressor, Identity
+from .compressors import Compressor, Identity, RowSparse
 from .topology import check_topology, has_downlink_compression
 
 MOMENTUM_KINDS = ("none", "gradient", "update")
 
 
-@dataclass
 class WorkerOutput:
-    sent: torch.Tensor  # [n, d] compressed rows (zeros off the support)
-    support: torch.Tensor  # [n, d] bool
-    accumulated: torch.Tensor  # [n, d] the vector given to the compressor (a, p or v)
-    state: dict
+    """What the workers' step produced.
+
+    ``message`` is what goes to the server: a dense ``[n, d]`` tensor (zeros off the support), or
+    a :class:`~gradsparse.compressors.RowSparse` for fixed-count compressors. The dense views
+    ``sent``, ``support`` and ``accumulated`` (the vector the compressor saw: a, p or v) are built
+    on first use, so the hot path stays O(n k) when nobody asks for them.
+    """
+
+    def __init__(self, state, *, sent=None, support=None, accumulated=None, sparse=None, acc_values=None):
+        self.state = state
+        self.sparse: RowSparse | None = sparse
+        self._sent, self._support, self._acc, self._acc_values = sent, support, accumulated, acc_values
+
+    @property
+    def message(self):
+        return self.sparse if self.sparse is not None else self._sent
+
+    @property
+    def sent(self) -> torch.Tensor:
+        if self._sent is None:
+            self._sent = self.sparse.dense()
+        return self._sent
+
+    @property
+    def support(self) -> torch.Tensor:
+        if self._support is None:
+            self._support = self.sparse.mask()
+        return self._support
+
+    @property
+    def accumulated(self) -> torch.Tensor:
+        if self._acc is None:
+            # off the support the new memory equals the accumulated vector (masking only touches
+            # transmitted coordinates); on it, the accumulated values were kept
+            self._acc = self.state["e"].clone().scatter_(1, self.sparse.indices, self._acc_values)
+        return self._acc
 
 
 @dataclass
@@ -130,6 +161,17 @@ class Algorithm:
             m = self.beta * state["m"] + g
             new_state["m"] = m
             g = g + self.beta * m if self.nesterov else m
+        if self.compressor.fixed_count:
+            rs, e, acc_vals, acc = fb.feedback_step_sparse(
+                self.feedback, self.compressor, g, state.get("e"), lr, step, workers
+            )
+            if e is not None:
+                new_state["e"] = e
+            if self.masking:  # m and e are fresh tensors here: zero them in place, O(n k)
+                new_state["m"].scatter_(1, rs.indices, 0.0)
+                if e is not None:
+                    e.scatter_(1, rs.indices, 0.0)
+            return WorkerOutput(new_state, sparse=rs, acc_values=acc_vals, accumulated=acc)
         sent, support, e, acc = fb.feedback_step(
             self.feedback, self.compressor, g, state.get("e"), lr, step, workers
         )
@@ -139,19 +181,22 @@ class Algorithm:
             new_state["m"] = new_state["m"].masked_fill(support, 0.0)
             if e is not None:
                 new_state["e"] = new_state["e"].masked_fill(support, 0.0)
-        return WorkerOutput(sent, support, acc, new_state)
+        return WorkerOutput(new_state, sent=sent, support=support, accumulated=acc)
 
     # ---- server side ------------------------------------------------------------------
     def server_step(
         self,
-        sent: torch.Tensor,
+        sent: torch.Tensor | RowSparse,
         weights: torch.Tensor,
         state: dict,
         step: int,
         lr: float,
     ) -> ServerOutput:
-        """sent [m, d] messages, weights [m] (p_q) -> update to subtract from the model."""
-        agg = weights.to(sent.dtype) @ sent
+        """Messages (dense [m, d] or RowSparse), weights [m] (p_q) -> update to subtract."""
+        if isinstance(sent, RowSparse):
+            agg = sent.weighted_sum(weights)
+        else:
+            agg = weights.to(sent.dtype) @ sent
         new_state = dict(state)
         direction = agg
         if self.momentum == "gradient":

@@ -5,8 +5,9 @@ engine with one worker per process passes ``n = 1``) and returns the compressed 
 tensors with zeros off the support) together with the boolean support that goes on the wire.
 
 Tie rule for top-k (everywhere in gradsparse): entries are ranked by ``|x_i|`` descending and,
-among equal magnitudes, the LOWER index wins. NaN entries are never selected by top-k ranking
-(they compare false) — gradsparse does not guard against NaN gradients in the hot path.
+among equal magnitudes, the LOWER index wins. NaN ranks above +inf (as in ``torch.topk``);
+gradsparse does not guard against NaN gradients in the hot path (the runner stops a run whose
+model becomes non-finite).
 
 Rounding rule for a density ``rho`` (paper 003): ``k = d - floor((1 - rho) * d)``, at least 1.
 
@@ -23,7 +24,11 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
+
 __all__ = [
+    "RowSparse",
+    "topk_indices_rows",
     "Compressor",
     "Identity",
     "TopK",
@@ -46,23 +51,29 @@ def k_from_density(rho: float, d: int) -> int:
     return int(min(max(k, 1), d))
 
 
-def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact per-row top-k support by magnitude, ties to the lower index.
+def topk_indices_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact per-row top-k by magnitude, ties to the lower index: column indices ``[n, k]``.
 
-    Returns a boolean mask of shape ``x.shape`` with exactly ``min(k, d)`` True per row.
+    The order of the k columns within a row is unspecified (use ``.sort(dim=1)`` if needed).
     """
     n, d = x.shape
     if k < 0 or k > d:
         raise ValueError(f"top-k k = {k} must be in [0, d = {d}]")
     if k == 0:
-        return torch.zeros_like(x, dtype=torch.bool)
+        return torch.empty(n, 0, dtype=torch.long, device=x.device)
     if k == d:
-        return torch.ones_like(x, dtype=torch.bool)
+        return torch.arange(d, device=x.device).expand(n, d).contiguous()
+    if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.has_extension():
+        # compiled exact kernel (same tie rule); returns each row's k columns in ascending order
+        xc = x.contiguous()
+        offsets = torch.arange(0, n * d + 1, d, dtype=torch.long)
+        flat = kernels.topk_indices_layerwise(xc.view(-1), offsets, torch.full((n,), k, dtype=torch.long))
+        return flat.view(n, k) - offsets[:-1, None]
     mag = x.abs()
     # the k+1 largest magnitudes per row: when the k-th and (k+1)-th differ, torch.topk's first k
     # indices are exactly the top-k set; rows where they tie get the lower-index rule explicitly
     vals, idx = torch.topk(mag, k + 1, dim=1, sorted=True)
-    mask = torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx[:, :k], True)
+    idx = idx[:, :k].contiguous()
     tied = vals[:, k - 1] == vals[:, k]
     if bool(tied.any()):
         rows = torch.nonzero(tied).reshape(-1)
@@ -71,8 +82,43 @@ def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
         above = m > thr
         need = k - above.sum(dim=1, keepdim=True)
         at = m == thr
-        mask[rows] = above | (at & (torch.cumsum(at, dim=1) <= need))
-    return mask
+        sel = above | (at & (torch.cumsum(at, dim=1) <= need))
+        idx[rows] = torch.nonzero(sel)[:, 1].reshape(-1, k)
+    return idx
+
+
+def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [n, d] mask of :func:`topk_indices_rows` (exactly min(k, d) True per row)."""
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(1, topk_indices_rows(x, k), True)
+
+
+@dataclass
+class RowSparse:
+    """n compressed rows with the same number of entries each: ``indices``/``values`` ``[n, k]``.
+
+    This is what fixed-count compressors (top-k, random-k) produce; it keeps the cost of error
+    feedback and aggregation O(n k) instead of O(n d).
+    """
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    d: int
+
+    def dense(self) -> torch.Tensor:
+        n = self.indices.shape[0]
+        out = torch.zeros(n, self.d, dtype=self.values.dtype, device=self.values.device)
+        return out.scatter_(1, self.indices, self.values)
+
+    def mask(self) -> torch.Tensor:
+        n = self.indices.shape[0]
+        out = torch.zeros(n, self.d, dtype=torch.bool, device=self.values.device)
+        return out.scatter_(1, self.indices, True)
+
+    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
+        """sum_q weights_q * row_q as a dense [d] vector."""
+        out = torch.zeros(self.d, dtype=self.values.dtype, device=self.values.device)
+        contrib = (weights.to(self.values.dtype)[:, None] * self.values).reshape(-1)
+        return out.index_add_(0, self.indices.reshape(-1), contrib)
 
 
 def row_counts(mask: torch.Tensor) -> torch.Tensor:
@@ -107,12 +153,22 @@ class Compressor:
     def mask(self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    #: True when every row keeps the same number of entries and :meth:`select` is available
+    fixed_count = False
+
     def __call__(
         self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress rows of ``x`` ([n, d]); returns (compressed rows, support mask)."""
+        if self.fixed_count:
+            rs = self.select(x, step, workers)
+            return rs.dense(), rs.mask()
         m = self.mask(x, step, workers)
         return torch.where(m, x, torch.zeros((), dtype=x.dtype)), m
+
+    def select(self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None) -> RowSparse:
+        """Fixed-count compressors: the compressed rows as (indices, values) [n, k]."""
+        raise NotImplementedError(f"{self.name} keeps a varying number of entries; use __call__")
 
     def state_dict(self) -> dict:
         return {}
@@ -195,15 +251,21 @@ class TopK(Compressor):
             out.append((a, b, kl))
         return out
 
-    def mask(self, x, step=0, workers=None):
+    fixed_count = True
+
+    def indices(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
         segs = self.segment_ks(d)
         if len(segs) == 1:
-            return topk_mask_rows(x, segs[0][2])
-        m = torch.zeros_like(x, dtype=torch.bool)
-        for a, b, kl in segs:
-            m[:, a:b] = topk_mask_rows(x[:, a:b], kl)
-        return m
+            return topk_indices_rows(x, segs[0][2])
+        return torch.cat([topk_indices_rows(x[:, a:b], kl) + a for a, b, kl in segs], dim=1)
+
+    def select(self, x, step=0, workers=None):
+        idx = self.indices(x)
+        return RowSparse(idx, x.gather(1, idx), x.shape[-1])
+
+    def mask(self, x, step=0, workers=None):
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x), True)
 
     def describe(self):
         amount = f"k={self.k}" if self.k is not None else f"density={self.density}"
@@ -264,24 +326,26 @@ class RandomK(Compressor):
         z &= (1 << 63) - 1
         return int(z)
 
-    def mask(self, x, step=0, workers=None):
+    fixed_count = True
+
+    def indices(self, x: torch.Tensor, step: int, workers: torch.Tensor | None) -> torch.Tensor:
         n, d = x.shape
         if workers is None:
             workers = torch.arange(n)
         k = self.k_for(d)
-        m = torch.zeros_like(x, dtype=torch.bool)
-        for row, w in enumerate(workers.tolist()):
-            m[row, random_k_indices(self.message_seed(step, int(w)), d, k)] = True
-        return m
+        rows = [random_k_indices(self.message_seed(step, int(w)), d, k) for w in workers.tolist()]
+        return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)
 
-    def __call__(self, x, step=0, workers=None):
-        out, m = super().__call__(x, step, workers)
-        if self.scale:
-            d = x.shape[-1]
-            k = self.k_for(d)
-            if k:
-                out = out * (d / k)
-        return out, m
+    def select(self, x, step=0, workers=None):
+        idx = self.indices(x, step, workers)
+        vals = x.gather(1, idx)
+        d, k = x.shape[-1], idx.shape[1]
+        if self.scale and k:
+            vals = vals * (d / k)
+        return RowSparse(idx, vals, d)
+
+    def mask(self, x, step=0, workers=None):
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x, step, workers), True)
 
     def describe(self):
         amount = f"k={self.k}" if self.k is not None else f"density={self.density}"

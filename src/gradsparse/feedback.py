@@ -75,3 +75,45 @@ def feedback_step(
         return s, m, v - s, v
     check_kind(kind)
     raise AssertionError  # unreachable
+
+
+def feedback_step_sparse(
+    kind: str,
+    compressor: Compressor,
+    g: torch.Tensor,
+    e: torch.Tensor | None,
+    lr: float,
+    step: int = 0,
+    workers: torch.Tensor | None = None,
+):
+    """The same step for fixed-count compressors (``compressor.fixed_count``), in O(n k) extra
+    memory: the accumulated vector is formed once in a fresh tensor that becomes the new memory
+    after its transmitted entries are replaced by (accumulated - sent).
+
+    Returns (RowSparse sent, new memory or None, accumulated values at the support [n, k],
+    accumulated dense tensor for ``none`` (else None)).
+    ``sent + new memory == accumulated`` holds exactly, as in :func:`feedback_step`.
+    """
+    if kind == "none":
+        a = g * lr
+        rs = compressor.select(a, step, workers)
+        return rs, None, a.gather(1, rs.indices), a
+    if e is None:
+        raise ValueError(f"error feedback {kind!r} needs a memory tensor")
+    if kind in ("ef", "memory"):
+        a = torch.add(e, g, alpha=lr) if kind == "ef" else e + g
+        rs = compressor.select(a, step, workers)
+        acc_vals = a.gather(1, rs.indices)
+        a.scatter_(1, rs.indices, acc_vals - rs.values)
+        return rs, a, acc_vals, None
+    if kind == "ef-scaled":
+        if lr <= 0:
+            raise ValueError(f"ef-scaled needs a positive step size, got {lr!r}")
+        p = torch.add(e, g, alpha=lr)
+        rs = compressor.select(p / lr, step, workers)
+        rs.values = rs.values * lr
+        acc_vals = p.gather(1, rs.indices)
+        p.scatter_(1, rs.indices, acc_vals - rs.values)
+        return rs, p, acc_vals, None
+    check_kind(kind)
+    raise AssertionError  # unreachable

@@ -112,10 +112,11 @@ def step_metrics(sim, rec, names) -> dict:
     """Per-step diagnostics from a :class:`~gradsparse.engines.sync_sim.StepRecord`."""
     out: dict = {}
     alg, p = sim.alg, sim.weights
-    a, s = rec.worker.accumulated, rec.worker.sent
     scale = 1.0 if alg.lr_inside else rec.lr
     if "density" in names:
         out["density"] = float(rec.nnz.float().mean()) / sim.d
+    if {"xi", "rho_hat", "gamma_hat_up"} & set(names):
+        a, s = rec.worker.accumulated, rec.worker.sent
     if {"xi", "rho_hat"} & set(names):
         denom = (rec.lr * (p @ rec.grads)).norm()
         agg_a = scale * (p @ a)

@@ -46,6 +46,20 @@ def message_nbytes(mask: torch.Tensor, *, dense: bool, seeded: bool, value_bytes
     return torch.minimum(sparse, torch.full_like(sparse, wire.dense_nbytes(d, value_bytes)))
 
 
+def indices_nbytes(indices: torch.Tensor, d: int, *, seeded: bool, value_bytes: int) -> torch.Tensor:
+    """As :func:`message_nbytes` for fixed-count supports given as column indices ``[n, k]``."""
+    from . import wire
+
+    n, k = indices.shape
+    if seeded:
+        # a seeded support sends no indices: the size depends on k only
+        one = torch.zeros(1, d, dtype=torch.bool)
+        one[0, :k] = True
+        return wire.batch_encoded_nbytes(one, value_bytes=value_bytes, index_encoding="seed").expand(n).clone()
+    sparse = wire.batch_encoded_nbytes_from_indices(indices, d, value_bytes=value_bytes, index_encoding="auto")
+    return torch.minimum(sparse, torch.full_like(sparse, wire.dense_nbytes(d, value_bytes)))
+
+
 def traffic(
     kind: str,
     up_nbytes: torch.Tensor,

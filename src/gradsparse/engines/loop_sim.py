@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..algorithm import WorkerOutput
+from ..compressors import RowSparse
 from .sync_sim import SyncSimulator
 
 
@@ -51,9 +52,17 @@ class LoopSimulator(SyncSimulator):
         for q in range(self.n_workers):
             state_q = {k: v[q : q + 1] for k, v in self.wstate.items()}
             outs.append(self.alg.worker_step(grads[q : q + 1], w, state_q, t, lr, self.worker_ids[q : q + 1]))
+        state = {k: torch.cat([o.state[k] for o in outs]) for k in outs[0].state}
+        if outs[0].sparse is not None:
+            sparse = RowSparse(
+                torch.cat([o.sparse.indices for o in outs]), torch.cat([o.sparse.values for o in outs]), self.d
+            )
+            acc = torch.cat([o.accumulated for o in outs]) if "e" not in state else None
+            acc_vals = torch.cat([o._acc_values for o in outs])
+            return WorkerOutput(state, sparse=sparse, acc_values=acc_vals, accumulated=acc)
         return WorkerOutput(
+            state,
             sent=torch.cat([o.sent for o in outs]),
             support=torch.cat([o.support for o in outs]),
             accumulated=torch.cat([o.accumulated for o in outs]),
-            state={k: torch.cat([o.state[k] for o in outs]) for k in outs[0].state},
         )

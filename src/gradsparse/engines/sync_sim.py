@@ -144,13 +144,29 @@ class SyncSimulator:
         self.stage_sum = torch.zeros(self.d, dtype=self.dtype) if schedule.kind == "stagewise" else None
         self.stage_count = 0
 
-        self._vgrad = vmap(grad(self._loss_flat), in_dims=(None, 0, 0))
+        self._vgrad_dict = vmap(grad(task.loss), in_dims=(None, 0, 0))
         self._grad = grad(self._loss_flat)
 
     # ---- model helpers ----------------------------------------------------------------
     def unflatten(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = torch.split(w, self.sizes)
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes)}
+
+    def _vgrad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[N, d] gradients for the N stacked batches x[q], y[q] at the shared model w.
+
+        Differentiating with respect to the parameter dict and copying each block into one
+        [N, d] buffer is about twice as fast as differentiating the flat vector, whose split
+        backward concatenates batched blocks.
+        """
+        grads = self._vgrad_dict(self.unflatten(w), x, y)
+        n = x.shape[0]
+        out = torch.empty(n, self.d, dtype=w.dtype)
+        off = 0
+        for name, size in zip(self.names, self.sizes):
+            out[:, off : off + size].copy_(grads[name].reshape(n, size))
+            off += size
+        return out
 
     def _loss_flat(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.task.loss(self.unflatten(w), x, y)
@@ -213,7 +229,7 @@ class SyncSimulator:
             g_in = grads + (w - self.anchor) / self.schedule.prox_gamma
         wo = self.worker_phase(g_in, w, t, lr)
         sstate_before = self.sstate
-        so = self.alg.server_step(wo.sent, self.weights, self.sstate, t, lr)
+        so = self.alg.server_step(wo.message, self.weights, self.sstate, t, lr)
         self.wstate, self.sstate = wo.state, so.state
         self.w = w - so.update
         if self.stage_sum is not None:
@@ -221,14 +237,20 @@ class SyncSimulator:
             self.stage_count += 1
 
         # --- accounting
-        nnz = row_counts(wo.support)
         comp = self.alg.compressor
-        up_nb = topo.message_nbytes(
-            wo.support,
-            dense=comp.name == "identity",
-            seeded=comp.seeded_support,
-            value_bytes=self.value_bytes,
-        )
+        if wo.sparse is not None:
+            nnz = torch.full((self.n_workers,), wo.sparse.indices.shape[1], dtype=torch.long)
+            up_nb = topo.indices_nbytes(
+                wo.sparse.indices, self.d, seeded=comp.seeded_support, value_bytes=self.value_bytes
+            )
+        else:
+            nnz = row_counts(wo.support)
+            up_nb = topo.message_nbytes(
+                wo.support,
+                dense=comp.name == "identity",
+                seeded=comp.seeded_support,
+                value_bytes=self.value_bytes,
+            )
         if so.down_support is not None:
             down_mask = so.down_support
         else:
