@@ -251,14 +251,14 @@ class SyncSimulator:
                 seeded=comp.seeded_support,
                 value_bytes=self.value_bytes,
             )
-        if so.down_support is not None:
-            down_mask = so.down_support
+        if self.alg.topology == "all_to_all":
+            down_nnz, down_nb = 0, 0  # no server message: workers receive each other's messages
         else:
-            down_mask = so.update != 0
-        down_nnz = int(row_counts(down_mask))
-        down_nb = int(
-            topo.message_nbytes(down_mask[None], dense=False, seeded=False, value_bytes=self.value_bytes)[0]
-        )
+            down_mask = so.down_support if so.down_support is not None else so.update != 0
+            down_nnz = int(row_counts(down_mask))
+            down_nb = int(
+                topo.message_nbytes(down_mask[None], dense=False, seeded=False, value_bytes=self.value_bytes)[0]
+            )
         up, down = topo.traffic(self.alg.topology, up_nb, down_nb, self.n_workers)
         self.uplink_bytes += up
         self.downlink_bytes += down
