@@ -6,6 +6,8 @@ For densities 0.1 % and 1 % of d it times (median of --repeats runs each):
 - ``torch_topk``: ``torch.topk(x.abs(), k)``;  ``np_argpartition``: ``np.argpartition(|x|, d-k)``;
 - ``topk_indices[ext]`` / ``topk_indices[torch]``: gradsparse.kernels.topk_indices, compiled and
   pure-torch paths;
+- ``topk_layerwise100[ext]``: topk_indices_layerwise on the same vector cut into 100 equal
+  segments (like 100 workers' rows), max(1, k // 100) per segment;
 - ``ht_ef_plain`` vs ``ht_ef[ext]`` / ``ht_ef[torch]``: one hard-threshold error-feedback step
   (a = e + alpha g; send |a| >= lam; zero them), written plainly vs EFStep;
 - ``topk_ef_plain`` vs ``topk_ef[ext]`` / ``topk_ef[torch]``: the same with exact top-k.
@@ -100,6 +102,10 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
         ]
         if has_ext:
             cases.insert(4, ("topk_indices[ext]", lambda: K.topk_indices(x, k, use_ext=True), None))
+            offs = torch.linspace(0, d, 101).long()
+            ks = torch.full((100,), max(1, k // 100), dtype=torch.long).clamp_(max=offs[1:] - offs[:-1])
+            lw = lambda: K.topk_indices_layerwise(x, offs, ks, use_ext=True)  # noqa: E731
+            cases.insert(5, ("topk_layerwise100[ext]", lw, None))
             cases.insert(7, ("ht_ef[ext]", lambda: ef_ext.hard_threshold_ef_(e, g, lam, alpha), reset))
             cases.append(("topk_ef[ext]", lambda: ef_ext.topk_ef_(e, g, k, alpha), reset))
         res = {}

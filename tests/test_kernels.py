@@ -218,6 +218,140 @@ def test_layerwise_many_tiny(use_ext):
     assert torch.equal(K.topk_indices_layerwise(x, offs, ks, use_ext=use_ext), ref_layerwise(x, offs, ks))
 
 
+def rows_with_ties(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    """[n, d] rows with heavy ties, NaNs of both signs, infinities and signed zeros."""
+    g = gen(seed)
+    if kind == "few_values":  # |x| in {0, .., 4}: thousands of ties at the threshold
+        x = torch.randint(-4, 5, (n, d), generator=g).float()
+    elif kind == "spread":  # ~2000 distinct magnitudes, still many ties
+        x = (torch.randint(-1000, 1001, (n, d), generator=g).float()) * 1e-3
+    else:
+        x = torch.randn(n, d, generator=g)
+    m = torch.rand(n, d, generator=g)
+    x[m < 1e-4] = NAN
+    x[(m >= 1e-4) & (m < 2e-4)] = -NAN
+    x[(m >= 2e-4) & (m < 3e-4)] = INF
+    x[(m >= 3e-4) & (m < 4e-4)] = -INF
+    x[(m >= 4e-4) & (m < 0.01)] = -0.0
+    return x
+
+
+def ref_rows_flat(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Global ascending indices of the per-row top-k, from the rows' stable descending order."""
+    n, d = x.shape
+    return (order[:, :k].sort(dim=1).values + torch.arange(n).unsqueeze(1) * d).view(-1)
+
+
+ROW_KS = [1, 5, 16, 17, 51, 509, 5089, 12_723]
+
+
+def test_layerwise_rows_like_workers(use_ext):
+    """The simulator's hot path: 100 rows of 50,890 as segments, k = 51, ties and NaNs."""
+    x = rows_with_ties("few_values", 100, 50_890, seed=31)
+    order = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices
+    offs = torch.arange(0, 100 * 50_890 + 1, 50_890)
+    got = K.topk_indices_layerwise(x.view(-1), offs, torch.full((100,), 51), use_ext=use_ext)
+    assert torch.equal(got, ref_rows_flat(x, order, 51))
+    assert torch.equal(K.topk_mask_rows(x, 51, use_ext=use_ext).view(-1).nonzero().view(-1), got)
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+@pytest.mark.parametrize("kind", ["few_values", "spread", "randn"])
+def test_layerwise_rows_many_k(kind):
+    """100 x 50,890 rows against a per-row reference, k from 1 to n/4 (every selection path)."""
+    n, d = 100, 50_890
+    x = rows_with_ties(kind, n, d, seed=len(kind))
+    order = torch.sort(x.abs(), dim=1, descending=True, stable=True).indices
+    offs = torch.arange(0, n * d + 1, d)
+    for k in ROW_KS:
+        got = K.topk_indices_layerwise(x.view(-1), offs, torch.full((n,), k), use_ext=True)
+        assert torch.equal(got, ref_rows_flat(x, order, k)), (kind, k)
+
+
+def ordered_segments(seed: int):
+    """Segments whose order is adversarial for a streaming threshold (ascending, descending,
+    constant, shuffled, ties), of sizes with and without sampling, with varied k."""
+    g = gen(seed)
+    sizes = [20_000] * 8 + [3000] * 8 + [300] * 8 + [40] * 8 + [70_000] * 2
+    ks_cycle = [1, 3, 16, 17, 40, 200, 0, 10**9]  # 10**9 -> clipped to n (k = n)
+    parts, ks = [], []
+    for i, s in enumerate(sizes):
+        base = torch.randint(-50, 51, (s,), generator=g).float() * 0.25
+        mode = i % 5
+        if mode == 0:
+            v = base.abs().sort().values * torch.where(torch.rand(s, generator=g) < 0.5, -1.0, 1.0)  # ascending |x|
+        elif mode == 1:
+            v = base.abs().sort(descending=True).values
+        elif mode == 2:
+            v = torch.full((s,), -2.5)
+        elif mode == 3:
+            v = base
+            v[:: max(1, s // 9)] = NAN
+        else:
+            v = torch.randn(s, generator=g)
+        parts.append(v)
+        k = ks_cycle[(i // 5 + i) % len(ks_cycle)]
+        ks.append(min(k, s) if k != 10**9 else s)
+    ks[-2:] = [700, 17_500]  # a sampled segment with n/4 (streaming, not select_small)
+    x = torch.cat(parts)
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    return x, offs, ks
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+@pytest.mark.parametrize("mode", ["default", "one_thread", "generic_isa", "retry"])
+def test_layerwise_adversarial_orders(mode):
+    x, offs, ks = ordered_segments(seed=17)
+    exp = ref_layerwise(x, offs, ks)
+    nthreads = torch.get_num_threads()
+    try:
+        if mode == "one_thread":
+            torch.set_num_threads(1)
+        elif mode == "generic_isa":
+            K._force_generic(True)
+        elif mode == "retry":
+            K._set_rank_scale(0.0)
+        for rep in range(2):  # the second call reuses the warm workspace
+            assert torch.equal(K.topk_indices_layerwise(x, offs, ks, use_ext=True), exp), (mode, rep)
+        # the same data as many equal rows, the other segment layout
+        rows = x[: 8 * 20_000].view(8, 20_000)
+        order = torch.sort(rows.abs(), dim=1, descending=True, stable=True).indices
+        for k in (1, 16, 17, 51, 5000):
+            row_offs = list(range(0, 8 * 20_000 + 1, 20_000))
+            got = K.topk_indices_layerwise(rows.reshape(-1), row_offs, [k] * 8, use_ext=True)
+            assert torch.equal(got, ref_rows_flat(rows, order, k)), (mode, k)
+    finally:
+        torch.set_num_threads(nthreads)
+        K._force_generic(False)
+        K._set_rank_scale(1.0)
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("layout", ["even", "dominant"])
+def test_layerwise_large_k_per_segment(nthreads, layout):
+    """Large segments: one per thread with > 65536 candidates (radix select of the list), or, for
+    a segment much larger than the rest ("dominant", 2 threads), all threads on it in turn."""
+    g = gen(23)
+    sizes = [300_000, 300_000] if layout == "even" else [1_200_000, 60_000, 90_000]
+    ks = [80_000, 90_000] if layout == "even" else [100_000, 600, 30_000]
+    parts = [torch.randint(-6, 7, (sizes[0],), generator=g).float()] + [torch.randn(s, generator=g) for s in sizes[1:]]
+    x = torch.cat(parts)
+    x[::1001] = NAN
+    offs = [0]
+    for s_ in sizes:
+        offs.append(offs[-1] + s_)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        got = K.topk_indices_layerwise(x, offs, ks, use_ext=True)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(got, ref_layerwise(x, offs, ks))
+
+
 def test_layerwise_errors(use_ext):
     x = torch.randn(100)
     with pytest.raises(ValueError, match=r"segment 1: k=60"):

@@ -29,6 +29,10 @@
  * The sample is stratified (one position drawn in each of m equal strata).
  * The result does not depend on the sample: only the running time does.
  *
+ * Many segments (gs_topk_segments): each thread takes whole segments and selects each in one
+ * pass with a threshold that rises as the pass goes (see the segments section); only a segment
+ * much larger than the others is split among the threads with the algorithm above.
+ *
  * The EF variants fuse a = fma(alpha, g, e) into the pass (e is overwritten with a), which
  * matches torch's e.add_(g, alpha=alpha) on CPU (a vectorised fmadd); gs_set_fma(0) switches to
  * a separate multiply and add for builds of torch that do not contract.
@@ -68,7 +72,7 @@ void *PyInit__kernels_c(void) { return 0; }
 static int g_use_fma = 1;
 EXPORT void gs_set_fma(int on) { g_use_fma = on ? 1 : 0; }
 EXPORT int gs_get_fma(void) { return g_use_fma; }
-EXPORT int gs_abi_version(void) { return 1; }
+EXPORT int gs_abi_version(void) { return 2; }   /* 2: gs_topk_segments takes opos = NULL */
 /* Testing hook: scales the sample rank that sets the first threshold (0 forces the retry path). */
 static double g_rank_scale = 1.0;
 EXPORT void gs_set_rank_scale(double v) { g_rank_scale = v; }
@@ -212,6 +216,9 @@ GS_DECLARE(_gen)
 #if GS_X86
 GS_DECLARE(_avx2)
 #endif
+#define GS_DECLARE_SEG(SUF) \
+    static int seg_stream##SUF(ws_t *, int, const int32_t *, int64_t, int64_t, int64_t, int32_t); \
+    static void seg_topsmall##SUF(const int32_t *, int64_t, int64_t, int64_t *, int64_t);
 
 static int cpu_avx2(void) {
 #if GS_X86
@@ -272,23 +279,49 @@ static uint64_t splitmix(uint64_t *st) {
     return z ^ (z >> 31);
 }
 
-/* k-th largest (1 <= k <= n) of a[0..n) (reordered); *cnt_gt = number of entries > result. */
-static int32_t kth_largest(int32_t *a, int64_t n, int64_t k, int64_t *cnt_gt) {
+/* k-th largest (1 <= k <= n) of a[0..n); *cnt_gt = number of entries > result. a is clobbered
+ * and sc (room for n entries) is scratch. Quickselect with branch-free partitions that do not
+ * read what they just wrote: entries > pivot are compacted to the front of the current array
+ * (writes trail reads), entries < pivot are appended to the other one, and the two swap roles
+ * when the answer lies below the pivot. From KTH_SAMPLE_MIN entries on, the pivot is taken from
+ * a sorted sample of KTH_S entries at the target's expected rank, moved by about one standard
+ * deviation towards the nearer end, so that the part kept (the one holding the target, most
+ * of the time the smaller one) shrinks fast; below, the pivot is a random entry. */
+#define KTH_SAMPLE_MIN 256
+#define KTH_S 32
+static int32_t kth_largest(int32_t *a, int32_t *sc, int64_t n, int64_t k, int64_t *cnt_gt) {
     uint64_t st = 0x5eed5eedULL ^ (uint64_t)n;
-    int64_t lo = 0, hi = n, above = 0;
+    int64_t above = 0;
     for (;;) {
-        int32_t p = a[lo + (int64_t)(splitmix(&st) % (uint64_t)(hi - lo))];
-        int64_t i = lo, lt = lo, gt = hi;
-        while (i < gt) {
-            int32_t v = a[i];
-            if (v > p) { a[i] = a[lt]; a[lt] = v; lt++; i++; }
-            else if (v < p) { gt--; a[i] = a[gt]; a[gt] = v; }
-            else i++;
+        int32_t p;
+        if (n >= KTH_SAMPLE_MIN) {
+            int32_t smp[KTH_S];   /* sorted descending */
+            for (int j = 0; j < KTH_S; j++) {
+                int32_t v = a[(int64_t)(((unsigned __int128)splitmix(&st) * (uint64_t)n) >> 64)];
+                int q = j;
+                while (q > 0 && smp[q - 1] < v) { smp[q] = smp[q - 1]; q--; }
+                smp[q] = v;
+            }
+            double q = (double)k * KTH_S / (double)n;   /* the target's expected place in smp */
+            double mg = sqrt(q * (1.0 - q / KTH_S)) + 1.0;
+            int64_t j = 2 * k <= n ? (int64_t)(q + mg)      /* pivot below the target: keep the > part */
+                                   : (int64_t)(q - mg) - 1; /* pivot above it: keep the < part */
+            j = j < 0 ? 0 : (j > KTH_S - 1 ? KTH_S - 1 : j);
+            p = smp[j];
+        } else {
+            p = a[(int64_t)(((unsigned __int128)splitmix(&st) * (uint64_t)n) >> 64)];
         }
-        int64_t ngt = lt - lo, neq = gt - lt;
-        if (k <= ngt) { hi = lt; }
-        else if (k <= ngt + neq) { *cnt_gt = above + ngt; return p; }
-        else { above += ngt + neq; k -= ngt + neq; lo = gt; }
+        int64_t ng = 0, nl = 0;
+        for (int64_t i = 0; i < n; i++) {
+            int32_t v = a[i];
+            a[ng] = v; ng += v > p;
+            sc[nl] = v; nl += v < p;
+        }
+        int64_t neq = n - ng - nl;
+        if (k <= ng) { n = ng; continue; }
+        if (k <= ng + neq) { *cnt_gt = above + ng; return p; }
+        above += ng + neq; k -= ng + neq; n = nl;
+        int32_t *t = a; a = sc; sc = t;
     }
 }
 
@@ -306,11 +339,24 @@ static inline void emit(emit_t *E, const float *x, int64_t i) {
 /* Direct exact selection for a small range: two passes, scratch = n keys. */
 static int select_small(slot_t *s, const float *x, int64_t n, int64_t k, emit_t *E) {
     const int32_t *b = (const int32_t *)x;
-    if (!grow(s, (void **)&s->tmp, &s->tcap, n, sizeof(int32_t))) return -1;
+    if (!grow(s, (void **)&s->tmp, &s->tcap, 2 * n, sizeof(int32_t))) return -1;
     for (int64_t i = 0; i < n; i++) s->tmp[i] = canon(b[i]);
     int64_t cgt;
-    int32_t T = kth_largest(s->tmp, n, k, &cgt);
+    int32_t T = kth_largest(s->tmp, s->tmp + n, n, k, &cgt);
     int64_t need = k - cgt;
+    if (!E->out_val && !E->zero_x && 8 * k >= n) {   /* dense, indices only: branch-free */
+        int64_t *oi = E->out_idx + E->pos, base = E->base, p = 0;
+        for (int64_t i = 0; i < n && p < k; i++) {   /* p < k: the store stays within the k slots */
+            int32_t key = canon(b[i]);
+            int64_t eq = key == T;
+            int64_t take = (key > T) | (eq & (need > 0));
+            oi[p] = base + i;
+            p += take;
+            need -= eq & take;
+        }
+        E->pos += p;
+        return 0;
+    }
     for (int64_t i = 0; i < n; i++) {
         int32_t key = canon(b[i]);
         if (key > T) emit(E, x, i);
@@ -468,7 +514,7 @@ static int topk_range(ws_t *ws, int s0, int np, float *x, const float *g, float 
     PROF_T(t0);
     slot_t *s = &ws->s[s0];
     int64_t m = n / 8 < SAMPLE_M ? n / 8 : SAMPLE_M;
-    if (!grow(s, (void **)&s->samp, &s->scap, 2 * m + 2, sizeof(int32_t))) return -1;
+    if (!grow(s, (void **)&s->samp, &s->scap, 3 * m + 2, sizeof(int32_t))) return -1;
     int32_t *samp = s->samp, *work = s->samp + m;
     uint64_t st = 0x9a3dcb1e5f0aULL;
     int64_t stride = n / m;   /* stratified: one position drawn in each of m equal strata */
@@ -500,7 +546,7 @@ static int topk_range(ws_t *ws, int s0, int np, float *x, const float *g, float 
         if (r < m) {
             memcpy(work, samp, (size_t)m * sizeof(int32_t));
             int64_t cg;
-            thr = kth_largest(work, m, r + 1, &cg);
+            thr = kth_largest(work, work + m, m, r + 1, &cg);
         }
         PROF_T(t2);
         P.mode = mode; P.thr = thr; P.ecap_limit = k;
@@ -564,44 +610,254 @@ EXPORT void gs_ht_gather(void *wsp, int64_t *out_idx, float *out_val) {
 
 /* ------------------------------------------------------------------ segments */
 
+/* Per-segment selection (one thread per segment; segments spread over threads).
+ *
+ * Dense segments (4k >= n, n <= SMALL_N) are quickselected directly (select_small). For
+ * k <= SEG_SMALL_K one pass keeps a running exact top-k list (small_insert): its k-th key is
+ * the threshold, so only entries that enter the list leave the vectorised scan.
+ * Otherwise a segment is filtered in one pass with a rising threshold. The slot's candidate
+ * list (gidx, gbits) holds, in index order, entries whose key is > thr. When it exceeds its
+ * capacity it is compacted to the exact top-k of the prefix seen so far (the k-th largest key T
+ * among the candidates; all > T and the first k - #(> T) equal to T), and thr becomes T: later
+ * entries equal to T lose the tie to the k kept ones, which have lower indices. So the list
+ * always holds the top-k of the prefix restricted to key > thr0 (the first threshold) plus the
+ * later entries above the current thr; at the end a last compaction writes exactly k.
+ * thr0 comes from a small stratified sample (the r-th largest sampled key, r as in topk_range,
+ * minus one so that keys equal to it pass); if fewer than k entries have key > thr0 (possible
+ * only when no compaction happened) the pass is repeated with a lower sample rank, and rank >= m
+ * means thr0 = -1 (every entry passes), which always succeeds. Short segments start at
+ * thr0 = -1 without a sample. The result never depends on the sample or on the capacity.
+ * Scratch is the thread's slot, reused across segments (no allocation once warm). */
+#define SEG_NOSAMPLE_N 2048   /* below this no sample is drawn (thr0 = -1) */
+#define SEG_SAMPLE_DIV 400    /* sample size: max(n / SEG_SAMPLE_DIV, SEG_SAMPLE_MIN, cbrt(k n)), <= n / 8 */
+#define SEG_SAMPLE_MIN 128
+#define SEG_CAP_ADD 32        /* candidate capacity 2k + SEG_CAP_ADD */
+#define SEG_SMALL_K 16        /* k up to this: running top-k list */
+
+
+GS_DECLARE_SEG(_gen)
+#if GS_X86
+GS_DECLARE_SEG(_avx2)
+#endif
+
+/* The exact top-k of the candidate list (ng > k), written to out as base + index when out is
+ * given (in list order), else kept as the new list; *thr <- the k-th largest key. */
+static int seg_compact_to(ws_t *ws, int t, int64_t k, int32_t *thr, int64_t *out, int64_t base);
+static int seg_compact(ws_t *ws, int t, int64_t k, int32_t *thr) { return seg_compact_to(ws, t, k, thr, NULL, 0); }
+static int seg_compact_to(ws_t *ws, int t, int64_t k, int32_t *thr, int64_t *out, int64_t base) {
+    slot_t *s = &ws->s[t];
+    int64_t c = s->ng, cgt;
+    int32_t T;
+    if (c >= 65536) {
+        if (radix_kth(ws, t, 1, k, &T, &cgt)) return -1;
+    } else {
+        if (!grow(s, (void **)&s->tmp, &s->tcap, 2 * c, sizeof(int32_t))) return -1;
+        for (int64_t j = 0; j < c; j++) s->tmp[j] = canon(s->gbits[j]);
+        T = kth_largest(s->tmp, s->tmp + c, c, k, &cgt);
+    }
+    int64_t need = k - cgt, w = 0;
+    int64_t *gi = s->gidx; int32_t *gb = s->gbits;
+    *thr = T;
+    if (out) {   /* w < k bounds the stores to the k output slots */
+        for (int64_t j = 0; j < c && w < k; j++) {
+            int32_t key = canon(gb[j]);
+            int64_t eq = key == T, keep = (key > T) | (eq & (need > 0));
+            need -= keep & eq;
+            out[w] = base + gi[j];
+            w += keep;
+        }
+        return 0;
+    }
+    for (int64_t j = 0; j < c; j++) {   /* w <= j: in place */
+        int32_t key = canon(gb[j]);
+        int64_t eq = key == T, keep = (key > T) | (eq & (need > 0));
+        need -= keep & eq;
+        gi[w] = gi[j]; gb[w] = gb[j];
+        w += keep;
+    }
+    s->ng = w;
+    return 0;
+}
+
+/* Running exact top-k (k <= SEG_SMALL_K): keys/idxs hold the best entries seen so far ordered
+ * by rank (key descending, then index ascending); a new entry (highest index so far) enters when
+ * its key is above the current k-th (or the list is not full) and goes after every entry with a
+ * key >= its own. Returns the new threshold (-1 while the list is not full). */
+static inline int32_t small_insert(int32_t *keys, int64_t *idxs, int64_t *cnt, int64_t k, int32_t key, int64_t idx) {
+    int64_t p = *cnt < k ? (*cnt)++ : k - 1;
+    while (p > 0 && keys[p - 1] < key) { keys[p] = keys[p - 1]; idxs[p] = idxs[p - 1]; p--; }
+    keys[p] = key; idxs[p] = idx;
+    return *cnt < k ? -1 : keys[k - 1];
+}
+
+/* out[0..k) <- base + idxs sorted ascending. */
+static void small_output(int64_t *idxs, int64_t k, int64_t *out, int64_t base) {
+    for (int64_t a = 1; a < k; a++) {
+        int64_t v = idxs[a], b = a;
+        while (b > 0 && idxs[b - 1] > v) { idxs[b] = idxs[b - 1]; b--; }
+        idxs[b] = v;
+    }
+    for (int64_t a = 0; a < k; a++) out[a] = base + idxs[a];
+}
+
+/* Stratified sample of m keys of x[0..n) into samp (m <= n). */
+static void sample_keys(const float *x, int64_t n, int64_t m, int32_t *samp) {
+    uint64_t st = 0x9a3dcb1e5f0aULL ^ (uint64_t)n;
+    int64_t stride = n / m;
+    enum { PF = 16 };
+    int64_t pos[PF];
+    for (int64_t j = 0; j < m && j < PF; j++)
+        pos[j] = j * stride + (int64_t)(((unsigned __int128)splitmix(&st) * (uint64_t)stride) >> 64);
+    for (int64_t j = 0; j < m; j++) {
+        int64_t p = pos[j % PF];
+        if (j + PF < m) {
+            int64_t q = (j + PF) * stride + (int64_t)(((unsigned __int128)splitmix(&st) * (uint64_t)stride) >> 64);
+            __builtin_prefetch(x + q);
+            pos[j % PF] = q;
+        }
+        samp[j] = canon(fbits(x[p]));
+    }
+}
+
+/* Exact top-k of x[0..n) (0 < k < n) with slot t's scratch; emits ascending indices. */
+static int seg_select(ws_t *ws, int t, const float *x, int64_t n, int64_t k, emit_t *E, int avx2) {
+    slot_t *s = &ws->s[t];
+    if (n <= SMALL_N && 4 * k >= n) return select_small(s, x, n, k, E);
+    if (k <= SEG_SMALL_K) {
+#if GS_X86
+        if (avx2) seg_topsmall_avx2((const int32_t *)x, n, k, E->out_idx + E->pos, E->base);
+        else
+#endif
+        seg_topsmall_gen((const int32_t *)x, n, k, E->out_idx + E->pos, E->base);
+        E->pos += k;
+        return 0;
+    }
+    int64_t cap = 2 * k + SEG_CAP_ADD;
+    if (!grow_g(s, cap + BLK)) return -1;
+    int64_t m = 0, r = 0;
+    int32_t *samp = NULL;
+    if (n >= SEG_NOSAMPLE_N) {
+        m = n / SEG_SAMPLE_DIV;
+        if (m < SEG_SAMPLE_MIN) m = SEG_SAMPLE_MIN;
+        int64_t mk = (int64_t)cbrt((double)k * (double)n);
+        if (m < mk) m = mk;
+        if (m > n / 8) m = n / 8;
+        if (m > SAMPLE_M) m = SAMPLE_M;
+        if (!grow(s, (void **)&s->samp, &s->scap, 3 * m, sizeof(int32_t))) return -1;
+        samp = s->samp;
+        sample_keys(x, n, m, samp);
+        double mu = (double)k * (double)m / (double)n;
+        r = (int64_t)(g_rank_scale * (mu + 4.0 * sqrt(mu) + 2.0));
+    }
+    for (;;) {
+        int32_t thr = -1;
+        if (r < m) {
+            int32_t *work = samp + m;
+            memcpy(work, samp, (size_t)m * sizeof(int32_t));
+            int64_t cg;
+            thr = kth_largest(work, work + m, m, r + 1, &cg) - 1;   /* keys >= the sampled key pass */
+        }
+        s->ng = 0;
+        int rc;
+#if GS_X86
+        if (avx2) rc = seg_stream_avx2(ws, t, (const int32_t *)x, n, k, cap, thr);
+        else
+#endif
+        rc = seg_stream_gen(ws, t, (const int32_t *)x, n, k, cap, thr);
+        if (rc) return -1;
+        if (s->ng >= k) break;
+        r = 4 * r + 16;
+    }
+    int64_t *oi = E->out_idx + E->pos;
+    if (s->ng > k) {
+        int32_t T;
+        if (seg_compact_to(ws, t, k, &T, oi, E->base)) return -1;
+    } else {
+        for (int64_t j = 0; j < k; j++) oi[j] = E->base + s->gidx[j];
+    }
+    E->pos += k;
+    return 0;
+}
+
 typedef struct {
     ws_t *ws; const float *x; const int64_t *off; const int64_t *ks; const int64_t *opos;
-    int64_t *out; int64_t L; int64_t next; int big_min; int err;
+    int64_t *out; const int64_t *chunk; const int64_t *cpos; int64_t nchunks; int64_t next;
+    int64_t big_min; int avx2; int err;
 } seg_t;
 
 static void seg_task(void *arg, int t) {
     seg_t *S = (seg_t *)arg;
     for (;;) {
-        int64_t l = __atomic_fetch_add(&S->next, 1, __ATOMIC_RELAXED);
-        if (l >= S->L) break;
-        int64_t lo = S->off[l], n = S->off[l + 1] - lo;
-        if (n >= S->big_min) continue;    /* done by the caller with all threads */
-        emit_t E = {S->out + S->opos[l], NULL, NULL, 0, lo};
-        if (topk_range(S->ws, t, 1, (float *)(S->x + lo), NULL, 0.0f, MODE_FILTER, n, S->ks[l], &E))
-            __atomic_store_n(&S->err, 1, __ATOMIC_RELAXED);
+        int64_t c = __atomic_fetch_add(&S->next, 1, __ATOMIC_RELAXED);
+        if (c >= S->nchunks) break;
+        int64_t pos = S->cpos[c];
+        for (int64_t l = S->chunk[c]; l < S->chunk[c + 1]; l++) {
+            int64_t lo = S->off[l], n = S->off[l + 1] - lo, k = S->ks[l];
+            int64_t o = S->opos ? S->opos[l] : pos;
+            pos += k;
+            if (n >= S->big_min || k <= 0) continue;    /* big ones: done by the caller */
+            emit_t E = {S->out + o, NULL, NULL, 0, lo};
+            int rc = 0;
+            if (k >= n) for (int64_t i = 0; i < n; i++) E.out_idx[i] = lo + i;
+            else rc = seg_select(S->ws, t, S->x + lo, n, k, &E, S->avx2);
+            if (rc) __atomic_store_n(&S->err, 1, __ATOMIC_RELAXED);
+        }
     }
 }
 
+#define SEG_CHUNKS_PER_THREAD 16
+#define SEG_COST 512   /* fixed cost of a segment, in entries scanned (for sharing the work) */
+
 /* Exact top-ks[l] of every segment [off[l], off[l+1]) of x; out (length sum ks) receives global
  * indices, ascending within each segment and segments in order (so ascending overall when the
- * offsets are non-decreasing). opos = exclusive prefix sums of ks. */
+ * offsets are non-decreasing). opos = exclusive prefix sums of ks, or NULL (computed here).
+ * Segments much larger than an even share of the rest are done one at a time with all threads
+ * (topk_range); the others are grouped into consecutive chunks of similar work that the threads
+ * claim in turn, each selecting its segments alone with its own slot. */
 EXPORT int gs_topk_segments(void *wsp, const float *x, const int64_t *off, const int64_t *ks,
                             const int64_t *opos, int64_t L, int64_t *out, int nthreads) {
     ws_t *ws = (ws_t *)wsp;
     int nt = clamp_threads(nthreads);
-    int64_t small_total = 0;
-    int big_min = nt > 1 ? 4 * PAR_MIN : INT32_MAX;
+    /* All threads on one segment (topk_range) when it is more than 1.5 times an even share of
+     * the work left: big_min is lowered to such a size until none is left. Otherwise a single
+     * thread per segment is faster, even with some imbalance (no hand-off, a smaller sample). */
+    int64_t big_min = INT64_MAX;
+    for (int it = 0; nt > 1 && it < 64; it++) {
+        int64_t rem = 0, cand = 0;
+        for (int64_t l = 0; l < L; l++) {
+            int64_t n = off[l + 1] - off[l];
+            if (n < big_min) { rem += n; if (n > cand) cand = n; }
+        }
+        if (cand < PAR_MIN || 2 * cand * nt <= 3 * rem) break;
+        big_min = cand;
+    }
+    int64_t work = 0, pos = 0;
     for (int64_t l = 0; l < L; l++) {
         int64_t n = off[l + 1] - off[l];
         if (n >= big_min) {
-            emit_t E = {out + opos[l], NULL, NULL, 0, off[l]};
+            emit_t E = {out + (opos ? opos[l] : pos), NULL, NULL, 0, off[l]};
             if (topk_range(ws, 0, nt, (float *)(x + off[l]), NULL, 0.0f, MODE_FILTER, n, ks[l], &E)) return -1;
-        } else {
-            small_total += n;
+        } else if (ks[l] > 0) {
+            work += n + SEG_COST;
         }
+        pos += ks[l];
     }
-    seg_t S = {ws, x, off, ks, opos, out, L, 0, big_min, 0};
-    run_par(small_total >= PAR_MIN ? nt : 1, seg_task, &S);
+    if (work == 0) return 0;
+    int np = work >= PAR_MIN ? nt : 1;
+    enum { MAXCH = MAXT * SEG_CHUNKS_PER_THREAD };
+    int64_t chunk[MAXCH + 1], cpos[MAXCH + 1];
+    int64_t nch = 0, acc = 0;
+    int64_t per = work / ((int64_t)np * SEG_CHUNKS_PER_THREAD) + 1;
+    chunk[0] = 0; cpos[0] = 0; pos = 0;
+    for (int64_t l = 0; l < L; l++) {
+        int64_t n = off[l + 1] - off[l];
+        if (n < big_min && ks[l] > 0) acc += n + SEG_COST;
+        pos += ks[l];
+        if (acc >= per && nch + 1 < MAXCH) { nch++; chunk[nch] = l + 1; cpos[nch] = pos; acc = 0; }
+    }
+    if (chunk[nch] < L) chunk[++nch] = L;
+    seg_t S = {ws, x, off, ks, opos, out, chunk, cpos, nch, 0, big_min, gs_uses_avx2(), 0};
+    run_par(np, seg_task, &S);
     return S.err ? -1 : 0;
 }
 
@@ -687,6 +943,69 @@ static void HOTNAME(pass_filter)(slot_t *s, const int32_t *b, int64_t lo, int64_
     if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
 }
 
+/* Exact top-k (0 < k <= SEG_SMALL_K, k < n) of a segment with a running list (small_insert). */
+static void HOTNAME(seg_topsmall)(const int32_t *b, int64_t n, int64_t k, int64_t *out, int64_t base) {
+    int32_t keys[SEG_SMALL_K]; int64_t idxs[SEG_SMALL_K], cnt = 0;
+    int32_t thr = -1;
+    __m256i vt = _mm256_set1_epi32(thr);
+    int64_t i = 0;
+    for (; i + BLK <= n; i += BLK) {
+        const __m256i *p = (const __m256i *)(b + i);
+        uint32_t m = HOTNAME(block_mask)(_mm256_loadu_si256(p), _mm256_loadu_si256(p + 1),
+                                         _mm256_loadu_si256(p + 2), _mm256_loadu_si256(p + 3), vt);
+        if (m) {
+            while (m) {
+                int j = __builtin_ctz(m);
+                m &= m - 1;
+                int32_t key = canon(b[i + j]);
+                if (key > thr) thr = small_insert(keys, idxs, &cnt, k, key, i + j);
+            }
+            vt = _mm256_set1_epi32(thr);
+        }
+    }
+    for (; i < n; i++) {
+        int32_t key = canon(b[i]);
+        if (key > thr) thr = small_insert(keys, idxs, &cnt, k, key, i);
+    }
+    small_output(idxs, k, out, base);
+}
+
+/* Segment pass with a rising threshold (see seg_select): appends entries with key > thr, and
+ * compacts the list (raising thr) whenever it holds more than cap (room: cap + BLK). */
+static int HOTNAME(seg_stream)(ws_t *ws, int t, const int32_t *b, int64_t n, int64_t k, int64_t cap, int32_t thr) {
+    slot_t *s = &ws->s[t];
+    __m256i vt = _mm256_set1_epi32(thr);
+    int64_t i = 0;
+    for (; i + BLK <= n; i += BLK) {
+        const __m256i *p = (const __m256i *)(b + i);
+        uint32_t m = HOTNAME(block_mask)(_mm256_loadu_si256(p), _mm256_loadu_si256(p + 1),
+                                         _mm256_loadu_si256(p + 2), _mm256_loadu_si256(p + 3), vt);
+        if (m) {
+            if (s->ng > cap) {
+                if (seg_compact(ws, t, k, &thr)) return -1;
+                vt = _mm256_set1_epi32(thr);
+            }
+            int64_t ng = s->ng;
+            int64_t *gi = s->gidx; int32_t *gb = s->gbits;
+            while (m) {
+                int j = __builtin_ctz(m);
+                m &= m - 1;
+                int32_t bb = b[i + j];
+                gi[ng] = i + j; gb[ng] = bb;
+                ng += canon(bb) > thr;
+            }
+            s->ng = ng;
+        }
+    }
+    if (i < n) {
+        if (s->ng > cap) {
+            if (seg_compact(ws, t, k, &thr)) return -1;
+        }
+        HOTNAME(scan_keys)(s, b, i, n, thr, 0);
+    }
+    return 0;
+}
+
 static void HOTNAME(pass_ef_fma)(slot_t *s, float *x, const float *g, float al, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
     const int32_t *b = (const int32_t *)x;
     const __m256i thr1 = _mm256_set1_epi32(thr - 1);
@@ -712,6 +1031,49 @@ static void HOTNAME(pass_ef_fma)(slot_t *s, float *x, const float *g, float al, 
     if (i < hi && reserve_g(s)) HOTNAME(scan_keys)(s, b, i, hi, thr, ecap);
 }
 #else
+static void HOTNAME(seg_topsmall)(const int32_t *b, int64_t n, int64_t k, int64_t *out, int64_t base) {
+    int32_t keys[SEG_SMALL_K]; int64_t idxs[SEG_SMALL_K], cnt = 0;
+    int32_t thr = -1;
+    int64_t i = 0;
+    for (; i + BLK <= n; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) any |= ((b[i + j] & 0x7fffffff) > thr);
+        if (__builtin_expect(any, 0)) {
+            for (int j = 0; j < BLK; j++) {
+                int32_t key = canon(b[i + j]);
+                if (key > thr) thr = small_insert(keys, idxs, &cnt, k, key, i + j);
+            }
+        }
+    }
+    for (; i < n; i++) {
+        int32_t key = canon(b[i]);
+        if (key > thr) thr = small_insert(keys, idxs, &cnt, k, key, i);
+    }
+    small_output(idxs, k, out, base);
+}
+
+static int HOTNAME(seg_stream)(ws_t *ws, int t, const int32_t *b, int64_t n, int64_t k, int64_t cap, int32_t thr) {
+    slot_t *s = &ws->s[t];
+    int64_t i = 0;
+    for (; i + BLK <= n; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) any |= ((b[i + j] & 0x7fffffff) > thr);
+        if (__builtin_expect(any, 0)) {
+            if (s->ng > cap) {
+                if (seg_compact(ws, t, k, &thr)) return -1;
+            }
+            HOTNAME(scan_keys)(s, b, i, i + BLK, thr, 0);
+        }
+    }
+    if (i < n) {
+        if (s->ng > cap) {
+            if (seg_compact(ws, t, k, &thr)) return -1;
+        }
+        HOTNAME(scan_keys)(s, b, i, n, thr, 0);
+    }
+    return 0;
+}
+
 static void HOTNAME(pass_filter)(slot_t *s, const int32_t *b, int64_t lo, int64_t hi, int32_t thr, int64_t ecap) {
     int64_t i = lo;
     for (; i + BLK <= hi; i += BLK) {

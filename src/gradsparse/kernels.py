@@ -112,7 +112,7 @@ def _load() -> None:
         return
     try:
         lib = ctypes.CDLL(path)
-        if lib.gs_abi_version() != 1:
+        if lib.gs_abi_version() != 2:  # 2: gs_topk_segments accepts opos = NULL
             raise OSError("unexpected ABI version")
     except (OSError, AttributeError) as exc:  # pragma: no cover - depends on the build
         _Lib.error = f"cannot load {path}: {exc}"
@@ -377,9 +377,10 @@ def topk_indices_layerwise(
     if int(off[0]) < 0 or int(off[-1]) > D:
         raise ValueError(f"offsets must lie within [0, {D}], got first {int(off[0])} and last {int(off[-1])}")
     sizes = off[1:] - off[:-1]
-    if L and bool((sizes < 0).any()):
-        raise ValueError("offsets must be non-decreasing")
+    # one check on the common path (a negative size makes kt > sizes for every kt >= 0)
     if L and bool(((kt < 0) | (kt > sizes)).any()):
+        if bool((sizes < 0).any()):
+            raise ValueError("offsets must be non-decreasing")
         bad = int(((kt < 0) | (kt > sizes)).nonzero()[0])
         raise ValueError(
             f"segment {bad}: k={int(kt[bad])} must lie within [0, d_l={int(sizes[bad])}] (the segment size)"
@@ -390,10 +391,9 @@ def topk_indices_layerwise(
     if _want_ext(use_ext, _c_ok(flat), "topk_indices_layerwise"):
         lib = _Lib.lib
         out = torch.empty(total, dtype=torch.long)
-        opos = torch.cumsum(kt, 0) - kt
-        with _Lib.lock:
+        with _Lib.lock:  # opos = None: the kernel takes the output positions from the prefix sums of ks
             rc = lib.gs_topk_segments(
-                _Lib.ws, flat.data_ptr(), off.data_ptr(), kt.data_ptr(), opos.data_ptr(), L, out.data_ptr(), _nthreads()
+                _Lib.ws, flat.data_ptr(), off.data_ptr(), kt.data_ptr(), None, L, out.data_ptr(), _nthreads()
             )
         if rc != 0:
             raise MemoryError("topk_indices_layerwise: the compiled kernel ran out of memory")
