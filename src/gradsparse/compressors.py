@@ -202,7 +202,33 @@ def _segments(d: int, layout: Sequence[int] | None) -> list[tuple[int, int]]:
     return out
 
 
-class TopK(Compressor):
+class _FixedCount(Compressor):
+    """Compressors that keep k entries per row, k given as a count or as a density k/d."""
+
+    fixed_count = True
+    label = "top-k"
+
+    def _set_amount(self, k: int | None, density: float | None) -> None:
+        if (k is None) == (density is None):
+            raise ValueError(f"{self.label} needs exactly one of k (count) or density (k/d)")
+        if k is not None and (not isinstance(k, int) or k < 0):
+            raise ValueError(f"{self.label} k must be a non-negative integer, got {k!r}")
+        if density is not None and not (0.0 < density <= 1.0):
+            raise ValueError(f"{self.label} density must be in (0, 1], got {density!r}")
+        self.k, self.density = k, density
+
+    def k_for(self, d: int) -> int:
+        if self.density is not None:
+            return k_from_density(self.density, d)
+        if self.k > d:
+            raise ValueError(f"{self.label} k = {self.k} exceeds the vector size d = {d}")
+        return self.k
+
+    def _amount(self) -> str:
+        return f"k={self.k}" if self.k is not None else f"density={self.density}"
+
+
+class TopK(_FixedCount):
     """Keep the k entries of largest magnitude (per row; per segment when layer-wise).
 
     Give exactly one of ``k`` (a count) or ``density`` (rho = k/d, paper 003's rounding).
@@ -218,23 +244,11 @@ class TopK(Compressor):
         scope: str = "entire",
         layout: Sequence[int] | None = None,
     ) -> None:
-        if (k is None) == (density is None):
-            raise ValueError("top-k needs exactly one of k (count) or density (k/d)")
-        if k is not None and (not isinstance(k, int) or k < 0):
-            raise ValueError(f"top-k k must be a non-negative integer, got {k!r}")
-        if density is not None and not (0.0 < density <= 1.0):
-            raise ValueError(f"top-k density must be in (0, 1], got {density!r}")
+        self._set_amount(k, density)
         if scope not in ("entire", "layerwise"):
             raise ValueError(f"scope must be 'entire' or 'layerwise', got {scope!r}")
-        self.k, self.density, self.scope = k, density, scope
+        self.scope = scope
         self.layout = list(layout) if layout is not None else None
-
-    def k_for(self, d: int) -> int:
-        if self.density is not None:
-            return k_from_density(self.density, d)
-        if self.k > d:
-            raise ValueError(f"top-k k = {self.k} exceeds the vector size d = {d}")
-        return self.k
 
     def segment_ks(self, d: int) -> list[tuple[int, int, int]]:
         """[(start, stop, k_l)] for the configured scope."""
@@ -251,7 +265,6 @@ class TopK(Compressor):
             out.append((a, b, kl))
         return out
 
-    fixed_count = True
 
     def indices(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
@@ -268,8 +281,7 @@ class TopK(Compressor):
         return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x), True)
 
     def describe(self):
-        amount = f"k={self.k}" if self.k is not None else f"density={self.density}"
-        return f"top-k({amount}, {self.scope})"
+        return f"top-k({self._amount()}, {self.scope})"
 
 
 class HardThreshold(Compressor):
@@ -290,34 +302,23 @@ class HardThreshold(Compressor):
         return f"hard-threshold(lambda={self.threshold:g})"
 
 
-class RandomK(Compressor):
+class RandomK(_FixedCount):
     """k coordinates uniform without replacement, regenerable from (seed, step, worker).
 
     With ``scale=True`` the kept values are multiplied by d/k (unbiased estimator).
     """
 
     name = "randomk"
+    label = "random-k"
 
     def __init__(
         self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False
     ) -> None:
-        if (k is None) == (density is None):
-            raise ValueError("random-k needs exactly one of k (count) or density (k/d)")
-        if k is not None and (not isinstance(k, int) or k < 0):
-            raise ValueError(f"random-k k must be a non-negative integer, got {k!r}")
-        if density is not None and not (0.0 < density <= 1.0):
-            raise ValueError(f"random-k density must be in (0, 1], got {density!r}")
-        self.k, self.density, self.seed, self.scale = k, density, int(seed), bool(scale)
+        self._set_amount(k, density)
+        self.seed, self.scale = int(seed), bool(scale)
         self.seeded_support = True
         # the scaled variant is still linear in x, so it stays scale invariant
         self.scale_invariant = True
-
-    def k_for(self, d: int) -> int:
-        if self.density is not None:
-            return k_from_density(self.density, d)
-        if self.k > d:
-            raise ValueError(f"random-k k = {self.k} exceeds the vector size d = {d}")
-        return self.k
 
     def message_seed(self, step: int, worker: int) -> int:
         """The seed a receiver needs: a deterministic function of (seed, step, worker)."""
@@ -325,8 +326,6 @@ class RandomK(Compressor):
         z = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + worker * 0x94D049BB133111EB)
         z &= (1 << 63) - 1
         return int(z)
-
-    fixed_count = True
 
     def indices(self, x: torch.Tensor, step: int, workers: torch.Tensor | None) -> torch.Tensor:
         n, d = x.shape
@@ -348,8 +347,7 @@ class RandomK(Compressor):
         return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x, step, workers), True)
 
     def describe(self):
-        amount = f"k={self.k}" if self.k is not None else f"density={self.density}"
-        return f"random-k({amount}{', scaled' if self.scale else ''})"
+        return f"random-k({self._amount()}{', scaled' if self.scale else ''})"
 
 
 COMPRESSORS = {"identity": Identity, "topk": TopK, "hard_threshold": HardThreshold, "randomk": RandomK}
