@@ -125,3 +125,19 @@ def test_identity_and_bad_options():
         TopK(k=9).k_for(5)
     with pytest.raises(ValueError, match="lambda"):
         HardThreshold(-1.0)
+
+
+def test_random_k_sparse_sampler_is_uniform_without_replacement():
+    # k <= d/16 takes the first k distinct values of an i.i.d. sequence: every index should be
+    # chosen with probability k/d; 4000 draws of 10 of 320 -> 125 expected per index
+    d, k, n = 320, 10, 4000
+    counts = torch.zeros(d)
+    for s in range(n):
+        idx = random_k_indices(s, d, k)
+        assert idx.numel() == k and torch.unique(idx).numel() == k
+        assert torch.all(idx[1:] > idx[:-1])
+        counts[idx] += 1
+    expected = n * k / d
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < d + 5 * math.sqrt(2 * d)  # chi-square with d - 1 dof, 5 sigma
+    assert torch.equal(random_k_indices(7, 10**7, 100), random_k_indices(7, 10**7, 100))

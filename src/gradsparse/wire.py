@@ -518,8 +518,11 @@ def index_entropy_bits(d: int, k: int) -> float:
 def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
     """Sorted k-of-d indices, uniform without replacement, fixed by ``seed``.
 
-    ``torch.randperm(d, generator=torch.Generator().manual_seed(seed))[:k]``, sorted. The
-    random-k compressor and the wire's default regenerator both call this function.
+    For k <= d/16: the first k distinct values of an i.i.d. uniform sequence drawn from
+    ``torch.Generator().manual_seed(seed)`` (a uniform k-subset, O(k log k) — no O(d) permutation,
+    so regenerating a 0.1% support of d = 25M costs milliseconds). Otherwise
+    ``torch.randperm(d)[:k]`` from the same generator. Sorted ascending. The random-k compressor
+    and the wire's default regenerator both call this function.
     """
     d, k = int(d), int(k)
     if not 0 <= k <= d:
@@ -527,9 +530,17 @@ def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
     if k == 0:  # nothing to draw (and no randperm of a possibly huge d)
         return torch.zeros(0, dtype=torch.int64)
     gen = torch.Generator().manual_seed(int(seed))
-    return torch.sort(torch.randperm(d, generator=gen)[:k]).values
-
-
+    if 16 * k > d:
+        return torch.sort(torch.randperm(d, generator=gen)[:k]).values
+    draws = np.zeros(0, dtype=np.int64)
+    while True:
+        extra = torch.randint(0, d, (k + k // 8 + 16,), generator=gen, dtype=torch.int64).numpy()
+        draws = np.concatenate([draws, extra])
+        values, first = np.unique(draws, return_index=True)
+        if values.size >= k:
+            # keep the k values that appeared first in the sequence
+            keep = values[np.argsort(first, kind="stable")[:k]]
+            return torch.from_numpy(np.sort(keep))
 # ----------------------------------------------------------------------------------------------
 # encode / decode
 # ----------------------------------------------------------------------------------------------
