@@ -14,11 +14,10 @@ Everything random comes from one ``torch.Generator`` seeded by ``seed``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call, grad, vmap  # noqa: F401  (functional_call used by tasks)
+from torch.func import grad, vmap
 
 from ..algorithm import Algorithm, ServerOutput, WorkerOutput
 from ..compressors import row_counts
