@@ -52,10 +52,13 @@ class WorkerOutput:
     on first use, so the hot path stays O(n k) when nobody asks for them.
     """
 
-    def __init__(self, state, *, sent=None, support=None, accumulated=None, sparse=None, acc_values=None):
+    def __init__(self, state, *, sent=None, support=None, accumulated=None, sparse=None, acc_values=None, live=None):
         self.state = state
         self.sparse: RowSparse | None = sparse
         self._sent, self._support, self._acc, self._acc_values = sent, support, accumulated, acc_values
+        # set by engines that update the memory in place: a one-element list that the engine
+        # flips to False when state["e"] is overwritten by the next step
+        self._live = live
 
     @property
     def message(self):
@@ -76,6 +79,12 @@ class WorkerOutput:
     @property
     def accumulated(self) -> torch.Tensor:
         if self._acc is None:
+            if self._live is not None and not self._live[0]:
+                raise RuntimeError(
+                    "this step's accumulated vectors are gone: the engine updated the error-feedback "
+                    "memory in place at the next step; read .accumulated before stepping again, or "
+                    "build the simulator with in_place_memory=False"
+                )
             # off the support the new memory equals the accumulated vector (masking only touches
             # transmitted coordinates); on it, the accumulated values were kept
             self._acc = self.state["e"].clone().scatter_(1, self.sparse.indices, self._acc_values)
@@ -182,6 +191,35 @@ class Algorithm:
             if e is not None:
                 new_state["e"] = new_state["e"].masked_fill(support, 0.0)
         return WorkerOutput(new_state, sent=sent, support=support, accumulated=acc)
+
+    # ---- worker side, accumulation done by the engine ----------------------------------
+    @property
+    def accumulates_in_place(self) -> bool:
+        """True when the worker step is exactly: a = e + c g (c from
+        :meth:`accumulation_scale`), s = C(a), e <- a - s, with a fixed-count compressor — so an
+        engine may form a in the memory buffer itself and call :meth:`worker_step_accumulated`."""
+        return (
+            self.feedback in ("ef", "memory")
+            and self.compressor.fixed_count
+            and self.momentum != "update"
+            and not self.weight_decay
+        )
+
+    def accumulation_scale(self, lr: float) -> float:
+        return fb.accumulation_scale(self.feedback, lr)
+
+    def worker_step_accumulated(
+        self, acc: torch.Tensor, state: dict, step: int, lr: float, workers: torch.Tensor | None = None, live=None
+    ) -> WorkerOutput:
+        """The worker step when the engine has already overwritten the memory with the
+        accumulated vectors, ``acc = state["e"] = e + c g`` ([n, d], updated in place to the new
+        memory). Same result as :meth:`worker_step` on g (up to the rounding of forming e + c g)."""
+        if not self.accumulates_in_place:
+            raise ValueError(f"worker_step_accumulated does not apply to {self.describe()}")
+        rs, acc_vals = fb.finish_accumulated_(self.compressor, acc, step, workers)
+        new_state = dict(state)
+        new_state["e"] = acc
+        return WorkerOutput(new_state, sparse=rs, acc_values=acc_vals, live=live)
 
     # ---- server side ------------------------------------------------------------------
     def server_step(

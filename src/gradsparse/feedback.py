@@ -102,9 +102,7 @@ def feedback_step_sparse(
         raise ValueError(f"error feedback {kind!r} needs a memory tensor")
     if kind in ("ef", "memory"):
         a = torch.add(e, g, alpha=lr) if kind == "ef" else e + g
-        rs = compressor.select(a, step, workers)
-        acc_vals = a.gather(1, rs.indices)
-        a.scatter_(1, rs.indices, acc_vals - rs.values)
+        rs, acc_vals = finish_accumulated_(compressor, a, step, workers)
         return rs, a, acc_vals, None
     if kind == "ef-scaled":
         if lr <= 0:
@@ -117,3 +115,27 @@ def feedback_step_sparse(
         return rs, p, acc_vals, None
     check_kind(kind)
     raise AssertionError  # unreachable
+
+
+def accumulation_scale(kind: str, lr: float) -> float:
+    """The factor c in the accumulated vector a = e + c * g of ``ef`` (c = lr) and ``memory`` (1)."""
+    if kind == "ef":
+        return lr
+    if kind == "memory":
+        return 1.0
+    raise ValueError(f"only 'ef' and 'memory' accumulate e + c * g, got {kind!r}")
+
+
+def finish_accumulated_(compressor: Compressor, a: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None):
+    """Second half of the ``ef``/``memory`` step for a fixed-count compressor, in place: ``a``
+    [n, d] holds the accumulated vectors e + c g; it is compressed and then turned into the new
+    memory a - C(a) by rewriting only the k transmitted entries per row.
+
+    Returns (RowSparse sent, accumulated values at the support [n, k]). Engines that can form
+    e + c g in the memory buffer directly (the grouped-gradient simulator) call this instead of
+    :func:`feedback_step_sparse`.
+    """
+    rs = compressor.select(a, step, workers)
+    acc_vals = a.gather(1, rs.indices)
+    a.scatter_(1, rs.indices, acc_vals - rs.values)
+    return rs, acc_vals

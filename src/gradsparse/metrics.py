@@ -118,7 +118,7 @@ def step_metrics(sim, rec, names) -> dict:
     if {"xi", "rho_hat", "gamma_hat_up"} & set(names):
         a, s = rec.worker.accumulated, rec.worker.sent
     if {"xi", "rho_hat"} & set(names):
-        denom = (rec.lr * (p @ rec.grads)).norm()
+        denom = (rec.lr * rec.weighted_grad(p)).norm()
         agg_a = scale * (p @ a)
         agg_s = scale * (p @ s)
         c_of_mean = alg.compressor(agg_a[None], rec.step, torch.tensor([-2]))[0][0]

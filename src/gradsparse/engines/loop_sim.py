@@ -26,6 +26,7 @@ class LoopSimulator(SyncSimulator):
 
     def __init__(self, task, algorithm, schedule, *, module: nn.Module, loss_fn=None, **kw) -> None:
         super().__init__(task, algorithm, schedule, **kw)
+        self.fused_memory = False  # gradients come from the model copies below
         self.models = [copy.deepcopy(module).train() for _ in range(self.n_workers)]
         for m in self.models:
             for p in m.parameters():
@@ -48,6 +49,8 @@ class LoopSimulator(SyncSimulator):
         return out
 
     def worker_phase(self, grads: torch.Tensor, w: torch.Tensor, t: int, lr: float) -> WorkerOutput:
+        if self.alg.accumulates_in_place and "e" in self.wstate:
+            return self._worker_phase_in_place(grads, t, lr)
         outs = []
         for q in range(self.n_workers):
             state_q = {k: v[q : q + 1] for k, v in self.wstate.items()}
@@ -66,3 +69,21 @@ class LoopSimulator(SyncSimulator):
             support=torch.cat([o.support for o in outs]),
             accumulated=torch.cat([o.accumulated for o in outs]),
         )
+
+    def _worker_phase_in_place(self, grads: torch.Tensor, t: int, lr: float) -> WorkerOutput:
+        """Each worker updates its own memory row in place, e_q += c g_q, then compresses it (as a
+        per-worker script would, and as the vectorized engine does for all rows at once)."""
+        self._live[0] = False
+        self._live = [True]
+        e = self.wstate["e"]
+        c = self.alg.accumulation_scale(lr)
+        outs = []
+        for q in range(self.n_workers):
+            e_q = e[q : q + 1]
+            e_q.add_(grads[q : q + 1], alpha=c)
+            outs.append(self.alg.worker_step_accumulated(e_q, {"e": e_q}, t, lr, self.worker_ids[q : q + 1]))
+        sparse = RowSparse(
+            torch.cat([o.sparse.indices for o in outs]), torch.cat([o.sparse.values for o in outs]), self.d
+        )
+        acc_vals = torch.cat([o._acc_values for o in outs])
+        return WorkerOutput(dict(self.wstate), sparse=sparse, acc_values=acc_vals, live=self._live)

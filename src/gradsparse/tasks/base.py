@@ -8,7 +8,7 @@ Parameters are a dict name -> tensor (the order is the flattening order).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +33,9 @@ class Task:
     x_star:       a minimiser (dict like params), else ``None``.
     convex:       whether f is convex.
     info:         extra numbers (L, mu, recommended step, ...).
+    module:       the ``nn.Module`` behind ``loss``/``predict`` for module-based tasks, else
+                  ``None``; structure only (its own parameter values are never used). The
+                  simulator uses it for the faster grouped per-worker gradients.
     worker_data:  optional fixed assignment of training rows to workers (list of index tensors);
                   when set, the simulator uses it instead of its own split (e.g. the toy problem,
                   where worker q owns F^q).
@@ -51,6 +54,7 @@ class Task:
     convex: bool = False
     info: dict = field(default_factory=dict)
     worker_data: list[torch.Tensor] | None = None
+    module: Any = None
 
     @property
     def n_train(self) -> int:

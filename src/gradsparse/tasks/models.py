@@ -170,4 +170,5 @@ def module_task(
         predict=predict,
         convex=False,
         info=full_info,
+        module=module,
     )

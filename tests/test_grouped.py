@@ -1,0 +1,209 @@
+"""Grouped per-worker gradients and the in-place error-feedback memory of the simulator.
+
+The grouped path (one forward/backward over all workers' samples, one batched outer-product sum
+per Linear layer) must give the same gradients as ``vmap(grad)``, and the fused step
+(e <- e + c g written by the kernel, then compressed in place) the same trajectory as the plain
+worker step.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradsparse import kernels as K
+from gradsparse.algorithm import Algorithm
+from gradsparse.compressors import TopK
+from gradsparse.engines.sync_sim import SyncSimulator
+from gradsparse.schedules import Schedule
+from gradsparse.tasks import make_task
+from gradsparse.tasks.base import Task
+
+C_PATHS = [False] + ([True] if K.has_extension() else [])
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_ext", C_PATHS)
+@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (4, 3, 2, 70), (2, 1, 3, 130), (5, 4, 9, 200)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_group_outer_into_equals_batched_matmul_in_a_strided_slice(use_ext, shape, accumulate):
+    n, b, no, ni = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    dz = torch.randn(n, b, no, generator=gen)
+    a = torch.randn(n, b, ni, generator=gen)
+    base = torch.randn(n, no * ni + 11, generator=gen)
+    alpha = -0.37
+    want = base.clone()
+    S = torch.einsum("qso,qsi->qoi", dz.double(), a.double()).reshape(n, -1)
+    lo, hi = 4, 4 + no * ni
+    want[:, lo:hi] = (want[:, lo:hi].double() if accumulate else 0) + alpha * S
+    got = base.clone()
+    K.group_outer_into(dz, a, got[:, lo:hi], alpha=alpha, accumulate=accumulate, use_ext=use_ext)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    # columns outside the slice are untouched, bit for bit
+    assert torch.equal(got[:, :lo], base[:, :lo]) and torch.equal(got[:, hi:], base[:, hi:])
+
+
+@pytest.mark.skipif(not K.has_extension(), reason="compiled kernels not built")
+def test_group_outer_into_baseline_isa_matches_avx2():
+    gen = torch.Generator().manual_seed(5)
+    dz, a = torch.randn(6, 5, 33, generator=gen), torch.randn(6, 5, 131, generator=gen)
+    outs = []
+    for generic in (False, True):
+        K._force_generic(generic)
+        try:
+            o = torch.ones(6, 33 * 131)
+            outs.append(K.group_outer_into(dz, a, o, alpha=0.5, accumulate=True, use_ext=True))
+        finally:
+            K._force_generic(False)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_group_outer_into_float64_and_empty_batches_use_torch():
+    dz = torch.randn(2, 3, 4, dtype=torch.float64)
+    a = torch.randn(2, 3, 5, dtype=torch.float64)
+    out = torch.empty(2, 20, dtype=torch.float64)
+    K.group_outer_into(dz, a, out)
+    torch.testing.assert_close(out, torch.bmm(dz.transpose(1, 2), a).reshape(2, 20))
+    z = K.group_outer_into(torch.zeros(2, 0, 4), torch.zeros(2, 0, 5), torch.full((2, 20), 7.0))
+    assert torch.equal(z, torch.zeros(2, 20))
+
+
+def test_group_outer_into_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"dz \[n, b, no\]"):
+        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 2, 5), torch.zeros(2, 20))
+    with pytest.raises(ValueError, match="out must be"):
+        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(2, 21))
+    with pytest.raises(ValueError, match="unit column stride"):
+        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(20, 2).T)
+
+
+# ---- gradient paths --------------------------------------------------------------------------
+
+
+def _sim(task, gradient_path="auto", **kw):
+    alg = kw.pop("alg", None) or Algorithm(compressor=TopK(density=0.01), feedback="ef")
+    kw.setdefault("n_workers", 7)
+    kw.setdefault("batch_size", 4)
+    return SyncSimulator(task, alg, Schedule(lr=0.1), gradient_path=gradient_path, **kw)
+
+
+def test_grouped_gradients_equal_vmap_on_a_deeper_mlp():
+    task = make_task("digits_mlp", hidden=[32, 16])
+    sim = _sim(task)
+    assert sim.gradient_path == "grouped"
+    idx = sim.sample_rows()
+    x, y = task.train_x[idx], task.train_y[idx]
+    g_grouped = sim._vgrad_grouped(sim.w, x, y)
+    g_vmap = sim._vgrad_vmap(sim.w, x, y)
+    g_loop = sim.loop_gradients(sim.w, idx)
+    torch.testing.assert_close(g_grouped, g_vmap, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_grouped, g_loop, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_gradient_path_choice_and_errors():
+    assert _sim(make_task("digits_mlp")).gradient_path == "grouped"
+    assert _sim(make_task("digits_cnn")).gradient_path == "vmap"  # convolutions: vmap
+    assert _sim(make_task("digits_mlp"), "vmap").gradient_path == "vmap"
+    logreg = make_task("logreg", dataset="breast_cancer")
+    assert _sim(logreg).gradient_path == "vmap"  # no module
+    with pytest.raises(ValueError, match="gradient_path 'grouped' needs .*'logreg'"):
+        _sim(logreg, "grouped")
+    with pytest.raises(ValueError, match=r"gradient_path must be one of \['auto', 'vmap', 'grouped'\], got 'fast'"):
+        _sim(make_task("digits_mlp"), "fast")
+
+
+def test_auto_falls_back_to_vmap_when_the_loss_couples_samples():
+    base = make_task("digits_mlp", hidden=16)
+
+    def coupled_loss(params, x, y):  # not a mean of per-sample losses: the batch mean enters
+        logits = base.predict(params, x)
+        return F.cross_entropy(logits, y) + (logits - logits.mean(0)).square().mean()
+
+    task = Task(
+        name="coupled", init_params=base.init_params, loss=coupled_loss, train_x=base.train_x,
+        train_y=base.train_y, predict=base.predict, module=base.module,
+    )
+    sim = _sim(task)
+    assert sim.gradient_path == "vmap"
+    # forcing the grouped path would give different (wrong) gradients: the probe is what saves us
+    forced = _sim(task, "grouped")
+    idx = forced.sample_rows()
+    x, y = task.train_x[idx], task.train_y[idx]
+    assert (forced._vgrad_grouped(forced.w, x, y) - forced._vgrad_vmap(forced.w, x, y)).abs().max() > 1e-4
+
+
+# ---- fused error-feedback memory ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alg_kw",
+    [
+        dict(feedback="ef"),
+        dict(feedback="memory"),
+        dict(feedback="ef", momentum="gradient", beta=0.9),
+    ],
+)
+def test_in_place_memory_follows_the_plain_worker_step(alg_kw):
+    task = make_task("digits_mlp")
+
+    def sim(in_place):
+        alg = Algorithm(compressor=TopK(density=0.02), **alg_kw)
+        return _sim(task, alg=alg, seed=3, in_place_memory=in_place)
+
+    fused, plain = sim(True), sim(False)
+    assert fused.fused_memory and not plain.fused_memory
+    for _ in range(12):
+        rf, rp = fused.step(), plain.step()
+        torch.testing.assert_close(rf.grads, rp.grads, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused.wstate["e"], plain.wstate["e"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.w, plain.w, rtol=1e-4, atol=1e-6)
+    assert fused.uplink_bytes == plain.uplink_bytes
+
+
+def test_in_place_memory_invariant_and_stale_accumulated_is_refused():
+    task = make_task("digits_mlp")
+    sim = _sim(task, seed=1)
+    assert sim.fused_memory
+    e_before = sim.wstate["e"].clone()
+    rec = sim.step()
+    # sent + new memory == accumulated, exactly; accumulated == e + lr * g (up to rounding)
+    assert torch.equal(rec.worker.sent + sim.wstate["e"], rec.worker.accumulated)
+    torch.testing.assert_close(rec.worker.accumulated, e_before + rec.lr * rec.grads, rtol=1e-5, atol=1e-7)
+    # sum_q p_q g_q from the factors equals the weighted sum of the dense gradients
+    torch.testing.assert_close(rec.weighted_grad(sim.weights), sim.weights @ rec.grads, rtol=1e-5, atol=1e-7)
+    old = sim.step()
+    sim.step()  # overwrites the memory old.worker would need
+    with pytest.raises(RuntimeError, match="accumulated vectors are gone"):
+        old.worker.accumulated
+    assert old.grads.shape == (7, sim.d)  # gradients stay available: they are kept factored
+
+
+def test_fused_path_is_off_where_it_does_not_apply():
+    task = make_task("digits_mlp")
+    for alg in (
+        Algorithm(compressor=TopK(density=0.02), feedback="ef", weight_decay=1e-3),
+        Algorithm(compressor=TopK(density=0.02), feedback="ef", momentum="update", beta=0.5),
+        Algorithm(compressor=TopK(density=0.02), feedback="ef-scaled"),
+        Algorithm(compressor=TopK(density=0.02), feedback="none"),
+    ):
+        assert not _sim(task, alg=alg).fused_memory
+
+
+def test_loop_simulator_in_place_equals_vectorized():
+    from gradsparse.engines.loop_sim import LoopSimulator
+    from gradsparse.tasks.models import MLP
+
+    task = make_task("digits_mlp")
+    kw = dict(n_workers=5, batch_size=3, seed=4)
+    alg = lambda: Algorithm(compressor=TopK(density=0.01), feedback="ef")  # noqa: E731
+    vec = SyncSimulator(task, alg(), Schedule(lr=0.1), **kw)
+    loop = LoopSimulator(task, alg(), Schedule(lr=0.1), module=MLP(64, [64], 10), **kw)
+    assert vec.fused_memory and not loop.fused_memory
+    for _ in range(6):
+        rv, rl = vec.step(), loop.step()
+        assert torch.equal(rv.worker.sparse.indices, rl.worker.sparse.indices)
+        assert torch.equal(rl.worker.sent + loop.wstate["e"], rl.worker.accumulated)
+    torch.testing.assert_close(vec.w, loop.w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(vec.wstate["e"], loop.wstate["e"], rtol=1e-4, atol=1e-6)
