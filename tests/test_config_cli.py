@@ -50,6 +50,8 @@ def write(tmp_path, cfg, name="c.yaml"):
         ({"workers": {"count": 3, "batch_size": 0}}, "batch_size"),
         ({"value_dtype": "fp8"}, "value_dtype"),
         ({"schedule": {"momentum": 0.9}}, "schedule.momentum"),
+        ({"simulator": {"gradient_path": "fast"}}, "simulator.gradient_path"),
+        ({"simulator": {"gradient_path": "grouped"}}, "config key 'simulator.gradient_path': gradient_path 'grouped' needs"),
     ],
 )
 def test_malformed_configs_give_one_clear_line_and_no_run_dir(tmp_path, capsys, patch, needle):

@@ -169,6 +169,11 @@ class MetricsConfig(_Strict):
         return self
 
 
+class SimulatorConfig(_Strict):
+    gradient_path: Literal["auto", "vmap", "grouped"] = "auto"
+    in_place_memory: bool = True
+
+
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
@@ -179,6 +184,7 @@ class RunConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     plots: bool = True
     progress: bool = True

@@ -89,9 +89,11 @@ def build_simulator(cfg: RunConfig) -> SyncSimulator:
             task, alg, sched, n_workers=w.count, batch_size=w.batch_size, split=w.split,
             shards_per_worker=w.shards_per_worker, weights=w.weights, seed=cfg.seed,
             value_dtype=cfg.value_dtype, gradient_shift=cfg.algorithm.gradient_shift,
+            gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory,
         )
     except ValueError as exc:
-        raise ConfigError(f"config key 'workers': {exc}") from None
+        key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
+        raise ConfigError(f"config key '{key}': {exc}") from None
     # dry run of the compressors on the real dimension (e.g. k > d is caught here)
     for key, comp in (("compressor", alg.compressor), ("topology.down_compressor", alg.down_compressor)):
         if comp is None:
