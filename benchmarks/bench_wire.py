@@ -3,19 +3,22 @@
 For each d and density rho (k = rho * d, support = top-k of a Gaussian vector, i.e. uniformly
 random) it measures, as the median of ``--repeats`` (>= 7) runs:
 
-* encode and decode time of every index encoding (raw32, varint, rice, bitmap, auto; and seed,
-  whose decode regenerates the support with ``randperm(d)``),
+* encode and decode time of every index encoding (raw32, varint, rice, packed, bitmap, auto; and
+  seed, whose decode regenerates the support with ``random_k_indices``),
 * the time of ``torch.topk(x.abs(), k)`` on the same d in the same run, and the ratio
   (encode + decode) / topk,
 * index payload bytes per encoding, against int32 indices (4k bytes) and against the
   information-theoretic bound log2 C(d, k) / 8,
 * the time of ``batch_encoded_nbytes`` for 1000 workers x d = 1e5 (the simulator's per-step
-  accounting call).
+  accounting call),
+* a density sweep at d = 25M (also in quick mode: sizes only, well under a second): index payload
+  / log2 C(d, k) of varint, packed, the byte-aligned mode (the smaller of the two) and rice, for
+  densities 0.05% ... 0.99%, and the largest byte-aligned ratio over the sweep (target <= 1.35).
 
 Usage::
 
-    python benchmarks/bench_wire.py                  # d = 25M and 1M, rho = 0.1 %, 1 %
-    python benchmarks/bench_wire.py --quick          # d = 1e5 (seconds)
+    python benchmarks/bench_wire.py                  # d = 25M and 1M, rho = 0.1 %, 1 %; sweep
+    python benchmarks/bench_wire.py --quick          # d = 1e5 (seconds); sweep
     python benchmarks/bench_wire.py --d 25000000 --densities 0.001 0.01 --out bench_results/wire.csv
 
 A suite runner can call :func:`run` directly.
@@ -38,11 +41,16 @@ from gradsparse.message import SparseMessage
 DEFAULT_DS = (25_000_000, 1_000_000)
 QUICK_DS = (100_000,)
 DEFAULT_DENSITIES = (0.001, 0.01)
-ENCODINGS = ("raw32", "varint", "rice", "bitmap", "auto", "seed")
+ENCODINGS = ("raw32", "varint", "rice", "packed", "bitmap", "auto", "seed")
+SWEEP_D = 25_000_000
+SWEEP_DENSITIES = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.0099)
+BYTE_ALIGNED_TARGET = 1.35  # byte-aligned index payload <= 1.35 x log2 C(d, k) below 1% density
 FIELDS = (
     "kind", "d", "density", "k", "encoding", "chosen", "index_bytes", "total_bytes",
     "bits_per_index", "idx_vs_int32", "idx_vs_entropy", "encode_ms", "decode_ms", "topk_ms",
     "encdec_over_topk", "n_rows", "repeats",
+    # density sweep only (index payload / log2 C(d, k) of each encoding; packed field width)
+    "varint_vs_entropy", "packed_vs_entropy", "rice_vs_entropy", "packed_b",
 )
 
 
@@ -123,6 +131,41 @@ def _batch_rows(n: int, d: int, rho: float, repeats: int, seed: int) -> list[dic
     return out
 
 
+def _sweep_rows(d: int, densities: tuple[float, ...], seed: int) -> list[dict]:
+    """Index payload sizes only (no timing) over a density sweep at one d. Supports are uniformly
+    random k-subsets (``random_k_indices``; a top-k of i.i.d. entries has the same law)."""
+    rows = []
+    for rho in densities:
+        k = max(1, int(round(rho * d)))
+        idx = wire.random_k_indices(seed, d, k)
+        sizes = wire.index_payload_nbytes(idx, d)
+        H_bytes = wire.index_entropy_bits(d, k) / 8
+        # the byte-aligned mode: the smaller of the two whole-byte gap codes (varint on ties)
+        chosen = "varint" if sizes["varint"] <= sizes["packed"] else "packed"
+        ib = sizes[chosen]
+        rows.append(
+            dict(
+                kind="sweep", d=d, density=rho, k=k, encoding="byte-aligned", chosen=chosen,
+                index_bytes=ib, total_bytes="", bits_per_index=8 * ib / k,
+                idx_vs_int32=ib / (4 * k), idx_vs_entropy=ib / H_bytes, encode_ms="",
+                decode_ms="", topk_ms="", encdec_over_topk="", n_rows=1, repeats="",
+                varint_vs_entropy=sizes["varint"] / H_bytes,
+                packed_vs_entropy=sizes["packed"] / H_bytes,
+                rice_vs_entropy=sizes["rice"] / H_bytes, packed_b=wire.packed_width(idx),
+            )
+        )
+    worst = max(rows, key=lambda r: r["idx_vs_entropy"])
+    rows.append(
+        dict(
+            worst, kind="sweep_max", encoding="max byte-aligned",
+            varint_vs_entropy=max(r["varint_vs_entropy"] for r in rows),
+            packed_vs_entropy=max(r["packed_vs_entropy"] for r in rows),
+            rice_vs_entropy=max(r["rice_vs_entropy"] for r in rows), packed_b="",
+        )
+    )
+    return rows
+
+
 def run(
     quick: bool = False,
     ds: tuple[int, ...] | None = None,
@@ -141,6 +184,7 @@ def run(
     batch_n, batch_d = (100, 100_000) if quick else (1000, 100_000)
     for rho in densities:
         rows += _batch_rows(batch_n, batch_d, float(rho), repeats, seed)
+    rows += _sweep_rows(SWEEP_D, SWEEP_DENSITIES, seed)
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +209,7 @@ def format_table(rows: list[dict]) -> str:
         f"{'vs int32':>8} {'vs H':>6} {'enc ms':>8} {'dec ms':>8} {'topk ms':>8} {'(e+d)/topk':>10}"
     ]
     for r in rows:
-        if r["kind"] == "batch":
+        if r["kind"] not in ("codec", "entropy"):
             continue
         name = r["encoding"] if r["encoding"] != "auto" else f"auto:{r['chosen']}"
         lines.append(
@@ -183,6 +227,32 @@ def format_table(rows: list[dict]) -> str:
                 f"{r['encoding']:<36} {r['n_rows']:>6} {r['d']:>8} {r['density']:>6.3%} "
                 f"{r['encode_ms']:>10.2f} {r['total_bytes']:>11.1f}"
             )
+    sweep = [r for r in rows if r["kind"] == "sweep"]
+    if sweep:
+        lines.append("")
+        lines.append(
+            f"index payload / log2 C(d,k), d = {sweep[0]['d']}, random supports; "
+            f"byte-aligned = min(varint, packed), target <= {BYTE_ALIGNED_TARGET}"
+        )
+        lines.append(
+            f"{'rho':>6} {'k':>8} {'varint':>7} {'packed':>7} {'b':>3} {'byte-al.':>8} "
+            f"{'(uses)':<8} {'rice':>6}"
+        )
+        for r in sweep:
+            lines.append(
+                f"{r['density']:>6.2%} {r['k']:>8} {r['varint_vs_entropy']:>7.4f} "
+                f"{r['packed_vs_entropy']:>7.4f} {r['packed_b']:>3} {r['idx_vs_entropy']:>8.4f} "
+                f"{r['chosen']:<8} {r['rice_vs_entropy']:>6.4f}"
+            )
+        for r in rows:
+            if r["kind"] == "sweep_max":
+                ok = "meets" if r["idx_vs_entropy"] <= BYTE_ALIGNED_TARGET else "MISSES"
+                lines.append(
+                    f"max byte-aligned / entropy over the sweep: {r['idx_vs_entropy']:.4f} "
+                    f"(at rho = {r['density']:.2%}; {ok} the {BYTE_ALIGNED_TARGET} target); "
+                    f"max varint alone {r['varint_vs_entropy']:.4f}, packed alone "
+                    f"{r['packed_vs_entropy']:.4f}"
+                )
     return "\n".join(lines)
 
 
