@@ -10,74 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradsparse import kernels as K
 from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import TopK
 from gradsparse.engines.sync_sim import SyncSimulator
 from gradsparse.schedules import Schedule
 from gradsparse.tasks import make_task
 from gradsparse.tasks.base import Task
-
-C_PATHS = [False] + ([True] if K.has_extension() else [])
-
-
-# ---- the kernel ------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("use_ext", C_PATHS)
-@pytest.mark.parametrize("shape", [(3, 2, 5, 7), (4, 3, 2, 70), (2, 1, 3, 130), (5, 4, 9, 200)])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_group_outer_into_equals_batched_matmul_in_a_strided_slice(use_ext, shape, accumulate):
-    n, b, no, ni = shape
-    gen = torch.Generator().manual_seed(sum(shape))
-    dz = torch.randn(n, b, no, generator=gen)
-    a = torch.randn(n, b, ni, generator=gen)
-    base = torch.randn(n, no * ni + 11, generator=gen)
-    alpha = -0.37
-    want = base.clone()
-    S = torch.einsum("qso,qsi->qoi", dz.double(), a.double()).reshape(n, -1)
-    lo, hi = 4, 4 + no * ni
-    want[:, lo:hi] = (want[:, lo:hi].double() if accumulate else 0) + alpha * S
-    got = base.clone()
-    K.group_outer_into(dz, a, got[:, lo:hi], alpha=alpha, accumulate=accumulate, use_ext=use_ext)
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
-    # columns outside the slice are untouched, bit for bit
-    assert torch.equal(got[:, :lo], base[:, :lo]) and torch.equal(got[:, hi:], base[:, hi:])
-
-
-@pytest.mark.skipif(not K.has_extension(), reason="compiled kernels not built")
-def test_group_outer_into_baseline_isa_matches_avx2():
-    gen = torch.Generator().manual_seed(5)
-    dz, a = torch.randn(6, 5, 33, generator=gen), torch.randn(6, 5, 131, generator=gen)
-    outs = []
-    for generic in (False, True):
-        K._force_generic(generic)
-        try:
-            o = torch.ones(6, 33 * 131)
-            outs.append(K.group_outer_into(dz, a, o, alpha=0.5, accumulate=True, use_ext=True))
-        finally:
-            K._force_generic(False)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-
-
-def test_group_outer_into_float64_and_empty_batches_use_torch():
-    dz = torch.randn(2, 3, 4, dtype=torch.float64)
-    a = torch.randn(2, 3, 5, dtype=torch.float64)
-    out = torch.empty(2, 20, dtype=torch.float64)
-    K.group_outer_into(dz, a, out)
-    torch.testing.assert_close(out, torch.bmm(dz.transpose(1, 2), a).reshape(2, 20))
-    z = K.group_outer_into(torch.zeros(2, 0, 4), torch.zeros(2, 0, 5), torch.full((2, 20), 7.0))
-    assert torch.equal(z, torch.zeros(2, 20))
-
-
-def test_group_outer_into_rejects_bad_shapes():
-    with pytest.raises(ValueError, match=r"dz \[n, b, no\]"):
-        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 2, 5), torch.zeros(2, 20))
-    with pytest.raises(ValueError, match="out must be"):
-        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(2, 21))
-    with pytest.raises(ValueError, match="unit column stride"):
-        K.group_outer_into(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5), torch.zeros(20, 2).T)
-
 
 # ---- gradient paths --------------------------------------------------------------------------
 
@@ -100,6 +38,26 @@ def test_grouped_gradients_equal_vmap_on_a_deeper_mlp():
     g_loop = sim.loop_gradients(sim.w, idx)
     torch.testing.assert_close(g_grouped, g_vmap, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_grouped, g_loop, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradient_factors_write_accumulate_and_weighted_sum(dtype):
+    task = make_task("digits_mlp", hidden=[16])
+    if dtype == "float64":
+        task.train_x = task.train_x.double()
+    sim = _sim(task, gradient_path="grouped")
+    w = sim.w.to(task.train_x.dtype)
+    idx = sim.sample_rows()
+    x, y = task.train_x[idx], task.train_y[idx]
+    params = {k: v.to(x.dtype) for k, v in sim.unflatten(w).items()}
+    factors = sim._grouped.factors(params, x, y)
+    G = factors.dense(sim.d, x.dtype)
+    torch.testing.assert_close(G, sim._vgrad_vmap(w, x, y).to(x.dtype), rtol=1e-4, atol=1e-6)
+    e = torch.randn(7, sim.d, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(factors.write_into(e.clone(), alpha=-0.3, accumulate=True), e - 0.3 * G)
+    torch.testing.assert_close(factors.write_into(e.clone(), alpha=2.0), 2.0 * G)
+    p = torch.rand(7, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(factors.weighted_sum(p, sim.d), p @ G)
 
 
 def test_auto_gradient_path_choice_and_errors():

@@ -72,7 +72,7 @@ void *PyInit__kernels_c(void) { return 0; }
 static int g_use_fma = 1;
 EXPORT void gs_set_fma(int on) { g_use_fma = on ? 1 : 0; }
 EXPORT int gs_get_fma(void) { return g_use_fma; }
-EXPORT int gs_abi_version(void) { return 3; }   /* 2: gs_topk_segments takes opos = NULL; 3: gs_group_outer */
+EXPORT int gs_abi_version(void) { return 2; }   /* 2: gs_topk_segments takes opos = NULL */
 /* Testing hook: scales the sample rank that sets the first threshold (0 forces the retry path). */
 static double g_rank_scale = 1.0;
 EXPORT void gs_set_rank_scale(double v) { g_rank_scale = v; }
@@ -861,43 +861,6 @@ EXPORT int gs_topk_segments(void *wsp, const float *x, const int64_t *off, const
     return S.err ? -1 : 0;
 }
 
-/* ------------------------------------------------------------------ grouped outer sums */
-
-static void group_outer_gen(const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int);
-#if GS_X86
-static void group_outer_avx2(const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int);
-#endif
-typedef struct { const float *dz, *a; float *out; int64_t n, b, no, ni, rs; float alpha; int acc, avx2; int64_t next; } gouter_t;
-static void gouter_task(void *arg, int t) {
-    gouter_t *G = (gouter_t *)arg;
-    (void)t;
-    /* groups are handed out one at a time: a thread slowed down by a neighbour (for instance
-     * torch's OpenMP workers still spinning after the previous op) simply takes fewer */
-    for (;;) {
-        int64_t q = __atomic_fetch_add(&G->next, 1, __ATOMIC_RELAXED);
-        if (q >= G->n) break;
-#if GS_X86
-        if (G->avx2) { group_outer_avx2(G->dz, G->a, G->out, q, q + 1, G->b, G->no, G->ni, G->rs, G->alpha, G->acc); continue; }
-#endif
-        group_outer_gen(G->dz, G->a, G->out, q, q + 1, G->b, G->no, G->ni, G->rs, G->alpha, G->acc);
-    }
-}
-/* Per-group sums of outer products written into a row-strided output (per-worker gradients of
- * a Linear layer): dz [n, b, no] and a [n, b, ni] contiguous; group q's no x ni block starts at
- * out + q * rs and receives alpha * S_q (accumulate = 0) or out + alpha * S_q (accumulate = 1,
- * one fused multiply-add per entry: the error-feedback update e + lr * g written in place).
- * Threads take groups dynamically. Returns 0, or -1 for inconsistent sizes. */
-EXPORT int gs_group_outer(const float *dz, const float *a, float *out, int64_t n, int64_t b,
-                          int64_t no, int64_t ni, int64_t rs, float alpha, int accumulate, int nthreads) {
-    if (n < 0 || b < 1 || no < 0 || ni < 0 || rs < no * ni) return -1;
-    int nt = clamp_threads(nthreads);
-    if (nt > n) nt = n > 0 ? (int)n : 1;
-    if (n * b * no * ni < PAR_MIN) nt = 1;
-    gouter_t G = {dz, a, out, n, b, no, ni, rs, alpha, accumulate ? 1 : 0, gs_uses_avx2(), 0};
-    run_par(nt, gouter_task, &G);
-    return 0;
-}
-
 /* ------------------------------------------------------------------ hot loops (compiled twice) */
 
 #define GS_HOT_SUFFIX _gen
@@ -1236,77 +1199,6 @@ static void HOTNAME(pass_ht_mul)(slot_t *s, float *x, const float *g, float al, 
     if (i < hi && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, hi, lam);
 }
 #pragma GCC pop_options
-
-/* Grouped outer-product sums (per-worker Linear-layer gradients): for worker q in [q0, q1)
- *   S = sum_{s<b} dz[(q*b + s)*no + r] * a[(q*b + s)*ni + c],
- *   out[q*rs + r*ni + c] = acc ? fma(alpha, S, out[...]) : alpha * S.
- * Output columns are processed in register blocks (AVX2: 64 columns in 8 accumulators), so each
- * output entry is read (if acc) and written exactly once. */
-#if defined(GS_HOT_AVX2)
-#define GS_GO_STORE(off, v) \
-    _mm256_storeu_ps(o + c0 + (off), acc ? _mm256_fmadd_ps(al, v, _mm256_loadu_ps(o + c0 + (off))) : _mm256_mul_ps(al, v))
-#define GS_GO_COMBINE(x, sum) fmaf(alpha, sum, x)
-#else
-#define GS_GO_COMBINE(x, sum) ((x) + alpha * (sum))
-#endif
-static void HOTNAME(group_outer)(const float *dz, const float *a, float *out, int64_t q0, int64_t q1,
-                                 int64_t b, int64_t no, int64_t ni, int64_t rs, float alpha, int acc) {
-    for (int64_t q = q0; q < q1; q++) {
-        const float *dq = dz + q * b * no;
-        const float *aq = a + q * b * ni;
-        for (int64_t r = 0; r < no; r++) {
-            float *restrict o = out + q * rs + r * ni;
-            int64_t c0 = 0;
-#if defined(GS_HOT_AVX2)
-            const __m256 al = _mm256_set1_ps(alpha);
-            for (; c0 + 64 <= ni; c0 += 64) {   /* 8 independent accumulators */
-                __m256 v0 = _mm256_setzero_ps(), v1 = v0, v2 = v0, v3 = v0, v4 = v0, v5 = v0, v6 = v0, v7 = v0;
-                for (int64_t s = 0; s < b; s++) {
-                    const __m256 w = _mm256_set1_ps(dq[s * no + r]);
-                    const float *as = aq + s * ni + c0;
-                    v0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as), v0);
-                    v1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 8), v1);
-                    v2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 16), v2);
-                    v3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 24), v3);
-                    v4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 32), v4);
-                    v5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 40), v5);
-                    v6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 48), v6);
-                    v7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(as + 56), v7);
-                }
-                GS_GO_STORE(0, v0); GS_GO_STORE(8, v1); GS_GO_STORE(16, v2); GS_GO_STORE(24, v3);
-                GS_GO_STORE(32, v4); GS_GO_STORE(40, v5); GS_GO_STORE(48, v6); GS_GO_STORE(56, v7);
-            }
-            for (; c0 + 8 <= ni; c0 += 8) {
-                __m256 v0 = _mm256_setzero_ps();
-                for (int64_t s = 0; s < b; s++)
-                    v0 = _mm256_fmadd_ps(_mm256_set1_ps(dq[s * no + r]), _mm256_loadu_ps(aq + s * ni + c0), v0);
-                GS_GO_STORE(0, v0);
-            }
-#else
-            enum { CB = 64 };   /* baseline ISA: a fixed-size block the compiler vectorises */
-            for (; c0 + CB <= ni; c0 += CB) {
-                float sum[CB];
-                for (int j = 0; j < CB; j++) sum[j] = 0.0f;
-                for (int64_t s = 0; s < b; s++) {
-                    const float w = dq[s * no + r];
-                    const float *restrict as = aq + s * ni + c0;
-                    for (int j = 0; j < CB; j++) sum[j] += w * as[j];
-                }
-                for (int j = 0; j < CB; j++) o[c0 + j] = acc ? GS_GO_COMBINE(o[c0 + j], sum[j]) : alpha * sum[j];
-            }
-#endif
-            for (int64_t c = c0; c < ni; c++) {
-                float sum = 0.0f;
-                for (int64_t s = 0; s < b; s++) sum += dq[s * no + r] * aq[s * ni + c];
-                o[c] = acc ? GS_GO_COMBINE(o[c], sum) : alpha * sum;
-            }
-        }
-    }
-}
-#if defined(GS_HOT_AVX2)
-#undef GS_GO_STORE
-#endif
-#undef GS_GO_COMBINE
 
 #undef HOTNAME
 #undef GS_CAT

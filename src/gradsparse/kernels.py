@@ -62,7 +62,6 @@ __all__ = [
     "EFStep",
     "hard_threshold_ef_",
     "topk_ef_",
-    "group_outer_into",
     "sampled_threshold",
     "fitted_threshold",
     "threshold_count_ratios",
@@ -113,7 +112,7 @@ def _load() -> None:
         return
     try:
         lib = ctypes.CDLL(path)
-        if lib.gs_abi_version() != 3:  # 3: has gs_group_outer
+        if lib.gs_abi_version() != 2:  # 2: gs_topk_segments accepts opos = NULL
             raise OSError("unexpected ABI version")
     except (OSError, AttributeError) as exc:  # pragma: no cover - depends on the build
         _Lib.error = f"cannot load {path}: {exc}"
@@ -143,8 +142,6 @@ def _load() -> None:
     lib.gs_ht_gather.restype = None
     lib.gs_topk_segments.argtypes = [vp, vp, vp, vp, vp, i64, vp, i32]
     lib.gs_topk_segments.restype = i32
-    lib.gs_group_outer.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, f32, i32, i32]
-    lib.gs_group_outer.restype = i32
     _Lib.lib = lib
     _Lib.path = path
     _Lib.ws = lib.gs_ws_new()
@@ -614,53 +611,6 @@ class EFStep:
             val = flat[idx]
             flat.index_fill_(0, idx, 0)
             return idx, val
-
-
-def group_outer_into(
-    dz: torch.Tensor,
-    a: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    alpha: float = 1.0,
-    accumulate: bool = False,
-    use_ext: bool | None = None,
-) -> torch.Tensor:
-    """Per-group sums of outer products: with ``S_q = dz[q]^T @ a[q]`` (flattened row-major),
-    ``out[q] = alpha * S_q``, or ``out[q] += alpha * S_q`` when ``accumulate``.
-
-    ``dz`` [n, b, no], ``a`` [n, b, ni]; ``out`` is [n, no * ni] with unit stride along its last
-    dimension and any row stride (typically a column slice of an [n, d] matrix: the per-worker
-    gradients of one Linear layer's weight, or the error-feedback memory ``e += lr * g``). The
-    compiled kernel writes the slice in one pass (float32); the torch path computes a batched
-    matmul and then copies or adds it in. Both paths agree up to float rounding.
-    """
-    if dz.dim() != 3 or a.dim() != 3 or dz.shape[:2] != a.shape[:2]:
-        raise ValueError(f"need dz [n, b, no] and a [n, b, ni] with equal n, b; got {tuple(dz.shape)}, {tuple(a.shape)}")
-    n, b, no = dz.shape
-    ni = a.shape[2]
-    if out.dim() != 2 or tuple(out.shape) != (n, no * ni) or (out.numel() and out.stride(1) != 1):
-        raise ValueError(
-            f"out must be [{n}, {no * ni}] with unit column stride, got shape {tuple(out.shape)} strides {out.stride()}"
-        )
-    if n == 0 or no * ni == 0:
-        return out
-    row_ok = out.dtype == torch.float32 and out.device.type == "cpu" and out.stride(0) >= no * ni
-    if b >= 1 and _want_ext(use_ext, _c_ok(dz, a) and row_ok, "group_outer_into"):
-        rc = _Lib.lib.gs_group_outer(
-            dz.data_ptr(), a.data_ptr(), out.data_ptr(), n, b, no, ni, out.stride(0),
-            float(alpha), 1 if accumulate else 0, _nthreads(),
-        )
-        if rc != 0:  # pragma: no cover - sizes were checked above
-            raise RuntimeError(f"gs_group_outer failed ({rc})")
-        return out
-    s = torch.bmm(dz.transpose(1, 2).contiguous(), a).view(n, no * ni)
-    if accumulate:
-        out.add_(s, alpha=alpha)
-    elif alpha == 1.0:
-        out.copy_(s)
-    else:
-        torch.mul(s, alpha, out=out)
-    return out
 
 
 def hard_threshold_ef_(e: torch.Tensor, g: torch.Tensor, lam: float, alpha: float = 1.0, *, use_ext: bool | None = None):

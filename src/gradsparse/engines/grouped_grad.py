@@ -9,17 +9,18 @@ layer ``z = a W^T + c`` the gradient of worker q's loss is a sum over q's own sa
 so one backward pass to the layer outputs ``dz`` (of the sum of the workers' mean losses)
 followed by one batched matmul per layer, ``[N, out, b] @ [N, b, in]``, gives all N gradients.
 This is the per-example-gradient trick of DP-SGD libraries, applied per worker instead of per
-sample, and it skips the bookkeeping of ``vmap(grad)``: about 2x faster per step on the MLP of
-paper 003 (see ``benchmarks/bench_simulator.py``).
+sample, and it skips the bookkeeping of ``vmap(grad)`` (timings of both paths in
+``benchmarks/bench_simulator.py``). The gradients can stay factored: :class:`GradientFactors`
+writes ``e + lr * G`` into the error-feedback memory in one pass, without an [N, d] gradient.
 
-It is exact under two conditions, both checked by :func:`grouped_gradients_supported`:
+It is exact under two conditions:
 
-* every parameter is the weight or bias of an ``nn.Linear`` that is called once per forward;
+* every parameter is the weight or bias of an ``nn.Linear`` that is called once per forward
+  (:func:`grouped_gradients_supported`, and a check at every call);
 * the loss is the mean of per-sample losses with no interaction between samples (no batch
-  norm), so the sum over workers of their mean losses is ``N * loss(all N b samples)``.
-
-The simulator additionally compares this path with ``vmap`` on a probe batch when it starts
-and falls back to ``vmap`` if they differ (see :class:`~gradsparse.engines.sync_sim.SyncSimulator`).
+  norm), so the sum over workers of their mean losses is ``N * loss(all N b samples)``. The
+  simulator checks this one by comparing with ``vmap`` on a probe batch when it starts, and
+  falls back to ``vmap`` if they differ (see :class:`~gradsparse.engines.sync_sim.SyncSimulator`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import group_outer_into
 from ..tasks import Task
 
 
@@ -56,6 +56,7 @@ class GroupedLinearGradients:
             raise ValueError(f"task {task.name!r} is not a module of Linear layers only")
         self.task = task
         self.module = task.module
+        self._scratch: torch.Tensor | None = None  # reused [N * out * in] matmul buffer
         self.layers = linear_layers(self.module)
         offsets, off = {}, 0
         for n, s in zip(names, sizes):
@@ -105,7 +106,11 @@ class GroupedLinearGradients:
                     a.reshape(n, -1, mod.in_features).contiguous(),
                 )
             )
-        return GradientFactors(n, layers)
+        need = n * max(lin.weight.numel() for lin in self.layers.values())
+        dtype = layers[0][1].dtype
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != dtype:
+            self._scratch = torch.empty(need, dtype=dtype)
+        return GradientFactors(n, layers, self._scratch)
 
     def __call__(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, out: torch.Tensor
@@ -117,15 +122,27 @@ class GradientFactors:
     """The N per-worker gradients in factored form: per Linear layer, dL/dz [N, b, out] and the
     layer input [N, b, in] (a few MB where the dense gradients take N * d floats)."""
 
-    def __init__(self, n: int, layers: list) -> None:
+    def __init__(self, n: int, layers: list, scratch: torch.Tensor | None = None) -> None:
         self.n = n
         self.layers = layers  # [((w_off, w_size), (b_off, b_size) | None, dz, a), ...]
+        self.scratch = scratch
 
     def write_into(self, out: torch.Tensor, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
         """``out = alpha * G`` (or ``out += alpha * G`` when ``accumulate``) for the [N, d] matrix
-        G of per-worker gradients; one pass over ``out``."""
+        G of per-worker gradients: one pass over ``out``, no [N, d] temporary."""
         for ((w_off, w_size), b_slot), dz, a in self.layers:
-            group_outer_into(dz, a, out[:, w_off : w_off + w_size], alpha=alpha, accumulate=accumulate)
+            view = out[:, w_off : w_off + w_size]
+            # batched matmul into a reused contiguous buffer, then one strided add/copy into the
+            # [N, d] rows (a batched matmul straight into the strided slice loops per worker)
+            tmp = self._buffer(w_size * self.n, dz.dtype).view(self.n, dz.shape[2], a.shape[2])
+            torch.bmm(dz.transpose(1, 2), a, out=tmp)
+            flat = tmp.view(self.n, w_size)
+            if accumulate:
+                view.add_(flat, alpha=alpha)
+            elif alpha == 1.0:
+                view.copy_(flat)
+            else:
+                torch.mul(flat, alpha, out=view)
             if b_slot is not None:
                 b_off, b_size = b_slot
                 gb = dz.sum(dim=1)
@@ -137,6 +154,11 @@ class GradientFactors:
                 else:
                     torch.mul(gb, alpha, out=view)
         return out
+
+    def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if self.scratch is None or self.scratch.numel() < numel or self.scratch.dtype != dtype:
+            self.scratch = torch.empty(numel, dtype=dtype)
+        return self.scratch[:numel]
 
     def dense(self, d: int, dtype: torch.dtype) -> torch.Tensor:
         return self.write_into(torch.empty(self.n, d, dtype=dtype))
