@@ -130,3 +130,22 @@ def test_set_overrides_topology_on_the_command_line(tmp_path):
 def test_every_example_validates(name):
     cfg = load_config(EXAMPLES / f"{name}.yaml")
     assert cfg.name == name
+
+
+def test_gradient_paths_give_the_same_run_and_are_recorded(tmp_path):
+    runs = {}
+    for path in ("auto", "vmap"):
+        out = tmp_path / path
+        rc = main([
+            "run", "digits_mlp_topk", "--out", str(out), "--no-progress",
+            "--set", "steps=20", "--set", "metrics.every=10", "--set", "plots=false",
+            "--set", f"simulator.gradient_path={path}",
+        ])
+        assert rc == 0
+        runs[path] = (json.loads((out / "summary.json").read_text()), read_csv(out / "metrics.csv"))
+    (sa, ra), (sv, rv) = runs["auto"], runs["vmap"]
+    assert (sa["gradient_path"], sa["in_place_memory"]) == ("grouped", True)
+    assert (sv["gradient_path"], sv["in_place_memory"]) == ("vmap", False)
+    assert sa["uplink_bytes"] == sv["uplink_bytes"]
+    for a, v in zip(ra, rv):
+        assert float(a["loss"]) == pytest.approx(float(v["loss"]), rel=1e-4)

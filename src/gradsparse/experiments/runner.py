@@ -213,6 +213,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         "steps": sim.t,
         "epochs": sim.epoch,
         "wall_seconds": wall,
+        "gradient_path": sim.gradient_path,  # what "auto" resolved to
+        "in_place_memory": sim.fused_memory,
         "uplink_bytes": sim.uplink_bytes,
         "downlink_bytes": sim.downlink_bytes,
         "avg_density": sim.density_sum / max(sim.t, 1),
