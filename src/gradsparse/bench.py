@@ -2,7 +2,9 @@
 
 Runs the scripts of the repository's ``benchmarks/`` folder (each exposes ``run(quick) -> rows``),
 prints every row and writes one CSV per benchmark. Each case reports medians of repeated runs and
-ratios against baselines measured in the same run; nothing here asserts a time.
+ratios against baselines measured in the same run; nothing here asserts a time. At the end the
+ratios are compared with the performance targets (:data:`TARGETS`) and a table of
+target / measured / met is printed and written to ``targets.csv``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,89 @@ def _load(name: str):
     return mod
 
 
+#: (benchmark, description, row filter, column, comparison, bound). The topk and wire rows are for
+#: d = 25M (quick runs use smaller sizes, so their verdicts are only indicative).
+TARGETS: tuple = (
+    *(
+        (
+            "topk", f"exact top-k ({path}) at {rho:.1%}: <= 5x a copy", dict(kind="time", method=f"topk_indices[{path}]", density=rho, largest_d=True),
+            "x_copy", "<=", 5.0,
+        )
+        for path in ("ext", "torch") for rho in (0.001, 0.01)
+    ),
+    *(
+        (
+            "topk", f"exact top-k ({path}) at {rho:.1%}: >= 8x faster than torch.topk",
+            dict(kind="time", method=f"topk_indices[{path}]", density=rho, largest_d=True), "speedup_vs_torch_topk", ">=", 8.0,
+        )
+        for path in ("ext", "torch") for rho in (0.001, 0.01)
+    ),
+    *(
+        ("topk", f"layer-wise top-k, 100 segments, at {rho:.1%}: <= 5x a copy",
+         dict(kind="time", method="topk_layerwise100[ext]", density=rho, largest_d=True), "x_copy", "<=", 5.0)
+        for rho in (0.001, 0.01)
+    ),
+    *(
+        ("topk", f"hard-threshold EF step ({path}) at {rho:.1%}: <= 3x a copy",
+         dict(kind="time", method=f"ht_ef[{path}]", density=rho, largest_d=True), "x_copy", "<=", 3.0)
+        for path in ("ext", "torch") for rho in (0.001, 0.01)
+    ),
+    *(
+        ("topk", f"top-k EF step ({path}) at {rho:.1%}: <= 6x a copy",
+         dict(kind="time", method=f"topk_ef[{path}]", density=rho, largest_d=True), "x_copy", "<=", 6.0)
+        for path in ("ext", "torch") for rho in (0.001, 0.01)
+    ),
+    *(
+        ("wire", f"Rice index payload at {rho:.1%}: <= 1.05x log2 C(d,k)",
+         dict(kind="codec", encoding="rice", density=rho, largest_d=True), "idx_vs_entropy", "<=", 1.05)
+        for rho in (0.001, 0.01)
+    ),
+    ("wire", "byte-aligned index payload, worst density in 0.05%-0.99%: <= 1.35x log2 C(d,k)",
+     dict(kind="sweep_max"), "idx_vs_entropy", "<=", 1.35),
+    ("wire", "encode + decode of a 0.1% message (auto): <= 0.1x torch.topk",
+     dict(kind="codec", encoding="auto", density=0.001, largest_d=True), "encdec_over_topk", "<=", 0.1),
+    ("wire", "encode + decode of a 0.1% message (auto): <= 0.5x gradsparse's exact top-k",
+     dict(kind="codec", encoding="auto", density=0.001, largest_d=True), "encdec_over_exact_topk", "<=", 0.5),
+    ("simulator", "vectorized simulator (default engine): >= 5x faster than the loop over model copies",
+     dict(case_prefix="sync step [grouped+in-place]"), "speedup_vs_loop", ">=", 5.0),
+)
+
+
+def _matches(row: dict, filt: dict) -> bool:
+    for k, v in filt.items():
+        if k == "largest_d":
+            continue
+        if k == "case_prefix":
+            if not str(row.get("case", "")).startswith(v):
+                return False
+        elif isinstance(v, float):
+            if not isinstance(row.get(k), (int, float)) or abs(float(row[k]) - v) > 1e-12:
+                return False
+        elif row.get(k) != v:
+            return False
+    return True
+
+
+def check_targets(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per target whose benchmark ran: target, measured value, met (True/False), or
+    ``met = None`` when no row matched (e.g. the compiled kernels are not built)."""
+    out = []
+    for bench, desc, filt, col, op, bound in TARGETS:
+        if bench not in results:
+            continue
+        rows = [r for r in results[bench] if _matches(r, filt) and r.get(col) not in (None, "")]
+        if rows and filt.get("largest_d"):  # the target is stated for the largest size measured
+            dmax = max(int(r["d"]) for r in rows)
+            rows = [r for r in rows if int(r["d"]) == dmax]
+        vals = [float(r[col]) for r in rows]
+        if not vals:
+            out.append({"target": desc, "measured": None, "met": None})
+            continue
+        v = max(vals) if op == "<=" else min(vals)  # the worst matching row decides
+        out.append({"target": desc, "measured": v, "met": v <= bound if op == "<=" else v >= bound})
+    return out
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -52,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, list[dict]] = {}
     for name in names:
-        rows = _load(name).run(a.quick)
+        rows = results[name] = _load(name).run(a.quick)
         print(f"== {name} ==")
         for r in rows:
             print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items()))
@@ -63,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             w.writeheader()
             w.writerows(rows)
         print(f"  -> {out / (name + '.csv')}")
+    verdicts = check_targets(results)
+    if verdicts:
+        note = " (quick sizes: indicative only)" if a.quick else ""
+        print(f"== targets{note} ==")
+        for v in verdicts:
+            met = {True: "met", False: "NOT MET", None: "not measured"}[v["met"]]
+            meas = "-" if v["measured"] is None else f"{v['measured']:.4g}"
+            print(f"  {met:>12}  {meas:>8}  {v['target']}")
+        with open(out / "targets.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["target", "measured", "met"])
+            w.writeheader()
+            w.writerows(verdicts)
+        print(f"  -> {out / 'targets.csv'}")
     return 0
 
 

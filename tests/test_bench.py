@@ -1,0 +1,51 @@
+"""The benchmark suite's target table: verdicts from synthetic rows, and a quick smoke run."""
+
+import csv
+
+from gradsparse.bench import TARGETS, check_targets, main
+
+
+def _by_target(verdicts):
+    return {v["target"]: v for v in verdicts}
+
+
+def test_target_verdicts_use_the_worst_row_at_the_largest_size():
+    rows = {
+        "topk": [
+            # 25M rows decide; the 1M row (worse) is ignored for a largest_d target
+            dict(kind="time", d=25_000_000, method="topk_indices[ext]", density=0.001, x_copy=0.9, speedup_vs_torch_topk=50.0),
+            dict(kind="time", d=1_000_000, method="topk_indices[ext]", density=0.001, x_copy=9.0, speedup_vs_torch_topk=3.0),
+            dict(kind="time", d=25_000_000, method="topk_indices[ext]", density=0.01, x_copy=5.2, speedup_vs_torch_topk=8.0),
+        ],
+        "simulator": [
+            dict(case="sync step [grouped+in-place], 100 workers", speedup_vs_loop=4.99),
+            dict(case="sync step [vmap], 100 workers", speedup_vs_loop=9.0),
+        ],
+    }
+    v = _by_target(check_targets(rows))
+    assert v["exact top-k (ext) at 0.1%: <= 5x a copy"] == {
+        "target": "exact top-k (ext) at 0.1%: <= 5x a copy", "measured": 0.9, "met": True}
+    assert v["exact top-k (ext) at 1.0%: <= 5x a copy"]["met"] is False  # 5.2 > 5
+    assert v["exact top-k (ext) at 1.0%: >= 8x faster than torch.topk"]["met"] is True  # bound inclusive
+    assert v["exact top-k (torch) at 0.1%: <= 5x a copy"] == {
+        "target": "exact top-k (torch) at 0.1%: <= 5x a copy", "measured": None, "met": None}
+    sim = v["vectorized simulator (default engine): >= 5x faster than the loop over model copies"]
+    assert sim["measured"] == 4.99 and sim["met"] is False  # the vmap row does not count
+    # targets of benchmarks that did not run are left out
+    assert not any(t.startswith("Rice") for t in v)
+    assert len(check_targets({})) == 0
+    assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator"}
+
+
+def test_quick_bench_writes_rows_and_a_target_table(tmp_path, capsys):
+    assert main(["--quick", "--only", "wire", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== targets (quick sizes: indicative only) ==" in out
+    with open(tmp_path / "targets.csv") as f:
+        rows = list(csv.DictReader(f))
+    names = {r["target"] for r in rows}
+    assert "byte-aligned index payload, worst density in 0.05%-0.99%: <= 1.35x log2 C(d,k)" in names
+    byte_aligned = next(r for r in rows if r["target"].startswith("byte-aligned"))
+    assert float(byte_aligned["measured"]) <= 1.35 and byte_aligned["met"] == "True"
+    assert (tmp_path / "wire.csv").exists()
+    assert main(["--only", "nope"]) == 2
