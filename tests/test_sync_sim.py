@@ -90,12 +90,14 @@ def test_vectorized_gradients_equal_a_per_worker_loop():
         torch.testing.assert_close(vec, loop, rtol=1e-4, atol=1e-6)
 
 
-def test_same_seed_same_run_and_checkpoint_resume():
+@pytest.mark.parametrize("momentum", ["update", "none"])  # "none": grouped gradients, in-place memory
+def test_same_seed_same_run_and_checkpoint_resume(momentum):
     def make(seed):
         task = make_task("digits_mlp")
-        alg = Algorithm(compressor=TopK(density=0.05), feedback="ef", momentum="update", beta=0.9)
+        alg = Algorithm(compressor=TopK(density=0.05), feedback="ef", momentum=momentum, beta=0.9)
         return SyncSimulator(task, alg, Schedule(lr=0.05), n_workers=4, batch_size=4, seed=seed)
 
+    assert make(0).fused_memory == (momentum == "none")
     a, b = make(0), make(0)
     for _ in range(10):
         a.step(), b.step()
