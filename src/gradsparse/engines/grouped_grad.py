@@ -118,6 +118,16 @@ class GroupedLinearGradients:
         return self.factors(params, x, y).write_into(out)
 
 
+def _put(view: torch.Tensor, value: torch.Tensor, alpha: float, accumulate: bool) -> None:
+    """view += alpha * value, or view = alpha * value."""
+    if accumulate:
+        view.add_(value, alpha=alpha)
+    elif alpha == 1.0:
+        view.copy_(value)
+    else:
+        torch.mul(value, alpha, out=view)
+
+
 class GradientFactors:
     """The N per-worker gradients in factored form: per Linear layer, dL/dz [N, b, out] and the
     layer input [N, b, in] (a few MB where the dense gradients take N * d floats)."""
@@ -136,23 +146,10 @@ class GradientFactors:
             # [N, d] rows (a batched matmul straight into the strided slice loops per worker)
             tmp = self._buffer(w_size * self.n, dz.dtype).view(self.n, dz.shape[2], a.shape[2])
             torch.bmm(dz.transpose(1, 2), a, out=tmp)
-            flat = tmp.view(self.n, w_size)
-            if accumulate:
-                view.add_(flat, alpha=alpha)
-            elif alpha == 1.0:
-                view.copy_(flat)
-            else:
-                torch.mul(flat, alpha, out=view)
+            _put(view, tmp.view(self.n, w_size), alpha, accumulate)
             if b_slot is not None:
                 b_off, b_size = b_slot
-                gb = dz.sum(dim=1)
-                view = out[:, b_off : b_off + b_size]
-                if accumulate:
-                    view.add_(gb, alpha=alpha)
-                elif alpha == 1.0:
-                    view.copy_(gb)
-                else:
-                    torch.mul(gb, alpha, out=view)
+                _put(out[:, b_off : b_off + b_size], dz.sum(dim=1), alpha, accumulate)
         return out
 
     def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
