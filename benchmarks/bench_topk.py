@@ -6,8 +6,8 @@ For densities 0.1 % and 1 % of d it times (median of --repeats runs each):
 - ``torch_topk``: ``torch.topk(x.abs(), k)``;  ``np_argpartition``: ``np.argpartition(|x|, d-k)``;
 - ``topk_indices[ext]`` / ``topk_indices[torch]``: gradsparse.kernels.topk_indices, compiled and
   pure-torch paths;
-- ``topk_layerwise100[ext]``: topk_indices_layerwise on the same vector cut into 100 equal
-  segments (like 100 workers' rows), max(1, k // 100) per segment;
+- ``topk_layerwise100[ext]`` / ``topk_layerwise100[torch]``: topk_indices_layerwise on the same
+  vector cut into 100 equal segments (like 100 workers' rows), max(1, k // 100) per segment;
 - ``ht_ef_plain`` vs ``ht_ef[ext]`` / ``ht_ef[torch]``: one hard-threshold error-feedback step
   (a = e + alpha g; send |a| >= lam; zero them), written plainly vs EFStep;
 - ``topk_ef_plain`` vs ``topk_ef[ext]`` / ``topk_ef[torch]``: the same with exact top-k.
@@ -90,11 +90,14 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
 
         ef_ext = K.EFStep(use_ext=True) if has_ext else None
         ef_torch = K.EFStep(use_ext=False)
+        offs = torch.linspace(0, d, 101).long()
+        ks = torch.full((100,), max(1, k // 100), dtype=torch.long).clamp_(max=offs[1:] - offs[:-1])
         cases = [
             ("copy", lambda: y.copy_(x), None),
             ("torch_topk", lambda: torch.topk(x.abs(), k), None),
             ("np_argpartition", lambda: np.argpartition(np.abs(xn), d - k)[d - k :], None),
             ("topk_indices[torch]", lambda: K.topk_indices(x, k, use_ext=False), None),
+            ("topk_layerwise100[torch]", lambda: K.topk_indices_layerwise(x, offs, ks, use_ext=False), None),
             ("ht_ef_plain", ht_plain, reset),
             ("ht_ef[torch]", lambda: ef_torch.hard_threshold_ef_(e, g, lam, alpha), reset),
             ("topk_ef_plain", topk_plain, reset),
@@ -102,11 +105,9 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
         ]
         if has_ext:
             cases.insert(4, ("topk_indices[ext]", lambda: K.topk_indices(x, k, use_ext=True), None))
-            offs = torch.linspace(0, d, 101).long()
-            ks = torch.full((100,), max(1, k // 100), dtype=torch.long).clamp_(max=offs[1:] - offs[:-1])
             lw = lambda: K.topk_indices_layerwise(x, offs, ks, use_ext=True)  # noqa: E731
             cases.insert(5, ("topk_layerwise100[ext]", lw, None))
-            cases.insert(7, ("ht_ef[ext]", lambda: ef_ext.hard_threshold_ef_(e, g, lam, alpha), reset))
+            cases.insert(8, ("ht_ef[ext]", lambda: ef_ext.hard_threshold_ef_(e, g, lam, alpha), reset))
             cases.append(("topk_ef[ext]", lambda: ef_ext.topk_ef_(e, g, k, alpha), reset))
         res = {}
         for name, fn, setup in cases:
@@ -167,10 +168,10 @@ def print_rows(rows: list[dict]) -> None:
     print(f"extension: {K.extension_path() if K.has_extension() else 'not used'}; torch threads {torch.get_num_threads()}")
     t = [r for r in rows if r["kind"] == "time"]
     if t:
-        print(f"\n{'density':>8} {'method':<22} {'median ms':>10} {'copy ms':>8} {'x copy':>7} {'vs torch.topk':>13}")
+        print(f"\n{'density':>8} {'method':<24} {'median ms':>10} {'copy ms':>8} {'x copy':>7} {'vs torch.topk':>13}")
         for r in t:
             print(
-                f"{r['density']:>8} {r['method']:<22} {r['median_ms']:>10.2f} {r['copy_ms']:>8.2f} "
+                f"{r['density']:>8} {r['method']:<24} {r['median_ms']:>10.2f} {r['copy_ms']:>8.2f} "
                 f"{r['x_copy']:>7.2f} {r['speedup_vs_torch_topk']:>12.2f}x"
             )
     h = [r for r in rows if r["kind"] == "hit_rate"]

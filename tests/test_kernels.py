@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import struct
 
 import pytest
 import torch
@@ -606,3 +608,211 @@ def test_compiled_unfused_update_mode():
         assert torch.equal(e1, unfused)
         mask = unfused.abs() >= 2.0
         assert torch.equal(idx, mask.nonzero().view(-1)) and torch.equal(val, unfused[mask])
+
+
+# ------------------------------------------------------------------------------ torch path, sampled
+# Inputs longer than K._SMALL_N take the pure-torch sampling path: a threshold key from a sample,
+# a chunked pass that keeps the 8-byte words of the candidate mask, an exact selection among the
+# candidates. These tests compare it with an independent reference (a stable sort of |x| with NaN
+# above everything) on adversarial inputs, with small chunks (several chunks, ragged tails, words
+# across chunk starts that are not multiples of 8) and with the first threshold forced to miss.
+
+F32_SPECIAL_BITS = [
+    0x00000000, 0x80000000,  # +0, -0
+    0x7F800000, 0xFF800000,  # +inf, -inf
+    0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FBFFFFF,  # NaNs: quiet, negative, signalling, payloads
+    0x00000001, 0x80000003, 0x007FFFFF,  # denormals
+    0x3F800000, 0xBF800000, 0x40000000, 0x7F7FFFFF, 0x3F000000,  # 1, -1, 2, max float, 0.5
+]
+
+
+def ref_topk_sorted(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Independent reference: stable sort by |x| (in float64) descending, then every NaN (any sign
+    or payload) moved in front keeping index order; the first k, ascending."""
+    flat = x.reshape(-1)
+    nan = torch.isnan(flat)
+    o1 = torch.sort(flat.abs().double().masked_fill(nan, 0.0), descending=True, stable=True).indices
+    o2 = torch.sort(nan[o1].to(torch.uint8), descending=True, stable=True).indices
+    return o1[o2][:k].sort().values
+
+
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+PALETTE = st.lists(
+    st.one_of(st.sampled_from(F32_SPECIAL_BITS), st.floats(width=32, allow_nan=False).map(_f32_bits)),
+    min_size=1,
+    max_size=8,
+)
+LAYOUTS = ["iid", "randn_plus", "sorted_up", "sorted_down", "runs"]
+
+
+def palette_vector(bits: list[int], n: int, layout: str, seed: int) -> torch.Tensor:
+    """n float32 entries drawn from a few bit patterns (so: heavy ties, NaNs of several payloads,
+    infinities, signed zeros, denormals), laid out to be hard for a sampled threshold."""
+    g = gen(seed)
+    pal = bits_f32(bits)
+    w = torch.rand(len(bits), generator=g) + 0.05  # uneven frequencies
+    x = pal[torch.multinomial(w, n, replacement=True, generator=g)]
+    if layout == "randn_plus":  # mostly distinct values, the palette sprinkled in
+        base = torch.randn(n, generator=g)
+        keep = torch.rand(n, generator=g) < 0.02
+        x = torch.where(keep, x, base)
+    elif layout in ("sorted_up", "sorted_down"):  # sorted by magnitude (NaNs at one end)
+        mag = torch.nan_to_num(x.abs().double(), nan=math.inf)
+        x = x[torch.sort(mag, descending=layout == "sorted_down", stable=True).indices]
+    elif layout == "runs":  # long constant runs
+        r = torch.randint(1, 5000, (n // 100 + 1,), generator=g)
+        x = torch.repeat_interleave(x[: r.numel()], r)[:n]
+        if x.numel() < n:
+            x = torch.cat([x, pal[:1].expand(n - x.numel())])
+    return x.contiguous()
+
+
+def pick_k(n: int, how: str, frac: float) -> int:
+    """k for a vector of n >= 2 entries: 1, n - 1, a sparse k (up to 5 %) or any k in [1, n-1]."""
+    if how == "one":
+        return 1
+    if how == "d-1":
+        return n - 1
+    if how == "sparse":  # the densities the sampling is tuned for
+        return max(1, int(frac * 0.05 * n))
+    return max(1, min(n - 1, int(frac * n)))
+
+
+@contextlib.contextmanager
+def knobs(chunk: int, rank_scale: float = 1.0):
+    """Temporarily set the torch path's chunk length and the sample-rank scale (0 makes the first
+    threshold the sample maximum, so the pass finds too few candidates and retries)."""
+    old = K._CHUNK
+    K._CHUNK = chunk
+    K._set_rank_scale(rank_scale)
+    try:
+        yield
+    finally:
+        K._CHUNK = old
+        K._set_rank_scale(1.0)
+
+
+CHUNKS = st.sampled_from([4096, 12_340, 1 << 20])  # several chunks with ragged tails / one chunk
+RANK_SCALES = st.sampled_from([1.0, 1.0, 0.0, 0.3])  # 0: first threshold = sample max (retries)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    bits=PALETTE,
+    n=st.integers(K._SMALL_N + 1, 3 * K._SMALL_N),
+    layout=st.sampled_from(LAYOUTS),
+    how=st.sampled_from(["one", "d-1", "sparse", "any"]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    chunk=CHUNKS,
+    rank_scale=RANK_SCALES,
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_torch_sampled_path_matches_sort(bits, n, layout, how, frac, seed, chunk, rank_scale, dtype):
+    x = palette_vector(bits, n, layout, seed).to(dtype)
+    k = pick_k(n, how, frac)
+    with knobs(chunk, rank_scale):
+        got = K.topk_indices(x, k, use_ext=False)
+    assert got.dtype == torch.long and torch.equal(got, ref_topk_sorted(x, k)), (layout, how, k, chunk, rank_scale)
+
+
+@pytest.mark.parametrize("rank_scale", [1.0, 0.0])
+def test_torch_sampled_path_pinned_cases(rank_scale):
+    """Cases the sampling path must get right whatever the sample: all-equal vectors, -0/+0
+    only, NaNs outnumbering k (the threshold is the NaN key), every NaN payload tying with the
+    others, inf/-inf ties, and a k-th value shared by thousands of entries."""
+    n = 100_003  # not a multiple of 8 nor of the chunk
+    cases = {
+        "all_equal": torch.full((n,), -2.5),
+        "signed_zeros": torch.where(torch.rand(n, generator=gen(1)) < 0.5, -0.0, 0.0),
+        "nan_payloads": palette_vector([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x3F800000], n, "iid", 2),
+        "inf_ties": palette_vector([0x7F800000, 0xFF800000, 0x3F800000, 0x00000000], n, "iid", 3),
+        "few_values": torch.randint(-3, 4, (n,), generator=gen(4)).float(),
+        # 40 adjacent floats, many copies each: distinct keys that share their top bits
+        "close_ties": (1.0 + torch.randint(0, 40, (n,), generator=gen(5)).double() * 2.0**-23).float(),
+    }
+    with knobs(10_000, rank_scale):
+        for name, x in cases.items():
+            for k in (1, 2, 7, 100, 1000, 5000, n // 3, 70_000, n - 1):  # 70_000: > 65536 candidates
+                assert torch.equal(K.topk_indices(x, k, use_ext=False), ref_topk_sorted(x, k)), (name, k)
+        # the lower index wins every tie: on an all-equal vector the answer is a prefix
+        assert torch.equal(K.topk_indices(cases["all_equal"], 5000, use_ext=False), torch.arange(5000))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=PALETTE,
+    sizes=st.lists(
+        st.one_of(st.integers(K._SMALL_N + 1, 2 * K._SMALL_N), st.integers(0, 300)), min_size=2, max_size=6
+    ),
+    lead=st.integers(0, 13),
+    layout=st.sampled_from(LAYOUTS),
+    kinds=st.lists(st.sampled_from(["zero", "one", "d-1", "all", "sparse", "any"]), min_size=6, max_size=6),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([4096, 50_000, 1 << 20]),  # cut segments / whole segments / runs of them
+    rank_scale=RANK_SCALES,
+)
+def test_torch_layerwise_sampled_matches_sort(bits, sizes, lead, layout, kinds, frac, seed, chunk, rank_scale):
+    """Several large segments at once (batched sample, per-segment thresholds in shared chunks,
+    batched selection), mixed with small ones, at offsets that are not multiples of 8."""
+    offs = [lead]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    x = palette_vector(bits, offs[-1] + 5, layout, seed)
+    ks = []
+    for s, kind in zip(sizes, kinds):
+        k = {"zero": 0, "one": min(1, s), "d-1": max(0, s - 1), "all": s}.get(kind)
+        ks.append(k if k is not None else min(s, pick_k(max(s, 2), kind, frac)))
+    with knobs(chunk, rank_scale):
+        got = K.topk_indices_layerwise(x, offs, ks, use_ext=False)
+    exp = [ref_topk_sorted(x[offs[i] : offs[i + 1]], ks[i]) + offs[i] for i in range(len(ks))]
+    assert torch.equal(got, torch.cat(exp).sort().values), (sizes, ks, chunk, rank_scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=PALETTE,
+    n=st.integers(K._SMALL_N + 1, 2 * K._SMALL_N),
+    layout=st.sampled_from(LAYOUTS),
+    how=st.sampled_from(["one", "d-1", "sparse", "any"]),
+    frac=st.floats(0.0, 1.0),
+    alpha=st.sampled_from([1.0, 0.1, -0.37]),
+    seed=st.integers(0, 2**16),
+    chunk=CHUNKS,
+    rank_scale=RANK_SCALES,
+    dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+)
+def test_torch_ef_steps_sampled_match_reference(bits, n, layout, how, frac, alpha, seed, chunk, rank_scale, dtype):
+    """EFStep's torch paths fuse a = e + alpha*g into the chunked pass: same a (bitwise), same
+    selection, same values and memory as the plain formulas."""
+    e = palette_vector(bits, n, layout, seed).to(dtype)
+    g = torch.where(torch.rand(n, generator=gen(seed + 1)) < 0.5, 0.0, torch.randn(n, generator=gen(seed + 2)))
+    g = g.to(dtype)
+    a = accumulate(e, g, alpha)
+    ib = {2: torch.int16, 4: torch.int32, 8: torch.int64}[e.element_size()]
+    k = pick_k(n, how, frac)
+    ef = K.EFStep(use_ext=False)
+    e1 = e.clone()
+    with knobs(chunk, rank_scale):
+        idx, val = ef.topk_ef_(e1, g, k, alpha)
+    ridx = ref_topk_sorted(a, k)
+    assert torch.equal(idx, ridx), (layout, how, k)
+    assert torch.equal(val.view(ib), a[ridx].view(ib))
+    exp_e = a.clone()
+    exp_e[ridx] = 0.0
+    assert torch.equal(e1.view(ib), exp_e.view(ib))
+    # hard threshold at a magnitude that occurs (ties at lam), at 0 (everything but NaN), above all
+    mags = a.abs()[~torch.isnan(a)]
+    lams = [0.0, float(mags[seed % mags.numel()]) if mags.numel() else 1.0, math.inf]
+    for lam in lams:
+        e2 = e.clone()
+        with knobs(chunk):
+            idx, val = ef.hard_threshold_ef_(e2, g, lam, alpha)
+        mask = a.abs() >= lam
+        assert torch.equal(idx, mask.nonzero().view(-1)), lam
+        assert torch.equal(val.view(ib), a[mask].view(ib))
+        assert torch.equal(e2.view(ib), a.masked_fill(mask, 0.0).view(ib))

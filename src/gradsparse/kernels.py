@@ -26,6 +26,17 @@ variable ``GRADSPARSE_NO_EXT=1`` is set, or when a function is called with ``use
 (``use_ext=True`` demands the compiled path and raises if it cannot be used). Both paths return
 identical results.
 
+The pure-torch path (what CUDA tensors get) follows the same plan with device-agnostic torch
+ops: a threshold key from a stratified sample, then one pass in chunks (on CPU ~1M entries, so
+that the scratch stays in cache; elsewhere the whole vector) that writes integer keys and a 0/1
+byte mask to small reused buffers and keeps only the 8-byte words of the mask that hold a
+candidate (``nonzero`` over words is 8 times cheaper than over entries), then an exact selection
+among the candidates (for many of them a histogram of the keys' top bits first, so that only one
+bucket is ranked; ties to the lowest index). A pass that finds fewer than k candidates is redone
+with a lower threshold. On CPU nothing of the vector's size is allocated, except when k is so
+close to d that all keys are ranked directly. Many segments (layer-wise) share one sample, one
+pass and one selection.
+
 Error feedback
 --------------
 :class:`EFStep` owns reusable work buffers: after the first call with a given size, a step
@@ -74,6 +85,7 @@ __all__ = [
 _SEED = 0x5EED  # fixed sampling seed: results never depend on it, only the running time does
 _SMALL_N = 65536  # pure-torch path: below this, select directly without sampling
 _SAMPLE_M = 32768
+_CHUNK = 1 << 20  # pure-torch path on CPU: elements per pass chunk (scratch stays in cache)
 _RANK_SCALE = [1.0]  # testing hook, see _set_rank_scale
 
 # ---------------------------------------------------------------------------------------------
@@ -282,29 +294,197 @@ def _exact_from_keys(key: torch.Tensor, k: int, mask: torch.Tensor | None = None
     return torch.cat([gt, eq]).sort().values
 
 
-def _select_from_keys(key: torch.Tensor, k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact top-k positions (ascending, lower index wins ties) of a flat integer key vector."""
+def _kth_largest(key: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry (0-dim tensor) of a 1-D non-negative integer key tensor, 1 <= k <= n.
+
+    Long inputs go through a histogram of the top 15 value bits first, so that only the keys in
+    the bucket that holds the answer are ranked."""
     n = key.numel()
-    dev = key.device
-    if k == 0:
+    if n > 65536:
+        sh = key.element_size() * 8 - 16  # keys are >= 0: (key >> sh) < 2**15
+        top = key >> sh
+        cum = torch.bincount(top, minlength=1 << 15).flip(0).cumsum(0)  # cum[j]: #(top >= 2**15-1-j)
+        j = int(torch.searchsorted(cum, k))
+        if j > 0:
+            k -= int(cum[j - 1])
+        key = key[top == (1 << 15) - 1 - j]
+        n = key.numel()
+    if k <= n - k:  # whichever end of the ranking is shorter
+        return torch.topk(key, k, sorted=False).values.min()
+    return torch.topk(key, n - k + 1, largest=False, sorted=False).values.max()
+
+
+def _select_mask(key: torch.Tensor, T: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest keys given their k-th largest ``T``; ties at ``T`` go to the
+    lowest positions."""
+    sel = key >= T
+    if int(sel.sum()) != k:
+        eq = key == T
+        torch.gt(key, T, out=sel)
+        need = k - sel.sum()
+        sel |= eq & (torch.cumsum(eq, 0) <= need)
+    return sel
+
+
+def _pick(key: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Positions of the k largest of the (clamped) keys, ascending, ties to the lower position;
+    None when k is the whole length. 0 < k <= len."""
+    if k == key.numel():
+        return None
+    return _select_mask(key, _kth_largest(key, k), k).nonzero().view(-1)
+
+
+_ADD_CHUNKS_OK: dict[torch.dtype, bool] = {}
+
+
+def _add_in_chunks(e: torch.Tensor) -> bool:
+    """Whether ``e.add_(g, alpha=alpha)`` may be applied chunk by chunk and give the bits of one
+    whole call: true off CPU (the pass is one chunk there) and on CPU when torch's vectorised body
+    and its scalar remainder loop round alike (both fused, or both not), which is checked once
+    per dtype. Otherwise the torch EF paths add over the whole tensor first."""
+    if e.device.type != "cpu":
+        return True
+    ok = _ADD_CHUNKS_OK.get(e.dtype)
+    if ok is None:
+        gen = torch.Generator().manual_seed(1234)
+        n = 4099  # one call: vector body and a remainder; pieces of 7: remainders only
+        a = (torch.randn(n, generator=gen) * torch.randn(n, generator=gen).exp()).to(e.dtype)
+        b = torch.randn(n, generator=gen).to(e.dtype)
+        ok = True
+        for alpha in (0.37, -1.7e-3, 3.3333333):
+            whole = a.clone().add_(b, alpha=alpha)
+            parts = torch.cat([a[i : i + 7].clone().add_(b[i : i + 7], alpha=alpha) for i in range(0, n, 7)])
+            ok = ok and torch.equal(whole.view(_KEYINFO[e.dtype][0]), parts.view(_KEYINFO[e.dtype][0]))
+        _ADD_CHUNKS_OK[e.dtype] = ok
+    return ok
+
+
+def _chunk_len(n: int, device: torch.device) -> int:
+    """Elements per pass chunk: on CPU a slice whose scratch stays in cache, elsewhere all of it.
+    Always a multiple of 8 (the candidate masks are scanned as 8-byte words)."""
+    c = n if device.type != "cpu" else min(n, max(8, _CHUNK))
+    return (c + 7) & ~7
+
+
+def _scratch_fn(scratch, device: torch.device):
+    if scratch is not None:
+        return scratch
+    return lambda name, n, dtype: torch.empty(n, dtype=dtype, device=device)
+
+
+def _filter_keys(flat: torch.Tensor, T: int, scratch, add=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending positions and bit patterns (as ``_KEYINFO`` integers) of the entries of ``flat``
+    whose raw key (sign bit cleared, NaN payloads kept, so that every NaN has a key above +inf's)
+    is >= ``T``.
+
+    One pass in chunks: each chunk's keys and a 0/1 byte mask go to small reused scratch buffers
+    (in cache on CPU), the mask is scanned as 8-byte words and only the words that hold a
+    candidate are kept; they are expanded to positions once at the end. ``add = (g, alpha)``
+    first applies ``flat.add_(g, alpha=alpha)`` chunk by chunk."""
+    it, bits, _ = _KEYINFO[flat.dtype]
+    n = flat.numel()
+    dev = flat.device
+    C = _chunk_len(n, dev)
+    kb = scratch("key", C, it)
+    mb = scratch("mask", C, torch.uint8)
+    xi = flat.view(it)
+    acc: tuple[list, list] = ([], [])
+    for s in range(0, n, C):
+        e = min(n, s + C)
+        if add is not None:
+            flat[s:e].add_(add[0][s:e], alpha=add[1])
+        _mask_words(torch.bitwise_and(xi[s:e], bits, out=kb[: e - s]), T, mb, s, acc)
+    pos = _expand_words(acc, dev)
+    return pos, xi.index_select(0, pos)
+
+
+def _mask_words(v: torch.Tensor, thr, mb: torch.Tensor, s: int, acc: tuple) -> None:
+    """Scan the mask ``v >= thr`` of the chunk starting at position ``s`` (``thr`` a scalar or a
+    list of ``(start, end, threshold)`` pieces of ``v``): append to ``acc`` the
+    first positions and the contents of its 8-byte words (one 0/1 byte per entry) that hold a
+    set byte. Few words do, and ``nonzero`` costs about the same per element whatever
+    the element size, so this is 8 times cheaper than looking for the entries themselves.
+
+    ``v`` (a scratch slice) is overwritten by the comparison, which is then converted into the
+    uint8 scratch ``mb`` seen as bool: on CPU a comparison that writes bool directly is several
+    times slower, one that writes uint8 allocates a temporary of ``v``'s size, and a float ->
+    uint8 copy is not vectorised, while a copy to bool is."""
+    L = v.numel()
+    L8 = (L + 7) & ~7
+    mc = mb[:L8]
+    if isinstance(thr, list):  # (start, end, threshold) pieces covering v
+        for a, b, t in thr:
+            torch.ge(v[a:b], t, out=v[a:b])
+    else:
+        torch.ge(v, thr, out=v)
+    mc[:L].view(torch.bool).copy_(v)
+    if L8 != L:
+        mc[L:].zero_()
+    wv = mc.view(torch.int64)
+    w = wv.nonzero().view(-1)
+    if w.numel():
+        acc[1].append(wv.index_select(0, w))
+        acc[0].append(w.mul_(8).add_(s))  # position of each word's first entry
+
+
+def _expand_words(acc: tuple, dev: torch.device) -> torch.Tensor:
+    """Ascending positions of the set bytes of the words collected by :func:`_mask_words`."""
+    ws, bs = acc
+    if not ws:
         return torch.empty(0, dtype=torch.long, device=dev)
-    if k == n:
-        return torch.arange(n, device=dev)
-    if n <= _SMALL_N:
-        return _exact_from_keys(key, k)
-    gen = torch.Generator().manual_seed(_SEED)
+    W = ws[0] if len(ws) == 1 else torch.cat(ws)
+    B = bs[0] if len(bs) == 1 else torch.cat(bs)
+    p = B.view(torch.uint8).nonzero().view(-1)  # byte j of word i is entry W[i] + j
+    return W.index_select(0, p >> 3).add_(p & 7)
+
+
+def _topk_torch(
+    flat: torch.Tensor, k: int, scratch=None, add=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact top-k of a contiguous 1-D floating tensor in torch: (ascending flat indices, their
+    values or None). Lower index wins ties; NaN ranks above +inf.
+
+    Sample a threshold key, collect the entries at or above it in one chunked pass (retrying
+    lower when fewer than k are found), then select exactly among them. ``scratch(name, numel,
+    dtype)`` supplies reusable work buffers (default: fresh ones). ``add = (g, alpha)``: first
+    update ``flat.add_(g, alpha=alpha)`` in place (fused into the pass when there is one)."""
+    n = flat.numel()
+    dev = flat.device
     m = min(_SAMPLE_M, n // 8)
-    samp = key[torch.randint(n, (m,), generator=gen).to(dev)]
-    mu = k * m / n
+    mu = k * m / n if n else 0.0
     r = int(_RANK_SCALE[0] * (mu + 4.0 * math.sqrt(mu) + 2.0))
+    if add is not None and (k == 0 or k == n or n <= _SMALL_N or r >= m):
+        flat.add_(add[0], alpha=add[1])
+        add = None
+    if k == 0:
+        return torch.empty(0, dtype=torch.long, device=dev), None
+    if k == n:
+        return torch.arange(n, device=dev), None
+    if n <= _SMALL_N:
+        return _exact_from_keys(_keys(flat), k), None
+    _, bits, nankey = _KEYINFO[flat.dtype]
+    scratch = _scratch_fn(scratch, dev)
+    if r < m:
+        gen = torch.Generator().manual_seed(_SEED)
+        stride = n // m  # stratified: one position in each of m equal strata
+        pos = (torch.arange(0, m * stride, stride) + torch.randint(stride, (m,), generator=gen)).to(dev)
+        sv = flat[pos]
+        if add is not None:  # the sample of a = e + alpha*g (its rounding only affects the speed)
+            sv.add_(add[0][pos], alpha=add[1])
+        samp = _keys(sv)
     while r < m:
-        thr = torch.topk(samp, r + 1).values[-1]
-        msk = torch.ge(key, thr, out=mask) if mask is not None else key >= thr
-        cand = msk.nonzero().view(-1)
-        if cand.numel() >= k:
-            return cand[_exact_from_keys(key[cand], k)]
+        T = int(torch.topk(samp, r + 1).values[-1])
+        idx, raw = _filter_keys(flat, T, scratch, add)
+        add = None
+        if idx.numel() >= k:
+            sel = _pick(torch.bitwise_and(raw, bits).clamp_(max=nankey), k)
+            if sel is not None:
+                idx, raw = idx.index_select(0, sel), raw.index_select(0, sel)
+            return idx, raw.view(flat.dtype)
         r = 4 * r + 16
-    return _exact_from_keys(key, k, mask)
+    if add is not None:
+        flat.add_(add[0], alpha=add[1])
+    return _exact_from_keys(_keys(flat), k), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +516,7 @@ def topk_indices(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> tor
         if rc != 0:
             raise MemoryError("topk_indices: the compiled kernel ran out of memory")
         return out
-    return _select_from_keys(_keys(flat), k)
+    return _topk_torch(flat.contiguous(), k)[0]
 
 
 def _as_long_list(v, name: str) -> torch.Tensor:
@@ -401,13 +581,96 @@ def topk_indices_layerwise(
     return _layerwise_torch(flat, off, kt, sizes)
 
 
+def _layerwise_big(flat: torch.Tensor, lo: list[int], hi: list[int], ks: list[int]) -> torch.Tensor:
+    """Exact top-``ks[j]`` of each of the large segments ``[lo[j], hi[j])`` (ascending, disjoint),
+    as ascending global indices: the single-vector algorithm run on all of them at once (one
+    batched sample, one chunked pass with per-segment thresholds, one batched selection)."""
+    dev = flat.device
+    it, bits, nankey = _KEYINFO[flat.dtype]
+    L = len(lo)
+    n = [h - l_ for l_, h in zip(lo, hi)]
+    tot = sum(n)
+    # sample: m keys per segment (about 8 * _SAMPLE_M in all), one in each of m equal strata
+    m = max(1, min(_SAMPLE_M, min(n) // 8, max(1024, 8 * _SAMPLE_M // L)))
+    r = []
+    for kj, nj in zip(ks, n):
+        mu = kj * m / nj
+        # 3 rather than 4 standard deviations: a segment whose threshold turns out too high
+        # is redone on its own, which costs much less than a pass over everything
+        r.append(min(m - 1, int(_RANK_SCALE[0] * (mu + 3.0 * math.sqrt(mu) + 2.0))))
+    gen = torch.Generator().manual_seed(_SEED)
+    stride = torch.tensor(n).div_(m, rounding_mode="floor").unsqueeze(1)
+    spos = torch.randint(1 << 62, (m,), generator=gen).remainder(stride)  # same draws, every row
+    spos += torch.arange(m) * stride
+    spos += torch.tensor(lo).unsqueeze(1)
+    samp = _keys(flat[spos.view(-1).to(dev)]).view(L, m)
+    top = torch.topk(samp, max(r) + 1, dim=1).values
+    thr = top[torch.arange(L, device=dev), torch.tensor(r, device=dev)].tolist()
+    # one pass: runs of adjacent segments share a chunk (per-entry thresholds), long ones are cut
+    C = _chunk_len(tot, dev)
+    kb = torch.empty(C, dtype=it, device=dev)
+    mb = torch.empty(C, dtype=torch.uint8, device=dev)
+    xi = flat.view(it)
+    acc: tuple[list, list] = ([], [])
+    runs: list[tuple[int, int, int, int]] = []  # (start, end, first segment, last segment + 1)
+    for j in range(L):
+        if n[j] >= C:
+            runs += [(s, min(hi[j], s + C), j, j + 1) for s in range(lo[j], hi[j], C)]
+        elif runs and runs[-1][1] == lo[j] and hi[j] - runs[-1][0] <= C and runs[-1][3] == j:
+            runs[-1] = (runs[-1][0], hi[j], runs[-1][2], j + 1)
+        else:
+            runs.append((lo[j], hi[j], j, j + 1))
+    for s, e, a, b in runs:
+        kc = torch.bitwise_and(xi[s:e], bits, out=kb[: e - s])
+        t = thr[a] if b - a == 1 else [(lo[j] - s, hi[j] - s, thr[j]) for j in range(a, b)]
+        _mask_words(kc, t, mb, s, acc)
+    pos = _expand_words(acc, dev)
+    key = xi.index_select(0, pos).bitwise_and_(bits).clamp_(max=nankey)
+    # candidates are grouped by segment: slice j is [cs[j], cs[j + 1])
+    cs = torch.searchsorted(pos, torch.tensor(lo + [hi[-1]], device=dev)).tolist()
+    cnt = [cs[j + 1] - cs[j] for j in range(L)]
+    T: list[torch.Tensor] = []
+    redo: list[int] = []
+    for j in range(L):
+        if cnt[j] < ks[j]:  # the sample threshold was too high for this segment (rare)
+            redo.append(j)
+            T.append(torch.full((), nankey + 1, dtype=it, device=dev))  # selects none of them
+        else:
+            T.append(_kth_largest(key[cs[j] : cs[j + 1]], ks[j]))
+    Tc = torch.repeat_interleave(torch.stack(T), torch.tensor(cnt, device=dev), output_size=key.numel())
+    sel = key >= Tc
+    if int(sel.sum()) != sum(ks[j] for j in range(L) if j not in redo):
+        # ties at the threshold of some segments: there the first ones win
+        cum = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), torch.cumsum(sel, 0)])
+        upto = cum[torch.tensor(cs, device=dev)].tolist()  # upto[j]: #selected before slice j
+        for j in range(L):
+            if j not in redo and upto[j + 1] - upto[j] != ks[j]:
+                sel[cs[j] : cs[j + 1]] = _select_mask(key[cs[j] : cs[j + 1]], T[j], ks[j])
+    out = pos[sel]
+    if redo:
+        extra = [_topk_torch(flat[lo[j] : hi[j]], ks[j])[0] + lo[j] for j in redo]
+        out = torch.cat([out] + extra).sort().values
+    return out
+
+
 def _layerwise_torch(flat: torch.Tensor, off: torch.Tensor, kt: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    flat = flat.contiguous()
     dev = flat.device
     parts: list[torch.Tensor] = []
     big = (sizes > _SMALL_N) & (kt > 0)
-    for l in big.nonzero().view(-1).tolist():
-        lo, hi = int(off[l]), int(off[l + 1])
-        parts.append(_select_from_keys(_keys(flat[lo:hi]), int(kt[l])) + lo)
+    bl = big.nonzero().view(-1).tolist()
+    if bl:
+        lo = off[bl].tolist()
+        hi = off[[b + 1 for b in bl]].tolist()
+        ks = kt[bl].tolist()
+        # alone: a whole segment, or a single large one; together: the others
+        alone = [len(bl) == 1 or ks[j] == hi[j] - lo[j] for j in range(len(bl))]
+        many = [j for j in range(len(bl)) if not alone[j]]
+        for j in range(len(bl)):
+            if alone[j]:
+                parts.append(_topk_torch(flat[lo[j] : hi[j]], ks[j])[0] + lo[j])
+        if many:
+            parts.append(_layerwise_big(flat, [lo[j] for j in many], [hi[j] for j in many], [ks[j] for j in many]))
     small = ((~big) & (kt > 0)).nonzero().view(-1)
     if small.numel():
         ssz, sk, soff = sizes[small], kt[small], off[small]
@@ -425,6 +688,8 @@ def _layerwise_torch(flat: torch.Tensor, off: torch.Tensor, kt: torch.Tensor, si
         # after grouping, segment s occupies the same block [start_cat[s], +ssz[s]) again
         take = local < torch.repeat_interleave(sk, ssz)
         parts.append(gidx[perm[take].to(dev)])
+    if len(parts) == 1 and not small.numel():
+        return parts[0]
     return torch.cat(parts).sort().values
 
 
@@ -477,9 +742,11 @@ class EFStep:
     ``e`` must be a contiguous floating tensor (any shape; indices are flat) and ``g`` a tensor
     of the same shape and dtype. The compiled path (float32, CPU) makes one fused pass that reads
     ``g`` and ``e`` and writes ``e``; its candidate buffers live in a C workspace owned by this
-    object and grow only when a step needs more room than any earlier one. The torch path keeps
-    O(d) scratch tensors keyed by size and dtype. The returned tensors are freshly allocated
-    (O(k)) and owned by the caller.
+    object and grow only when a step needs more room than any earlier one. The torch path makes
+    the update chunk by chunk inside its single pass (when that rounds like one ``add_``, see
+    ``_add_in_chunks``) and keeps scratch tensors of one chunk (on CPU; of ``e``'s size on other
+    devices) keyed by name and dtype. The returned tensors are freshly allocated (O(k)) and owned
+    by the caller.
 
     An instance is not meant to be shared by threads running concurrently (calls are serialised
     by a lock). Pickling keeps the configuration and drops the buffers.
@@ -573,13 +840,23 @@ class EFStep:
                 val = torch.empty(cnt, dtype=torch.float32)
                 lib.gs_ht_gather(ws, idx.data_ptr(), val.data_ptr())
                 return idx, val
-            flat.add_(g.reshape(-1), alpha=alpha)
-            ab = self._buf("abs", n, e.dtype, e.device)
-            torch.abs(flat, out=ab)
-            m = self._buf("mask", n, torch.bool, e.device)
-            torch.ge(ab, lam, out=m)
-            idx = m.nonzero().view(-1)
-            val = flat[idx]
+            # chunk by chunk: a = e + alpha*g, |a| to a small scratch, the mask |a| >= lam
+            # scanned as 8-byte words (see _filter_keys)
+            gf = g.reshape(-1)
+            dev = e.device
+            fused = _add_in_chunks(e)
+            if not fused:
+                flat.add_(gf, alpha=alpha)
+            C = _chunk_len(n, dev)
+            ab = self._buf("abs", C, e.dtype, dev)
+            mb = self._buf("mask", C, torch.uint8, dev)
+            acc: tuple[list, list] = ([], [])
+            for s in range(0, n, C):
+                t = min(n, s + C)
+                a = flat[s:t].add_(gf[s:t], alpha=alpha) if fused else flat[s:t]
+                _mask_words(torch.abs(a, out=ab[: t - s]), lam, mb, s, acc)
+            idx = _expand_words(acc, dev)
+            val = flat.index_select(0, idx)
             flat.index_fill_(0, idx, 0)
             return idx, val
 
@@ -603,12 +880,14 @@ class EFStep:
                 if rc != 0:
                     raise MemoryError("topk_ef_: the compiled kernel ran out of memory")
                 return idx, val
-            flat.add_(g.reshape(-1), alpha=alpha)
-            kb = self._buf("key", n, _KEYINFO[e.dtype][0], e.device)
-            _keys(flat, out=kb)
-            m = self._buf("mask", n, torch.bool, e.device)
-            idx = _select_from_keys(kb, k, mask=m)
-            val = flat[idx]
+            dev = e.device
+            scratch = lambda name, size, dt: self._buf(name, size, dt, dev)  # noqa: E731
+            if _add_in_chunks(e):
+                idx, val = _topk_torch(flat, k, scratch, (g.reshape(-1), alpha))
+            else:
+                idx, val = _topk_torch(flat.add_(g.reshape(-1), alpha=alpha), k, scratch)
+            if val is None:
+                val = flat.index_select(0, idx)
             flat.index_fill_(0, idx, 0)
             return idx, val
 
