@@ -53,9 +53,9 @@ TARGETS: tuple = (
         for path in ("ext", "torch") for rho in (0.001, 0.01)
     ),
     *(
-        ("topk", f"layer-wise top-k, 100 segments, at {rho:.1%}: <= 5x a copy",
-         dict(kind="time", method="topk_layerwise100[ext]", density=rho, largest_d=True), "x_copy", "<=", 5.0)
-        for rho in (0.001, 0.01)
+        ("topk", f"layer-wise top-k ({path}), 100 segments, at {rho:.1%}: <= 5x a copy",
+         dict(kind="time", method=f"topk_layerwise100[{path}]", density=rho, largest_d=True), "x_copy", "<=", 5.0)
+        for path in ("ext", "torch") for rho in (0.001, 0.01)
     ),
     *(
         ("topk", f"hard-threshold EF step ({path}) at {rho:.1%}: <= 3x a copy",
