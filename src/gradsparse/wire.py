@@ -414,12 +414,53 @@ def _rice_encode(g: np.ndarray, r: int) -> bytes:
     unary_pos = np.cumsum(q + 1) - 1  # position of each terminating one bit
     total = nrem + int(unary_pos[-1]) + 1
     bits = np.zeros(total, dtype=np.uint8)
-    if r:
+    if 0 < r <= 57:
+        bits[:nrem] = np.unpackbits(_msb_pack(g & ((1 << r) - 1), r))[:nrem]
+    elif r:
         shifts = np.arange(r - 1, -1, -1, dtype=np.int64)
-        rem = g & ((1 << r) - 1)
-        bits[:nrem] = ((rem[:, None] >> shifts[None, :]) & 1).reshape(-1)
+        bits[:nrem] = (((g & ((1 << r) - 1))[:, None] >> shifts[None, :]) & 1).reshape(-1)
     bits[nrem + unary_pos] = 1
     return np.packbits(bits).tobytes()
+
+
+def _msb_pack(v: np.ndarray, r: int) -> np.ndarray:
+    """The low r bits of each value (r <= 57), concatenated most significant bit first, as
+    ceil(k r / 8) bytes with zero padding bits. Fields are built in groups of 8 (exactly r bytes a
+    group) as big-endian 64-bit words, so no per-bit or per-field index arrays are needed."""
+    k = v.size
+    ng = -(-k // 8)
+    f = np.zeros(ng * 8, dtype=np.uint64)
+    f[:k] = v
+    f = f.reshape(ng, 8)
+    nw = -(-r // 8)  # 8 fields = r bytes = nw words or less
+    words = np.zeros((ng, nw + 1), dtype=np.uint64)
+    for j in range(8):
+        w, s_ = divmod(j * r, 64)
+        if s_ + r <= 64:
+            words[:, w] |= f[:, j] << np.uint64(64 - s_ - r)
+        else:  # the field straddles two words
+            words[:, w] |= f[:, j] >> np.uint64(s_ + r - 64)
+            words[:, w + 1] |= f[:, j] << np.uint64(128 - s_ - r)
+    out = words.astype(">u8").view(np.uint8).reshape(ng, 8 * (nw + 1))[:, :r].reshape(-1)
+    return out[: (k * r + 7) // 8]
+
+
+def _msb_fields(b: np.ndarray, k: int, r: int) -> np.ndarray:
+    """Inverse of :func:`_msb_pack` (r <= 57): the k consecutive r-bit fields at the start of the
+    byte stream ``b``, as int64. Field 8m + c starts at byte m r + (c r) // 8, so for each c the
+    8-byte windows holding its fields are one strided view (stride r bytes), read as big-endian
+    64-bit words and shifted."""
+    ng = -(-k // 8)
+    pad = np.zeros(max(b.size, ng * r) + 8, dtype=np.uint8)
+    pad[: b.size] = b
+    out = np.empty((ng, 8), dtype=np.int64)
+    mask = np.uint64((1 << r) - 1)
+    for c in range(8):
+        off, sh = divmod(c * r, 8)
+        win = np.lib.stride_tricks.as_strided(pad[off:], shape=(ng, 8), strides=(r, 1))
+        words = win.copy().view(">u8").reshape(ng)
+        out[:, c] = (words >> np.uint64(64 - r - sh)) & mask
+    return out.reshape(-1)[:k]
 
 
 def _rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
@@ -442,7 +483,9 @@ def _rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
     if int(q.max()) > ((d - 1) >> r if d else 0):
         raise WireError("rice index gap exceeds the tensor size")
     g = q << r
-    if r:
+    if 0 < r <= 57:
+        g |= _msb_fields(b, k, r)
+    elif r:
         rb = bits[:nrem].reshape(k, r).astype(np.int64)
         rem = np.zeros(k, dtype=np.int64)
         for j in range(r):
