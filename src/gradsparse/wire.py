@@ -734,15 +734,20 @@ def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     if 16 * k > d:
         return torch.sort(torch.randperm(d, generator=gen)[:k]).values
-    draws = np.zeros(0, dtype=np.int64)
+    draws = torch.zeros(0, dtype=torch.int64)
     while True:
-        extra = torch.randint(0, d, (k + k // 8 + 16,), generator=gen, dtype=torch.int64).numpy()
-        draws = np.concatenate([draws, extra])
-        values, first = np.unique(draws, return_index=True)
-        if values.size >= k:
-            # keep the k values that appeared first in the sequence
-            keep = values[np.argsort(first, kind="stable")[:k]]
-            return torch.from_numpy(np.sort(keep))
+        extra = torch.randint(0, d, (k + k // 8 + 16,), generator=gen, dtype=torch.int64)
+        draws = torch.cat([draws, extra])
+        # one stable sort: each distinct value (ascending) with the position of its first draw
+        srt, order = torch.sort(draws, stable=True)
+        new_value = torch.ones(srt.numel(), dtype=torch.bool)
+        torch.ne(srt[1:], srt[:-1], out=new_value[1:])
+        values, first = srt[new_value], order[new_value]
+        if values.numel() >= k:
+            # keep the k values drawn first: those whose first draw is among the k earliest
+            # (first positions are distinct, so the cut is exact); values stay ascending
+            cut = torch.kthvalue(first, k).values if values.numel() > k else first.max()
+            return values[first <= cut]
 # ----------------------------------------------------------------------------------------------
 # encode / decode
 # ----------------------------------------------------------------------------------------------
