@@ -106,16 +106,18 @@ class GroupedLinearGradients:
                     a.reshape(n, -1, mod.in_features).contiguous(),
                 )
             )
-        need = n * max(lin.weight.numel() for lin in self.layers.values())
-        dtype = layers[0][1].dtype
-        if self._scratch is None or self._scratch.numel() < need or self._scratch.dtype != dtype:
-            self._scratch = torch.empty(need, dtype=dtype)
-        return GradientFactors(n, layers, self._scratch)
+        return GradientFactors(n, layers, self.buffer)
 
     def __call__(
         self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
         return self.factors(params, x, y).write_into(out)
+
+    def buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch slice of ``numel`` entries, reused from step to step (grown when needed)."""
+        if self._scratch is None or self._scratch.numel() < numel or self._scratch.dtype != dtype:
+            self._scratch = torch.empty(numel, dtype=dtype)
+        return self._scratch[:numel]
 
 
 def _put(view: torch.Tensor, value: torch.Tensor, alpha: float, accumulate: bool) -> None:
@@ -132,10 +134,10 @@ class GradientFactors:
     """The N per-worker gradients in factored form: per Linear layer, dL/dz [N, b, out] and the
     layer input [N, b, in] (a few MB where the dense gradients take N * d floats)."""
 
-    def __init__(self, n: int, layers: list, scratch: torch.Tensor | None = None) -> None:
+    def __init__(self, n: int, layers: list, buffer) -> None:
         self.n = n
         self.layers = layers  # [((w_off, w_size), (b_off, b_size) | None, dz, a), ...]
-        self.scratch = scratch
+        self.buffer = buffer  # (numel, dtype) -> reusable scratch tensor
 
     def write_into(self, out: torch.Tensor, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
         """``out = alpha * G`` (or ``out += alpha * G`` when ``accumulate``) for the [N, d] matrix
@@ -144,18 +146,13 @@ class GradientFactors:
             view = out[:, w_off : w_off + w_size]
             # batched matmul into a reused contiguous buffer, then one strided add/copy into the
             # [N, d] rows (a batched matmul straight into the strided slice loops per worker)
-            tmp = self._buffer(w_size * self.n, dz.dtype).view(self.n, dz.shape[2], a.shape[2])
+            tmp = self.buffer(w_size * self.n, dz.dtype).view(self.n, dz.shape[2], a.shape[2])
             torch.bmm(dz.transpose(1, 2), a, out=tmp)
             _put(view, tmp.view(self.n, w_size), alpha, accumulate)
             if b_slot is not None:
                 b_off, b_size = b_slot
                 _put(out[:, b_off : b_off + b_size], dz.sum(dim=1), alpha, accumulate)
         return out
-
-    def _buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        if self.scratch is None or self.scratch.numel() < numel or self.scratch.dtype != dtype:
-            self.scratch = torch.empty(numel, dtype=dtype)
-        return self.scratch[:numel]
 
     def dense(self, d: int, dtype: torch.dtype) -> torch.Tensor:
         return self.write_into(torch.empty(self.n, d, dtype=dtype))

@@ -57,11 +57,8 @@ class LoopSimulator(SyncSimulator):
             outs.append(self.alg.worker_step(grads[q : q + 1], w, state_q, t, lr, self.worker_ids[q : q + 1]))
         state = {k: torch.cat([o.state[k] for o in outs]) for k in outs[0].state}
         if outs[0].sparse is not None:
-            sparse = RowSparse(
-                torch.cat([o.sparse.indices for o in outs]), torch.cat([o.sparse.values for o in outs]), self.d
-            )
+            sparse, acc_vals = self._cat_sparse(outs)
             acc = torch.cat([o.accumulated for o in outs]) if "e" not in state else None
-            acc_vals = torch.cat([o._acc_values for o in outs])
             return WorkerOutput(state, sparse=sparse, acc_values=acc_vals, accumulated=acc)
         return WorkerOutput(
             state,
@@ -73,8 +70,7 @@ class LoopSimulator(SyncSimulator):
     def _worker_phase_in_place(self, grads: torch.Tensor, t: int, lr: float) -> WorkerOutput:
         """Each worker updates its own memory row in place, e_q += c g_q, then compresses it (as a
         per-worker script would, and as the vectorized engine does for all rows at once)."""
-        self._live[0] = False
-        self._live = [True]
+        live = self._renew_live_token()
         e = self.wstate["e"]
         c = self.alg.accumulation_scale(lr)
         outs = []
@@ -82,8 +78,12 @@ class LoopSimulator(SyncSimulator):
             e_q = e[q : q + 1]
             e_q.add_(grads[q : q + 1], alpha=c)
             outs.append(self.alg.worker_step_accumulated(e_q, {"e": e_q}, t, lr, self.worker_ids[q : q + 1]))
+        sparse, acc_vals = self._cat_sparse(outs)
+        return WorkerOutput(dict(self.wstate), sparse=sparse, acc_values=acc_vals, live=live)
+
+    def _cat_sparse(self, outs: list[WorkerOutput]) -> tuple[RowSparse, torch.Tensor]:
+        """The workers' one-row sparse messages (and accumulated values at their supports) as one."""
         sparse = RowSparse(
             torch.cat([o.sparse.indices for o in outs]), torch.cat([o.sparse.values for o in outs]), self.d
         )
-        acc_vals = torch.cat([o._acc_values for o in outs])
-        return WorkerOutput(dict(self.wstate), sparse=sparse, acc_values=acc_vals, live=self._live)
+        return sparse, torch.cat([o._acc_values for o in outs])

@@ -6,8 +6,8 @@ loop over workers. Two gradient paths (``gradient_path``):
 
 * ``vmap``: ``torch.func.vmap(torch.func.grad(loss))``; works for every task;
 * ``grouped``: for modules made of Linear layers only, one ordinary forward/backward over all
-  ``N * batch`` samples and one batched matmul per layer (:mod:`.grouped_grad`), about twice as
-  fast. ``auto`` (the default) uses it when the task supports it *and* it matches ``vmap`` on a
+  ``N * batch`` samples and one batched matmul per layer (:mod:`.grouped_grad`), faster than
+  vmap (timings in ``benchmarks/bench_simulator.py``). ``auto`` (the default) uses it when the task supports it *and* it matches ``vmap`` on a
   probe batch at start-up, else ``vmap``. The model is kept as one flat
 vector ``w`` of size d (the parameter tensors concatenated in the task's order); the algorithm's
 worker and server steps act on ``[N, d]`` rows.
@@ -271,12 +271,18 @@ class SyncSimulator:
                 )
             self.samples_seen += int(self.lens.sum())
             return g
-        self.samples_seen += idx.numel()
-        x, y = self.task.train_x[idx], self.task.train_y[idx]
+        x, y = self._stacked_batch(idx)
         g = self._vgrad(w, x, y)
         if self.x_star is not None:
             g = g - self._vgrad(self.x_star, x, y)
         return g
+
+    def _stacked_batch(self, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's mini-batches stacked as x [N, b, ...], y [N, b] (rows drawn now unless
+        given); counts the samples."""
+        idx = self.sample_rows() if idx is None else idx
+        self.samples_seen += idx.numel()
+        return self.task.train_x[idx], self.task.train_y[idx]
 
     def loop_gradients(self, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Reference path: one gradient call per worker (tests compare it with the vmapped one)."""
@@ -290,16 +296,21 @@ class SyncSimulator:
 
     def _fused_worker_phase(self, w: torch.Tensor, t: int, lr: float):
         """Gradients and the workers' ef/memory step in one pass over the memory:
-        e <- e + c g is written by the grouped-gradient kernel, then compressed in place."""
-        idx = self.sample_rows()
-        self.samples_seen += idx.numel()
-        factors = self._grouped.factors(self.unflatten(w), self.task.train_x[idx], self.task.train_y[idx])
-        self._live[0] = False  # the previous step's record can no longer rebuild its accumulated vectors
-        self._live = [True]
+        e <- e + c g is written from the grouped-gradient factors, then compressed in place."""
+        x, y = self._stacked_batch()
+        factors = self._grouped.factors(self.unflatten(w), x, y)
+        live = self._renew_live_token()
         e = self.wstate["e"]
         factors.write_into(e, alpha=self.alg.accumulation_scale(lr), accumulate=True)
-        wo = self.alg.worker_step_accumulated(e, self.wstate, t, lr, self.worker_ids, live=self._live)
+        wo = self.alg.worker_step_accumulated(e, self.wstate, t, lr, self.worker_ids, live=live)
         return factors, wo
+
+    def _renew_live_token(self) -> list:
+        """Called before the memory is overwritten in place: the previous step's WorkerOutput can
+        no longer rebuild its accumulated vectors (it raises instead); returns this step's token."""
+        self._live[0] = False
+        self._live = [True]
+        return self._live
 
     # ---- one synchronous step ---------------------------------------------------------
     def step(self) -> StepRecord:
