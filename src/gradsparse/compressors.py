@@ -134,10 +134,36 @@ def row_counts(mask: torch.Tensor) -> torch.Tensor:
 
 
 def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
-    """Sorted k-of-d indices drawn without replacement from ``seed`` (shared with the wire)."""
-    from .wire import random_k_indices as _rk
+    """Sorted k-of-d indices, uniform without replacement, fixed by ``seed``.
 
-    return _rk(seed, d, k)
+    For k <= d/16: the first k distinct values of an i.i.d. uniform sequence drawn from
+    ``torch.Generator().manual_seed(seed)`` (a uniform k-subset, O(k log k) — no O(d) permutation,
+    so regenerating a 0.1% support of d = 25M costs milliseconds). Otherwise
+    ``torch.randperm(d)[:k]`` from the same generator. Sorted ascending. The random-k compressor
+    and the wire's default regenerator (seeded messages) both call this function.
+    """
+    d, k = int(d), int(k)
+    if not 0 <= k <= d:
+        raise ValueError(f"random-k needs 0 <= k <= d, got k = {k}, d = {d}")
+    if k == 0:  # nothing to draw (and no randperm of a possibly huge d)
+        return torch.zeros(0, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(int(seed))
+    if 16 * k > d:
+        return torch.sort(torch.randperm(d, generator=gen)[:k]).values
+    draws = torch.zeros(0, dtype=torch.int64)
+    while True:
+        extra = torch.randint(0, d, (k + k // 8 + 16,), generator=gen, dtype=torch.int64)
+        draws = torch.cat([draws, extra])
+        # one stable sort: each distinct value (ascending) with the position of its first draw
+        srt, order = torch.sort(draws, stable=True)
+        new_value = torch.ones(srt.numel(), dtype=torch.bool)
+        torch.ne(srt[1:], srt[:-1], out=new_value[1:])
+        values, first = srt[new_value], order[new_value]
+        if values.numel() >= k:
+            # keep the k values drawn first: those whose first draw is among the k earliest
+            # (first positions are distinct, so the cut is exact); values stay ascending
+            cut = torch.kthvalue(first, k).values if values.numel() > k else first.max()
+            return values[first <= cut]
 
 
 class Compressor:
