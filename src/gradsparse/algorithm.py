@@ -1,260 +1,304 @@
-"""One algorithm description, runnable by every engine.
+"""One algorithm description, run unchanged by every engine.
 
-An :class:`Algorithm` composes the pieces of ALGORITHMS.md:
+An :class:`Algorithm` composes the pieces of ALGORITHMS.md — compressor ∘ error feedback ∘
+momentum ∘ topology — in this order::
 
-    weight decay -> [worker momentum] -> error feedback ∘ uplink compressor      (worker side)
-    weighted aggregate -> [server momentum] -> step size -> [downlink compressor] (server side)
+    worker q:  g <- g + wd * w                          weight decay, before compression
+               g <- momentum_update(g)                  worker momentum (update compression)
+               s_q, e_q <- feedback(g, e_q; C_up)       error feedback around the uplink compressor
+               [mask m_q, e_q at the support of s_q]    momentum-factor masking (optional)
+    server:    A = sum_q p_q f(tau_q) s_q               weights x staleness dampening
+               D = momentum_gradient(A)                 server momentum (gradient compression)
+               U = D            (ef, ef-scaled, none: the step size is inside s_q)
+               U = eta_t * D    (memory: the step size is applied here)
+               (U', message) <- topology(A, U, delta)   what is sent down; workers apply w <- w - U'
 
-and exposes exactly two pure-ish steps with explicit state:
+and exposes two steps with explicit, named state (:class:`WorkerState`, :class:`ServerState`):
 
-* :meth:`Algorithm.worker_step` — gradients of ``n`` workers (rows of ``[n, d]``) and their
-  state -> messages, supports, new state. An engine with one worker per process calls it with
-  ``n = 1``; the synchronous simulator calls it once for all workers.
-* :meth:`Algorithm.server_step` — the messages that arrived (``[m, d]``), their weights and the
-  server state -> the model update, the downlink support, new server state. For all-to-all every
-  worker runs this same step on the gathered messages (so all models stay identical).
+* :meth:`worker_step` — ``n`` workers' gradients (rows ``[n, d]``) -> their messages (one
+  :class:`~gradsparse.messages.SparseBatch`), each message's exact wire size and the new state.
+  An engine with one worker per process calls it with ``n = 1``.
+* :meth:`server_step` — the messages that arrived, their weights and (under staleness) the
+  versions they were computed at -> the update to apply, the downlink message and its exact
+  size, the new server state. For all-to-all every worker runs it on the gathered messages.
 
-Momentum (§3):
+:meth:`worker_step_in_place` is the one in-place worker entry (``ef``/``ef-scaled``/``memory``
+without worker momentum or weight decay): the memory buffer itself becomes e + c g, is
+compressed, and keeps a - s. It is the natural path of a DDP hook, and the simulator's fast
+path (which forms e + c g from its gradient factors and passes ``grads=None``).
 
-* ``gradient`` (paper 002 Alg. 2): workers compress (gradient + memory); the aggregate Δ' is the
-  same everywhere; m <- beta m + Δ'; direction m (heavy ball) or Δ' + beta m (Nesterov).
-  This state lives with the server step.
-* ``update`` (paper 002 Alg. 3, paper 004 Alg. 1): m^q <- beta m^q + g^q locally; the worker
-  feeds m^q (heavy ball) or g^q + beta m^q (Nesterov) to its error feedback. Optional
-  momentum-factor masking zeroes m^q and the memory at the transmitted coordinates.
-
-Weight decay ``wd`` is added to the gradient before anything else: g <- g + wd * w.
-
-The step size is applied exactly once: inside the worker's error feedback for ``none``, ``ef``
-and ``ef-scaled``; by the server (eta_t times the aggregate, after server momentum) for
-``memory``.
+Step counters under staleness (asynchronous engines). A worker forms its message at the
+model version tau it holds: its step size alpha_tau (``none``/``ef``/``ef-scaled``: the step is
+inside the message) and its random-k stream (``uplink``, step tau, its worker id) use tau. The
+server, at step t on arrival, uses t for everything it does: eta_t (``memory`` feedback, step
+outside), the staleness t - tau, and the downlink random stream (``downlink``, step t).
+Synchronous engines have tau = t.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from . import feedback as fb
-from .compressors import Compressor, Identity, RowSparse
-from .topology import check_topology, has_downlink_compression
+from . import wire
+from .compressors import CompressionContext, Compressor, Identity
+from .feedback import Feedback, FeedbackOutput, make_feedback
+from .messages import SparseBatch
+from .momentum import Momentum, make_momentum
+from .segments import Layout, SegmentedTensor
+from .staleness import StalenessDampening
+from .topology import Topology, make_topology
 
-MOMENTUM_KINDS = ("none", "gradient", "update")
+#: config names of the wire's value dtypes (``gradsparse.wire.VALUE_DTYPES``: float32, float16, bfloat16)
+VALUE_DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+__all__ = ["VALUE_DTYPE_NAMES", "Algorithm", "WorkerState", "ServerState", "WorkerStepOutput", "ServerStepOutput"]
 
 
-class WorkerOutput:
-    """What the workers' step produced.
+@dataclass
+class WorkerState:
+    """The workers' state, rows ``[n, d]`` keyed by segment: error-feedback memory (``None``
+    for feedback ``none``) and momentum (``None`` unless momentum ``update``)."""
 
-    ``message`` is what goes to the server: a dense ``[n, d]`` tensor (zeros off the support), or
-    a :class:`~gradsparse.compressors.RowSparse` for fixed-count compressors. The dense views
-    ``sent``, ``support`` and ``accumulated`` (the vector the compressor saw: a, p or v) are built
-    on first use, so the hot path stays O(n k) when nobody asks for them.
+    memory: SegmentedTensor | None = None
+    momentum: SegmentedTensor | None = None
+
+    def rows(self, index) -> "WorkerState":
+        return WorkerState(*(None if s is None else s.rows(index) for s in (self.memory, self.momentum)))
+
+    @staticmethod
+    def cat(states: list["WorkerState"]) -> "WorkerState":
+        def cat(parts):
+            if parts[0] is None:
+                return None
+            return SegmentedTensor(parts[0].layout, torch.cat([p.flat for p in parts]))
+
+        return WorkerState(cat([s.memory for s in states]), cat([s.momentum for s in states]))
+
+
+@dataclass
+class ServerState:
+    """Server state, vectors ``[d]`` keyed by segment: gradient momentum, downlink memory delta."""
+
+    momentum: SegmentedTensor | None = None
+    downlink_memory: SegmentedTensor | None = None
+
+
+@dataclass
+class WorkerStepOutput:
+    message: SparseBatch  # what the workers send, one row each
+    nbytes: torch.Tensor  # int64 [n]: exact wire size of each row's message
+    state: WorkerState
+    feedback: FeedbackOutput
+    #: [n, d] the vector fed to error feedback (gradient + weight decay, or the momentum
+    #: direction); None on the in-place path, where it is the engine's gradient
+    feedback_input: torch.Tensor | None = None
+
+    def accumulated(self) -> torch.Tensor:
+        """[n, d] the vectors the compressor saw (a, p or v), rebuilt from the new memory."""
+        memory = self.state.memory.flat if self.state.memory is not None else None
+        return self.feedback.accumulated_rows(memory)
+
+
+@dataclass
+class ServerStepOutput:
+    update: torch.Tensor  # [d] the model moves by -update
+    aggregate: torch.Tensor  # [d] A = sum_q p_q f(tau_q) s_q
+    pre_downlink: torch.Tensor  # [d] what the downlink compressor saw (G), else the update
+    message: SparseBatch | None  # the one message the server sends (None for all-to-all)
+    nbytes: int  # its exact wire size (0 when there is none)
+    state: ServerState
+    weights: torch.Tensor  # the weights actually used (p_q times the staleness factor)
+
+
+class Algorithm:
+    """compressor ∘ error feedback ∘ momentum ∘ topology (see the module docstring).
+
+    Pieces are objects or kind names from their tables (``COMPRESSORS``, ``FEEDBACKS``,
+    ``MOMENTA``, ``TOPOLOGIES``). ``value_dtype`` is the wire value size used for byte counts.
     """
 
-    def __init__(self, state, *, sent=None, support=None, accumulated=None, sparse=None, acc_values=None, live=None):
-        self.state = state
-        self.sparse: RowSparse | None = sparse
-        self._sent, self._support, self._acc, self._acc_values = sent, support, accumulated, acc_values
-        # set by engines that update the memory in place: a one-element list that the engine
-        # flips to False when state["e"] is overwritten by the next step
-        self._live = live
+    def __init__(
+        self,
+        compressor: Compressor | None = None,
+        feedback: Feedback | str = "ef",
+        momentum: Momentum | str = "none",
+        topology: Topology | str = "all_to_all",
+        down_compressor: Compressor | None = None,
+        weight_decay: float = 0.0,
+        value_dtype: str = "fp32",
+        staleness: StalenessDampening | None = None,
+    ) -> None:
+        self.compressor = compressor if compressor is not None else Identity()
+        self.feedback = make_feedback(feedback)
+        self.momentum = make_momentum(momentum)
+        self.topology = make_topology(topology, down_compressor)
+        self.topology.check_uplink(self.compressor, self.feedback.kind)
+        if not (weight_decay >= 0.0) or weight_decay == float("inf"):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+        if value_dtype not in VALUE_DTYPE_NAMES:
+            raise ValueError(f"value_dtype must be one of {list(VALUE_DTYPE_NAMES)}, got {value_dtype!r}")
+        self.value_dtype = value_dtype
+        self.staleness = staleness or StalenessDampening()
 
     @property
-    def message(self):
-        return self.sparse if self.sparse is not None else self._sent
-
-    @property
-    def sent(self) -> torch.Tensor:
-        if self._sent is None:
-            self._sent = self.sparse.dense()
-        return self._sent
-
-    @property
-    def support(self) -> torch.Tensor:
-        if self._support is None:
-            self._support = self.sparse.mask()
-        return self._support
-
-    @property
-    def accumulated(self) -> torch.Tensor:
-        if self._acc is None:
-            if self._live is not None and not self._live[0]:
-                raise RuntimeError(
-                    "this step's accumulated vectors are gone: the engine updated the error-feedback "
-                    "memory in place at the next step; read .accumulated before stepping again, or "
-                    "build the simulator with in_place_memory=False"
-                )
-            # off the support the new memory equals the accumulated vector (masking only touches
-            # transmitted coordinates); on it, the accumulated values were kept
-            self._acc = self.state["e"].clone().scatter_(1, self.sparse.indices, self._acc_values)
-        return self._acc
-
-
-@dataclass
-class ServerOutput:
-    update: torch.Tensor  # [d] the model moves by -update
-    aggregate: torch.Tensor  # [d] sum_q p_q s_q (before momentum / step size / downlink)
-    pre_downlink: torch.Tensor  # [d] G (what the downlink compressor saw; == update if none)
-    down_support: torch.Tensor | None  # [d] bool support sent down (None: the aggregate itself)
-    state: dict
-
-
-@dataclass
-class Algorithm:
-    compressor: Compressor = field(default_factory=Identity)
-    feedback: str = "ef"
-    momentum: str = "none"
-    beta: float = 0.0
-    nesterov: bool = False
-    masking: bool = False
-    weight_decay: float = 0.0
-    topology: str = "all_to_all"
-    down_compressor: Compressor | None = None
-
-    def __post_init__(self) -> None:
-        fb.check_kind(self.feedback)
-        check_topology(self.topology)
-        if self.momentum not in MOMENTUM_KINDS:
-            raise ValueError(f"unknown momentum {self.momentum!r}; allowed: {', '.join(MOMENTUM_KINDS)}")
-        if not (0.0 <= self.beta < 1.0):
-            raise ValueError(f"momentum beta must be in [0, 1), got {self.beta!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if has_downlink_compression(self.topology) and self.down_compressor is None:
-            raise ValueError(f"topology {self.topology!r} needs a downlink compressor")
-        if self.topology == "downlink_only":
-            # workers send alpha * g uncompressed, no worker memory (paper 003 Alg. 10/11)
-            self.compressor = Identity()
-            self.feedback = "none"
-        if self.masking and self.momentum != "update":
-            raise ValueError("momentum-factor masking applies to momentum 'update' only")
-
-    # ---- state ------------------------------------------------------------------------
-    def init_worker_state(self, n: int, d: int, dtype=torch.float32) -> dict:
-        st: dict = {}
-        if fb.has_memory(self.feedback):
-            st["e"] = torch.zeros(n, d, dtype=dtype)
-        if self.momentum == "update":
-            st["m"] = torch.zeros(n, d, dtype=dtype)
-        return st
-
-    def init_server_state(self, d: int, dtype=torch.float32) -> dict:
-        st: dict = {}
-        if self.momentum == "gradient":
-            st["m"] = torch.zeros(d, dtype=dtype)
-        if has_downlink_compression(self.topology):
-            st["delta"] = torch.zeros(d, dtype=dtype)
-        return st
+    def down_compressor(self) -> Compressor | None:
+        return self.topology.down_compressor
 
     @property
     def lr_inside(self) -> bool:
-        return fb.lr_inside(self.feedback)
+        return self.feedback.lr_inside
+
+    # ---- state ------------------------------------------------------------------------
+    def init_worker_state(self, layout: Layout, n: int, dtype=torch.float32) -> WorkerState:
+        worker_momentum = self.momentum.init(layout, n, dtype=dtype) if self.momentum.side == "worker" else None
+        return WorkerState(self.feedback.init(layout, n, dtype), worker_momentum)
+
+    def init_server_state(self, layout: Layout, dtype=torch.float32) -> ServerState:
+        server_momentum = self.momentum.init(layout, dtype=dtype) if self.momentum.side == "server" else None
+        return ServerState(server_momentum, self.topology.init(layout, dtype))
+
+    def kinds(self) -> dict:
+        return {"feedback": self.feedback.kind, "momentum": self.momentum.kind, "topology": self.topology.kind}
+
+    def state_dict(self, worker: WorkerState, server: ServerState, *, layout: Layout, n_workers: int) -> dict:
+        """Plain tensors keyed by segment, with what they belong to (loads under
+        ``torch.load(weights_only=True)``)."""
+
+        def segments(s):
+            return None if s is None else s.to_segments()
+
+        return {
+            "kinds": self.kinds(),
+            "n_workers": int(n_workers),
+            "segments": layout.describe(),
+            "worker": {"memory": segments(worker.memory), "momentum": segments(worker.momentum)},
+            "server": {"momentum": segments(server.momentum), "downlink_memory": segments(server.downlink_memory)},
+        }
+
+    def load_state_dict(self, sd: dict, *, layout: Layout, n_workers: int) -> tuple[WorkerState, ServerState]:
+        """Validate a :meth:`state_dict` against this algorithm, the model and the worker count."""
+        for piece, kind in self.kinds().items():
+            if sd["kinds"].get(piece) != kind:
+                raise ValueError(
+                    f"checkpoint was written with {piece} {sd['kinds'].get(piece)!r}, this run has {kind!r}"
+                )
+        if sd["n_workers"] != n_workers:
+            raise ValueError(f"checkpoint holds the state of {sd['n_workers']} workers, this run has {n_workers}")
+        if sd["segments"] != layout.describe():
+            raise ValueError(
+                f"checkpoint model segments {sd['segments']['names']} (sizes {sd['segments']['sizes']}) "
+                f"do not match this model's {list(layout.names)} (sizes {list(layout.sizes)})"
+            )
+        expected = self.init_worker_state(layout, n_workers), self.init_server_state(layout)
+
+        def load(part, name, template):
+            seg = sd[part][name]
+            if (seg is None) != (template is None):
+                raise ValueError(f"checkpoint {part} {name} is {'missing' if seg is None else 'present'}, "
+                                 f"this algorithm {'needs' if template is not None else 'keeps no'} it")
+            if seg is None:
+                return None
+            st = SegmentedTensor.from_segments(layout, seg, what=f"checkpoint {part} {name}")
+            if tuple(st.flat.shape) != tuple(template.flat.shape):
+                raise ValueError(f"checkpoint {part} {name} has shape {tuple(st.flat.shape)}, expected {tuple(template.flat.shape)}")
+            return SegmentedTensor(layout, st.flat.clone())
+
+        w, s = expected
+        return (
+            WorkerState(load("worker", "memory", w.memory), load("worker", "momentum", w.momentum)),
+            ServerState(load("server", "momentum", s.momentum), load("server", "downlink_memory", s.downlink_memory)),
+        )
 
     # ---- worker side ------------------------------------------------------------------
     def worker_step(
         self,
         grads: torch.Tensor,
-        params: torch.Tensor,
-        state: dict,
+        params: torch.Tensor | None,
+        state: WorkerState,
+        *,
         step: int,
         lr: float,
         workers: torch.Tensor | None = None,
-    ) -> WorkerOutput:
-        """grads [n, d]; params [d] (the model the gradients were taken at, for weight decay)."""
+    ) -> WorkerStepOutput:
+        """grads ``[n, d]``; params ``[d]`` (the model the gradients were taken at, for weight decay)."""
         g = grads
         if self.weight_decay:
             g = g + self.weight_decay * params
-        new_state = dict(state)
-        if self.momentum == "update":
-            m = self.beta * state["m"] + g
-            new_state["m"] = m
-            g = g + self.beta * m if self.nesterov else m
-        if self.compressor.fixed_count:
-            rs, e, acc_vals, acc = fb.feedback_step_sparse(
-                self.feedback, self.compressor, g, state.get("e"), lr, step, workers
-            )
-            if e is not None:
-                new_state["e"] = e
-            if self.masking:  # m and e are fresh tensors here: zero them in place, O(n k)
-                new_state["m"].scatter_(1, rs.indices, 0.0)
-                if e is not None:
-                    e.scatter_(1, rs.indices, 0.0)
-            return WorkerOutput(new_state, sparse=rs, acc_values=acc_vals, accumulated=acc)
-        sent, support, e, acc = fb.feedback_step(
-            self.feedback, self.compressor, g, state.get("e"), lr, step, workers
-        )
-        if e is not None:
-            new_state["e"] = e
-        if self.masking:
-            new_state["m"] = new_state["m"].masked_fill(support, 0.0)
-            if e is not None:
-                new_state["e"] = new_state["e"].masked_fill(support, 0.0)
-        return WorkerOutput(new_state, sent=sent, support=support, accumulated=acc)
+        momentum_state = state.momentum
+        if self.momentum.side == "worker":
+            g, momentum_state = self.momentum.update(g, state.momentum)
+        context = CompressionContext(step, workers, "uplink")
+        out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=self.compressor, context=context)
+        if self.momentum.masking:
+            self.momentum.mask_(momentum_state, out.message, memory)  # fresh tensors: safe in place
+        return WorkerStepOutput(out.message, self.message_nbytes(out.message), WorkerState(memory, momentum_state), out, g)
 
-    # ---- worker side, accumulation done by the engine ----------------------------------
     @property
-    def accumulates_in_place(self) -> bool:
-        """True when the worker step is exactly: a = e + c g (c from
-        :meth:`accumulation_scale`), s = C(a), e <- a - s, with a fixed-count compressor — so an
-        engine may form a in the memory buffer itself and call :meth:`worker_step_accumulated`."""
-        return (
-            self.feedback in ("ef", "memory")
-            and self.compressor.fixed_count
-            and self.momentum != "update"
-            and not self.weight_decay
-        )
+    def supports_in_place(self) -> bool:
+        """Whether :meth:`worker_step_in_place` applies (memory, no worker momentum, no weight decay)."""
+        return self.feedback.has_memory and self.momentum.side != "worker" and not self.weight_decay
 
-    def accumulation_scale(self, lr: float) -> float:
-        return fb.accumulation_scale(self.feedback, lr)
+    def worker_step_in_place(
+        self,
+        grads: torch.Tensor | None,
+        state: WorkerState,
+        *,
+        step: int,
+        lr: float,
+        workers: torch.Tensor | None = None,
+    ) -> WorkerStepOutput:
+        """memory <- memory + c g (skipped when ``grads`` is None: the engine wrote it), s = C(memory),
+        memory <- memory - s, all in ``state.memory``'s buffer. Same result as :meth:`worker_step`
+        (up to the rounding of forming e + c g). The returned output rebuilds its accumulated
+        vectors from that buffer, so read them before the buffer changes again."""
+        if not self.supports_in_place:
+            raise ValueError(f"the in-place worker step does not apply to {self.describe()}")
+        context = CompressionContext(step, workers, "uplink")
+        out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=self.compressor, context=context)
+        return WorkerStepOutput(out.message, self.message_nbytes(out.message), state, out, None)
 
-    def worker_step_accumulated(
-        self, acc: torch.Tensor, state: dict, step: int, lr: float, workers: torch.Tensor | None = None, live=None
-    ) -> WorkerOutput:
-        """The worker step when the engine has already overwritten the memory with the
-        accumulated vectors, ``acc = state["e"] = e + c g`` ([n, d], updated in place to the new
-        memory). Same result as :meth:`worker_step` on g (up to the rounding of forming e + c g)."""
-        if not self.accumulates_in_place:
-            raise ValueError(f"worker_step_accumulated does not apply to {self.describe()}")
-        rs, acc_vals = fb.finish_accumulated_(self.compressor, acc, step, workers)
-        new_state = dict(state)
-        new_state["e"] = acc
-        return WorkerOutput(new_state, sparse=rs, acc_values=acc_vals, live=live)
+    def message_nbytes(self, message: SparseBatch) -> torch.Tensor:
+        """Exact wire size of each row (the wire's ``auto`` rule: a row whose sparse frame would be
+        larger than dense is sent dense and charged the dense size)."""
+        return wire.encoded_nbytes(message, value_dtype=self.value_dtype)
 
     # ---- server side ------------------------------------------------------------------
     def server_step(
         self,
-        sent: torch.Tensor | RowSparse,
-        weights: torch.Tensor,
-        state: dict,
+        message: SparseBatch,
+        state: ServerState,
+        *,
         step: int,
         lr: float,
-    ) -> ServerOutput:
-        """Messages (dense [m, d] or RowSparse), weights [m] (p_q) -> update to subtract."""
-        if isinstance(sent, RowSparse):
-            agg = sent.weighted_sum(weights)
-        else:
-            agg = weights.to(sent.dtype) @ sent
-        new_state = dict(state)
-        direction = agg
-        if self.momentum == "gradient":
-            m = self.beta * state["m"] + agg
-            new_state["m"] = m
-            direction = agg + self.beta * m if self.nesterov else m
-        if not self.lr_inside:
-            direction = lr * direction
-        if not has_downlink_compression(self.topology):
-            return ServerOutput(direction, agg, direction, None, new_state)
-        G = direction + state["delta"]
-        out, down = self.down_compressor(G.unsqueeze(0), step, torch.tensor([-1]))
-        out, down = out[0], down[0]
-        new_state["delta"] = G - out
-        return ServerOutput(out, agg, G, down, new_state)
+        weights: torch.Tensor,
+        versions: torch.Tensor | None = None,
+    ) -> ServerStepOutput:
+        """Messages (one row each), weights p_q, optional versions -> update to subtract."""
+        if versions is not None:
+            factor = self.staleness.factor(step - versions.to(torch.long))
+            weights = weights * factor.to(weights.dtype)
+        aggregate = message.weighted_sum(weights)
+        momentum_state = state.momentum
+        direction = aggregate
+        if self.momentum.side == "server":
+            direction, momentum_state = self.momentum.update(aggregate, state.momentum)
+        update = direction if self.lr_inside else lr * direction
+        applied, down_message, downlink_memory = self.topology.downlink(
+            aggregate, update, state.downlink_memory, CompressionContext(step, None, "downlink")
+        )
+        nbytes = int(self.message_nbytes(down_message)[0]) if down_message is not None else 0
+        pre = update + state.downlink_memory.flat if self.topology.compresses_downlink else update
+        return ServerStepOutput(applied, aggregate, pre, down_message, nbytes, ServerState(momentum_state, downlink_memory), weights)
 
     def describe(self) -> str:
-        parts = [self.compressor.describe(), f"feedback={self.feedback}", f"topology={self.topology}"]
-        if self.down_compressor is not None:
-            parts.append(f"down={self.down_compressor.describe()}")
-        if self.momentum != "none":
-            parts.append(f"momentum={self.momentum}(beta={self.beta}{', nesterov' if self.nesterov else ''})")
+        parts = [self.compressor.describe(), f"feedback={self.feedback.kind}", f"topology={self.topology.describe()}"]
+        if self.momentum.kind != "none":
+            parts.append(f"momentum={self.momentum.describe()}")
+        if self.weight_decay:
+            parts.append(f"weight_decay={self.weight_decay:g}")
+        if self.staleness.kind != "none":
+            parts.append(f"staleness={self.staleness.describe()}")
         return ", ".join(parts)

@@ -1,44 +1,96 @@
-"""Compressors C : R^d -> R^d (ALGORITHMS.md §1).
+"""Compressors C : R^d -> R^d (ALGORITHMS.md §1), each returning one :class:`SparseBatch`.
 
-Every compressor works on a batch of rows ``x`` of shape ``[n, d]`` (one row per worker; an
-engine with one worker per process passes ``n = 1``) and returns the compressed rows (dense
-tensors with zeros off the support) together with the boolean support that goes on the wire.
+A compressor acts on a batch of rows ``x`` of shape ``[n, d]`` (one row per worker; an engine
+with one worker per process passes ``n = 1``) and returns the compressed rows as a
+:class:`~gradsparse.messages.SparseBatch` — the message that goes on the wire. It is stateless:
+everything it needs besides ``x`` comes in a :class:`CompressionContext` (the step, the workers'
+ids and the name of the random stream, for random-k).
 
-Tie rule for top-k (everywhere in gradsparse): entries are ranked by ``|x_i|`` descending and,
-among equal magnitudes, the LOWER index wins. NaN ranks above +inf (as in ``torch.topk``);
-gradsparse does not guard against NaN gradients in the hot path (the runner stops a run whose
-model becomes non-finite).
+=================  ==========================================================================
+kind               rule
+=================  ==========================================================================
+identity           C(x) = x (a ``dense`` batch)
+topk               the k entries of largest |x_i| per row (per segment when layer-wise)
+hard_threshold     the entries with |x_i| >= lambda; the count varies and may be 0
+randomk            k coordinates uniform without replacement, drawn from a seed that is a
+                   function of (seed, stream, step, worker), so a receiver regenerates them
+approximate_topk   entries with |x_i| >= a threshold estimated from a uniform sample (about k
+                   of them); with ``exact: true`` corrected to exactly the top-k
+=================  ==========================================================================
+
+Tie rule for top-k (one implementation, :mod:`gradsparse.kernels`): entries are ranked by
+``|x_i|`` descending, NaN above +inf, and among equal magnitudes the LOWER index wins.
 
 Rounding rule for a density ``rho`` (paper 003): ``k = d - floor((1 - rho) * d)``, at least 1.
 
 Scope: ``entire`` treats the flattened model as one vector; ``layerwise`` applies the rule to
-each parameter tensor separately (segment ``l`` gets ``k_l`` from ``rho * d_l``, or, when a
-count ``k`` is given, ``k_l = max(1, round(k * d_l / d))``). Hard-threshold is the same in both.
+each segment (parameter tensor) separately: segment ``l`` gets ``k_l`` from ``rho * d_l``, or,
+when a count ``k`` is given, ``k_l = max(1, round(k * d_l / d))``. Hard-threshold is the same in
+both scopes.
+
+Named random streams: random-k draws its support from ``stream_seed(seed, stream, step,
+worker)``. The workers' uplink messages use stream ``"uplink"`` with their worker id, the
+server's downlink message stream ``"downlink"`` (worker 0), diagnostics ``"diagnostic"``.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from . import kernels
+from .messages import SparseBatch
+from .segments import Layout
 
 __all__ = [
-    "RowSparse",
-    "topk_indices_rows",
+    "CompressionContext",
     "Compressor",
     "Identity",
     "TopK",
     "HardThreshold",
     "RandomK",
-    "k_from_density",
-    "topk_mask_rows",
+    "ApproximateTopK",
+    "COMPRESSORS",
     "make_compressor",
+    "k_from_density",
     "random_k_indices",
+    "stream_seed",
+    "threshold_for_topk_volume",
+    "threshold_for_precision",
 ]
+
+STREAMS = ("uplink", "downlink", "diagnostic")
+
+
+@dataclass(frozen=True)
+class CompressionContext:
+    """What a compressor may depend on besides its input.
+
+    step:    the step counter of the message (for a worker's message, the model version it was
+             computed at; for the server's, the server step);
+    workers: ids of the rows' workers (``None``: 0..n-1);
+    stream:  ``"uplink"``, ``"downlink"`` or ``"diagnostic"`` (see the module docstring).
+    """
+
+    step: int = 0
+    workers: torch.Tensor | None = None
+    stream: str = "uplink"
+
+    def __post_init__(self) -> None:
+        if self.stream not in STREAMS:
+            raise ValueError(f"unknown random stream {self.stream!r}; allowed: {', '.join(STREAMS)}")
+
+    def worker_ids(self, n: int) -> list[int]:
+        if self.workers is None:
+            return list(range(n))
+        ids = [int(w) for w in self.workers.reshape(-1).tolist()]
+        if len(ids) != n:
+            raise ValueError(f"{len(ids)} worker ids for {n} rows")
+        return ids
 
 
 def k_from_density(rho: float, d: int) -> int:
@@ -51,86 +103,15 @@ def k_from_density(rho: float, d: int) -> int:
     return int(min(max(k, 1), d))
 
 
-def topk_indices_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Exact per-row top-k by magnitude, ties to the lower index: column indices ``[n, k]``.
-
-    The order of the k columns within a row is unspecified (use ``.sort(dim=1)`` if needed).
-    """
-    n, d = x.shape
-    if k < 0 or k > d:
-        raise ValueError(f"top-k k = {k} must be in [0, d = {d}]")
-    if k == 0:
-        return torch.empty(n, 0, dtype=torch.long, device=x.device)
-    if k == d:
-        return torch.arange(d, device=x.device).expand(n, d).contiguous()
-    if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.has_extension():
-        # compiled exact kernel (same tie rule); returns each row's k columns in ascending order
-        xc = x.contiguous()
-        offsets = torch.arange(0, n * d + 1, d, dtype=torch.long)
-        flat = kernels.topk_indices_layerwise(xc.view(-1), offsets, torch.full((n,), k, dtype=torch.long))
-        return flat.view(n, k) - offsets[:-1, None]
-    mag = x.abs()
-    # the k+1 largest magnitudes per row: when the k-th and (k+1)-th differ, torch.topk's first k
-    # indices are exactly the top-k set; rows where they tie get the lower-index rule explicitly
-    vals, idx = torch.topk(mag, k + 1, dim=1, sorted=True)
-    idx = idx[:, :k].contiguous()
-    tied = vals[:, k - 1] == vals[:, k]
-    if bool(tied.any()):
-        rows = torch.nonzero(tied).reshape(-1)
-        m = mag[rows]
-        thr = vals[rows, k - 1 : k]
-        above = m > thr
-        need = k - above.sum(dim=1, keepdim=True)
-        at = m == thr
-        sel = above | (at & (torch.cumsum(at, dim=1) <= need))
-        idx[rows] = torch.nonzero(sel)[:, 1].reshape(-1, k)
-    return idx
-
-
-def topk_mask_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean [n, d] mask of :func:`topk_indices_rows` (exactly min(k, d) True per row)."""
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(1, topk_indices_rows(x, k), True)
-
-
-@dataclass
-class RowSparse:
-    """n compressed rows with the same number of entries each: ``indices``/``values`` ``[n, k]``.
-
-    This is what fixed-count compressors (top-k, random-k) produce; it keeps the cost of error
-    feedback and aggregation O(n k) instead of O(n d).
-    """
-
-    indices: torch.Tensor
-    values: torch.Tensor
-    d: int
-
-    def dense(self) -> torch.Tensor:
-        n = self.indices.shape[0]
-        out = torch.zeros(n, self.d, dtype=self.values.dtype, device=self.values.device)
-        return out.scatter_(1, self.indices, self.values)
-
-    def mask(self) -> torch.Tensor:
-        n = self.indices.shape[0]
-        out = torch.zeros(n, self.d, dtype=torch.bool, device=self.values.device)
-        return out.scatter_(1, self.indices, True)
-
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """sum_q weights_q * row_q as a dense [d] vector."""
-        out = torch.zeros(self.d, dtype=self.values.dtype, device=self.values.device)
-        contrib = (weights.to(self.values.dtype)[:, None] * self.values).reshape(-1)
-        return out.index_add_(0, self.indices.reshape(-1), contrib)
-
-
-def row_counts(mask: torch.Tensor) -> torch.Tensor:
-    """Number of True entries per row of a boolean [n, d] mask (int64).
-
-    numpy's count_nonzero is about 10x faster than torch's bool reductions on CPU.
-    """
-    if mask.device.type == "cpu":
-        import numpy as np
-
-        return torch.from_numpy(np.asarray(np.count_nonzero(mask.numpy(), axis=-1), dtype=np.int64))
-    return torch.count_nonzero(mask, dim=-1)
+def stream_seed(seed: int, stream: str, step: int, worker: int) -> int:
+    """The 63-bit seed of one random-k message: a fixed function of (seed, stream, step, worker)."""
+    z = (
+        int(seed) * 0x9E3779B97F4A7C15
+        + zlib.crc32(stream.encode()) * 0xD6E8FEB86659FD93
+        + int(step) * 0xBF58476D1CE4E5B9
+        + int(worker) * 0x94D049BB133111EB
+    )
+    return int(z & ((1 << 63) - 1))
 
 
 def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
@@ -167,77 +148,52 @@ def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
 
 
 class Compressor:
-    """Base class. Subclasses implement :meth:`mask` (the support) and may override
-    :meth:`__call__` (e.g. to rescale values)."""
+    """Base class: ``compress(x [n, d], context) -> SparseBatch``."""
 
-    name = "compressor"
-    #: C(c x) = c C(x) for c > 0 (then ef and ef-scaled coincide).
-    scale_invariant = True
-    #: True when the receiver can rebuild the support without transmitted indices.
-    seeded_support = False
+    kind: ClassVar[str] = "compressor"
+    #: True when a receiver rebuilds the support from a seed (no indices on the wire)
+    seeded_support: ClassVar[bool] = False
 
-    def mask(self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None) -> torch.Tensor:
+    def compress(self, x: torch.Tensor, context: CompressionContext | None = None) -> SparseBatch:
         raise NotImplementedError
 
-    #: True when every row keeps the same number of entries and :meth:`select` is available
-    fixed_count = False
+    def __call__(self, x: torch.Tensor, context: CompressionContext | None = None) -> SparseBatch:
+        return self.compress(x, context)
 
-    def __call__(
-        self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compress rows of ``x`` ([n, d]); returns (compressed rows, support mask)."""
-        if self.fixed_count:
-            rs = self.select(x, step, workers)
-            return rs.dense(), rs.mask()
-        m = self.mask(x, step, workers)
-        return torch.where(m, x, torch.zeros((), dtype=x.dtype)), m
-
-    def select(self, x: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None) -> RowSparse:
-        """Fixed-count compressors: the compressed rows as (indices, values) [n, k]."""
-        raise NotImplementedError(f"{self.name} keeps a varying number of entries; use __call__")
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+    def compress_accumulated_(self, buffer: torch.Tensor, g: torch.Tensor | None, alpha: float):
+        """Optional fused pass for one row: ``buffer += alpha * g`` (unless ``g`` is None), then
+        ``s = C(buffer)`` and ``buffer <- buffer - s`` in place, where C keeps values unchanged.
+        Returns (message, accumulated values at the support) or ``None`` when this compressor
+        has no fused kernel for this input (the caller then runs the unfused steps)."""
+        return None
 
     def describe(self) -> str:
-        return self.name
+        return self.kind
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], layout: Layout, base_lr: float | None = None) -> "Compressor":
+        """Build from a config section's options (the keys other than ``kind``)."""
+        return cls(**options)
 
 
 class Identity(Compressor):
-    name = "identity"
+    """C(x) = x: every entry is sent (a ``dense`` message)."""
 
-    def mask(self, x, step=0, workers=None):
-        return torch.ones_like(x, dtype=torch.bool)
+    kind = "identity"
 
-    def __call__(self, x, step=0, workers=None):
-        return x.clone(), torch.ones_like(x, dtype=torch.bool)
-
-
-def _segments(d: int, layout: Sequence[int] | None) -> list[tuple[int, int]]:
-    if layout is None:
-        return [(0, d)]
-    if sum(layout) != d:
-        raise ValueError(f"layout sizes sum to {sum(layout)} but the vector has d = {d}")
-    out, off = [], 0
-    for n in layout:
-        out.append((off, off + int(n)))
-        off += int(n)
-    return out
+    def compress(self, x, context=None):
+        return SparseBatch.from_dense(x)
 
 
 class _FixedCount(Compressor):
     """Compressors that keep k entries per row, k given as a count or as a density k/d."""
 
-    fixed_count = True
-    label = "top-k"
+    label: ClassVar[str] = "top-k"
 
     def _set_amount(self, k: int | None, density: float | None) -> None:
         if (k is None) == (density is None):
             raise ValueError(f"{self.label} needs exactly one of k (count) or density (k/d)")
-        if k is not None and (not isinstance(k, int) or k < 0):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"{self.label} k must be a non-negative integer, got {k!r}")
         if density is not None and not (0.0 < density <= 1.0):
             raise ValueError(f"{self.label} density must be in (0, 1], got {density!r}")
@@ -255,137 +211,197 @@ class _FixedCount(Compressor):
 
 
 class TopK(_FixedCount):
-    """Keep the k entries of largest magnitude (per row; per segment when layer-wise).
+    """Keep the k entries of largest magnitude per row (per segment when layer-wise).
 
     Give exactly one of ``k`` (a count) or ``density`` (rho = k/d, paper 003's rounding).
-    ``layout``: the sizes of the parameter tensors in flattening order (layer-wise scope).
+    ``layout``: the model's segments (needed for ``scope="layerwise"``).
     """
 
-    name = "topk"
+    kind = "topk"
 
     def __init__(
         self,
         k: int | None = None,
         density: float | None = None,
         scope: str = "entire",
-        layout: Sequence[int] | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self._set_amount(k, density)
         if scope not in ("entire", "layerwise"):
-            raise ValueError(f"scope must be 'entire' or 'layerwise', got {scope!r}")
-        self.scope = scope
-        self.layout = list(layout) if layout is not None else None
+            raise ValueError(f"top-k scope must be 'entire' or 'layerwise', got {scope!r}")
+        if scope == "layerwise" and layout is None:
+            raise ValueError("top-k scope 'layerwise' needs the model's layout")
+        self.scope, self.layout = scope, layout
+
+    @classmethod
+    def from_config(cls, options, layout, base_lr=None):
+        return cls(layout=layout, **options)
 
     def segment_ks(self, d: int) -> list[tuple[int, int, int]]:
         """[(start, stop, k_l)] for the configured scope."""
-        if self.scope == "entire" or self.layout is None:
+        if self.scope == "entire":
             return [(0, d, self.k_for(d))]
-        segs = _segments(d, self.layout)
+        if self.layout.d != d:
+            raise ValueError(f"layer-wise top-k built for d = {self.layout.d} got rows of d = {d}")
         out = []
-        for a, b in segs:
+        for _, a, b in self.layout.bounds():
             dl = b - a
-            if self.density is not None:
-                kl = k_from_density(self.density, dl)
-            else:
-                kl = min(dl, max(1, round(self.k * dl / d)))
+            kl = k_from_density(self.density, dl) if self.density is not None else min(dl, max(1, round(self.k * dl / d)))
             out.append((a, b, kl))
         return out
 
-
-    def indices(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        segs = self.segment_ks(d)
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, k] selected columns, ascending within each segment."""
+        segs = self.segment_ks(x.shape[-1])
         if len(segs) == 1:
-            return topk_indices_rows(x, segs[0][2])
-        return torch.cat([topk_indices_rows(x[:, a:b], kl) + a for a, b, kl in segs], dim=1)
+            return kernels.topk_indices_rows(x, segs[0][2])
+        return torch.cat([kernels.topk_indices_rows(x[:, a:b], kl) + a for a, b, kl in segs], dim=1)
 
-    def select(self, x, step=0, workers=None):
-        idx = self.indices(x)
-        return RowSparse(idx, x.gather(1, idx), x.shape[-1])
+    def compress(self, x, context=None):
+        cols = self.columns(x)
+        return SparseBatch.from_rows(cols, x.gather(1, cols), x.shape[-1], sorted_rows=True)
 
-    def mask(self, x, step=0, workers=None):
-        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x), True)
+    def compress_accumulated_(self, buffer, g, alpha):
+        if buffer.shape[0] != 1 or len(self.segment_ks(buffer.shape[-1])) != 1 or not buffer.is_contiguous():
+            return None
+        k = self.k_for(buffer.shape[-1])
+        idx, vals = kernels.accumulate_topk_(buffer.view(-1), None if g is None else g.reshape(-1), float(alpha), k)
+        return SparseBatch.from_rows(idx.view(1, -1), vals.view(1, -1), buffer.shape[-1], sorted_rows=True), vals
 
     def describe(self):
         return f"top-k({self._amount()}, {self.scope})"
 
 
 class HardThreshold(Compressor):
-    """Keep entries with |x_i| >= lambda. The count varies per step and may be 0."""
+    """Keep entries with |x_i| >= lambda (NaN never passes). The count varies and may be 0.
 
-    name = "hard_threshold"
-    scale_invariant = False
+    ``threshold``: lambda, or a tuning rule of paper 002 resolved when the run is built
+    (``{rule: topk_volume, k: K}``: lambda = 1/(2 sqrt K), about top-K's volume on DNNs;
+    ``{rule: precision, epsilon: eps}``: lambda with d lr^2 lambda^2 = eps on a convex task).
+    """
+
+    kind = "hard_threshold"
 
     def __init__(self, threshold: float) -> None:
-        if not (threshold >= 0.0) or math.isinf(threshold):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (threshold >= 0.0) or math.isinf(threshold):
             raise ValueError(f"hard-threshold lambda must be a finite number >= 0, got {threshold!r}")
         self.threshold = float(threshold)
 
-    def mask(self, x, step=0, workers=None):
-        return x.abs() >= self.threshold
+    @classmethod
+    def from_config(cls, options, layout, base_lr=None):
+        thr = options["threshold"]
+        if isinstance(thr, dict):
+            rule = thr.get("rule")
+            if rule == "topk_volume":
+                return cls(threshold_for_topk_volume(int(thr["k"])))
+            if rule == "precision":
+                if base_lr is None:
+                    raise ValueError("threshold rule 'precision' needs the run's base step size")
+                return cls(threshold_for_precision(float(thr["epsilon"]), layout.d, base_lr))
+            raise ValueError(f"unknown threshold rule {rule!r}; allowed: topk_volume, precision")
+        return cls(thr)
+
+    def compress(self, x, context=None):
+        return SparseBatch.from_mask(x, x.abs() >= self.threshold)
+
+    def compress_accumulated_(self, buffer, g, alpha):
+        if buffer.shape[0] != 1 or not buffer.is_contiguous():
+            return None
+        idx, vals = kernels.accumulate_threshold_(
+            buffer.view(-1), None if g is None else g.reshape(-1), float(alpha), self.threshold
+        )
+        d = buffer.shape[-1]
+        msg = SparseBatch(d, torch.tensor([0, idx.numel()], dtype=torch.long), vals, idx, sorted_rows=True)
+        return msg, vals
 
     def describe(self):
         return f"hard-threshold(lambda={self.threshold:g})"
 
 
 class RandomK(_FixedCount):
-    """k coordinates uniform without replacement, regenerable from (seed, step, worker).
+    """k coordinates uniform without replacement, regenerable from (seed, stream, step, worker).
 
     With ``scale=True`` the kept values are multiplied by d/k (unbiased estimator).
     """
 
-    name = "randomk"
+    kind = "randomk"
     label = "random-k"
+    seeded_support = True
 
-    def __init__(
-        self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False
-    ) -> None:
+    def __init__(self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False) -> None:
         self._set_amount(k, density)
         self.seed, self.scale = int(seed), bool(scale)
-        self.seeded_support = True
-        # the scaled variant is still linear in x, so it stays scale invariant
-        self.scale_invariant = True
 
-    def message_seed(self, step: int, worker: int) -> int:
-        """The seed a receiver needs: a deterministic function of (seed, step, worker)."""
-        # 64-bit mix (splitmix-style constants) keeps seeds of neighbouring steps unrelated
-        z = (self.seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + worker * 0x94D049BB133111EB)
-        z &= (1 << 63) - 1
-        return int(z)
+    def message_seeds(self, n: int, context: CompressionContext | None) -> list[int]:
+        ctx = context or CompressionContext()
+        return [stream_seed(self.seed, ctx.stream, ctx.step, w) for w in ctx.worker_ids(n)]
 
-    def indices(self, x: torch.Tensor, step: int, workers: torch.Tensor | None) -> torch.Tensor:
+    def compress(self, x, context=None):
         n, d = x.shape
-        if workers is None:
-            workers = torch.arange(n)
         k = self.k_for(d)
-        rows = [random_k_indices(self.message_seed(step, int(w)), d, k) for w in workers.tolist()]
-        return torch.stack(rows) if rows else torch.empty(0, k, dtype=torch.long)
-
-    def select(self, x, step=0, workers=None):
-        idx = self.indices(x, step, workers)
-        vals = x.gather(1, idx)
-        d, k = x.shape[-1], idx.shape[1]
+        seeds = self.message_seeds(n, context)
+        cols = torch.stack([random_k_indices(s, d, k) for s in seeds]) if n else torch.empty(0, k, dtype=torch.long)
+        vals = x.gather(1, cols)
         if self.scale and k:
             vals = vals * (d / k)
-        return RowSparse(idx, vals, d)
-
-    def mask(self, x, step=0, workers=None):
-        return torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.indices(x, step, workers), True)
+        return SparseBatch.from_rows(cols, vals, d, seeds=torch.tensor(seeds, dtype=torch.long), sorted_rows=True)
 
     def describe(self):
         return f"random-k({self._amount()}{', scaled' if self.scale else ''})"
 
 
-COMPRESSORS = {"identity": Identity, "topk": TopK, "hard_threshold": HardThreshold, "randomk": RandomK}
+class ApproximateTopK(_FixedCount):
+    """Top-k by an estimated threshold (deep gradient compression style; ALGORITHMS.md §1).
+
+    Per row: lambda = :func:`gradsparse.kernels.sampled_threshold` of a uniform sample of
+    ``sample_fraction * d`` entries (drawn from the random stream of the message, so runs are
+    deterministic), then keep |x_i| >= lambda (about k entries, a varying count). With
+    ``exact=True`` a row whose count is not k is corrected to the exact top-k.
+    """
+
+    kind = "approximate_topk"
+    label = "approximate top-k"
+
+    def __init__(self, k: int | None = None, density: float | None = None, sample_fraction: float = 0.01,
+                 exact: bool = False, seed: int = 0) -> None:
+        self._set_amount(k, density)
+        if not (0.0 < sample_fraction <= 1.0):
+            raise ValueError(f"approximate top-k sample_fraction must be in (0, 1], got {sample_fraction!r}")
+        self.sample_fraction, self.exact, self.seed = float(sample_fraction), bool(exact), int(seed)
+
+    def compress(self, x, context=None):
+        n, d = x.shape
+        k = self.k_for(d)
+        ctx = context or CompressionContext()
+        mask = torch.zeros(n, d, dtype=torch.bool, device=x.device)
+        for q, w in enumerate(ctx.worker_ids(n)):
+            gen = torch.Generator().manual_seed(stream_seed(self.seed, ctx.stream, ctx.step, w))
+            thr = kernels.sampled_threshold(x[q], k, sample_fraction=self.sample_fraction, generator=gen)
+            row = x[q].abs() >= thr
+            if self.exact and int(row.sum()) != k:
+                row = torch.zeros(d, dtype=torch.bool, device=x.device)
+                row[kernels.topk_indices_rows(x[q : q + 1], k)[0]] = True
+            mask[q] = row
+        msg = SparseBatch.from_mask(x, mask)
+        if self.exact:
+            msg.fixed_k = k
+        return msg
+
+    def describe(self):
+        return f"approximate-top-k({self._amount()}, sample={self.sample_fraction:g}{', exact' if self.exact else ''})"
 
 
-def make_compressor(kind: str, layout: Sequence[int] | None = None, **options) -> Compressor:
-    """Build a compressor by name: identity, topk, hard_threshold, randomk."""
+#: the one table of compressor kinds (configs, the CLI and docs read it)
+COMPRESSORS: dict[str, type[Compressor]] = {
+    c.kind: c for c in (Identity, TopK, HardThreshold, RandomK, ApproximateTopK)
+}
+
+
+def make_compressor(kind: str, layout: Layout | None = None, base_lr: float | None = None, **options) -> Compressor:
+    """Build a compressor from its config section: ``make_compressor("topk", layout, density=0.01)``."""
     if kind not in COMPRESSORS:
         raise ValueError(f"unknown compressor {kind!r}; allowed: {', '.join(COMPRESSORS)}")
-    if kind == "topk":
-        return TopK(layout=layout, **options)
-    return COMPRESSORS[kind](**options)
+    return COMPRESSORS[kind].from_config(options, layout, base_lr)
 
 
 # ---- hard-threshold tuning rules (paper 002) ------------------------------------------------
@@ -394,13 +410,13 @@ def threshold_for_topk_volume(k: int) -> float:
 
     The realised density varies per step; runs report it as ``avg_density``.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"threshold rule topk_volume needs an integer k >= 1, got {k!r}")
     return 1.0 / (2.0 * math.sqrt(k))
 
 
-def threshold_for_precision(eps: float, d: int, lr: float) -> float:
-    """lambda with d * lr^2 * lambda^2 = eps: the error floor of hard-threshold EF on a convex task."""
-    if eps <= 0 or d < 1 or lr <= 0:
-        raise ValueError(f"need eps > 0, d >= 1, lr > 0; got eps={eps!r}, d={d!r}, lr={lr!r}")
-    return math.sqrt(eps / (d * lr * lr))
+def threshold_for_precision(epsilon: float, d: int, lr: float) -> float:
+    """lambda with d * lr^2 * lambda^2 = epsilon: the error floor of hard-threshold EF on a convex task."""
+    if not (epsilon > 0) or d < 1 or not (lr > 0) or math.isinf(epsilon):
+        raise ValueError(f"threshold rule precision needs epsilon > 0, d >= 1, lr > 0; got epsilon={epsilon!r}, d={d!r}, lr={lr!r}")
+    return math.sqrt(epsilon / (d * lr * lr))

@@ -6,13 +6,26 @@ value given and what is allowed. Nothing is written before validation succeeds.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .algorithm import VALUE_DTYPE_NAMES
+from .compressors import COMPRESSORS
+from .engines import ENGINES
+from .engines.sync_sim import GRADIENT_PATHS
+from .engines.synchronous import GRADIENT_SHIFTS
+from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
+from .momentum import MOMENTA, make_momentum
+from .schedules import Schedule
+from .segments import Layout
+from .staleness import DAMPENINGS
+from .tasks.splits import SPLITS
+from .topology import TOPOLOGIES
 
 
 class ConfigError(ValueError):
@@ -23,6 +36,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _choices(table) -> Any:
+    """``Literal`` of a component table's keys: the schema's allowed values come from the table."""
+    return Literal[tuple(table)]
+
+
+def _options_of(cls) -> dict[str, inspect.Parameter]:
+    """The options a component's constructor takes (its config section's keys besides ``kind``)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p for n, p in params.items() if n not in ("self", "layout") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 class TaskConfig(_Strict):
     name: str = "toy_quadratic"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -30,7 +54,7 @@ class TaskConfig(_Strict):
 
 class WorkersConfig(_Strict):
     count: int = Field(3, ge=1, le=100_000)
-    split: Literal["iid", "shards"] = "iid"
+    split: _choices(SPLITS) = "iid"
     shards_per_worker: int = Field(2, ge=1)
     batch_size: int | Literal["full"] = 1
     weights: list[float] | None = None
@@ -44,86 +68,104 @@ class WorkersConfig(_Strict):
         return self
 
 
-class CompressorConfig(_Strict):
-    kind: Literal["identity", "topk", "hard_threshold", "randomk"] = "topk"
-    k: int | None = Field(None, ge=0)
-    density: float | None = Field(None, gt=0.0, le=1.0)
-    scope: Literal["entire", "layerwise"] = "entire"
-    threshold: float | None = Field(None, ge=0.0)
-    seed: int = 0
-    scale: bool = False
+class CompressorConfig(BaseModel):
+    """``kind`` from :data:`gradsparse.compressors.COMPRESSORS`; the other keys are that kind's
+    constructor options (checked against its signature; defaults filled in so the resolved config
+    says what ran)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    kind: _choices(COMPRESSORS) = "identity"
 
     @model_validator(mode="after")
     def _check(self):
-        if self.kind in ("topk", "randomk") and (self.k is None) == (self.density is None):
-            raise ValueError(f"{self.kind} needs exactly one of k or density")
-        if self.kind == "hard_threshold" and self.threshold is None:
-            raise ValueError("hard_threshold needs threshold (lambda >= 0)")
-        # keep only the fields this kind uses, so the resolved config says what actually ran
-        # (switching kind with --set leaves the other kind's fields behind otherwise)
-        unused = {
-            "identity": ("k", "density", "threshold"),
-            "topk": ("threshold",),
-            "hard_threshold": ("k", "density"),
-            "randomk": ("threshold",),
-        }[self.kind]
-        for name in unused:
-            if getattr(self, name) is not None:
-                object.__setattr__(self, name, None)
+        cls = COMPRESSORS[self.kind]
+        allowed = _options_of(cls)
+        given = dict(self.model_extra or {})
+        unknown = [k for k in given if k not in allowed]
+        if unknown:
+            raise ValueError(
+                f"compressor {self.kind!r} has no option {unknown[0]!r}; its options: {', '.join(allowed) or 'none'}"
+            )
+        for name, p in allowed.items():
+            if name not in given and p.default is not inspect.Parameter.empty:
+                self.__pydantic_extra__[name] = p.default
+        try:  # the component validates its own values (a dummy layout: d is checked at build time)
+            cls.from_config(self.options(), Layout.flat(1 << 40), base_lr=1.0)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{self.kind}: {exc}") from None
         return self
 
     def options(self) -> dict:
-        if self.kind == "identity":
-            return {}
-        if self.kind == "topk":
-            return {"k": self.k, "density": self.density, "scope": self.scope}
-        if self.kind == "hard_threshold":
-            return {"threshold": self.threshold}
-        return {"k": self.k, "density": self.density, "seed": self.seed, "scale": self.scale}
+        return dict(self.model_extra or {})
 
 
 class MomentumConfig(_Strict):
-    kind: Literal["none", "gradient", "update"] = "none"
+    kind: _choices(MOMENTA) = "none"
     beta: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     masking: bool = False
 
+    def build(self):
+        if self.kind == "none":
+            if self.masking or self.nesterov:
+                raise ValueError("momentum kind 'none' takes no nesterov or masking")
+            return make_momentum("none")
+        return make_momentum(self.kind, beta=self.beta, nesterov=self.nesterov, masking=self.masking)
+
 
 class TopologyConfig(_Strict):
-    kind: Literal["all_to_all", "ps_uplink", "bidirectional", "downlink_only"] = "all_to_all"
+    kind: _choices(TOPOLOGIES) = "all_to_all"
     down_compressor: CompressorConfig | None = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.kind in ("bidirectional", "downlink_only") and self.down_compressor is None:
+        needs = TOPOLOGIES[self.kind].compresses_downlink
+        if needs and self.down_compressor is None:
             raise ValueError(
                 f"topology {self.kind} needs down_compressor "
                 "(e.g. --set 'algorithm.topology.down_compressor={kind: topk, k: 1}')"
             )
+        if not needs and self.down_compressor is not None:
+            raise ValueError(f"topology {self.kind} sends no compressed downlink; remove down_compressor")
         return self
 
 
+class StalenessConfig(_Strict):
+    kind: _choices(DAMPENINGS) = "none"
+    beta: float = Field(0.2, gt=0.0)
+
+
 class AlgorithmConfig(_Strict):
-    compressor: CompressorConfig = Field(default_factory=lambda: CompressorConfig(kind="identity"))
-    feedback: Literal["none", "ef", "ef-scaled", "memory"] = "ef"
+    compressor: CompressorConfig = Field(default_factory=CompressorConfig)
+    feedback: _choices(FEEDBACKS) = "ef"
     momentum: MomentumConfig = Field(default_factory=MomentumConfig)
     weight_decay: float = Field(0.0, ge=0.0)
-    gradient_shift: Literal["none", "optimum"] = "none"
+    gradient_shift: _choices(GRADIENT_SHIFTS) = "none"
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    staleness: StalenessConfig = Field(default_factory=StalenessConfig)
 
     @model_validator(mode="after")
-    def _downlink_only(self):
-        # downlink-only means: workers send alpha g uncompressed, no worker memory (paper 003)
+    def _check(self):
         if self.topology.kind == "downlink_only":
-            object.__setattr__(self, "compressor", CompressorConfig(kind="identity"))
-            object.__setattr__(self, "feedback", "none")
+            # paper 003 Alg. 10/11: workers send alpha g uncompressed and keep no memory
+            if self.compressor.kind != "identity":
+                raise ValueError(
+                    f"topology downlink_only sends alpha g uncompressed: set algorithm.compressor.kind "
+                    f"to identity (got {self.compressor.kind!r})"
+                )
+            if self.feedback != "none":
+                raise ValueError(
+                    f"topology downlink_only keeps no worker memory: set algorithm.feedback to none (got {self.feedback!r})"
+                )
+        try:
+            self.momentum.build()
+        except ValueError as exc:
+            raise ValueError(f"momentum: {exc}") from None
         return self
 
 
 class ScheduleConfig(_Strict):
-    kind: Literal[
-        "constant", "step_decay", "inverse_power", "momentum_aware", "strongly_convex", "stagewise"
-    ] = "constant"
+    kind: _choices(Schedule.KINDS) = "constant"
     lr: float | Literal["1/L"] = 0.01
     milestones: list[float] = Field(default_factory=list)
     warmup_epochs: float = Field(0.0, ge=0.0)
@@ -137,8 +179,8 @@ class ScheduleConfig(_Strict):
     @field_validator("lr")
     @classmethod
     def _lr_positive(cls, v):
-        if isinstance(v, float) and v <= 0:
-            raise ValueError("lr must be > 0 or '1/L'")
+        if isinstance(v, float) and not (0 < v < float("inf")):
+            raise ValueError("lr must be a finite number > 0 or '1/L'")
         return v
 
     @model_validator(mode="after")
@@ -160,6 +202,8 @@ class MetricsConfig(_Strict):
     every: int = Field(10, ge=1)
     names: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
     residual_ratio: ResidualRatioConfig = Field(default_factory=ResidualRatioConfig)
+    #: also write each worker's ||e_q|| at every recorded row to worker_error_norms.csv
+    per_worker_error_norms: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -170,20 +214,21 @@ class MetricsConfig(_Strict):
 
 
 class SimulatorConfig(_Strict):
-    gradient_path: Literal["auto", "vmap", "grouped"] = "auto"
+    gradient_path: _choices(GRADIENT_PATHS) = "auto"
     in_place_memory: bool = True
 
 
 class RunConfig(_Strict):
     name: str = "run"
     seed: int = 0
+    engine: _choices(ENGINES) = "sync"
     task: TaskConfig = Field(default_factory=TaskConfig)
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
-    value_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    value_dtype: _choices(VALUE_DTYPE_NAMES) = "fp32"
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     plots: bool = True

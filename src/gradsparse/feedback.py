@@ -1,141 +1,174 @@
-"""Error feedback (memory) at the workers (ALGORITHMS.md §2).
+"""Error feedback (memory) at the workers (ALGORITHMS.md §2), as small objects with state.
 
-All functions act on a batch of workers: ``g`` and the memory ``e`` have shape ``[n, d]``.
-Each returns ``(sent, support, new_e, accumulated)`` where ``accumulated`` is the vector that
-was handed to the compressor's rule (``a``, ``p`` or ``v`` in the formulas) — the diagnostics
-of §7 need it — and ``sent + new_e == accumulated`` holds exactly (for ``ef-scaled`` up to the
-rounding of ``gamma * C(p / gamma)``).
+Each kind is an object with ``init(layout, n) -> memory`` (a
+:class:`~gradsparse.segments.SegmentedTensor` of ``[n, d]``, or ``None``) and
+``update(g, memory, lr=..., compressor=..., context=...) -> (FeedbackOutput, new memory)``.
+``g`` is the vector the worker feeds in (its gradient, or its momentum direction).
 
 - ``none``:      s = C(alpha g)                                    (no memory)
 - ``ef``:        a = e + alpha g; s = C(a); e <- a - s             (step inside; papers 000, 003)
 - ``ef-scaled``: p = e + gamma g; s = gamma C(p / gamma); e <- p - s   (paper 002)
 - ``memory``:    v = u + g; s = C(v); u <- v - s                   (step outside; paper 004
-                 M-DSGD, paper 001 phi-MemSGD); the server then multiplies by eta_t.
+                 M-DSGD, paper 001 phi-MemSGD); the server multiplies the aggregate by eta_t.
+
+One implementation: every kind with a memory forms the accumulated vector ``a = e + c g``
+(``c`` = :meth:`accumulation_scale`) and then runs :meth:`compress_accumulated_`, which compresses
+``a`` and rewrites only the transmitted entries, ``a[S] <- a[S] - s[S]``, turning the buffer into
+the new memory. :meth:`update` does it on a fresh buffer; the in-place entry
+:meth:`step_in_place_` does it in the memory buffer itself (the natural path of a DDP hook, and
+of the simulator's fast path, which writes ``e + c g`` from its gradient factors and passes
+``g = None``). ``sent + new memory == accumulated`` holds exactly off the support and, on it, up
+to the rounding of ``a - s`` (exact zero when C keeps values unchanged).
+
+Under staleness (asynchronous engines) the worker's step size and random streams use the step
+counter of the model version it computed at; for ``memory`` the step size is the server's, at
+its step on arrival (see :mod:`gradsparse.algorithm`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
-from .compressors import Compressor
+from .compressors import CompressionContext, Compressor
+from .messages import SparseBatch
+from .segments import Layout, SegmentedTensor
 
-FEEDBACK_KINDS = ("none", "ef", "ef-scaled", "memory")
-
-
-def lr_inside(kind: str) -> bool:
-    """Whether the worker's message already includes the step size."""
-    check_kind(kind)
-    return kind != "memory"
+__all__ = ["FeedbackOutput", "Feedback", "NoFeedback", "ErrorFeedback", "ScaledErrorFeedback", "Memory", "FEEDBACKS", "make_feedback"]
 
 
-def check_kind(kind: str) -> None:
-    if kind not in FEEDBACK_KINDS:
-        raise ValueError(f"unknown error feedback {kind!r}; allowed: {', '.join(FEEDBACK_KINDS)}")
+@dataclass
+class FeedbackOutput:
+    """message: what the worker sends (on the update's scale, or ``v``'s for ``memory``);
+    accumulated_values: the accumulated vector (a, p or v) at the message's support, in the
+    message's entry order; accumulated: the whole accumulated vector when the kind keeps no
+    memory (``none``), else ``None`` (it is the new memory off the support)."""
+
+    message: SparseBatch
+    accumulated_values: torch.Tensor
+    accumulated: torch.Tensor | None = None
+
+    def accumulated_rows(self, memory: torch.Tensor | None) -> torch.Tensor:
+        """The accumulated vectors ``[n, d]``, rebuilt from the new memory off the support."""
+        if self.accumulated is not None:
+            return self.accumulated
+        return self.message.scatter_(memory.clone(), self.accumulated_values)
 
 
-def has_memory(kind: str) -> bool:
-    return kind != "none"
+class Feedback:
+    kind: ClassVar[str]
+    #: whether the worker's message already includes the step size
+    lr_inside: ClassVar[bool] = True
+    has_memory: ClassVar[bool] = True
 
+    def init(self, layout: Layout, n: int, dtype=torch.float32) -> SegmentedTensor | None:
+        return SegmentedTensor.zeros(layout, n, dtype=dtype) if self.has_memory else None
 
-def feedback_step(
-    kind: str,
-    compressor: Compressor,
-    g: torch.Tensor,
-    e: torch.Tensor | None,
-    lr: float,
-    step: int = 0,
-    workers: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One worker-side error-feedback step for rows ``g`` with memory ``e``.
-
-    Returns (sent, support mask, new memory (None for ``none``), accumulated vector).
-    """
-    if kind == "none":
-        a = lr * g
-        s, m = compressor(a, step, workers)
-        return s, m, None, a
-    if e is None:
-        raise ValueError(f"error feedback {kind!r} needs a memory tensor")
-    if kind == "ef":
-        a = e + lr * g
-        s, m = compressor(a, step, workers)
-        return s, m, a - s, a
-    if kind == "ef-scaled":
-        if lr <= 0:
-            raise ValueError(f"ef-scaled needs a positive step size, got {lr!r}")
-        p = e + lr * g
-        c, m = compressor(p / lr, step, workers)
-        s = lr * c
-        # keep sent + memory == p exactly on the support and off it
-        new_e = torch.where(m, p - s, p)
-        return s, m, new_e, p
-    if kind == "memory":
-        v = e + g
-        s, m = compressor(v, step, workers)
-        return s, m, v - s, v
-    check_kind(kind)
-    raise AssertionError  # unreachable
-
-
-def feedback_step_sparse(
-    kind: str,
-    compressor: Compressor,
-    g: torch.Tensor,
-    e: torch.Tensor | None,
-    lr: float,
-    step: int = 0,
-    workers: torch.Tensor | None = None,
-):
-    """The same step for fixed-count compressors (``compressor.fixed_count``), in O(n k) extra
-    memory: the accumulated vector is formed once in a fresh tensor that becomes the new memory
-    after its transmitted entries are replaced by (accumulated - sent).
-
-    Returns (RowSparse sent, new memory or None, accumulated values at the support [n, k],
-    accumulated dense tensor for ``none`` (else None)).
-    ``sent + new memory == accumulated`` holds exactly, as in :func:`feedback_step`.
-    """
-    if kind == "none":
-        a = g * lr
-        rs = compressor.select(a, step, workers)
-        return rs, None, a.gather(1, rs.indices), a
-    if e is None:
-        raise ValueError(f"error feedback {kind!r} needs a memory tensor")
-    if kind in ("ef", "memory"):
-        a = torch.add(e, g, alpha=lr) if kind == "ef" else e + g
-        rs, acc_vals = finish_accumulated_(compressor, a, step, workers)
-        return rs, a, acc_vals, None
-    if kind == "ef-scaled":
-        if lr <= 0:
-            raise ValueError(f"ef-scaled needs a positive step size, got {lr!r}")
-        p = torch.add(e, g, alpha=lr)
-        rs = compressor.select(p / lr, step, workers)
-        rs.values = rs.values * lr
-        acc_vals = p.gather(1, rs.indices)
-        p.scatter_(1, rs.indices, acc_vals - rs.values)
-        return rs, p, acc_vals, None
-    check_kind(kind)
-    raise AssertionError  # unreachable
-
-
-def accumulation_scale(kind: str, lr: float) -> float:
-    """The factor c in the accumulated vector a = e + c * g of ``ef`` (c = lr) and ``memory`` (1)."""
-    if kind == "ef":
+    def accumulation_scale(self, lr: float) -> float:
+        """c in a = e + c g."""
         return lr
-    if kind == "memory":
+
+    def compress_as_worker(self, a: torch.Tensor, lr: float, compressor: Compressor, context: CompressionContext) -> SparseBatch:
+        """C applied to accumulated rows exactly as this kind's workers apply it."""
+        return compressor.compress(a, context)
+
+    def update(self, g: torch.Tensor, memory: SegmentedTensor | None, *, lr: float, compressor: Compressor,
+               context: CompressionContext) -> tuple[FeedbackOutput, SegmentedTensor | None]:
+        """Out of place: a fresh accumulated buffer becomes the new memory."""
+        self._check_lr(lr)
+        buffer = torch.add(memory.flat, g, alpha=self.accumulation_scale(lr))
+        out = self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context)
+        return out, SegmentedTensor(memory.layout, buffer)
+
+    def step_in_place_(self, memory: SegmentedTensor, g: torch.Tensor | None, *, lr: float, compressor: Compressor,
+                       context: CompressionContext) -> FeedbackOutput:
+        """In place: memory <- memory + c g (skipped when ``g`` is None: the engine already formed
+        it), s = C(memory), memory <- memory - s. Uses the compressor's fused kernel when it has
+        one for this input (one pass over the memory)."""
+        self._check_lr(lr)
+        buffer = memory.flat
+        if self.fused_allowed:
+            fused = compressor.compress_accumulated_(buffer, g, self.accumulation_scale(lr))
+            if fused is not None:
+                return FeedbackOutput(fused[0], fused[1])
+        if g is not None:
+            buffer.add_(g, alpha=self.accumulation_scale(lr))
+        return self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context)
+
+    #: whether a value-preserving fused kernel computes this kind's step (s = C(a) exactly)
+    fused_allowed: ClassVar[bool] = True
+
+    def compress_accumulated_(self, buffer: torch.Tensor, *, lr: float, compressor: Compressor,
+                              context: CompressionContext) -> FeedbackOutput:
+        """``buffer`` holds a = e + c g; compress it and turn it into a - s (transmitted entries only)."""
+        message = self.compress_as_worker(buffer, lr, compressor, context)
+        acc = message.gather(buffer)
+        message.scatter_(buffer, acc - message.values)
+        return FeedbackOutput(message, acc)
+
+    def _check_lr(self, lr: float) -> None:
+        pass
+
+
+class NoFeedback(Feedback):
+    """s = C(alpha g): no memory, what is not sent is lost."""
+
+    kind = "none"
+    has_memory = False
+    fused_allowed = False
+
+    def update(self, g, memory, *, lr, compressor, context):
+        a = g * lr
+        message = compressor.compress(a, context)
+        return FeedbackOutput(message, message.gather(a), accumulated=a), None
+
+    def step_in_place_(self, memory, g, *, lr, compressor, context):
+        raise ValueError("error feedback 'none' keeps no memory: there is no in-place step")
+
+
+class ErrorFeedback(Feedback):
+    """a = e + alpha g; s = C(a); e <- a - s (papers 000, 003)."""
+
+    kind = "ef"
+
+
+class ScaledErrorFeedback(Feedback):
+    """p = e + gamma g; s = gamma C(p / gamma); e <- p - s (paper 002). Equals ``ef`` for
+    scale-invariant compressors (top-k, random-k); for hard-threshold, lambda applies on the
+    gradient's scale. Needs gamma > 0 at every step (checked when the run is built)."""
+
+    kind = "ef-scaled"
+    fused_allowed = False
+
+    def _check_lr(self, lr):
+        if not lr > 0:
+            raise ValueError(f"error feedback 'ef-scaled' needs a positive step size, got {lr!r}")
+
+    def compress_as_worker(self, a, lr, compressor, context):
+        message = compressor.compress(a / lr, context)
+        return message.with_values(message.values * lr)
+
+
+class Memory(Feedback):
+    """v = u + g; s = C(v); u <- v - s; the server applies eta_t to the aggregate (paper 004
+    M-DSGD, paper 001 phi-MemSGD)."""
+
+    kind = "memory"
+    lr_inside = False
+
+    def accumulation_scale(self, lr):
         return 1.0
-    raise ValueError(f"only 'ef' and 'memory' accumulate e + c * g, got {kind!r}")
 
 
-def finish_accumulated_(compressor: Compressor, a: torch.Tensor, step: int = 0, workers: torch.Tensor | None = None):
-    """Second half of the ``ef``/``memory`` step for a fixed-count compressor, in place: ``a``
-    [n, d] holds the accumulated vectors e + c g; it is compressed and then turned into the new
-    memory a - C(a) by rewriting only the k transmitted entries per row.
+#: the one table of error-feedback kinds
+FEEDBACKS: dict[str, type[Feedback]] = {c.kind: c for c in (NoFeedback, ErrorFeedback, ScaledErrorFeedback, Memory)}
 
-    Returns (RowSparse sent, accumulated values at the support [n, k]). Engines that can form
-    e + c g in the memory buffer directly (the grouped-gradient simulator) call this instead of
-    :func:`feedback_step_sparse`.
-    """
-    rs = compressor.select(a, step, workers)
-    acc_vals = a.gather(1, rs.indices)
-    a.scatter_(1, rs.indices, acc_vals - rs.values)
-    return rs, acc_vals
+
+def make_feedback(kind: str | Feedback) -> Feedback:
+    if isinstance(kind, Feedback):
+        return kind
+    if kind not in FEEDBACKS:
+        raise ValueError(f"unknown error feedback {kind!r}; allowed: {', '.join(FEEDBACKS)}")
+    return FEEDBACKS[kind]()

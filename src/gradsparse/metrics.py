@@ -2,30 +2,43 @@
 
 Column names (one name per idea, used in configs, CSVs, plots and docs):
 
-===================  =========================================================================
-``step``             steps completed
-``epoch``            passes over the training set (all workers' samples together)
-``loss``             full training objective f(w) (regularisers included)
-``test_accuracy``    accuracy on the held-out set (training set if the task has none)
-``suboptimality``    f(w) - f* (tasks with a known optimum)
-``grad_norm_sq``     ||grad f(w)||^2 on the full training set
-``error_norm``       ||sum_q p_q e_q||, the norm of the (weighted) mean worker memory
-``total_error``      sum over all steps so far of ||sum_q p_q e_q||^2 (paper 002)
-``density``          mean_q k_q / d of this step's uplink messages
-``avg_density``      (1/T) sum_t density_t over all steps so far
-``uplink_bytes``     cumulative bytes sent by workers (exact wire sizes)
-``downlink_bytes``   cumulative bytes received by workers (see ``topology``)
-``xi``               paper 000 Assumption 1: ||C(sum p a) - sum p C(a)|| / ||alpha sum p g||
-``rho_hat``          paper 003: uplink/all-to-all as ``xi``; bidirectional/downlink-only
-                     ||C_down(delta + sum p a) - C_down(delta + sum p C(a))|| / ||alpha sum p g||
-``gamma_hat_up``     1 - max_q ||C(a_q) - a_q|| / ||a_q||
-``gamma_hat_down``   1 - ||C_down(G) - G|| / ||G|| (topologies with downlink compression)
-``aggregate_density`` nnz(sum_q p_q C(a_q)) / d, the server aggregate's fraction of nonzeros
-===================  =========================================================================
+===========================  ==================================================================
+``step``                     steps completed
+``epoch``                    passes over the training set (all workers' samples together)
+``loss``                     full training objective f(w) (regularisers included)
+``test_accuracy``            accuracy on the held-out set (training set if the task has none)
+``suboptimality``            f(w) - f* (tasks with a known optimum)
+``grad_norm_sq``             ||grad f(w)||^2 on the full training set
+``mean_memory_norm``         ||sum_q p_q e_q||, the norm of the (weighted) mean worker memory
+``worker_error_sq``          (1/N) sum_q ||e_q||^2 at this step, the per-worker average
+``total_error``              sum over all steps so far of ``worker_error_sq`` (paper 002's total
+                             error; a different quantity from the mean memory's norm)
+``density``                  mean_q k_q / d of this step's uplink messages
+``avg_density``              (1/T) sum_t density_t over all steps so far
+``uplink_bytes``             cumulative bytes sent by workers (exact wire sizes)
+``downlink_bytes``           cumulative bytes received by workers (see :mod:`gradsparse.topology`)
+``xi``                       paper 000 Assumption 1: ||C(sum p a) - sum p C(a)|| / ||alpha sum p g||
+``rho_hat``                  paper 003: ``xi`` for all-to-all / uplink-only; with a compressed
+                             downlink ||C_down(delta + sum p a) - C_down(delta + sum p C(a))|| /
+                             ||alpha sum p g||
+``rho_hat_max``              maximum of ``rho_hat`` over every step since the previous row
+``gamma_hat_up``             1 - ``compression_ratio_up``
+``compression_ratio_up``     max_q ||C(a_q) - a_q|| / ||a_q|| (what paper 003 plots; 1 - gamma^)
+``compression_ratio_up_max`` maximum of ``compression_ratio_up`` over every step since the last row
+``gamma_hat_down``           1 - ``compression_ratio_down``
+``compression_ratio_down``   ||C_down(G) - G|| / ||G|| (topologies with a compressed downlink)
+``aggregate_density``        nnz(sum_q p_q C(a_q)) / d, the server aggregate's fraction of nonzeros
+===========================  ==================================================================
 
-``a_q`` is the vector the worker's compressor saw (alpha g + e for ``ef``; for ``memory``
-feedback, v = u + g, and then ``alpha`` is applied to the sums so every term is on the
-update's scale).
+``a_q`` is the vector the worker's compressor saw (alpha g + e for ``ef``; p for ``ef-scaled``;
+v = u + g for ``memory``) and ``g`` what the worker fed to error feedback (its gradient with
+weight decay and proximal term, or its momentum direction) — the same g on both sides of every
+ratio. C is applied to ``sum p a`` exactly as the workers apply it (for ``ef-scaled``,
+gamma C(x / gamma), so a hard-threshold's lambda acts on the scale the workers used); for
+``memory`` feedback every term is then multiplied by eta to be on the update's scale.
+
+The residual ratio ||G - TopK_k(G)|| / ||G|| of paper 000 (Fig. 2) is measured on the workers'
+gradient G = sum_q p_q g_q (:func:`residual_ratio_curve`).
 """
 
 from __future__ import annotations
@@ -34,6 +47,8 @@ import math
 
 import torch
 
+from .compressors import CompressionContext
+
 METRICS = (
     "step",
     "epoch",
@@ -41,7 +56,8 @@ METRICS = (
     "test_accuracy",
     "suboptimality",
     "grad_norm_sq",
-    "error_norm",
+    "mean_memory_norm",
+    "worker_error_sq",
     "total_error",
     "density",
     "avg_density",
@@ -49,25 +65,21 @@ METRICS = (
     "downlink_bytes",
     "xi",
     "rho_hat",
+    "rho_hat_max",
     "gamma_hat_up",
+    "compression_ratio_up",
+    "compression_ratio_up_max",
     "gamma_hat_down",
+    "compression_ratio_down",
     "aggregate_density",
 )
 
-#: metrics that need the model evaluated on data (computed only at recording steps)
-EVAL_METRICS = ("loss", "test_accuracy", "suboptimality", "grad_norm_sq")
-#: metrics that describe one step (empty in the row of step 0)
-STEP_METRICS = ("density", "xi", "rho_hat", "gamma_hat_up", "gamma_hat_down", "aggregate_density")
+#: maxima over every step since the last recorded row: metric -> the per-step metric it tracks
+RUNNING_MAXIMA = {"rho_hat_max": "rho_hat", "compression_ratio_up_max": "compression_ratio_up"}
 DEFAULT_METRICS = (
-    "step", "epoch", "loss", "test_accuracy", "suboptimality", "error_norm", "total_error",
+    "step", "epoch", "loss", "test_accuracy", "suboptimality", "mean_memory_norm", "total_error",
     "density", "avg_density", "uplink_bytes", "downlink_bytes",
 )
-
-
-def check_metrics(names) -> None:
-    bad = [n for n in names if n not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {bad}; allowed: {', '.join(METRICS)}")
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
@@ -75,97 +87,111 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(num) / d if d > 0 else math.nan
 
 
-def eval_metrics(sim, names) -> dict:
-    """Metrics that evaluate the current model of ``sim`` on data."""
+def eval_metrics(engine, names) -> dict:
+    """Metrics that evaluate the current model of ``engine`` on data."""
     out: dict = {}
     if "loss" in names or "suboptimality" in names:
-        loss = sim.full_loss()
+        loss = engine.full_loss()
         if "loss" in names:
             out["loss"] = loss
         if "suboptimality" in names:
-            out["suboptimality"] = loss - sim.task.f_star if sim.task.f_star is not None else math.nan
+            out["suboptimality"] = loss - engine.task.f_star if engine.task.f_star is not None else math.nan
     if "grad_norm_sq" in names:
-        out["grad_norm_sq"] = float(sim.full_gradient().square().sum())
+        out["grad_norm_sq"] = float(engine.full_gradient().double().square().sum())
     if "test_accuracy" in names:
-        acc = sim.test_accuracy()
+        acc = engine.test_accuracy()
         out["test_accuracy"] = math.nan if acc is None else acc
     return out
 
 
-def cumulative_metrics(sim, names) -> dict:
-    out: dict = {"step": sim.t, "epoch": sim.epoch}
-    if "error_norm" in names:
-        e = sim.wstate.get("e")
-        out["error_norm"] = float((sim.weights @ e).norm()) if e is not None else 0.0
+def cumulative_metrics(engine, names) -> dict:
+    out: dict = {"step": engine.t, "epoch": engine.epoch}
+    memory = engine.worker_state.memory
+    if "mean_memory_norm" in names:
+        out["mean_memory_norm"] = float((engine.weights @ memory.flat).norm()) if memory is not None else 0.0
+    if "worker_error_sq" in names:
+        out["worker_error_sq"] = float(memory.flat.double().square().sum()) / engine.n_workers if memory is not None else 0.0
     if "total_error" in names:
-        out["total_error"] = sim.total_error
+        out["total_error"] = engine.total_error
     if "avg_density" in names:
-        out["avg_density"] = sim.density_sum / max(sim.t, 1)
+        out["avg_density"] = engine.density_sum / max(engine.t, 1)
     if "uplink_bytes" in names:
-        out["uplink_bytes"] = sim.uplink_bytes
+        out["uplink_bytes"] = engine.ledger.uplink_bytes
     if "downlink_bytes" in names:
-        out["downlink_bytes"] = sim.downlink_bytes
+        out["downlink_bytes"] = engine.ledger.downlink_bytes
     return {k: v for k, v in out.items() if k in names or k in ("step", "epoch")}
 
 
-def step_metrics(sim, rec, names) -> dict:
-    """Per-step diagnostics from a :class:`~gradsparse.engines.sync_sim.StepRecord`."""
+def step_metrics(engine, rec, names) -> dict:
+    """Per-step diagnostics from a :class:`~gradsparse.engines.synchronous.StepRecord`."""
+    names = set(names)
     out: dict = {}
-    alg, p = sim.alg, sim.weights
-    scale = 1.0 if alg.lr_inside else rec.lr
+    alg, p = engine.alg, engine.weights
+    scale = 1.0 if alg.lr_inside else rec.lr  # from the accumulated vectors' scale to the update's
+    diagnostic = CompressionContext(rec.step, None, "diagnostic")
     if "density" in names:
-        out["density"] = float(rec.nnz.float().mean()) / sim.d
-    if {"xi", "rho_hat", "gamma_hat_up"} & set(names):
-        a, s = rec.worker.accumulated, rec.worker.sent
-    if {"xi", "rho_hat"} & set(names):
-        denom = (rec.lr * rec.weighted_grad(p)).norm()
-        agg_a = scale * (p @ a)
-        agg_s = scale * (p @ s)
-        c_of_mean = alg.compressor(agg_a[None], rec.step, torch.tensor([-2]))[0][0]
-        xi = _ratio((c_of_mean - agg_s).norm(), denom)
+        out["density"] = float(rec.nnz.double().mean()) / engine.d
+    if names & {"xi", "rho_hat", "gamma_hat_up", "compression_ratio_up"}:
+        a = rec.accumulated()
+        s = rec.worker.message.to_dense(a.dtype)
+    if names & {"xi", "rho_hat"}:
+        denom = (rec.lr * rec.weighted_feedback_input(p)).norm()
+        mean_a, mean_s = p.to(a.dtype) @ a, p.to(a.dtype) @ s
+        c_of_mean = alg.feedback.compress_as_worker(mean_a[None], rec.lr, alg.compressor, diagnostic).to_dense()[0]
+        xi = _ratio((scale * (c_of_mean - mean_s)).norm(), denom)
         if "xi" in names:
             out["xi"] = xi
         if "rho_hat" in names:
-            if alg.down_compressor is None:
+            if not alg.topology.compresses_downlink:
                 out["rho_hat"] = xi
             else:
-                delta = rec.server_state_before.get("delta")
-                cd = alg.down_compressor
-                lhs = cd((delta + agg_a)[None], rec.step, torch.tensor([-1]))[0][0]
-                rhs = cd((delta + agg_s)[None], rec.step, torch.tensor([-1]))[0][0]
+                delta = rec.server_state_before.downlink_memory.flat
+                down = alg.down_compressor
+                lhs = down.compress((delta + scale * mean_a)[None], diagnostic).to_dense()[0]
+                rhs = down.compress((delta + scale * mean_s)[None], diagnostic).to_dense()[0]
                 out["rho_hat"] = _ratio((lhs - rhs).norm(), denom)
-    if "gamma_hat_up" in names:
+    if names & {"gamma_hat_up", "compression_ratio_up"}:
         num = (s - a).norm(dim=1)
         den = a.norm(dim=1)
-        r = torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(den))
-        out["gamma_hat_up"] = 1.0 - float(r.max())
-    if "gamma_hat_down" in names:
-        if rec.server.down_support is None:
-            out["gamma_hat_down"] = math.nan
+        r = torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(den))
+        ratio = float(r.max())
+        if "compression_ratio_up" in names:
+            out["compression_ratio_up"] = ratio
+        if "gamma_hat_up" in names:
+            out["gamma_hat_up"] = 1.0 - ratio
+    if names & {"gamma_hat_down", "compression_ratio_down"}:
+        if not alg.topology.compresses_downlink:
+            ratio = math.nan
         else:
             G = rec.server.pre_downlink
-            out["gamma_hat_down"] = 1.0 - _ratio((rec.server.update - G).norm(), G.norm())
+            ratio = _ratio((rec.server.update - G).norm(), G.norm())
+        if "compression_ratio_down" in names:
+            out["compression_ratio_down"] = ratio
+        if "gamma_hat_down" in names:
+            out["gamma_hat_down"] = 1.0 - ratio
     if "aggregate_density" in names:
-        out["aggregate_density"] = int((rec.server.aggregate != 0).sum()) / sim.d
+        out["aggregate_density"] = int((rec.server.aggregate != 0).sum()) / engine.d
     return out
 
 
 def residual_ratio_curve(G: torch.Tensor, ks) -> list[tuple[int, float, float]]:
     """Paper 000 Fig. 2: ||G - TopK_k(G)|| / ||G|| for every k in ``ks``, from one sort.
 
+    The residual ||G - TopK_k(G)||^2 is the sum of the d - k smallest squares, summed from the
+    smallest up (no cancellation: the ratio is exact to float64 rounding even for k close to d).
     Returns [(k, ratio, uniform worst case sqrt(1 - k/d))].
     """
     G = G.reshape(-1).double()
     d = G.numel()
-    sq = torch.sort(G.square(), descending=True).values
-    total = float(sq.sum())
-    kept = torch.cumsum(sq, 0)
+    ascending = torch.sort(G.square()).values
+    smallest = torch.cumsum(ascending, 0)  # smallest[j] = sum of the j + 1 smallest squares
+    total = float(smallest[-1]) if d else 0.0
     out = []
     for k in ks:
         k = int(k)
         if not 0 <= k <= d:
             raise ValueError(f"residual ratio k = {k} must be in [0, d = {d}]")
-        rest = total - (float(kept[k - 1]) if k > 0 else 0.0)
-        ratio = math.sqrt(max(rest, 0.0) / total) if total > 0 else math.nan
+        rest = float(smallest[d - k - 1]) if k < d else 0.0
+        ratio = math.sqrt(rest / total) if total > 0 else math.nan
         out.append((k, ratio, math.sqrt(1.0 - k / d)))
     return out

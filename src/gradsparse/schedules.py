@@ -10,15 +10,17 @@ A schedule is a callable ``lr(t, epoch) -> float`` with ``t`` the 0-based step c
 - ``inverse_power``:   alpha / (t + 1)^a
 - ``momentum_aware``:  paper 004, eta_t = eta (1/t^a - beta/(t+1)^a), with t counted from 1
 - ``strongly_convex``: paper 004, eta_t = (1 - beta t/(t+1)) / (mu t), t counted from 1
-- ``stagewise``:       paper 004 §6, stage s runs T_s steps at eta_s = eta_0/(s+1); the
-                       simulator adds the proximal term (1/2 gamma)||w - w~_s||^2 and restarts
-                       the anchor w~_{s+1} at the average of stage s's iterates.
+- ``stagewise``:       paper 004 §6, stage s runs T_s steps at eta_s = eta_0/(s+1); see
+                       :class:`StagewiseLearning` for what the engines do at stage boundaries.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -85,3 +87,57 @@ class Schedule:
         if self.kind != "stagewise" or t == 0:
             return False
         return self.stage_of(t) != self.stage_of(t - 1)
+
+    def first_nonpositive(self, steps: int, epoch_of_step) -> int | None:
+        """The first step t < ``steps`` whose step size is <= 0 (or not finite), else None."""
+        for t in range(steps):
+            v = self(t, epoch_of_step(t))
+            if not (v > 0) or math.isinf(v):
+                return t
+        return None
+
+
+class StagewiseLearning:
+    """Paper 004 §6 (Lemma 11, eq. 15-16): stage s is a fresh run of Algorithm 1.
+
+    Stage s starts at w_{s,0} = w~_s (w~_0 = the initial model) with zero memory and momentum
+    (the engine re-initialises the algorithm's state), runs T_s steps at the constant step
+    eta_s = eta_0/(s+1) on F(w) + (1/2 gamma)||w - w~_s||^2 (the engine adds the proximal
+    gradient (w - w~_s)/gamma to every worker's gradient), and
+    w~_{s+1} = (1/T_s) sum_{t=0}^{T_s-1} w_{s,t}: the mean of the iterates the stage's steps were
+    taken at (w_{s,0} included, the stage's last update excluded). ``averages`` lists w~_1, w~_2, ...
+    """
+
+    def __init__(self, schedule: Schedule, w0: torch.Tensor) -> None:
+        self.schedule = schedule
+        self.anchor = w0.clone()
+        self.stage_sum = torch.zeros_like(w0)
+        self.stage_count = 0
+        self.averages: list[torch.Tensor] = []
+
+    def begin_step(self, t: int, w: torch.Tensor) -> torch.Tensor | None:
+        """At the first step of a new stage: the new anchor w~_s (the engine restarts from it and
+        resets the algorithm's state); otherwise None. Then records w as an iterate of the stage."""
+        restart = None
+        if self.schedule.stage_start(t):
+            self.anchor = self.stage_sum / self.stage_count
+            self.averages.append(self.anchor.clone())
+            self.stage_sum = torch.zeros_like(self.stage_sum)
+            self.stage_count = 0
+            restart = self.anchor.clone()
+            w = restart
+        self.stage_sum += w
+        self.stage_count += 1
+        return restart
+
+    def proximal_gradient(self, w: torch.Tensor) -> torch.Tensor:
+        return (w - self.anchor) / self.schedule.prox_gamma
+
+    def state_dict(self) -> dict:
+        return {"anchor": self.anchor.clone(), "stage_sum": self.stage_sum.clone(),
+                "stage_count": self.stage_count, "averages": [a.clone() for a in self.averages]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.anchor, self.stage_sum = sd["anchor"].clone(), sd["stage_sum"].clone()
+        self.stage_count = int(sd["stage_count"])
+        self.averages = [a.clone() for a in sd["averages"]]

@@ -1,0 +1,14 @@
+"""Engines: what runs an algorithm (see :mod:`.base` for the interface).
+
+``ENGINES`` maps the config key ``engine`` to its class.
+"""
+
+from .base import ByteLedger, Engine, WorkerData
+from .loop_sim import LoopSimulator
+from .sync_sim import SyncSimulator
+from .synchronous import StepRecord, SynchronousEngine
+
+#: the one table of engines
+ENGINES = {cls.name: cls for cls in (SyncSimulator, LoopSimulator)}
+
+__all__ = ["ENGINES", "Engine", "ByteLedger", "WorkerData", "SynchronousEngine", "StepRecord", "SyncSimulator", "LoopSimulator"]

@@ -1,11 +1,16 @@
-"""Baseline engine: one model copy per worker, a Python loop of forward/backward passes.
+"""Loop engine (``engine: loop``): one model copy per worker and a Python loop over workers.
 
-This is how many federated-learning scripts simulate N workers. It exists as the reference the
-vectorized :class:`~gradsparse.engines.sync_sim.SyncSimulator` is measured against (speed, in
-``benchmarks/bench_simulator.py``) and checked against (equal results, in the tests). Everything
-but the gradient computation is inherited, so both engines draw the same mini-batches and run the
-same algorithm. Each worker also runs its own worker step (error feedback and compression of one
-vector), as it would in its own process.
+This is how many federated-learning scripts simulate N workers, and how N separate processes
+would run: each worker loads the shared model into its own copy, runs forward/backward on its
+own mini-batch and then its own worker step on its own state (``n = 1``: error feedback and
+compression of one vector, through the algorithm's in-place entry where it applies, as a DDP
+hook would). It is the reference the vectorized :class:`~gradsparse.engines.sync_sim.SyncSimulator`
+is checked against (same parameters, ``tests/test_engines.py``) and measured against
+(``benchmarks/bench_simulator.py``). Both engines draw the same mini-batches from the same seed.
+
+Tasks with an ``nn.Module`` get real model copies (``copy.deepcopy``) with autograd on their
+own parameters; functional tasks (toy, linear and logistic regression) take one
+``torch.func.grad`` call per worker.
 """
 
 from __future__ import annotations
@@ -13,77 +18,67 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
-from ..algorithm import WorkerOutput
-from ..compressors import RowSparse
-from .sync_sim import SyncSimulator
+from ..algorithm import WorkerState, WorkerStepOutput
+from ..feedback import FeedbackOutput
+from ..messages import SparseBatch
+from .synchronous import SynchronousEngine
 
 
-class LoopSimulator(SyncSimulator):
-    """``module``: an ``nn.Module`` whose named parameters match the task's parameters and whose
-    forward gives the logits fed to ``loss_fn(logits, y)`` (cross-entropy by default)."""
+class LoopSimulator(SynchronousEngine):
+    name = "loop"
 
-    def __init__(self, task, algorithm, schedule, *, module: nn.Module, loss_fn=None, **kw) -> None:
+    def __init__(self, task, algorithm, schedule, **kw) -> None:
         super().__init__(task, algorithm, schedule, **kw)
-        self.fused_memory = False  # gradients come from the model copies below
-        self.models = [copy.deepcopy(module).train() for _ in range(self.n_workers)]
-        for m in self.models:
-            for p in m.parameters():
-                p.requires_grad_(True)
-        self.loss_fn = loss_fn or nn.functional.cross_entropy
+        self.models = None
+        if task.module is not None:
+            self.models = [copy.deepcopy(task.module).train() for _ in range(self.n_workers)]
+            for m in self.models:
+                for p in m.parameters():
+                    p.requires_grad_(True)
 
-    def worker_gradients(self, w: torch.Tensor) -> torch.Tensor:
-        idx = self.sample_rows()
-        self.samples_seen += idx.numel()
-        params = self.unflatten(w)
-        out = torch.empty(self.n_workers, self.d)
-        for q, model in enumerate(self.models):
-            with torch.no_grad():  # broadcast the global model into the worker's copy
-                for name, p in model.named_parameters():
-                    p.copy_(params[name])
+    def worker_gradient(self, q: int, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Worker q's gradient at w on its rows, computed in its own model copy."""
+        x, y = self.task.train_x[rows], self.task.train_y[rows]
+        if self.models is None:
+            g = self._grad(w, x, y)
+        else:
+            model = self.models[q]
+            params = dict(model.named_parameters())
+            with torch.no_grad():  # broadcast the shared model into the worker's copy
+                for name, view in self.layout.unflatten(w).items():
+                    params[name].copy_(view)
             model.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model(self.task.train_x[idx[q]]), self.task.train_y[idx[q]])
-            loss.backward()
-            torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()], out=out[q])
-        return out
+            self.task.loss(params, x, y).backward()
+            g = torch.cat([params[name].grad.reshape(-1) for name in self.layout.names])
+        if self.x_star is not None:
+            g = g - self._grad(self.x_star, x, y)
+        return g
 
-    def worker_phase(self, grads: torch.Tensor, w: torch.Tensor, t: int, lr: float) -> WorkerOutput:
-        if self.alg.accumulates_in_place and "e" in self.wstate:
-            return self._worker_phase_in_place(grads, t, lr)
+    def worker_round(self, w, t, lr):
+        idx = self.data.sample()
+        self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
+        grads = torch.stack([self.worker_gradient(q, w, idx[q]) for q in range(self.n_workers)])
+        fed = self.feedback_gradients(grads, w)
+        in_place = self.alg.supports_in_place and self.stagewise is None
+        live = self._renew_live_token() if in_place else [True]
         outs = []
         for q in range(self.n_workers):
-            state_q = {k: v[q : q + 1] for k, v in self.wstate.items()}
-            outs.append(self.alg.worker_step(grads[q : q + 1], w, state_q, t, lr, self.worker_ids[q : q + 1]))
-        state = {k: torch.cat([o.state[k] for o in outs]) for k in outs[0].state}
-        if outs[0].sparse is not None:
-            sparse, acc_vals = self._cat_sparse(outs)
-            acc = torch.cat([o.accumulated for o in outs]) if "e" not in state else None
-            return WorkerOutput(state, sparse=sparse, acc_values=acc_vals, accumulated=acc)
-        return WorkerOutput(
-            state,
-            sent=torch.cat([o.sent for o in outs]),
-            support=torch.cat([o.support for o in outs]),
-            accumulated=torch.cat([o.accumulated for o in outs]),
+            state_q = self.worker_state.rows(slice(q, q + 1))
+            ids = self.worker_ids[q : q + 1]
+            if in_place:  # worker q updates its own memory rows (views into the shared buffer)
+                outs.append(self.alg.worker_step_in_place(fed[q : q + 1], state_q, step=t, lr=lr, workers=ids))
+            else:
+                outs.append(self.alg.worker_step(fed[q : q + 1], w, state_q, step=t, lr=lr, workers=ids))
+        state = self.worker_state if in_place else WorkerState.cat([o.state for o in outs])
+        message = SparseBatch.cat([o.message for o in outs])
+        accumulated = [o.feedback.accumulated for o in outs]
+        feedback = FeedbackOutput(
+            message,
+            torch.cat([o.feedback.accumulated_values for o in outs]),
+            None if accumulated[0] is None else torch.cat(accumulated),
         )
-
-    def _worker_phase_in_place(self, grads: torch.Tensor, t: int, lr: float) -> WorkerOutput:
-        """Each worker updates its own memory row in place, e_q += c g_q, then compresses it (as a
-        per-worker script would, and as the vectorized engine does for all rows at once)."""
-        live = self._renew_live_token()
-        e = self.wstate["e"]
-        c = self.alg.accumulation_scale(lr)
-        outs = []
-        for q in range(self.n_workers):
-            e_q = e[q : q + 1]
-            e_q.add_(grads[q : q + 1], alpha=c)
-            outs.append(self.alg.worker_step_accumulated(e_q, {"e": e_q}, t, lr, self.worker_ids[q : q + 1]))
-        sparse, acc_vals = self._cat_sparse(outs)
-        return WorkerOutput(dict(self.wstate), sparse=sparse, acc_values=acc_vals, live=live)
-
-    def _cat_sparse(self, outs: list[WorkerOutput]) -> tuple[RowSparse, torch.Tensor]:
-        """The workers' one-row sparse messages (and accumulated values at their supports) as one."""
-        sparse = RowSparse(
-            torch.cat([o.sparse.indices for o in outs]), torch.cat([o.sparse.values for o in outs]), self.d
-        )
-        return sparse, torch.cat([o._acc_values for o in outs])
+        inputs = [o.feedback_input for o in outs]
+        out = WorkerStepOutput(message, torch.cat([o.nbytes for o in outs]), state, feedback,
+                               None if inputs[0] is None else torch.cat(inputs))
+        return grads, out, live

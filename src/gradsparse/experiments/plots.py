@@ -58,7 +58,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         made.append(run_dir / "loss.png")
         fig.savefig(made[-1], dpi=100)
         plt.close(fig)
-    for name, ylabel in (("error_norm", "||mean error||"), ("density", "density k/d"), ("test_accuracy", "test accuracy")):
+    for name, ylabel in (("mean_memory_norm", "||mean memory||"), ("density", "density k/d"), ("test_accuracy", "test accuracy")):
         if name in cols and any(not math.isnan(v) for v in cols[name]):
             fig, ax = plt.subplots(figsize=(5, 4))
             x, y = _series(cols, "step", name)

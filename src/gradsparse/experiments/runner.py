@@ -1,13 +1,16 @@
-"""Run a validated config on the synchronous simulator and write a run directory.
+"""Run a validated config on its engine and write a run directory.
 
 A run directory holds:
 
 * ``config.yaml``   the resolved config (overrides applied, defaults filled in);
 * ``metrics.csv``   one row per recording step (column names: :mod:`gradsparse.metrics`);
 * ``summary.json``  final value of each metric, totals, steps, wall seconds;
-* ``checkpoint.pt`` simulator state at the end (model, memories, momentum, RNG, counters);
+* ``checkpoint.pt`` engine state at the end (model, memories and momentum keyed by segment, RNG,
+  counters; plain tensors, loads under ``torch.load(weights_only=True)``);
 * ``residual_ratio.csv`` when ``metrics.residual_ratio.steps`` is set;
-* PNG plots: loss vs step and vs bytes, error norm, density (and residual ratio).
+* ``worker_error_norms.csv`` when ``metrics.per_worker_error_norms`` is set;
+* ``stages.csv`` for stagewise learning: each stage's average w~_s and the loss there;
+* PNG plots: loss vs step and vs bytes, memory norm, density (and residual ratio).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import torch
 from ..algorithm import Algorithm
 from ..compressors import make_compressor
 from ..config import ConfigError, RunConfig, dump_config
-from ..engines.sync_sim import SyncSimulator
-from ..metrics import METRICS, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
+from ..engines import ENGINES
+from ..metrics import METRICS, RUNNING_MAXIMA, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
 from ..schedules import Schedule
+from ..segments import Layout
+from ..staleness import StalenessDampening
 from ..tasks import make_task
 
 
@@ -36,24 +41,30 @@ def build_task(cfg: RunConfig):
         raise ConfigError(f"config key 'task': {exc}") from None
 
 
-def build_algorithm(cfg: RunConfig, layout: list[int]) -> Algorithm:
+def build_algorithm(cfg: RunConfig, layout: Layout, base_lr: float) -> Algorithm:
+    """Each component built from its own config section (see :mod:`gradsparse.config`)."""
     a = cfg.algorithm
+
+    def compressor(key: str, section):
+        try:
+            return make_compressor(section.kind, layout, base_lr, **section.options())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config key 'algorithm.{key}': {exc}") from None
+
+    up = compressor("compressor", a.compressor)
+    down = None
+    if a.topology.down_compressor is not None:
+        down = compressor("topology.down_compressor", a.topology.down_compressor)
     try:
-        up = make_compressor(a.compressor.kind, layout=layout, **a.compressor.options())
-        down = None
-        if a.topology.down_compressor is not None:
-            dc = a.topology.down_compressor
-            down = make_compressor(dc.kind, layout=layout, **dc.options())
         return Algorithm(
             compressor=up,
             feedback=a.feedback,
-            momentum=a.momentum.kind,
-            beta=a.momentum.beta if a.momentum.kind != "none" else 0.0,
-            nesterov=a.momentum.nesterov,
-            masking=a.momentum.masking,
-            weight_decay=a.weight_decay,
+            momentum=a.momentum.build(),
             topology=a.topology.kind,
             down_compressor=down,
+            weight_decay=a.weight_decay,
+            value_dtype=cfg.value_dtype,
+            staleness=StalenessDampening(a.staleness.kind, a.staleness.beta),
         )
     except ValueError as exc:
         raise ConfigError(f"config key 'algorithm': {exc}") from None
@@ -76,40 +87,54 @@ def build_schedule(cfg: RunConfig, task) -> Schedule:
         raise ConfigError(f"config key 'schedule': {exc}") from None
 
 
-def build_simulator(cfg: RunConfig) -> SyncSimulator:
+def build_engine(cfg: RunConfig):
     """Everything that can reject the config happens here, before any file is written."""
     task = build_task(cfg)
-    params = task.init_params(torch.Generator().manual_seed(cfg.seed))
-    layout = [int(p.numel()) for p in params.values()]
-    alg = build_algorithm(cfg, layout)
+    layout = Layout.of(task.init_params(torch.Generator().manual_seed(cfg.seed)))
     sched = build_schedule(cfg, task)
+    alg = build_algorithm(cfg, layout, sched.lr)
     w = cfg.workers
+    kwargs = dict(
+        n_workers=w.count, batch_size=w.batch_size, split=w.split, shards_per_worker=w.shards_per_worker,
+        weights=w.weights, seed=cfg.seed, gradient_shift=cfg.algorithm.gradient_shift,
+    )
+    if cfg.engine == "sync":
+        kwargs.update(gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory)
     try:
-        sim = SyncSimulator(
-            task, alg, sched, n_workers=w.count, batch_size=w.batch_size, split=w.split,
-            shards_per_worker=w.shards_per_worker, weights=w.weights, seed=cfg.seed,
-            value_dtype=cfg.value_dtype, gradient_shift=cfg.algorithm.gradient_shift,
-            gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory,
-        )
+        engine = ENGINES[cfg.engine](task, alg, sched, **kwargs)
     except ValueError as exc:
         key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
         raise ConfigError(f"config key '{key}': {exc}") from None
+    if alg.topology.kind not in engine.topologies:
+        raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
     # dry run of the compressors on the real dimension (e.g. k > d is caught here)
     for key, comp in (("compressor", alg.compressor), ("topology.down_compressor", alg.down_compressor)):
         if comp is None:
             continue
         try:
-            comp(torch.zeros(1, sim.d, dtype=sim.dtype))
+            comp.compress(torch.zeros(1, engine.d, dtype=engine.dtype))
         except ValueError as exc:
-            raise ConfigError(f"config key 'algorithm.{key}': {exc} (the model has d = {sim.d})") from None
-    return sim
+            raise ConfigError(f"config key 'algorithm.{key}': {exc} (the model has d = {engine.d})") from None
+    if alg.feedback.kind == "ef-scaled":
+        per_step = engine.data.samples_per_step()
+
+        def epoch_of(t: int) -> float:
+            return t * per_step / max(task.n_train, 1)
+
+        bad = sched.first_nonpositive(total_steps(cfg, engine), epoch_of)
+        if bad is not None:
+            raise ConfigError(
+                f"config key 'schedule': feedback ef-scaled divides by the step size, which this schedule "
+                f"makes {sched(bad, epoch_of(bad))!r} at step {bad} (e.g. a warm-up from warmup_start = 0); "
+                "use feedback ef or a schedule that stays positive"
+            )
+    return engine
 
 
-def total_steps(cfg: RunConfig, sim: SyncSimulator) -> int:
+def total_steps(cfg: RunConfig, engine) -> int:
     if cfg.steps is not None:
         return cfg.steps
-    per_step = sim.n_workers * (int(sim.lens.max()) if sim.batch_size == "full" else sim.batch_size)
-    return max(1, math.ceil(cfg.epochs * sim.task.n_train / per_step))
+    return max(1, math.ceil(cfg.epochs * engine.task.n_train / engine.data.samples_per_step()))
 
 
 def unique_dir(base: Path) -> Path:
@@ -129,13 +154,23 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f}PB"
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None) -> Path:
     """Run ``cfg``; returns the run directory."""
-    sim = build_simulator(cfg)
-    steps = total_steps(cfg, sim)
+    engine = build_engine(cfg)
+    steps = total_steps(cfg, engine)
     names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
-    sim.track_total_error = "total_error" in names
+    engine.track_total_error = "total_error" in names
     columns = [m for m in METRICS if m in names]
+    # per-step metrics the running maxima need are computed at every step
+    tracked = {RUNNING_MAXIMA[m] for m in names if m in RUNNING_MAXIMA}
+    maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
     rr = cfg.metrics.residual_ratio
     bad = [s for s in rr.steps if not 1 <= s <= steps]
     if bad:
@@ -148,6 +183,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
     show = cfg.progress if progress is None else progress
     rows: list[dict] = []
     rr_rows: list[dict] = []
+    worker_rows: list[dict] = []
     t0 = time.perf_counter()
     f = open(run_dir / "metrics.csv", "w", newline="")
     writer = csv.DictWriter(f, fieldnames=columns)
@@ -158,8 +194,11 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         writer.writerow(full)
         f.flush()
         rows.append(full)
+        if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
+            norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
+            worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
 
-    record({**cumulative_metrics(sim, names), **eval_metrics(sim, names)})
+    record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -167,26 +206,34 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         bar = tqdm(total=steps, desc=cfg.name, unit="step", dynamic_ncols=True)
     try:
         for _ in range(steps):
-            rec = sim.step()
-            done = sim.t
+            rec = engine.step()
+            done = engine.t
+            if tracked:
+                for m, value in step_metrics(engine, rec, tracked).items():
+                    for name, of in RUNNING_MAXIMA.items():
+                        if of == m and name in maxima and not math.isnan(value):
+                            maxima[name] = max(maxima[name], value)
             if done in rr.steps:
-                G = sim.weights @ rec.worker.accumulated
-                ks = rr.ks or sorted({max(1, round(sim.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
-                for k, ratio, worst in residual_ratio_curve(G, [min(k, sim.d) for k in ks]):
-                    rr_rows.append({"step": done, "k": k, "density": k / sim.d, "ratio": ratio, "uniform_bound": worst})
+                G = rec.weighted_grad(engine.weights)
+                ks = rr.ks or sorted({max(1, round(engine.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
+                for k, ratio, worst in residual_ratio_curve(G, [min(k, engine.d) for k in ks]):
+                    rr_rows.append({"step": done, "k": k, "density": k / engine.d, "ratio": ratio, "uniform_bound": worst})
             if done % cfg.metrics.every == 0 or done == steps:
-                row = {**cumulative_metrics(sim, names), **step_metrics(sim, rec, names), **eval_metrics(sim, names)}
+                row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
+                for name in maxima:
+                    row[name] = maxima[name] if maxima[name] > -math.inf else math.nan
+                    maxima[name] = -math.inf
                 record(row)
                 if bar is not None:
                     post = {}
                     if "loss" in row:
                         post["loss"] = f"{row['loss']:.4g}"
-                    post["density"] = f"{float(rec.nnz.float().mean()) / sim.d:.3g}"
-                    post["bytes"] = _fmt_bytes(sim.uplink_bytes + sim.downlink_bytes)
+                    post["density"] = f"{float(rec.nnz.double().mean()) / engine.d:.3g}"
+                    post["bytes"] = _fmt_bytes(engine.ledger.uplink_bytes + engine.ledger.downlink_bytes)
                     bar.set_postfix(post, refresh=False)
             if bar is not None:
                 bar.update(1)
-            if not torch.isfinite(sim.w).all():
+            if not torch.isfinite(engine.w).all():
                 raise FloatingPointError(f"the model diverged (non-finite parameters) at step {done}; lower the step size")
     finally:
         if bar is not None:
@@ -194,32 +241,42 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         f.close()
     wall = time.perf_counter() - t0
 
-    torch.save(sim.state_dict(), run_dir / "checkpoint.pt")
+    torch.save(engine.state_dict(), run_dir / "checkpoint.pt")
     if rr_rows:
-        with open(run_dir / "residual_ratio.csv", "w", newline="") as g:
-            w = csv.DictWriter(g, fieldnames=list(rr_rows[0]))
-            w.writeheader()
-            w.writerows(rr_rows)
+        _write_csv(run_dir / "residual_ratio.csv", rr_rows)
+    if worker_rows:
+        _write_csv(run_dir / "worker_error_norms.csv", worker_rows)
+    stages = []
+    if engine.stagewise is not None:
+        for s, avg in enumerate(engine.stagewise.averages, start=1):
+            stages.append({"stage": s, "loss_at_average": engine.full_loss(avg)})
+        if stages:
+            _write_csv(run_dir / "stages.csv", stages)
     final = {}
     for c in columns:
         vals = [r[c] for r in rows if r[c] != ""]
         final[c] = vals[-1] if vals else None
     summary = {
         "name": cfg.name,
-        "algorithm": sim.alg.describe(),
-        "task": sim.task.name,
-        "d": sim.d,
-        "workers": sim.n_workers,
-        "steps": sim.t,
-        "epochs": sim.epoch,
+        "engine": engine.name,
+        "algorithm": engine.alg.describe(),
+        "task": engine.task.name,
+        "d": engine.d,
+        "workers": engine.n_workers,
+        "steps": engine.t,
+        "epochs": engine.epoch,
         "wall_seconds": wall,
-        "gradient_path": sim.gradient_path,  # what "auto" resolved to
-        "in_place_memory": sim.fused_memory,
-        "uplink_bytes": sim.uplink_bytes,
-        "downlink_bytes": sim.downlink_bytes,
-        "avg_density": sim.density_sum / max(sim.t, 1),
-        "total_error": sim.total_error if sim.track_total_error else None,
-        "f_star": sim.task.f_star,
+        "gradient_path": getattr(engine, "gradient_path", None),  # what "auto" resolved to
+        "in_place_memory": getattr(engine, "fused_memory", False),
+        "uplink_bytes": engine.ledger.uplink_bytes,
+        "downlink_bytes": engine.ledger.downlink_bytes,
+        "uplink_messages": engine.ledger.uplink_messages,
+        "downlink_messages": engine.ledger.downlink_messages,
+        "avg_density": engine.density_sum / max(engine.t, 1),
+        "total_error": engine.total_error if engine.track_total_error else None,
+        "hard_threshold": getattr(engine.alg.compressor, "threshold", None),
+        "stages": stages or None,
+        "f_star": engine.task.f_star,
         "final": final,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

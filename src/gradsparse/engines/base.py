@@ -1,0 +1,173 @@
+"""What an engine provides, and the pieces the simulated engines share.
+
+An *engine* runs one :class:`~gradsparse.algorithm.Algorithm` on one task:
+
+=====================  ======================================================================
+``name``               the value of the config key ``engine``
+``topologies``         which topologies it runs
+``metrics``            which metric columns it can record
+``step()``             one step (a synchronous round, or one server update) -> a record
+``w``, ``t``           the model (flat ``[d]``, the server's / every worker's) and steps done
+``ledger``             :class:`ByteLedger`: bytes and messages sent each way, summed per message
+``worker_state``,      the algorithm's explicit state (:class:`~gradsparse.algorithm.WorkerState`,
+``server_state``       :class:`~gradsparse.algorithm.ServerState`)
+``state_dict()``,      everything needed to resume bit-exactly (plain tensors and numbers)
+``load_state_dict()``
+``full_loss()``, ``full_gradient()``, ``test_accuracy()``   evaluation of the current model
+=====================  ======================================================================
+
+:data:`ENGINES` (in :mod:`gradsparse.engines`) maps names to classes; the test fixture in
+``tests/test_engines.py`` runs the same configs on every engine and demands the same parameters.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..metrics import METRICS
+from ..segments import Layout
+from ..tasks import Task, split_workers
+
+
+@dataclass
+class ByteLedger:
+    """Bytes and messages sent, summed message by message (each step returns its sizes)."""
+
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    uplink_messages: int = 0
+    downlink_messages: int = 0
+
+    def add(self, uplink_bytes: int, downlink_bytes: int, uplink_messages: int, downlink_messages: int) -> None:
+        self.uplink_bytes += int(uplink_bytes)
+        self.downlink_bytes += int(downlink_bytes)
+        self.uplink_messages += int(uplink_messages)
+        self.downlink_messages += int(downlink_messages)
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in self.__dict__:
+            setattr(self, k, int(sd[k]))
+
+
+class Engine(ABC):
+    name: ClassVar[str]
+    topologies: ClassVar[tuple[str, ...]] = ("all_to_all", "ps_uplink", "bidirectional", "downlink_only")
+    metrics: ClassVar[frozenset[str]] = frozenset(METRICS)
+
+    task: Task
+    layout: Layout
+    w: torch.Tensor
+    t: int
+    ledger: ByteLedger
+
+    @abstractmethod
+    def step(self): ...
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, sd: dict) -> None: ...
+
+    @property
+    def d(self) -> int:
+        return self.layout.d
+
+    # ---- evaluation of the current model (shared by every engine) --------------------------
+    def _loss_flat(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(self.layout.unflatten(w), x, y)
+
+    @staticmethod
+    def _chunks(n: int, size: int = 4096):
+        for a in range(0, n, size):
+            yield a, min(n, a + size)
+
+    @torch.no_grad()
+    def full_loss(self, w: torch.Tensor | None = None) -> float:
+        w = self.w if w is None else w
+        n = self.task.n_train
+        total = 0.0
+        for a, b in self._chunks(n):
+            total += float(self._loss_flat(w, self.task.train_x[a:b], self.task.train_y[a:b])) * (b - a)
+        return total / n
+
+    def full_gradient(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.w if w is None else w
+        n = self.task.n_train
+        grad = torch.func.grad(self._loss_flat)
+        g = torch.zeros(self.d, dtype=w.dtype)
+        for a, b in self._chunks(n):
+            g += grad(w, self.task.train_x[a:b], self.task.train_y[a:b]) * (b - a)
+        return g / n
+
+    @torch.no_grad()
+    def test_accuracy(self, w: torch.Tensor | None = None) -> float | None:
+        if self.task.predict is None:
+            return None
+        x, y = self.task.test_x, self.task.test_y
+        if x is None:
+            x, y = self.task.train_x, self.task.train_y
+        params = self.layout.unflatten(self.w if w is None else w)
+        correct = 0
+        for a, b in self._chunks(int(x.shape[0])):
+            correct += int((self.task.predict(params, x[a:b]).argmax(dim=-1) == y[a:b]).sum())
+        return correct / int(x.shape[0])
+
+
+class WorkerData:
+    """Which training rows each worker owns, and the mini-batches it draws.
+
+    Split ``iid`` or ``shards`` (sort by label, cut into shards, a fixed number per worker), or
+    the task's own assignment (``task.worker_data``). Each step every worker draws
+    ``batch_size`` rows uniformly with replacement from its shard (``"full"``: the whole shard,
+    exact local gradients). All randomness comes from the engine's generator, so engines that
+    share a seed draw the same batches.
+    """
+
+    def __init__(self, task: Task, n_workers: int, split: str, shards_per_worker: int,
+                 batch_size: int | str, generator: torch.Generator) -> None:
+        if task.worker_data is not None:
+            rows = [torch.as_tensor(r, dtype=torch.long) for r in task.worker_data]
+            if len(rows) != n_workers:
+                raise ValueError(
+                    f"task {task.name!r} fixes {len(rows)} workers (one per local objective), "
+                    f"but n_workers = {n_workers}; set workers.count = {len(rows)}"
+                )
+        else:
+            labels = task.train_y if task.train_y.dim() == 1 else None
+            rows = split_workers(task.n_train, labels, n_workers, split, shards_per_worker=shards_per_worker,
+                                 generator=generator)
+        self.rows = rows
+        self.lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        if int(self.lens.min()) == 0:
+            raise ValueError("a worker received no training rows; use fewer workers or another split")
+        self.offsets = torch.cumsum(self.lens, 0) - self.lens
+        self.rows_cat = torch.cat(rows)
+        if batch_size != "full" and not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer or 'full', got {batch_size!r}")
+        self.batch_size = batch_size
+        self.generator = generator
+        #: full local batches of different sizes cannot be stacked: gradients then come per worker
+        self.ragged = batch_size == "full" and int(self.lens.min()) != int(self.lens.max())
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.rows)
+
+    def samples_per_step(self) -> int:
+        return int(self.lens.sum()) if self.batch_size == "full" else self.n_workers * self.batch_size
+
+    def sample(self) -> torch.Tensor | list[torch.Tensor]:
+        """This step's rows: ``[N, b]`` indices, or a list of N index tensors when ragged."""
+        if self.batch_size == "full":
+            return list(self.rows) if self.ragged else torch.stack(self.rows)
+        r = torch.rand(self.n_workers, self.batch_size, generator=self.generator)
+        pos = self.offsets[:, None] + (r * self.lens[:, None]).long().clamp_max(self.lens[:, None] - 1)
+        return self.rows_cat[pos]

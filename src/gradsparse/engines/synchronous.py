@@ -1,0 +1,225 @@
+"""The synchronous round shared by the simulated synchronous engines.
+
+One round at step t: the step size alpha_t = schedule(t, epoch); (stagewise learning: restart at
+a new stage's anchor with fresh state); every worker computes its gradient at the shared model
+and runs the algorithm's worker step; the server step aggregates the N messages; every worker
+applies the same update. The engines differ only in how the workers' side is computed
+(:meth:`SynchronousEngine.worker_round`): the vectorized simulator does all N workers in one
+call, the loop engine one model copy at a time.
+
+Bytes: each worker step returns each message's size and the server step its message's size; the
+round charges them with the topology's synchronous rule (``Topology.synchronous_traffic``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..algorithm import Algorithm, ServerState, ServerStepOutput, WorkerState, WorkerStepOutput
+from ..schedules import Schedule, StagewiseLearning
+from ..segments import Layout
+from ..tasks import Task
+from .base import ByteLedger, Engine, WorkerData
+from .grouped_grad import GradientFactors
+
+GRADIENT_SHIFTS = ("none", "optimum")
+
+
+@dataclass
+class StepRecord:
+    """What one synchronous round did.
+
+    ``grads`` ([N, d] raw stochastic gradients) is built on first access when the round kept them
+    in factored form. When the engine updated the memory in place, ``accumulated()`` works only
+    until the next round overwrites that memory (it raises instead of returning changed values).
+    """
+
+    step: int
+    lr: float
+    params_before: torch.Tensor
+    _grads: object  # [N, d] tensor, or GradientFactors
+    worker: WorkerStepOutput
+    server: ServerStepOutput
+    server_state_before: ServerState
+    uplink_bytes: int
+    downlink_bytes: int
+    _live: list = field(default_factory=lambda: [True])
+
+    @property
+    def nnz(self) -> torch.Tensor:
+        """[N] entries in each worker's message."""
+        return self.worker.message.counts
+
+    @property
+    def grads(self) -> torch.Tensor:
+        if isinstance(self._grads, GradientFactors):
+            self._grads = self._grads.dense(self.params_before.numel(), self.params_before.dtype)
+        return self._grads
+
+    def weighted_grad(self, p: torch.Tensor) -> torch.Tensor:
+        """sum_q p_q g_q ([d]) of the raw gradients, without densifying factored ones."""
+        if isinstance(self._grads, GradientFactors):
+            return self._grads.weighted_sum(p, self.params_before.numel())
+        return p.to(self._grads.dtype) @ self._grads
+
+    def weighted_feedback_input(self, p: torch.Tensor) -> torch.Tensor:
+        """sum_q p_q g~_q of what the workers fed to error feedback (gradient with weight decay and
+        proximal term, or the momentum direction); the raw gradients on the in-place path."""
+        if self.worker.feedback_input is None:
+            return self.weighted_grad(p)
+        return p.to(self.worker.feedback_input.dtype) @ self.worker.feedback_input
+
+    def accumulated(self) -> torch.Tensor:
+        """[N, d] the vectors the workers' compressor saw (a, p or v)."""
+        if not self._live[0]:
+            raise RuntimeError(
+                f"the accumulated vectors of step {self.step} are gone: the engine updated the "
+                "error-feedback memory in place at a later step; read them before stepping again"
+            )
+        return self.worker.accumulated()
+
+
+class SynchronousEngine(Engine):
+    """Common state and round of the synchronous simulated engines (see the module docstring)."""
+
+    def __init__(
+        self,
+        task: Task,
+        algorithm: Algorithm,
+        schedule: Schedule,
+        *,
+        n_workers: int,
+        batch_size: int | str = 1,
+        split: str = "iid",
+        shards_per_worker: int = 2,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        gradient_shift: str = "none",
+    ) -> None:
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or not (1 <= n_workers <= 100_000):
+            raise ValueError(f"n_workers must be an integer in 1..100000, got {n_workers!r}")
+        self.task, self.alg, self.schedule = task, algorithm, schedule
+        self.n_workers, self.seed = n_workers, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        params0 = task.init_params(self.gen)
+        self.layout = Layout.of(params0)
+        self.w = self.layout.flatten(params0).clone()
+        self.dtype = self.w.dtype
+        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
+        if weights is None:
+            self.weights = torch.full((n_workers,), 1.0 / n_workers, dtype=self.dtype)
+        else:
+            if len(weights) != n_workers or any(not (p >= 0) for p in weights):
+                raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
+            self.weights = torch.tensor(weights, dtype=self.dtype)
+        self.worker_ids = torch.arange(n_workers)
+        if gradient_shift not in GRADIENT_SHIFTS:
+            raise ValueError(f"gradient_shift must be one of {list(GRADIENT_SHIFTS)}, got {gradient_shift!r}")
+        self.x_star = None
+        if gradient_shift == "optimum":
+            # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
+            if task.x_star is None:
+                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
+            self.x_star = self.layout.flatten(task.x_star).to(self.dtype)
+        self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
+        self.server_state = algorithm.init_server_state(self.layout, self.dtype)
+        self.stagewise = StagewiseLearning(schedule, self.w) if schedule.kind == "stagewise" else None
+        self.t = 0
+        self.samples_seen = 0
+        self.ledger = ByteLedger()
+        self.density_sum = 0.0
+        self.total_error = 0.0
+        #: accumulate the total error sum_t (1/N) sum_q ||e_q||^2 every round (the runner turns
+        #: it off when the metric is not recorded)
+        self.track_total_error = True
+        self._grad = torch.func.grad(self._loss_flat)
+        self._live = [True]
+
+    def _renew_live_token(self) -> list:
+        """Call before the memory buffer is overwritten in place: the previous round's record can
+        no longer rebuild its accumulated vectors (it raises instead); returns this round's token."""
+        self._live[0] = False
+        self._live = [True]
+        return self._live
+
+    # ---- the round ------------------------------------------------------------------------
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / max(self.task.n_train, 1)
+
+    @abstractmethod
+    def worker_round(self, w: torch.Tensor, t: int, lr: float) -> tuple[object, WorkerStepOutput, list]:
+        """All workers' side of round t at model w: (gradients or their factors, the workers'
+        output with the new state, a liveness token for in-place memories)."""
+
+    def step(self) -> StepRecord:
+        t = self.t
+        if self.stagewise is not None:
+            restart = self.stagewise.begin_step(t, self.w)
+            if restart is not None:  # a fresh run of the algorithm from the new anchor
+                self.w = restart
+                self.worker_state = self.alg.init_worker_state(self.layout, self.n_workers, self.dtype)
+                self.server_state = self.alg.init_server_state(self.layout, self.dtype)
+        lr = float(self.schedule(t, self.epoch))
+        w = self.w
+        grads, worker, live = self.worker_round(w, t, lr)
+        server_before = self.server_state
+        server = self.alg.server_step(worker.message, self.server_state, step=t, lr=lr, weights=self.weights)
+        self.worker_state, self.server_state = worker.state, server.state
+        self.w = w - server.update
+        up, down = self.alg.topology.synchronous_traffic(worker.nbytes, server.nbytes, self.n_workers)
+        down_messages = (self.n_workers - 1) * self.n_workers if not self.alg.topology.has_server else self.n_workers
+        self.ledger.add(up, down, self.n_workers, down_messages)
+        self.density_sum += float(worker.message.counts.double().mean()) / self.d
+        if self.track_total_error and self.worker_state.memory is not None:
+            self.total_error += float(self.worker_state.memory.flat.double().square().sum()) / self.n_workers
+        self.t += 1
+        return StepRecord(t, lr, w, grads, worker, server, server_before, up, down, live)
+
+    # ---- gradients shared by the engines -----------------------------------------------------
+    def _shifted(self, g: torch.Tensor, fn) -> torch.Tensor:
+        """EF-GD*: subtract the same samples' gradient at the optimum."""
+        return g if self.x_star is None else g - fn(self.x_star)
+
+    def feedback_gradients(self, grads: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The gradients the workers feed to the algorithm: + the stagewise proximal term."""
+        if self.stagewise is not None:
+            return grads + self.stagewise.proximal_gradient(w)
+        return grads
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "engine": self.name,
+            "t": self.t,
+            "w": self.w.clone(),
+            "algorithm": self.alg.state_dict(self.worker_state, self.server_state, layout=self.layout,
+                                             n_workers=self.n_workers),
+            "generator": self.gen.get_state(),
+            "samples_seen": self.samples_seen,
+            "ledger": self.ledger.state_dict(),
+            "density_sum": self.density_sum,
+            "total_error": self.total_error,
+            "stagewise": None if self.stagewise is None else self.stagewise.state_dict(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if tuple(sd["w"].shape) != (self.d,):
+            raise ValueError(f"checkpoint model has {sd['w'].numel()} parameters, this task has d = {self.d}")
+        self.worker_state, self.server_state = self.alg.load_state_dict(
+            sd["algorithm"], layout=self.layout, n_workers=self.n_workers
+        )
+        self.t = int(sd["t"])
+        self.w = sd["w"].clone().to(self.dtype)
+        self.gen.set_state(sd["generator"])
+        self.samples_seen = int(sd["samples_seen"])
+        self.ledger.load_state_dict(sd["ledger"])
+        self.density_sum = float(sd["density_sum"])
+        self.total_error = float(sd["total_error"])
+        if (sd["stagewise"] is None) != (self.stagewise is None):
+            raise ValueError("checkpoint and run disagree on stagewise learning")
+        if self.stagewise is not None:
+            self.stagewise.load_state_dict(sd["stagewise"])
