@@ -9,12 +9,15 @@ For densities 0.1 % and 1 % of d it times (median of --repeats runs each):
 - ``topk_layerwise100[ext]`` / ``topk_layerwise100[torch]``: topk_indices_layerwise on the same
   vector cut into 100 equal segments (like 100 workers' rows), max(1, k // 100) per segment;
 - ``ht_ef_plain`` vs ``ht_ef[ext]`` / ``ht_ef[torch]``: one hard-threshold error-feedback step
-  (a = e + alpha g; send |a| >= lam; zero them), written plainly vs EFStep;
-- ``topk_ef_plain`` vs ``topk_ef[ext]`` / ``topk_ef[torch]``: the same with exact top-k.
+  (a = e + alpha g; send |a| >= lam; zero them), written plainly vs
+  ``kernels.accumulate_threshold_`` (the kernel the library calls);
+- ``topk_ef_plain`` vs ``topk_ef[ext]`` / ``topk_ef[torch]``: the same with exact top-k, vs
+  ``kernels.accumulate_topk_``.
 
 Each timed run is preceded by a timed copy, and ``x_copy`` is the method's median divided by the
 median of the copies interleaved with it (so that load from other processes hits both alike).
-It then prints how often approximate thresholds select between 0.7k and 1.3k entries.
+It then prints how often approximate thresholds select between 0.7k and 1.3k entries (the rows
+of ``benchmarks/threshold_study.py``, which can also be run on its own).
 
     python benchmarks/bench_topk.py                 # d = 25M
     python benchmarks/bench_topk.py --quick         # d = 1M
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,8 +39,16 @@ import torch
 from gradsparse import kernels as K
 
 DENSITIES = (0.001, 0.01)
-HIT_METHODS = ("sampled", "fitted:gaussian", "fitted:exponential", "fitted:lognormal", "fitted:gamma")
-HIT_DISTS = ("gaussian", "laplace", "student_t2", "lognormal")
+
+
+def _threshold_study():
+    """benchmarks/threshold_study.py, loaded by path (this file is itself loaded by path by
+    ``gradsparse bench``, so the folder need not be on sys.path)."""
+    path = Path(__file__).resolve().with_name("threshold_study.py")
+    spec = importlib.util.spec_from_file_location("gradsparse_threshold_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _time(fn) -> float:
@@ -88,8 +101,6 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
             e[idx] = 0.0
             return idx, vals
 
-        ef_ext = K.EFStep(use_ext=True) if has_ext else None
-        ef_torch = K.EFStep(use_ext=False)
         offs = torch.linspace(0, d, 101).long()
         ks = torch.full((100,), max(1, k // 100), dtype=torch.long).clamp_(max=offs[1:] - offs[:-1])
         cases = [
@@ -99,16 +110,16 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
             ("topk_indices[torch]", lambda: K.topk_indices(x, k, use_ext=False), None),
             ("topk_layerwise100[torch]", lambda: K.topk_indices_layerwise(x, offs, ks, use_ext=False), None),
             ("ht_ef_plain", ht_plain, reset),
-            ("ht_ef[torch]", lambda: ef_torch.hard_threshold_ef_(e, g, lam, alpha), reset),
+            ("ht_ef[torch]", lambda: K.accumulate_threshold_(e, g, alpha, lam, use_ext=False), reset),
             ("topk_ef_plain", topk_plain, reset),
-            ("topk_ef[torch]", lambda: ef_torch.topk_ef_(e, g, k, alpha), reset),
+            ("topk_ef[torch]", lambda: K.accumulate_topk_(e, g, alpha, k, use_ext=False), reset),
         ]
         if has_ext:
             cases.insert(4, ("topk_indices[ext]", lambda: K.topk_indices(x, k, use_ext=True), None))
             lw = lambda: K.topk_indices_layerwise(x, offs, ks, use_ext=True)  # noqa: E731
             cases.insert(5, ("topk_layerwise100[ext]", lw, None))
-            cases.insert(8, ("ht_ef[ext]", lambda: ef_ext.hard_threshold_ef_(e, g, lam, alpha), reset))
-            cases.append(("topk_ef[ext]", lambda: ef_ext.topk_ef_(e, g, k, alpha), reset))
+            cases.insert(8, ("ht_ef[ext]", lambda: K.accumulate_threshold_(e, g, alpha, lam, use_ext=True), reset))
+            cases.append(("topk_ef[ext]", lambda: K.accumulate_topk_(e, g, alpha, k, use_ext=True), reset))
         res = {}
         for name, fn, setup in cases:
             t, c = _measure(fn, x, y, repeats, setup)
@@ -134,27 +145,8 @@ def time_kernels(d: int, repeats: int, seed: int = 0) -> list[dict]:
 
 
 def hit_rates(d: int, trials: int, seed: int = 0) -> list[dict]:
-    rows = []
-    for rho in DENSITIES:
-        k = max(1, int(rho * d))
-        for dist in HIT_DISTS:
-            for method in HIT_METHODS:
-                r = K.threshold_count_ratios(method, dist, d, k, trials=trials, seed=seed)
-                hit = float(((r >= 0.7) & (r <= 1.3)).double().mean())
-                rows.append(
-                    {
-                        "kind": "hit_rate",
-                        "d": d,
-                        "k": k,
-                        "density": rho,
-                        "method": method,
-                        "dist": dist,
-                        "hit_rate": round(hit, 3),
-                        "median_count_over_k": round(float(r.median()), 3),
-                        "trials": trials,
-                    }
-                )
-    return rows
+    """The threshold study's rows (``kind = "hit_rate"``), see benchmarks/threshold_study.py."""
+    return _threshold_study().hit_rates(d, trials, seed=seed, densities=DENSITIES)
 
 
 def run(quick: bool = False, d: int | None = None, repeats: int = 7, trials: int | None = None) -> list[dict]:
@@ -174,18 +166,9 @@ def print_rows(rows: list[dict]) -> None:
                 f"{r['density']:>8} {r['method']:<24} {r['median_ms']:>10.2f} {r['copy_ms']:>8.2f} "
                 f"{r['x_copy']:>7.2f} {r['speedup_vs_torch_topk']:>12.2f}x"
             )
-    h = [r for r in rows if r["kind"] == "hit_rate"]
-    if h:
-        print(f"\nfraction of trials with |{{|x| >= thr}}| in [0.7k, 1.3k]  (d={h[0]['d']}, trials={h[0]['trials']})")
-        print(f"{'density':>8} {'method':<20} " + " ".join(f"{dd:>11}" for dd in HIT_DISTS))
-        for rho in DENSITIES:
-            for m in HIT_METHODS:
-                vals = {r["dist"]: r for r in h if r["density"] == rho and r["method"] == m}
-                cells = " ".join(
-                    f"{vals[dd]['hit_rate']:>5.2f}({vals[dd]['median_count_over_k']:>4.2f})" for dd in HIT_DISTS
-                )
-                print(f"{rho:>8} {m:<20} {cells}")
-        print("cells: hit rate (median count / k)")
+    if any(r["kind"] == "hit_rate" for r in rows):
+        print()
+        _threshold_study().print_grid(rows)
 
 
 def write_csv(rows: list[dict], path: str) -> None:

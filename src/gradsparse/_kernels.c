@@ -35,7 +35,8 @@
  *
  * The EF variants fuse a = fma(alpha, g, e) into the pass (e is overwritten with a), which
  * matches torch's e.add_(g, alpha=alpha) on CPU (a vectorised fmadd); gs_set_fma(0) switches to
- * a separate multiply and add for builds of torch that do not contract.
+ * a separate multiply and add for builds of torch that do not contract. With g = NULL they skip
+ * the update (x already holds the accumulated vector) and only select and zero.
  *
  * The hot loops are compiled twice (this file includes itself at the bottom): for the baseline
  * ISA and with AVX2+FMA (intrinsics); the variant is chosen at run time from the CPU's features.
@@ -72,7 +73,7 @@ void *PyInit__kernels_c(void) { return 0; }
 static int g_use_fma = 1;
 EXPORT void gs_set_fma(int on) { g_use_fma = on ? 1 : 0; }
 EXPORT int gs_get_fma(void) { return g_use_fma; }
-EXPORT int gs_abi_version(void) { return 2; }   /* 2: gs_topk_segments takes opos = NULL */
+EXPORT int gs_abi_version(void) { return 3; }   /* 3: gs_topk_ef / gs_ht_pass take g = NULL */
 /* Testing hook: scales the sample rank that sets the first threshold (0 forces the retry path). */
 static double g_rank_scale = 1.0;
 EXPORT void gs_set_rank_scale(double v) { g_rank_scale = v; }
@@ -211,7 +212,8 @@ static inline int reserve_g(slot_t *s) {
     static void pass_ef_fma##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, int32_t, int64_t); \
     static void pass_ef_mul##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, int32_t, int64_t); \
     static void pass_ht_fma##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, float); \
-    static void pass_ht_mul##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, float);
+    static void pass_ht_mul##SUF(slot_t *, float *, const float *, float, int64_t, int64_t, float); \
+    static void pass_ht_only##SUF(slot_t *, float *, int64_t, int64_t, float);
 GS_DECLARE(_gen)
 #if GS_X86
 GS_DECLARE(_avx2)
@@ -234,7 +236,7 @@ static int cpu_avx2(void) {
 }
 static int g_force_generic = 0;
 EXPORT void gs_force_generic(int on) { g_force_generic = on ? 1 : 0; }
-EXPORT int gs_uses_avx2(void) { return !g_force_generic && cpu_avx2(); }
+static int uses_avx2(void) { return !g_force_generic && cpu_avx2(); }
 
 #if GS_X86
 #define DISPATCH(P, name, ...) do { if ((P)->avx2) name##_avx2(__VA_ARGS__); else name##_gen(__VA_ARGS__); } while (0)
@@ -256,14 +258,15 @@ static void pass_task(void *arg, int t) {
         else DISPATCH(P, pass_ef_mul, s, P->x, P->g, P->alpha, lo, hi, P->thr, P->ecap_limit);
         break;
     case MODE_HT:
-        if (g_use_fma) DISPATCH(P, pass_ht_fma, s, P->x, P->g, P->alpha, lo, hi, P->lam);
+        if (!P->g) DISPATCH(P, pass_ht_only, s, P->x, lo, hi, P->lam);
+        else if (g_use_fma) DISPATCH(P, pass_ht_fma, s, P->x, P->g, P->alpha, lo, hi, P->lam);
         else DISPATCH(P, pass_ht_mul, s, P->x, P->g, P->alpha, lo, hi, P->lam);
         break;
     }
 }
 
 static int run_pass(pass_t *P) {
-    P->avx2 = gs_uses_avx2();
+    P->avx2 = uses_avx2();
     run_par(P->nparts, pass_task, P);
     int oom = 0;
     for (int t = 0; t < P->nparts; t++) oom |= P->ws->s[P->s0 + t].oom;
@@ -572,16 +575,17 @@ EXPORT int gs_topk(void *wsp, const float *x, int64_t n, int64_t k, int64_t *out
     return topk_range(ws, 0, clamp_threads(nthreads), (float *)x, NULL, 0.0f, MODE_FILTER, n, k, &E);
 }
 
-/* e <- a = fma(alpha, g, e); (idx, val) <- exact top-k of a; e[idx] <- 0. */
+/* e <- a = fma(alpha, g, e) (a = e when g is NULL); (idx, val) <- exact top-k of a; e[idx] <- 0. */
 EXPORT int gs_topk_ef(void *wsp, float *e, const float *g, float alpha, int64_t n, int64_t k,
                       int64_t *out_idx, float *out_val, int nthreads) {
     ws_t *ws = (ws_t *)wsp;
     emit_t E = {out_idx, out_val, e, 0, 0};
-    return topk_range(ws, 0, clamp_threads(nthreads), e, g, alpha, MODE_EF, n, k, &E);
+    return topk_range(ws, 0, clamp_threads(nthreads), e, g, alpha, g ? MODE_EF : MODE_FILTER, n, k, &E);
 }
 
-/* e <- a = fma(alpha, g, e); entries with |a| >= lam are kept in the workspace and zeroed in e.
- * Returns their number (fetch them with gs_ht_gather), or -1 when out of memory. */
+/* e <- a = fma(alpha, g, e) (a = e when g is NULL); entries with |a| >= lam (never a NaN) are
+ * kept in the workspace and zeroed in e. Returns their number (fetch them with gs_ht_gather),
+ * or -1 when out of memory. */
 EXPORT int64_t gs_ht_pass(void *wsp, float *e, const float *g, float alpha, float lam, int64_t n, int nthreads) {
     ws_t *ws = (ws_t *)wsp;
     int np = clamp_threads(nthreads);
@@ -856,7 +860,7 @@ EXPORT int gs_topk_segments(void *wsp, const float *x, const int64_t *off, const
         if (acc >= per && nch + 1 < MAXCH) { nch++; chunk[nch] = l + 1; cpos[nch] = pos; acc = 0; }
     }
     if (chunk[nch] < L) chunk[++nch] = L;
-    seg_t S = {ws, x, off, ks, opos, out, chunk, cpos, nch, 0, big_min, gs_uses_avx2(), 0};
+    seg_t S = {ws, x, off, ks, opos, out, chunk, cpos, nch, 0, big_min, uses_avx2(), 0};
     run_par(np, seg_task, &S);
     return S.err ? -1 : 0;
 }
@@ -1162,6 +1166,17 @@ static void HOTNAME(pass_ht_fma)(slot_t *s, float *x, const float *g, float al, 
 }
 
 #endif
+
+/* No update (g = NULL): only the selection |x| >= lam and the zeroing. */
+static void HOTNAME(pass_ht_only)(slot_t *s, float *x, int64_t lo, int64_t hi, float lam) {
+    int64_t i = lo;
+    for (; i + BLK <= hi; i += BLK) {
+        int any = 0;
+        for (int j = 0; j < BLK; j++) any |= (fabsf(x[i + j]) >= lam);
+        if (__builtin_expect(any, 0) && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, i + BLK, lam);
+    }
+    if (i < hi && reserve_g(s)) HOTNAME(scan_ht)(s, x, i, hi, lam);
+}
 
 /* Separate multiply and add (two roundings), for a torch whose add_ does not fuse. */
 #pragma GCC push_options

@@ -1,30 +1,55 @@
-"""Fast CPU kernels for sparsification: exact top-k by magnitude and fused error-feedback steps.
+"""Exact top-k by magnitude and the fused error-feedback pass: the one implementation of both.
 
-Everything here works on a flat view of a floating tensor and returns flat (row-major) indices.
+Every exact selection in gradsparse goes through this module, and every function here follows
+one tie rule.
 
-Ordering and tie rule (all exact functions)
--------------------------------------------
-Entries are ranked by magnitude ``|x_i|``; **among equal magnitudes the lower index wins**. The
-selected set is therefore exactly the first ``k`` positions of
-``torch.sort(x.abs(), descending=True, stable=True).indices``. ``+0.0`` and ``-0.0`` have equal
-magnitude. ``+inf`` and ``-inf`` rank above every finite value.
+Tie rule
+--------
+Entries are ranked by magnitude ``|x_i|``, largest first. **NaN ranks above +inf** (a NaN of
+any sign or payload; all NaNs tie with each other). **Among equal magnitudes, and among NaNs,
+the lower index wins.** ``+0.0`` and ``-0.0`` have equal magnitude, and so do ``+inf`` and
+``-inf``. The top-``k`` set is therefore exactly the first ``k`` positions of a stable
+descending sort of ``|x|`` with every NaN moved to the front (in index order). Nothing is raised
+for NaNs and no extra pass is spent looking for them.
 
-NaN policy: a NaN (any sign or payload) ranks **above +inf**, and all NaNs tie with each other
-(lower index first) -- the same order that a stable descending sort of ``x.abs()`` gives. No
-extra pass is spent looking for NaNs, so nothing is raised. The hard-threshold step follows its
-formula ``|a_i| >= lam`` literally: a NaN never passes the test and stays in the memory.
+Public API
+----------
+``topk_indices(x, k) -> LongTensor[k]``
+    exact top-``k`` of a tensor (flattened row-major), flat indices in ascending order.
+``topk_indices_layerwise(flat, offsets, ks) -> LongTensor[sum(ks)]``
+    exact top-``ks[l]`` of each segment ``flat[offsets[l]:offsets[l+1]]``, global indices in
+    ascending order.
+``topk_indices_rows(x, k) -> LongTensor[n, k]``
+    exact top-``k`` of every row of a 2-D ``x``, column indices, ascending within each row.
+``accumulate_topk_(e, g, alpha, k) -> (indices, values)``
+    in place ``a = e + alpha * g`` (``e`` already holds ``a`` when ``g`` is None), select the
+    exact top-``k`` of ``|a|``, return their ascending flat indices and ``a``'s values there,
+    and set ``e`` there to ``+0.0`` (so ``e`` becomes ``a - C(a)``).
+``accumulate_threshold_(e, g, alpha, threshold) -> (indices, values)``
+    the same with the selection ``{i : |a_i| >= threshold}`` (``threshold`` rounded to ``e``'s
+    dtype, as torch's comparison does). **A NaN never passes the test** (every comparison with
+    NaN is false) and stays in ``e``.
+``sampled_threshold(x, k, sample_fraction=0.01, generator=None) -> float``
+    an approximate threshold for about ``k`` entries, from a uniform sample (for approximate
+    top-k compressors).
+``has_extension()``, ``extension_path()``
+    whether (and from where) the compiled kernels are used.
+
+All selection functions accept any floating dtype (float16, bfloat16, float32, float64) on any
+device and return int64 indices on the input's device; ``k`` may be 0 or the full length, and
+``k`` outside ``[0, d]`` raises :class:`ValueError`. They take a keyword ``use_ext`` (default
+None: automatic; False: the pure-torch path; True: demand the compiled path, raising
+:class:`RuntimeError` when it cannot be used).
 
 Paths
 -----
 A small C library (``gradsparse/_kernels.c``, built as the optional extension
 ``gradsparse._kernels_c`` by ``pip install -e .`` when a C compiler is present) implements the
-float32 CPU case with one fused pass over the data (see the file's header for the algorithm:
-sample a threshold with a fixed-seed generator, filter candidates in one pass, select exactly
-among them). It is loaded with :mod:`ctypes`. Every function also has a pure-torch path, used
-automatically when the library is missing, for other dtypes and devices, when the environment
-variable ``GRADSPARSE_NO_EXT=1`` is set, or when a function is called with ``use_ext=False``
-(``use_ext=True`` demands the compiled path and raises if it cannot be used). Both paths return
-identical results.
+contiguous float32 CPU case with one fused pass over the data (see the file's header for the
+algorithm: sample a threshold with a fixed-seed generator, filter candidates in one pass, select
+exactly among them). It is loaded with :mod:`ctypes`. Everything else -- other dtypes and
+devices, a missing library, ``GRADSPARSE_NO_EXT=1`` in the environment, ``use_ext=False`` --
+takes the pure-torch path. Both paths return identical results.
 
 The pure-torch path (what CUDA tensors get) follows the same plan with device-agnostic torch
 ops: a threshold key from a stratified sample, then one pass in chunks (on CPU ~1M entries, so
@@ -33,23 +58,22 @@ byte mask to small reused buffers and keeps only the 8-byte words of the mask th
 candidate (``nonzero`` over words is 8 times cheaper than over entries), then an exact selection
 among the candidates (for many of them a histogram of the keys' top bits first, so that only one
 bucket is ranked; ties to the lowest index). A pass that finds fewer than k candidates is redone
-with a lower threshold. On CPU nothing of the vector's size is allocated, except when k is so
-close to d that all keys are ranked directly. Many segments (layer-wise) share one sample, one
-pass and one selection.
+with a lower threshold. Segments (and rows) shorter than the sampling cutoff are selected in
+batches: padded to a common width per power-of-two size class, one ``torch.topk`` per class.
+Many large segments share one sample, one pass and one selection.
 
-Error feedback
---------------
-:class:`EFStep` owns reusable work buffers: after the first call with a given size, a step
-allocates only its O(k) outputs. ``a = e + alpha * g`` is computed exactly as
-``e.add_(g, alpha=alpha)`` does on this torch (a fused multiply-add, single rounding, with
-``alpha`` rounded to the tensor's dtype); the compiled path checks this agreement when it loads
-and otherwise falls back to torch for the EF steps.
-
-Approximate thresholds
-----------------------
-:func:`sampled_threshold` (deep-gradient-compression style) and :func:`fitted_threshold`
-(distribution fit, inverted tail) estimate a threshold whose count ``|{i: |x_i| >= thr}|`` is
-only close to ``k``; :func:`threshold_hit_rate` measures how often it lands in ``[0.7k, 1.3k]``.
+Error feedback and work buffers
+-------------------------------
+``a = e + alpha * g`` is computed exactly as ``e.add_(g, alpha=alpha)`` does on this torch (a
+fused multiply-add, single rounding, with ``alpha`` rounded to the tensor's dtype); the compiled
+path checks this agreement when it loads and otherwise leaves the updates with ``g`` to torch.
+The work buffers live in **per-thread caches** (:class:`threading.local`): each thread gets its
+own C workspace (candidate lists that grow only when a call needs more room than any earlier
+one, freed when the thread ends) and its own torch scratch tensors (grow-only, keyed by name,
+dtype and device; on CPU one chunk long, elsewhere as long as the largest input seen). So after
+the first call of a given size a call allocates only its O(k) outputs (and O(k) temporaries),
+and threads never share buffers. The returned tensors are freshly allocated and owned by the
+caller.
 """
 
 from __future__ import annotations
@@ -60,24 +84,18 @@ import importlib.util
 import math
 import operator
 import os
-import statistics
 import threading
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 __all__ = [
     "topk_indices",
     "topk_indices_layerwise",
-    "topk_mask_rows",
-    "EFStep",
-    "hard_threshold_ef_",
-    "topk_ef_",
+    "topk_indices_rows",
+    "accumulate_topk_",
+    "accumulate_threshold_",
     "sampled_threshold",
-    "fitted_threshold",
-    "threshold_count_ratios",
-    "threshold_hit_rate",
-    "make_test_vector",
     "has_extension",
     "extension_path",
 ]
@@ -87,6 +105,7 @@ _SMALL_N = 65536  # pure-torch path: below this, select directly without samplin
 _SAMPLE_M = 32768
 _CHUNK = 1 << 20  # pure-torch path on CPU: elements per pass chunk (scratch stays in cache)
 _RANK_SCALE = [1.0]  # testing hook, see _set_rank_scale
+_ABI = 3  # gs_abi_version() of the C library this module drives
 
 # ---------------------------------------------------------------------------------------------
 # loading the optional compiled library
@@ -98,8 +117,6 @@ class _Lib:
     error: str | None = None
     ef_exact: bool = False
     loaded: bool = False
-    lock = threading.Lock()
-    ws: int | None = None  # module-level workspace, guarded by lock
 
 
 def _find_library() -> str | None:
@@ -124,8 +141,8 @@ def _load() -> None:
         return
     try:
         lib = ctypes.CDLL(path)
-        if lib.gs_abi_version() != 2:  # 2: gs_topk_segments accepts opos = NULL
-            raise OSError("unexpected ABI version")
+        if lib.gs_abi_version() != _ABI:  # 3: gs_topk_ef / gs_ht_pass accept g = NULL
+            raise OSError(f"ABI version {lib.gs_abi_version()}, expected {_ABI} (rebuild: pip install -e .)")
     except (OSError, AttributeError) as exc:  # pragma: no cover - depends on the build
         _Lib.error = f"cannot load {path}: {exc}"
         return
@@ -138,12 +155,12 @@ def _load() -> None:
     lib.gs_ws_stats.restype = None
     lib.gs_force_generic.argtypes = [i32]
     lib.gs_force_generic.restype = None
-    lib.gs_uses_avx2.argtypes = []
-    lib.gs_uses_avx2.restype = i32
     lib.gs_set_rank_scale.argtypes = [ctypes.c_double]
     lib.gs_set_rank_scale.restype = None
     lib.gs_set_fma.argtypes = [i32]
     lib.gs_set_fma.restype = None
+    lib.gs_get_fma.argtypes = []
+    lib.gs_get_fma.restype = i32
     lib.gs_topk.argtypes = [vp, vp, i64, i64, vp, i32]
     lib.gs_topk.restype = i32
     lib.gs_topk_ef.argtypes = [vp, vp, vp, f32, i64, i64, vp, vp, i32]
@@ -156,7 +173,6 @@ def _load() -> None:
     lib.gs_topk_segments.restype = i32
     _Lib.lib = lib
     _Lib.path = path
-    _Lib.ws = lib.gs_ws_new()
     _Lib.ef_exact = _probe_fma(lib)
 
 
@@ -241,6 +257,66 @@ def _nthreads() -> int:
 
 def _c_ok(*ts: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in ts)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-thread work buffers
+
+
+class _CWorkspace:
+    """Owns one C workspace (freed with the object, i.e. when its thread's cache goes away)."""
+
+    def __init__(self) -> None:
+        self.ptr = _Lib.lib.gs_ws_new()
+        if not self.ptr:
+            raise MemoryError("cannot allocate the C workspace")
+        self._free = _Lib.lib.gs_ws_free
+
+    def __del__(self) -> None:
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            self._free(ptr)
+
+
+class _Cache(threading.local):
+    def __init__(self) -> None:
+        self.ws: _CWorkspace | None = None
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+
+_CACHE = _Cache()
+
+
+def _ws() -> int:
+    """This thread's C workspace (created on first use)."""
+    c = _CACHE
+    if c.ws is None:
+        c.ws = _CWorkspace()
+    return c.ws.ptr
+
+
+def _scratch(name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A work tensor of at least ``n`` entries from this thread's cache (grow-only), sliced to n."""
+    key = (name, dtype, torch.device(device))
+    bufs = _CACHE.bufs
+    b = bufs.get(key)
+    if b is None or b.numel() < n:
+        b = torch.empty(n, dtype=dtype, device=device)
+        bufs[key] = b
+    return b[:n]
+
+
+def _workspace_info() -> dict:
+    """Testing hook: this thread's buffer counters, to check that warm calls allocate nothing
+    of size O(d). ``c_allocs``/``c_bytes``: (re)allocations so far and bytes held by the C
+    workspace; ``buffers``: ``{(name, dtype, device): (data_ptr, numel)}`` of the torch scratch."""
+    info: dict = {"c_allocs": 0, "c_bytes": 0}
+    if _CACHE.ws is not None:
+        st = (ctypes.c_int64 * 2)()
+        _Lib.lib.gs_ws_stats(_CACHE.ws.ptr, ctypes.addressof(st))
+        info["c_allocs"], info["c_bytes"] = int(st[0]), int(st[1])
+    info["buffers"] = {k: (b.data_ptr(), b.numel()) for k, b in _CACHE.bufs.items()}
+    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +445,7 @@ def _chunk_len(n: int, device: torch.device) -> int:
 def _scratch_fn(scratch, device: torch.device):
     if scratch is not None:
         return scratch
-    return lambda name, n, dtype: torch.empty(n, dtype=dtype, device=device)
+    return lambda name, n, dtype: _scratch(name, n, dtype, device)
 
 
 def _filter_keys(flat: torch.Tensor, T: int, scratch, add=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,7 +522,7 @@ def _topk_torch(
 
     Sample a threshold key, collect the entries at or above it in one chunked pass (retrying
     lower when fewer than k are found), then select exactly among them. ``scratch(name, numel,
-    dtype)`` supplies reusable work buffers (default: fresh ones). ``add = (g, alpha)``: first
+    dtype)`` supplies work buffers (default: this thread's cached ones). ``add = (g, alpha)``: first
     update ``flat.add_(g, alpha=alpha)`` in place (fused into the pass when there is one)."""
     n = flat.numel()
     dev = flat.device
@@ -494,9 +570,9 @@ def _topk_torch(
 def topk_indices(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> torch.Tensor:
     """Exact top-``k`` entries of ``x`` by magnitude, as flat indices sorted ascending.
 
-    ``x`` is any floating tensor (flattened row-major). Ties: among equal ``|x_i|`` the lower
-    index wins; NaN ranks above +inf (see the module docstring). ``k = 0`` gives an empty
-    tensor, ``k = d`` every index; ``k > d`` or ``k < 0`` raise :class:`ValueError`.
+    ``x`` is any floating tensor (flattened row-major). Tie rule of the module: NaN above +inf,
+    the lower index wins among equal magnitudes. ``k = 0`` gives an empty tensor, ``k = d`` every
+    index; ``k > d`` or ``k < 0`` raise :class:`ValueError`.
 
     Returns an int64 tensor of length ``k`` on ``x``'s device.
     """
@@ -509,10 +585,8 @@ def topk_indices(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> tor
     if k == n:
         return torch.arange(n, device=x.device)
     if _want_ext(use_ext, _c_ok(flat), "topk_indices"):
-        lib = _Lib.lib
         out = torch.empty(k, dtype=torch.long)
-        with _Lib.lock:
-            rc = lib.gs_topk(_Lib.ws, flat.data_ptr(), n, k, out.data_ptr(), _nthreads())
+        rc = _Lib.lib.gs_topk(_ws(), flat.data_ptr(), n, k, out.data_ptr(), _nthreads())
         if rc != 0:
             raise MemoryError("topk_indices: the compiled kernel ran out of memory")
         return out
@@ -541,8 +615,9 @@ def topk_indices_layerwise(
     outside every segment are never selected); ``ks`` has ``L`` entries with
     ``0 <= ks[l] <= offsets[l+1] - offsets[l]``. Returns global flat indices of ``x_flat``, sorted
     ascending (length ``sum(ks)``). Same tie rule and NaN policy as :func:`topk_indices`, applied
-    within each segment. Small segments are handled in bulk (in C: spread over threads; in torch:
-    one batched segmented sort), never one Python call per segment.
+    within each segment. ``x_flat`` may have any floating dtype. Small segments are handled in
+    bulk (in C: spread over threads; in torch: one padded ``torch.topk`` per power-of-two size
+    class), never one Python call per segment.
     """
     _check_float(x_flat, "x_flat")
     flat = x_flat.reshape(-1)
@@ -571,10 +646,8 @@ def topk_indices_layerwise(
     if _want_ext(use_ext, _c_ok(flat), "topk_indices_layerwise"):
         lib = _Lib.lib
         out = torch.empty(total, dtype=torch.long)
-        with _Lib.lock:  # opos = None: the kernel takes the output positions from the prefix sums of ks
-            rc = lib.gs_topk_segments(
-                _Lib.ws, flat.data_ptr(), off.data_ptr(), kt.data_ptr(), None, L, out.data_ptr(), _nthreads()
-            )
+        # opos = None: the kernel takes the output positions from the prefix sums of ks
+        rc = lib.gs_topk_segments(_ws(), flat.data_ptr(), off.data_ptr(), kt.data_ptr(), None, L, out.data_ptr(), _nthreads())
         if rc != 0:
             raise MemoryError("topk_indices_layerwise: the compiled kernel ran out of memory")
         return out
@@ -608,8 +681,8 @@ def _layerwise_big(flat: torch.Tensor, lo: list[int], hi: list[int], ks: list[in
     thr = top[torch.arange(L, device=dev), torch.tensor(r, device=dev)].tolist()
     # one pass: runs of adjacent segments share a chunk (per-entry thresholds), long ones are cut
     C = _chunk_len(tot, dev)
-    kb = torch.empty(C, dtype=it, device=dev)
-    mb = torch.empty(C, dtype=torch.uint8, device=dev)
+    kb = _scratch("key", C, it, dev)
+    mb = _scratch("mask", C, torch.uint8, dev)
     xi = flat.view(it)
     acc: tuple[list, list] = ([], [])
     runs: list[tuple[int, int, int, int]] = []  # (start, end, first segment, last segment + 1)
@@ -673,30 +746,60 @@ def _layerwise_torch(flat: torch.Tensor, off: torch.Tensor, kt: torch.Tensor, si
             parts.append(_layerwise_big(flat, [lo[j] for j in many], [hi[j] for j in many], [ks[j] for j in many]))
     small = ((~big) & (kt > 0)).nonzero().view(-1)
     if small.numel():
-        ssz, sk, soff = sizes[small], kt[small], off[small]
-        nseg = small.numel()
-        tot = int(ssz.sum())
-        seg_of = torch.repeat_interleave(torch.arange(nseg), ssz)
-        start_cat = torch.cumsum(ssz, 0) - ssz
-        local = torch.arange(tot) - torch.repeat_interleave(start_cat, ssz)
-        gidx = (torch.repeat_interleave(soff, ssz) + local).to(dev)
-        key = _keys(flat[gidx])
-        # key descending, ties by position (stable), then grouped by segment (stable)
-        p1 = torch.sort(key, descending=True, stable=True).indices.cpu()
-        p2 = torch.sort(seg_of[p1], stable=True).indices
-        perm = p1[p2]
-        # after grouping, segment s occupies the same block [start_cat[s], +ssz[s]) again
-        take = local < torch.repeat_interleave(sk, ssz)
-        parts.append(gidx[perm[take].to(dev)])
-    if len(parts) == 1 and not small.numel():
+        parts += _layerwise_small(flat, off[small], sizes[small], kt[small])
+    if len(parts) == 1:
         return parts[0]
     return torch.cat(parts).sort().values
 
 
-def topk_mask_rows(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> torch.Tensor:
-    """Boolean mask ``[n, d]`` of the exact top-``k`` entries (by magnitude) of every row of ``x``.
+def _layerwise_small(flat: torch.Tensor, soff: torch.Tensor, ssz: torch.Tensor, sk: torch.Tensor) -> list[torch.Tensor]:
+    """Exact top-``sk[j]`` of the segments ``[soff[j], soff[j] + ssz[j])`` (each at most
+    ``_SMALL_N`` long, ``0 < sk[j] <= ssz[j]``, CPU index tensors), as lists of ascending global
+    indices (one per size class, ascending within each).
 
-    Same tie rule (lower column wins) and NaN policy as :func:`topk_indices`.
+    The segments of one size class ``(2^(c-1), 2^c]`` are laid out as the rows of a matrix padded
+    to the class's longest segment (pad key -1, below every real key; adjacent equal-length
+    segments are a view, not a copy); one ``torch.topk`` per class gives every row's k-th largest
+    key ``T`` and each row takes its keys ``> T`` plus its first ``k - #(> T)`` keys ``== T``."""
+    dev = flat.device
+    cls = torch.ceil(torch.log2(ssz.double())).long()
+    out: list[torch.Tensor] = []
+    for c in torch.unique(cls).tolist():
+        rows = (cls == c).nonzero().view(-1)
+        o, sz, k = soff[rows], ssz[rows], sk[rows]
+        nr = rows.numel()
+        w = int(sz.max())
+        uniform = bool((sz == w).all()) and (nr == 1 or bool((o[1:] - o[:-1] == w).all()))
+        if uniform:  # rows of one contiguous block
+            o0 = int(o[0])
+            key = _keys(flat[o0 : o0 + nr * w]).view(nr, w)
+        else:
+            col = torch.arange(w)
+            pos = (o.unsqueeze(1) + col).clamp_(max=flat.numel() - 1)
+            key = _keys(flat[pos.view(-1).to(dev)]).view(nr, w)
+            key.masked_fill_((col >= sz.unsqueeze(1)).to(dev), -1)
+        kd = k.to(dev)
+        T = torch.topk(key, int(k.max()), dim=1).values.gather(1, (kd - 1).unsqueeze(1))
+        sel = key >= T
+        if not bool((sel.sum(dim=1) == kd).all()):  # ties at T: the first ones of each row win
+            eq = key == T
+            torch.gt(key, T, out=sel)
+            need = kd.unsqueeze(1) - sel.sum(dim=1, keepdim=True)
+            sel |= eq & (torch.cumsum(eq, dim=1) <= need)
+        r, cc = sel.nonzero().unbind(1)
+        out.append(o.to(dev)[r] + cc)
+    return out
+
+
+def topk_indices_rows(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> torch.Tensor:
+    """Exact top-``k`` of every row of a 2-D ``x`` ``[n, d]``: column indices ``[n, k]`` (int64),
+    ascending within each row.
+
+    Tie rule of the module within each row (NaN above +inf, lower column first). ``x`` is any
+    floating dtype on any device (the compiled path takes contiguous float32 CPU input; a
+    non-contiguous ``x`` is copied once). ``k`` may be 0 (``[n, 0]``) or ``d`` (every column);
+    ``k`` outside ``[0, d]`` raises :class:`ValueError`. The rows are selected together (one
+    layer-wise call over the row segments), never one Python call per row.
     """
     _check_float(x, "x")
     if x.dim() != 2:
@@ -704,362 +807,174 @@ def topk_mask_rows(x: torch.Tensor, k: int, *, use_ext: bool | None = None) -> t
     n, d = x.shape
     k = _check_k(k, d, " (row length)")
     if k == 0 or n == 0:
-        return torch.zeros(n, d, dtype=torch.bool, device=x.device)
+        return torch.empty(n, k, dtype=torch.long, device=x.device)
     if k == d:
-        return torch.ones(n, d, dtype=torch.bool, device=x.device)
-    xc = x.contiguous()
-    if _want_ext(use_ext, _c_ok(xc), "topk_mask_rows"):
-        offs = torch.arange(0, n * d + 1, d, dtype=torch.long)
-        idx = topk_indices_layerwise(xc.view(-1), offs, torch.full((n,), k, dtype=torch.long), use_ext=True)
-        mask = torch.zeros(n * d, dtype=torch.bool)
-        mask[idx] = True
-        return mask.view(n, d)
-    key = _keys(xc)
-    T = torch.topk(key, k, dim=1).values[:, k - 1 : k]  # k-th largest key of every row
-    gt = key > T
-    need = k - gt.sum(dim=1, keepdim=True)
-    eq = key == T
-    return gt | (eq & (torch.cumsum(eq, dim=1) <= need))
+        return torch.arange(d, device=x.device).expand(n, d).contiguous()
+    xc = x.contiguous().view(-1)
+    offs = torch.arange(0, n * d + 1, d, dtype=torch.long)
+    ks = torch.full((n,), k, dtype=torch.long)
+    if _want_ext(use_ext, _c_ok(xc), "topk_indices_rows"):
+        flat = torch.empty(n * k, dtype=torch.long)
+        rc = _Lib.lib.gs_topk_segments(_ws(), xc.data_ptr(), offs.data_ptr(), ks.data_ptr(), None, n, flat.data_ptr(), _nthreads())
+        if rc != 0:
+            raise MemoryError("topk_indices_rows: the compiled kernel ran out of memory")
+    else:
+        flat = _layerwise_torch(xc, offs, ks, torch.full((n,), d, dtype=torch.long))
+    out = flat.view(n, k)
+    return out.sub_(offs[:-1].to(out.device).unsqueeze(1))
 
 
 # ---------------------------------------------------------------------------------------------
-# error feedback
+# the fused error-feedback pass
 
 
-class EFStep:
-    """Error-feedback steps with reusable work buffers (no O(d) allocation after warm-up).
+def _check_ef(e: torch.Tensor, g: torch.Tensor | None, what: str) -> torch.Tensor | None:
+    """Validate ``e`` (contiguous floating, updated in place) and ``g`` (None, or as many entries
+    of the same dtype and device); returns ``g`` flat and contiguous."""
+    _check_float(e, "e")
+    if not e.is_contiguous():
+        raise ValueError(f"{what}: e must be contiguous (it is updated in place)")
+    if g is None:
+        return None
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{what}: g must be a torch.Tensor or None, got {type(g).__name__}")
+    if g.numel() != e.numel():
+        raise ValueError(f"{what}: e and g must have the same number of entries (same shape), got {tuple(e.shape)} and {tuple(g.shape)}")
+    if g.dtype != e.dtype or g.device != e.device:
+        raise ValueError(f"{what}: e and g must share dtype and device, got {e.dtype}/{e.device} and {g.dtype}/{g.device}")
+    return g.reshape(-1).contiguous()
 
-    ``hard_threshold_ef_(e, g, lam, alpha)``::
 
-        a = e + alpha * g          (in place in e, as e.add_(g, alpha=alpha))
-        S = {i : |a_i| >= lam}     (lam rounded to e's dtype, like torch's comparison)
-        e = a with e[S] = 0        -> returns (S ascending, a[S])
+def _use_c_ef(e: torch.Tensor, g: torch.Tensor | None, use_ext: bool | None, what: str) -> bool:
+    use = _want_ext(use_ext, _c_ok(e), what)
+    if use and g is not None and not _Lib.ef_exact:
+        if use_ext is True:
+            raise RuntimeError(f"{what}: the compiled update does not round like torch's add_ here")
+        return False
+    return use
 
-    ``topk_ef_(e, g, k, alpha)``: the same with ``S`` = exact top-``k`` of ``|a|`` (lower index
-    wins ties, NaN largest). The sent coordinates are set to exactly ``+0.0`` in ``e`` (this is
-    ``a - s`` for every finite entry).
 
-    ``e`` must be a contiguous floating tensor (any shape; indices are flat) and ``g`` a tensor
-    of the same shape and dtype. The compiled path (float32, CPU) makes one fused pass that reads
-    ``g`` and ``e`` and writes ``e``; its candidate buffers live in a C workspace owned by this
-    object and grow only when a step needs more room than any earlier one. The torch path makes
-    the update chunk by chunk inside its single pass (when that rounds like one ``add_``, see
-    ``_add_in_chunks``) and keeps scratch tensors of one chunk (on CPU; of ``e``'s size on other
-    devices) keyed by name and dtype. The returned tensors are freshly allocated (O(k)) and owned
-    by the caller.
+def accumulate_topk_(
+    e: torch.Tensor, g: torch.Tensor | None, alpha: float, k: int, *, use_ext: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One error-feedback step with exact top-k, in place in ``e``::
 
-    An instance is not meant to be shared by threads running concurrently (calls are serialised
-    by a lock). Pickling keeps the configuration and drops the buffers.
+        a = e + alpha * g          (as e.add_(g, alpha=alpha); skipped when g is None)
+        S = exact top-k of |a|     (the module's tie rule: NaN first, lower index wins)
+        e = a with e[S] = +0.0     -> returns (S ascending int64 [k], a[S] [k], e's dtype)
+
+    ``e`` is any contiguous floating tensor (indices are flat), ``g`` None or a tensor with as
+    many entries and the same dtype and device. Bit for bit the same as ``e.add_(g,
+    alpha=alpha)`` followed by :func:`topk_indices` and the gather and zeroing, on either path.
+    The compiled path (float32 CPU) makes one fused pass that reads ``g`` and ``e`` and writes
+    ``e``; the torch path fuses the update into its chunked pass when that rounds like one
+    ``add_``. Work buffers: the per-thread caches (see the module docstring).
     """
-
-    def __init__(self, *, use_ext: bool | None = None) -> None:
-        self.use_ext = use_ext
-        self._ws: int | None = None
-        self._bufs: dict[tuple, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    # -- checkpointing: buffers are scratch, not state
-    def __getstate__(self) -> dict:
-        return {"use_ext": self.use_ext}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(use_ext=state.get("use_ext"))
-
-    def __del__(self) -> None:
-        ws, self._ws = getattr(self, "_ws", None), None
-        if ws is not None and _Lib.lib is not None:
-            _Lib.lib.gs_ws_free(ws)
-
-    def _c_ws(self) -> int:
-        if self._ws is None:
-            self._ws = _Lib.lib.gs_ws_new()
-            if not self._ws:
-                raise MemoryError("EFStep: cannot allocate the C workspace")
-        return self._ws
-
-    def _buf(self, name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (name, dtype, device)
-        b = self._bufs.get(key)
-        if b is None or b.numel() != n:
-            b = torch.empty(n, dtype=dtype, device=device)
-            self._bufs[key] = b
-        return b
-
-    def workspace_info(self) -> dict:
-        """Allocation counters, to check that warm steps allocate nothing of size O(d).
-
-        ``c_allocs``/``c_bytes``: (re)allocations made so far and bytes held by the C workspace;
-        ``buffers``: ``{name: (data_ptr, numel)}`` of the torch scratch tensors.
-        """
-        info: dict = {"c_allocs": 0, "c_bytes": 0}
-        if self._ws is not None:
-            st = (ctypes.c_int64 * 2)()
-            _Lib.lib.gs_ws_stats(self._ws, ctypes.addressof(st))
-            info["c_allocs"], info["c_bytes"] = int(st[0]), int(st[1])
-        info["buffers"] = {k[0]: (b.data_ptr(), b.numel()) for k, b in self._bufs.items()}
-        return info
-
-    @staticmethod
-    def _check(e: torch.Tensor, g: torch.Tensor) -> None:
-        _check_float(e, "e")
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"g must be a torch.Tensor, got {type(g).__name__}")
-        if g.shape != e.shape:
-            raise ValueError(f"e and g must have the same shape, got {tuple(e.shape)} and {tuple(g.shape)}")
-        if g.dtype != e.dtype or g.device != e.device:
-            raise ValueError(f"e and g must share dtype and device, got {e.dtype}/{e.device} and {g.dtype}/{g.device}")
-        if not e.is_contiguous():
-            raise ValueError("e must be contiguous (it is updated in place)")
-
-    def _use_c(self, e: torch.Tensor, g: torch.Tensor, what: str) -> bool:
-        ok = _c_ok(e) and g.dtype == torch.float32 and g.device.type == "cpu"
-        use = _want_ext(self.use_ext, ok, what)
-        if use and not _Lib.ef_exact:
-            if self.use_ext is True:
-                raise RuntimeError(f"{what}: the compiled update does not round like torch's add_ here")
-            return False
-        return use
-
-    def hard_threshold_ef_(
-        self, e: torch.Tensor, g: torch.Tensor, lam: float, alpha: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In place: a = e + alpha*g; send entries with |a| >= lam; e = a with those zeroed."""
-        self._check(e, g)
-        lam, alpha = float(lam), float(alpha)
-        n = e.numel()
-        flat = e.view(-1)
-        with self._lock:
-            if self._use_c(e, g, "hard_threshold_ef_"):
-                lib = _Lib.lib
-                ws = self._c_ws()
-                gc = g.contiguous()
-                cnt = lib.gs_ht_pass(ws, flat.data_ptr(), gc.data_ptr(), alpha, lam, n, _nthreads())
-                if cnt < 0:
-                    raise MemoryError("hard_threshold_ef_: the compiled kernel ran out of memory")
-                idx = torch.empty(cnt, dtype=torch.long)
-                val = torch.empty(cnt, dtype=torch.float32)
-                lib.gs_ht_gather(ws, idx.data_ptr(), val.data_ptr())
-                return idx, val
-            # chunk by chunk: a = e + alpha*g, |a| to a small scratch, the mask |a| >= lam
-            # scanned as 8-byte words (see _filter_keys)
-            gf = g.reshape(-1)
-            dev = e.device
-            fused = _add_in_chunks(e)
-            if not fused:
-                flat.add_(gf, alpha=alpha)
-            C = _chunk_len(n, dev)
-            ab = self._buf("abs", C, e.dtype, dev)
-            mb = self._buf("mask", C, torch.uint8, dev)
-            acc: tuple[list, list] = ([], [])
-            for s in range(0, n, C):
-                t = min(n, s + C)
-                a = flat[s:t].add_(gf[s:t], alpha=alpha) if fused else flat[s:t]
-                _mask_words(torch.abs(a, out=ab[: t - s]), lam, mb, s, acc)
-            idx = _expand_words(acc, dev)
-            val = flat.index_select(0, idx)
-            flat.index_fill_(0, idx, 0)
-            return idx, val
-
-    def topk_ef_(
-        self, e: torch.Tensor, g: torch.Tensor, k: int, alpha: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """In place: a = e + alpha*g; send the exact top-k of |a|; e = a - s (sent entries +0.0)."""
-        self._check(e, g)
-        n = e.numel()
-        k = _check_k(k, n)
-        alpha = float(alpha)
-        flat = e.view(-1)
-        with self._lock:
-            if self._use_c(e, g, "topk_ef_"):
-                lib = _Lib.lib
-                ws = self._c_ws()
-                gc = g.contiguous()
-                idx = torch.empty(k, dtype=torch.long)
-                val = torch.empty(k, dtype=torch.float32)
-                rc = lib.gs_topk_ef(ws, flat.data_ptr(), gc.data_ptr(), alpha, n, k, idx.data_ptr(), val.data_ptr(), _nthreads())
-                if rc != 0:
-                    raise MemoryError("topk_ef_: the compiled kernel ran out of memory")
-                return idx, val
-            dev = e.device
-            scratch = lambda name, size, dt: self._buf(name, size, dt, dev)  # noqa: E731
-            if _add_in_chunks(e):
-                idx, val = _topk_torch(flat, k, scratch, (g.reshape(-1), alpha))
-            else:
-                idx, val = _topk_torch(flat.add_(g.reshape(-1), alpha=alpha), k, scratch)
-            if val is None:
-                val = flat.index_select(0, idx)
-            flat.index_fill_(0, idx, 0)
-            return idx, val
+    g = _check_ef(e, g, "accumulate_topk_")
+    n = e.numel()
+    k = _check_k(k, n)
+    alpha = float(alpha)
+    flat = e.view(-1)
+    if _use_c_ef(e, g, use_ext, "accumulate_topk_"):
+        idx = torch.empty(k, dtype=torch.long)
+        val = torch.empty(k, dtype=torch.float32)
+        gp = None if g is None else g.data_ptr()
+        rc = _Lib.lib.gs_topk_ef(_ws(), flat.data_ptr(), gp, alpha, n, k, idx.data_ptr(), val.data_ptr(), _nthreads())
+        if rc != 0:
+            raise MemoryError("accumulate_topk_: the compiled kernel ran out of memory")
+        return idx, val
+    add = None
+    if g is not None:
+        if _add_in_chunks(e):
+            add = (g, alpha)
+        else:
+            flat.add_(g, alpha=alpha)
+    idx, val = _topk_torch(flat, k, None, add)
+    if val is None:
+        val = flat.index_select(0, idx)
+    flat.index_fill_(0, idx, 0)
+    return idx, val
 
 
-def hard_threshold_ef_(e: torch.Tensor, g: torch.Tensor, lam: float, alpha: float = 1.0, *, use_ext: bool | None = None):
-    """One-off :meth:`EFStep.hard_threshold_ef_` (allocates its buffers; keep an EFStep in loops)."""
-    return EFStep(use_ext=use_ext).hard_threshold_ef_(e, g, lam, alpha)
+def accumulate_threshold_(
+    e: torch.Tensor, g: torch.Tensor | None, alpha: float, threshold: float, *, use_ext: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One error-feedback step with a hard threshold, in place in ``e``::
 
+        a = e + alpha * g               (as e.add_(g, alpha=alpha); skipped when g is None)
+        S = {i : |a_i| >= threshold}    (threshold rounded to e's dtype, like torch's comparison)
+        e = a with e[S] = +0.0          -> returns (S ascending int64, a[S] in e's dtype)
 
-def topk_ef_(e: torch.Tensor, g: torch.Tensor, k: int, alpha: float = 1.0, *, use_ext: bool | None = None):
-    """One-off :meth:`EFStep.topk_ef_` (allocates its buffers; keep an EFStep in loops)."""
-    return EFStep(use_ext=use_ext).topk_ef_(e, g, k, alpha)
+    **NaN is never selected**: ``|NaN| >= threshold`` is false, so a NaN stays in ``e`` (and a
+    NaN threshold selects nothing); ``threshold <= 0`` selects every other entry. Same inputs,
+    bit-identity guarantee and buffers as :func:`accumulate_topk_`.
+    """
+    g = _check_ef(e, g, "accumulate_threshold_")
+    lam, alpha = float(threshold), float(alpha)
+    n = e.numel()
+    flat = e.view(-1)
+    if _use_c_ef(e, g, use_ext, "accumulate_threshold_"):
+        lib = _Lib.lib
+        ws = _ws()
+        gp = None if g is None else g.data_ptr()
+        cnt = lib.gs_ht_pass(ws, flat.data_ptr(), gp, alpha, lam, n, _nthreads())
+        if cnt < 0:
+            raise MemoryError("accumulate_threshold_: the compiled kernel ran out of memory")
+        idx = torch.empty(cnt, dtype=torch.long)
+        val = torch.empty(cnt, dtype=torch.float32)
+        lib.gs_ht_gather(ws, idx.data_ptr(), val.data_ptr())
+        return idx, val
+    # chunk by chunk: a = e + alpha*g, |a| to a small scratch, the mask |a| >= lam scanned as
+    # 8-byte words (see _mask_words)
+    dev = e.device
+    fused = g is not None and _add_in_chunks(e)
+    if g is not None and not fused:
+        flat.add_(g, alpha=alpha)
+    C = _chunk_len(n, dev)
+    ab = _scratch("abs", C, e.dtype, dev)
+    mb = _scratch("mask", C, torch.uint8, dev)
+    acc: tuple[list, list] = ([], [])
+    for s in range(0, n, C):
+        t = min(n, s + C)
+        a = flat[s:t].add_(g[s:t], alpha=alpha) if fused else flat[s:t]
+        _mask_words(torch.abs(a, out=ab[: t - s]), lam, mb, s, acc)
+    idx = _expand_words(acc, dev)
+    val = flat.index_select(0, idx)
+    flat.index_fill_(0, idx, 0)
+    return idx, val
 
 
 # ---------------------------------------------------------------------------------------------
-# approximate thresholds
+# approximate threshold
 
 
 def sampled_threshold(
-    x: torch.Tensor, k: int, sample_frac: float = 0.01, generator: torch.Generator | None = None
+    x: torch.Tensor, k: int, sample_fraction: float = 0.01, generator: torch.Generator | None = None
 ) -> float:
-    """Threshold estimated from a random sample (deep gradient compression style).
+    """A threshold ``thr`` such that about ``k`` entries of ``x`` have ``|x_i| >= thr``.
 
-    Draws ``m = ceil(sample_frac * d)`` positions uniformly with replacement and returns the
-    ``ceil(k * m / d)``-th largest magnitude among them, so that about ``k`` entries of ``x``
-    satisfy ``|x_i| >= thr``. ``generator`` defaults to a fresh one seeded with 0.
+    Estimator (deep-gradient-compression style): draw ``m = ceil(sample_fraction * d)``
+    positions uniformly with replacement (``torch.randint`` on the CPU ``generator``; default a
+    fresh one seeded with 0, so the result is deterministic), and return the
+    ``r = ceil(k * m / d)``-th largest magnitude among them (a NaN in the sample counts as
+    +inf). The fraction of the sample at or above it is ``r / m ~ k / d``, so the expected count
+    over ``x`` is about ``k``; its relative spread is about ``1 / sqrt(r)`` (see
+    ``benchmarks/threshold_study.py`` for measured hit rates). ``k = 0`` (or ``d = 0``) gives
+    ``+inf``; the result is exact in ``x``'s dtype (a float64 Python float of one of its
+    magnitudes).
     """
     _check_float(x, "x")
     flat = x.reshape(-1)
     d = flat.numel()
     k = _check_k(k, d)
-    if not 0.0 < sample_frac <= 1.0:
-        raise ValueError(f"sample_frac must lie in (0, 1], got {sample_frac}")
+    if not 0.0 < sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must lie in (0, 1], got {sample_fraction}")
     if d == 0 or k == 0:
         return math.inf
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    m = min(d, max(1, math.ceil(sample_frac * d)))
+    m = min(d, max(1, math.ceil(sample_fraction * d)))
     pos = torch.randint(d, (m,), generator=generator).to(flat.device)
-    s = flat[pos].abs().float()
+    s = torch.nan_to_num(flat[pos].abs().double(), nan=math.inf, posinf=math.inf)
     r = min(m, max(1, math.ceil(k * m / d)))
     return float(torch.topk(s, r).values[-1])
-
-
-_FITS = ("gaussian", "exponential", "laplace", "lognormal", "gamma")
-
-
-def fitted_threshold(x: torch.Tensor, k: int, dist: str = "gaussian") -> float:
-    """Threshold from a distribution fitted to ``x`` by moments, its tail inverted at ``k/d``.
-
-    - ``"gaussian"``: ``x ~ N(mean, std^2)``; solves ``P(|x| >= t) = k/d`` (two-sided tail, by
-      bisection).
-    - ``"exponential"`` (alias ``"laplace"``): ``|x| ~ Exp`` with mean ``mean|x|``:
-      ``t = mean|x| * ln(d/k)``.
-    - ``"lognormal"``: ``log|x|`` over the nonzero entries ``~ N(mu, s^2)``:
-      ``t = exp(mu + s * Phi^{-1}(1 - k/nnz))``.
-    - ``"gamma"``: ``|x| ~ Gamma`` with shape ``mean^2/var`` and scale ``var/mean`` of ``|x|``.
-    """
-    _check_float(x, "x")
-    flat = x.reshape(-1)
-    d = flat.numel()
-    k = _check_k(k, d)
-    if dist not in _FITS:
-        raise ValueError(f"dist must be one of {_FITS}, got {dist!r}")
-    if d == 0 or k == 0:
-        return math.inf
-    if k == d:
-        return 0.0
-    p = k / d
-    a = flat.abs().double()
-    if dist == "gaussian":
-        mu = float(flat.double().mean())
-        sd = float(flat.double().std()) if d > 1 else 0.0
-        if sd == 0.0:
-            return abs(mu)
-
-        def tail(t: float) -> float:
-            return 0.5 * math.erfc((t - mu) / (sd * math.sqrt(2))) + 0.5 * math.erfc((t + mu) / (sd * math.sqrt(2)))
-
-        lo, hi = 0.0, abs(mu) + sd
-        while tail(hi) > p:
-            hi *= 2.0
-        for _ in range(100):
-            mid = 0.5 * (lo + hi)
-            if tail(mid) > p:
-                lo = mid
-            else:
-                hi = mid
-        return hi
-    if dist in ("exponential", "laplace"):
-        return float(a.mean()) * math.log(d / k)
-    if dist == "lognormal":
-        nz = a[a > 0]
-        if nz.numel() <= k:
-            return 0.0
-        la = nz.log()
-        mu, s = float(la.mean()), float(la.std()) if nz.numel() > 1 else 0.0
-        return math.exp(mu + s * statistics.NormalDist().inv_cdf(1.0 - k / nz.numel()))
-    # gamma
-    from scipy.special import gammainccinv
-
-    mean, var = float(a.mean()), float(a.var())
-    if mean <= 0.0 or var <= 0.0:
-        return mean
-    shape, scale = mean * mean / var, var / mean
-    return float(scale * gammainccinv(shape, p))
-
-
-def make_test_vector(dist: str, d: int, generator: torch.Generator) -> torch.Tensor:
-    """Random float32 vectors for threshold studies: ``gaussian``, ``laplace``, ``student_t2``
-    (Student-t, 2 degrees of freedom), ``lognormal`` (random sign times exp(N(0,1)))."""
-    if dist == "gaussian":
-        return torch.randn(d, generator=generator)
-    sign = torch.randint(0, 2, (d,), generator=generator).float().mul_(2).sub_(1)
-    if dist == "laplace":
-        return torch.empty(d).exponential_(generator=generator).mul_(sign)
-    if dist == "student_t2":
-        z = torch.randn(d, generator=generator)
-        return z.div_(torch.empty(d).exponential_(generator=generator).sqrt_())  # chi2_2 / 2 = Exp(1)
-    if dist == "lognormal":
-        return torch.randn(d, generator=generator).exp_().mul_(sign)
-    raise ValueError(f"unknown dist {dist!r}; use gaussian, laplace, student_t2 or lognormal")
-
-
-def _method_fn(method: str | Callable, sample_frac: float) -> Callable[[torch.Tensor, int, torch.Generator], float]:
-    if callable(method):
-        return method
-    if method == "sampled":
-        return lambda x, k, gen: sampled_threshold(x, k, sample_frac, gen)
-    if method.startswith("fitted:"):
-        dist = method.split(":", 1)[1]
-        if dist not in _FITS:
-            raise ValueError(f"unknown fit {dist!r}; use one of {_FITS}")
-        return lambda x, k, gen: fitted_threshold(x, k, dist)
-    raise ValueError(f"unknown method {method!r}; use 'sampled' or 'fitted:<dist>' or a callable")
-
-
-def threshold_count_ratios(
-    method: str | Callable,
-    dist: str,
-    d: int,
-    k: int,
-    trials: int = 20,
-    seed: int = 0,
-    sample_frac: float = 0.01,
-) -> torch.Tensor:
-    """Ratios ``|{i: |x_i| >= thr}| / k`` over ``trials`` random vectors of :func:`make_test_vector`.
-
-    ``method``: ``"sampled"``, ``"fitted:<dist>"`` (see :func:`fitted_threshold`) or a callable
-    ``(x, k, generator) -> thr``.
-    """
-    fn = _method_fn(method, sample_frac)
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.empty(trials, dtype=torch.float64)
-    for t in range(trials):
-        x = make_test_vector(dist, d, gen)
-        thr = fn(x, k, gen)
-        out[t] = int((x.abs() >= thr).sum()) / k
-    return out
-
-
-def threshold_hit_rate(
-    method: str | Callable,
-    dist: str,
-    d: int,
-    k: int,
-    trials: int = 20,
-    seed: int = 0,
-    band: tuple[float, float] = (0.7, 1.3),
-    sample_frac: float = 0.01,
-) -> float:
-    """Fraction of ``trials`` in which the count selected by the threshold lies in
-    ``[band[0] * k, band[1] * k]`` (see :func:`threshold_count_ratios`)."""
-    r = threshold_count_ratios(method, dist, d, k, trials, seed, sample_frac)
-    return float(((r >= band[0]) & (r <= band[1])).double().mean())
