@@ -1,0 +1,222 @@
+"""A :class:`~gradsparse.messages.SparseBatch` <-> bytes: one frame per row, concatenated.
+
+The frame layout, the encodings and the ``auto`` rule are specified in
+:mod:`gradsparse.wire.format`; exact sizes without building bytes are in
+:mod:`gradsparse.wire.sizing`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..messages import SparseBatch
+from . import codecs
+from .format import (
+    CRC_NBYTES,
+    DEFAULT_MAX_D,
+    VALUE_DTYPE_IDS,
+    VALUE_DTYPE_TABLE,
+    ValueDtype,
+    WireError,
+    FrameHeader,
+    as_byte_view,
+    check_d,
+    check_index_encoding,
+    check_seed,
+    read_frame_header,
+    resolve_value_dtype,
+    write_frame,
+)
+from .sizing import plan_row, sort_rows
+
+__all__ = ["encode", "decode", "frame_headers"]
+
+
+def _wire_values(values: torch.Tensor, vdt: ValueDtype) -> np.ndarray:
+    """The values cast to the wire dtype, as a numpy array of the payload's dtype (bfloat16 as
+    raw u16 bit patterns). A finite value beyond the dtype's largest finite value raises (it would
+    silently become +-inf); values that already are +-inf or NaN pass through."""
+    v = values.detach().to("cpu")
+    if v.dtype != vdt.torch:
+        if v.is_complex() or v.dtype == torch.bool:
+            raise ValueError(f"the wire carries real values, not {v.dtype}")
+        limit = torch.finfo(vdt.torch).max
+        over = v.abs() > limit
+        if v.is_floating_point():
+            over &= torch.isfinite(v)
+        if bool(over.any()):
+            pos = int(torch.nonzero(over)[0, 0])
+            raise ValueError(
+                f"value {v[pos].item()!r} (entry {pos}) is outside the finite range of "
+                f"{str(vdt.torch).removeprefix('torch.')} (|x| <= {limit:g}); it would be sent as "
+                "inf. Scale the values or choose a wider value_dtype"
+            )
+        v = v.to(vdt.torch)
+    v = v.contiguous()
+    if vdt.torch == torch.bfloat16:
+        return v.view(torch.int16).numpy().astype(vdt.numpy, copy=False)
+    return v.numpy().astype(vdt.numpy, copy=False)
+
+
+def encode(
+    batch: SparseBatch,
+    *,
+    index_encoding: str = "auto",
+    value_dtype: torch.dtype | str | None = None,
+    verify_seed: bool = False,
+) -> bytes:
+    """Serialise ``batch``: the concatenation of one frame per row, in row order.
+
+    index_encoding: ``"auto"`` (per row the smallest frame, the dense frame included: a row
+                    whose sparse frame would be larger than the dense one is sent dense) or one
+                    of :data:`~gradsparse.wire.INDEX_ENCODINGS`, applied to every row
+                    (``"dense"`` sends every row dense; ``"seed"`` needs ``batch.seeds``).
+    value_dtype:    float32/float16/bfloat16 (a ``torch.dtype`` or ``"fp32"``, ``"fp16"``,
+                    ``"bf16"``); ``None`` keeps ``batch.values.dtype``, which must be one of
+                    them. A finite value outside the target's range (|x| > 65504 for fp16)
+                    raises ``ValueError``.
+    verify_seed:    for rows sent with the ``seed`` encoding, check that their columns equal
+                    ``random_k_indices(seed, d, count)``.
+    Rows whose columns are not ascending are sorted (values permuted along); seeded rows keep
+    their seed in the frame under every encoding. Raises ``ValueError`` for invalid batches
+    (columns out of range or repeated within a row, negative seeds, ...).
+    """
+    check_index_encoding(index_encoding)
+    vid = resolve_value_dtype(batch.values.dtype if value_dtype is None else value_dtype)
+    vdt = VALUE_DTYPE_TABLE[vid]
+    d = check_d(batch.d)
+    n = batch.n
+    seeds = None if batch.seeds is None else [check_seed(s) for s in batch.seeds.tolist()]
+    if index_encoding == "seed" and seeds is None:
+        raise ValueError("the seed encoding needs a batch with seeds (random-k rows)")
+    values = _wire_values(batch.values, vdt)
+    ptr = batch.offsets.detach().to("cpu", torch.int64).numpy()
+    if values.size != (int(ptr[-1]) if n else 0):
+        raise ValueError(f"batch has {values.size} values but its offsets describe {int(ptr[-1])}")
+    cols = None
+    if not batch.dense:
+        cols = batch.indices.detach().to("cpu")
+        if cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
+            raise ValueError(f"columns must be an integer tensor, got {cols.dtype}")
+        cols = cols.to(torch.int64).numpy()
+        if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= d):
+            raise ValueError(f"columns must lie in [0, {d}); got range [{int(cols.min())}, {int(cols.max())}]")
+        if not batch.sorted_rows:
+            cols, values = sort_rows(cols, ptr, d, values)
+        if cols.size > 1:
+            step = np.diff(cols)
+            step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < cols.size)] - 1] = 1  # row boundaries
+            if int(step.min()) <= 0:
+                raise ValueError("columns must be unique within each row")
+    full = np.arange(d, dtype=np.int64) if batch.dense else None
+    frames = []
+    for q in range(n):
+        a, b = int(ptr[q]), int(ptr[q + 1])
+        idx = full if batch.dense else cols[a:b]
+        seed = None if seeds is None else seeds[q]
+        plan = plan_row(idx, d, seed is not None, vdt.itemsize, index_encoding, dense_row=batch.dense)
+        if plan.encoding == "seed" and verify_seed:
+            expect = codecs.default_regenerate(seed, d, idx.size).numpy()
+            if not np.array_equal(expect, idx):
+                raise ValueError(f"row {q}: columns are not random_k_indices(seed={seed}, d, k)")
+        vals = values[a:b]
+        count = idx.size
+        if plan.encoding == "dense" and not batch.dense:
+            row = np.zeros(d, dtype=values.dtype)  # +0.0 in every wire dtype
+            row[idx] = vals
+            vals, count = row, d
+        ipay = codecs.encode_index_payload(plan.encoding, idx, d, plan.parameter)
+        frame = write_frame(d, count, plan.encoding, vid, plan.parameter, seed, ipay, vals.tobytes())
+        if len(frame) != plan.nbytes:  # pragma: no cover - internal consistency
+            raise AssertionError(f"{plan.encoding} frame is {len(frame)} bytes, predicted {plan.nbytes}")
+        frames.append(frame)
+    return b"".join(frames)
+
+
+def _frame_values(mv: memoryview, h: FrameHeader) -> torch.Tensor:
+    vdt = VALUE_DTYPE_TABLE[VALUE_DTYPE_IDS[h.value_dtype]]
+    raw = np.frombuffer(mv[h.value_start : h.end - CRC_NBYTES], dtype=vdt.numpy)
+    if vdt.torch == torch.bfloat16:
+        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)  # raw bit patterns
+    return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="), copy=True))
+
+
+def _headers(mv: memoryview, max_d: int) -> list[FrameHeader]:
+    if len(mv) == 0:
+        raise WireError("empty buffer: it holds no frame (a batch needs at least one row)")
+    out: list[FrameHeader] = []
+    pos = 0
+    while pos < len(mv):
+        h = read_frame_header(mv, pos, max_d)
+        if out:
+            first = out[0]
+            if h.d != first.d:
+                raise WireError(f"frame {len(out)} has d = {h.d}, frame 0 has d = {first.d}: one buffer holds one batch")
+            if h.value_dtype != first.value_dtype:
+                raise WireError(
+                    f"frame {len(out)} carries {h.value_dtype} values, frame 0 {first.value_dtype}: "
+                    "one buffer holds one batch"
+                )
+            if (h.seed is None) != (first.seed is None):
+                raise WireError(
+                    "the buffer mixes seeded and unseeded frames; a batch's rows are all seeded "
+                    "(random-k) or none is: decode such buffers separately"
+                )
+        out.append(h)
+        pos = h.end
+    return out
+
+
+def frame_headers(data, *, max_d: int = DEFAULT_MAX_D) -> list[FrameHeader]:
+    """The header of every frame of ``data`` (encoding, parameter, d, count, seed, offsets, ...),
+    checked as :func:`decode` checks headers (CRC included) but without decoding the payloads."""
+    return _headers(as_byte_view(data), max_d)
+
+
+def decode(
+    data,
+    regenerate: Callable[[int, int, int], torch.Tensor] | None = None,
+    *,
+    max_d: int = DEFAULT_MAX_D,
+) -> SparseBatch:
+    """Parse and validate the frames of ``data`` (any contiguous buffer-protocol object) into a
+    :class:`~gradsparse.messages.SparseBatch`, one row per frame.
+
+    regenerate: ``(seed, d, k) -> sorted columns`` for ``seed`` frames; defaults to
+                :func:`gradsparse.compressors.random_k_indices`.
+    max_d:      the largest row length a frame may claim (default ``2**31 - 1``), checked before
+                anything is allocated, so a short frame cannot make ``to_dense()`` of the result
+                allocate an arbitrary d. Raise it to read longer rows (the format allows
+                d < 2**62).
+    The result has ``sorted_rows=True``, the values in the wire dtype, ``fixed_k`` set when every
+    row has the same count, ``seeds`` when every frame carries a seed, and ``dense=True`` when
+    every frame is dense-encoded (a sparse row sent dense comes back as a full row, zeros off its
+    support). All frames must share d, the value dtype and seededness (a mix is a
+    :class:`WireError`). Frames of older writers with ``ndim != 1`` are flattened (see
+    :mod:`gradsparse.wire.format`). An empty buffer is a :class:`WireError` (no frame gives d).
+    Raises :class:`WireError` on any invalid input.
+    """
+    mv = as_byte_view(data)
+    headers = _headers(mv, max_d)
+    d = headers[0].d
+    cols, vals = [], []
+    for h in headers:
+        payload = np.frombuffer(mv[h.index_start : h.value_start], dtype=np.uint8)
+        cols.append(codecs.decode_index_payload(h.encoding, payload, h.count, d, h.parameter, h.seed, regenerate))
+        vals.append(_frame_values(mv, h))
+    counts = torch.tensor([h.count for h in headers], dtype=torch.long)
+    offsets = torch.zeros(len(headers) + 1, dtype=torch.long)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    seeds = None
+    if headers[0].seed is not None:
+        if any(h.seed >= (1 << 63) for h in headers):
+            raise WireError("a frame's seed is >= 2**63: it does not fit a SparseBatch's int64 seeds")
+        seeds = torch.tensor([h.seed for h in headers], dtype=torch.long)
+    dense = all(h.encoding == "dense" for h in headers)
+    ks = {h.count for h in headers}
+    indices = None if dense else torch.from_numpy(np.concatenate(cols) if len(cols) > 1 else cols[0])
+    values = torch.cat(vals) if len(vals) > 1 else vals[0]
+    return SparseBatch(d, offsets, values, indices, seeds, dense, True, ks.pop() if len(ks) == 1 else None)
