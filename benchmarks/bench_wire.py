@@ -4,13 +4,15 @@ For each d and density rho (k = rho * d, support = top-k of a Gaussian vector, i
 random) it measures, as the median of ``--repeats`` (>= 7) runs:
 
 * encode and decode time of every index encoding (raw32, varint, rice, packed, bitmap, auto; and
-  seed, whose decode regenerates the support with ``random_k_indices``),
+  seed, whose decode regenerates the support with ``gradsparse.compressors.random_k_indices``),
+  for a one-row :class:`~gradsparse.messages.SparseBatch`,
 * the time of ``torch.topk(x.abs(), k)`` on the same d in the same run, and the ratio
   (encode + decode) / topk,
 * index payload bytes per encoding, against int32 indices (4k bytes) and against the
   information-theoretic bound log2 C(d, k) / 8,
-* the time of ``batch_encoded_nbytes`` for 1000 workers x d = 1e5 (the simulator's per-step
-  accounting call),
+* the time of ``wire.encoded_nbytes`` for 1000 workers x d = 1e5 (100 in quick mode), for the
+  fixed-count batch of a top-k (unsorted columns) and for the same rows as a ragged batch, and for
+  the simulator's typical step, 100 workers x 50 entries (the per-step accounting call),
 * a density sweep at d = 25M (also in quick mode: sizes only, well under a second): index payload
   / log2 C(d, k) of varint, packed, the byte-aligned mode (the smaller of the two) and rice, for
   densities 0.05% ... 0.99%, and the largest byte-aligned ratio over the sweep (target <= 1.35).
@@ -36,8 +38,9 @@ from pathlib import Path
 import torch
 
 from gradsparse import wire
+from gradsparse.compressors import random_k_indices
 from gradsparse.kernels import topk_indices
-from gradsparse.message import SparseMessage
+from gradsparse.messages import SparseBatch
 
 DEFAULT_DS = (25_000_000, 1_000_000)
 QUICK_DS = (100_000,)
@@ -75,21 +78,22 @@ def _codec_rows(d: int, rho: float, repeats: int, seed: int) -> list[dict]:
     # message in practice, so the stricter reference for "encode + decode << top-k"
     exact_ms = _median_ms(lambda: topk_indices(x, k), repeats)
     idx = torch.sort(torch.topk(ax, k).indices).values
-    msg = SparseMessage((d,), idx, x[idx].clone())
-    sidx = wire.random_k_indices(seed, d, k)
-    smsg = SparseMessage((d,), sidx, x[sidx].clone(), seed=seed)
+    msg = SparseBatch.from_rows(idx[None], x[idx][None], d, sorted_rows=True)
+    sidx = random_k_indices(seed, d, k)
+    smsg = SparseBatch.from_rows(sidx[None], x[sidx][None], d, seeds=torch.tensor([seed]), sorted_rows=True)
     H_bytes = wire.index_entropy_bits(d, k) / 8
     rows = []
     for enc in ENCODINGS:
         m = smsg if enc == "seed" else msg
         data = wire.encode(m, index_encoding=enc)
-        out = wire.decode(data)
+        out = wire.decode(data, max_d=d)
         assert torch.equal(out.indices, m.indices) and torch.equal(out.values, m.values)
-        chosen = out.meta["index_encoding"]
+        (header,) = wire.frame_headers(data, max_d=d)
+        chosen = header.encoding
         # exact index payload of the encoding actually used (0 for seed: only the seed is sent)
-        ib = 0 if chosen == "seed" else wire.index_payload_nbytes(m.indices, d)[chosen]
+        ib = header.index_nbytes
         enc_ms = _median_ms(lambda: wire.encode(m, index_encoding=enc), repeats)
-        dec_ms = _median_ms(lambda: wire.decode(data), repeats)
+        dec_ms = _median_ms(lambda: wire.decode(data, max_d=d), repeats)
         rows.append(
             dict(
                 kind="codec", d=d, density=rho, k=k, encoding=enc, chosen=chosen,
@@ -112,20 +116,23 @@ def _codec_rows(d: int, rho: float, repeats: int, seed: int) -> list[dict]:
     return rows
 
 
-def _batch_rows(n: int, d: int, rho: float, repeats: int, seed: int) -> list[dict]:
+def _batch_rows(n: int, d: int, rho: float, repeats: int, seed: int, ragged: bool = True) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     k = max(1, int(round(rho * d)))
     x = torch.randn(n, d, generator=gen)
     ind = torch.topk(x.abs(), k, dim=1).indices
-    mask = torch.zeros(n, d, dtype=torch.bool).scatter_(1, ind, True)
+    fixed = SparseBatch.from_rows(ind, x.gather(1, ind), d)  # top-k order: columns unsorted
+    cases = [("encoded_nbytes(fixed-count)", fixed)]
+    if ragged:
+        mask = torch.zeros(n, d, dtype=torch.bool).scatter_(1, ind, True)
+        cases.append(("encoded_nbytes(ragged)", SparseBatch.from_mask(x, mask)))
+        del mask
     del x
-    wire.batch_encoded_nbytes(mask)
-    mask_ms = _median_ms(lambda: wire.batch_encoded_nbytes(mask), repeats)
-    idx_ms = _median_ms(lambda: wire.batch_encoded_nbytes_from_indices(ind, d), repeats)
-    sizes = wire.batch_encoded_nbytes(mask)
+    sizes = wire.encoded_nbytes(fixed)
     out = []
-    for name, ms in (("batch_encoded_nbytes(mask)", mask_ms),
-                     ("batch_encoded_nbytes_from_indices", idx_ms)):
+    for name, batch in cases:
+        assert torch.equal(wire.encoded_nbytes(batch), sizes)
+        ms = _median_ms(lambda: wire.encoded_nbytes(batch), repeats)
         out.append(
             dict(
                 kind="batch", d=d, density=rho, k=k, encoding=name, chosen="auto", index_bytes="",
@@ -143,7 +150,7 @@ def _sweep_rows(d: int, densities: tuple[float, ...], seed: int) -> list[dict]:
     rows = []
     for rho in densities:
         k = max(1, int(round(rho * d)))
-        idx = wire.random_k_indices(seed, d, k)
+        idx = random_k_indices(seed, d, k)
         sizes = wire.index_payload_nbytes(idx, d)
         H_bytes = wire.index_entropy_bits(d, k) / 8
         # the byte-aligned mode: the smaller of the two whole-byte gap codes (varint on ties)
@@ -190,6 +197,7 @@ def run(
     batch_n, batch_d = (100, 100_000) if quick else (1000, 100_000)
     for rho in densities:
         rows += _batch_rows(batch_n, batch_d, float(rho), repeats, seed)
+    rows += _batch_rows(100, 50_000, 0.001, repeats, seed, ragged=False)  # 100 workers x 50 entries
     rows += _sweep_rows(SWEEP_D, SWEEP_DENSITIES, seed)
     if out is not None:
         path = Path(out)
