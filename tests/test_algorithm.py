@@ -3,60 +3,139 @@
 import pytest
 import torch
 
-from gradsparse.algorithm import Algorithm
-from gradsparse.compressors import HardThreshold, Identity, RandomK, TopK
-from gradsparse.feedback import feedback_step
+from gradsparse import wire
+from gradsparse.algorithm import Algorithm, ServerState, WorkerState
+from gradsparse.compressors import CompressionContext, HardThreshold, Identity, RandomK, TopK
+from gradsparse.feedback import FEEDBACKS, make_feedback
+from gradsparse.momentum import GradientMomentum, UpdateMomentum
+from gradsparse.segments import Layout, SegmentedTensor
+from gradsparse.staleness import StalenessDampening
+
+COMPRESSORS = [TopK(k=3), HardThreshold(0.7), RandomK(k=4, seed=2), RandomK(k=4, seed=2, scale=True), Identity()]
+IDS = ["topk", "hard_threshold", "randomk", "randomk_scaled", "identity"]
 
 
-def grads_stream(n, d, steps, seed=0):
+def grads_stream(n, d, steps, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, d, generator=g) for _ in range(steps)]
+    return [torch.randn(n, d, generator=g, dtype=dtype) for _ in range(steps)]
+
+
+def memory_of(n, d, flat=None):
+    layout = Layout.flat(d)
+    return SegmentedTensor(layout, torch.zeros(n, d) if flat is None else flat)
+
+
+def dense_reference(kind, comp, g, e, lr, ctx):
+    """ALGORITHMS.md §2 on dense tensors, written from the formulas: (sent, new memory)."""
+    def C(x):
+        msg = comp.compress(x, ctx)
+        return msg.to_dense(x.dtype), msg.support_mask()
+
+    if kind == "none":
+        s, _ = C(lr * g)
+        return s, None
+    if kind == "ef":
+        a = torch.add(e, g, alpha=lr)  # e + lr g (the same rounding as the library: one fused op)
+        s, _ = C(a)
+        return s, a - s
+    if kind == "ef-scaled":
+        p = torch.add(e, g, alpha=lr)
+        c, m = C(p / lr)
+        s = lr * c
+        return s, torch.where(m, p - s, p)
+    v = e + g  # memory
+    s, _ = C(v)
+    return s, v - s
+
+
+@pytest.mark.parametrize("kind", list(FEEDBACKS))
+@pytest.mark.parametrize("comp", COMPRESSORS, ids=IDS)
+def test_sparse_feedback_equals_dense_formulas(kind, comp):
+    """The library's SparseBatch path against a dense re-statement of ALGORITHMS.md §2."""
+    fb = make_feedback(kind)
+    n, d = 4, 20
+    e_ref = torch.zeros(n, d)
+    memory = fb.init(Layout.flat(d), n)
+    for t, g in enumerate(grads_stream(n, d, 25, dtype=torch.float64)):
+        g = g.float()
+        ctx = CompressionContext(t, torch.arange(n))
+        s_ref, e_ref = dense_reference(kind, comp, g, e_ref, 0.3, ctx)
+        out, memory = fb.update(g, memory, lr=0.3, compressor=comp, context=ctx)
+        assert torch.equal(out.message.to_dense(), s_ref), (kind, t)
+        if e_ref is None:
+            assert memory is None
+        else:
+            assert torch.equal(memory.flat, e_ref), (kind, t)
 
 
 @pytest.mark.parametrize("kind", ["ef", "memory", "ef-scaled"])
-@pytest.mark.parametrize("comp", [TopK(k=3), HardThreshold(0.7), RandomK(k=4, seed=2)], ids=lambda c: c.name)
+@pytest.mark.parametrize("comp", COMPRESSORS[:4], ids=IDS[:4])
 def test_sent_plus_new_memory_equals_accumulated_exactly(kind, comp):
-    e = torch.zeros(4, 20)
+    fb = make_feedback(kind)
+    memory = fb.init(Layout.flat(20), 4)
     for t, g in enumerate(grads_stream(4, 20, 30)):
-        s, m, e_new, acc = feedback_step(kind, comp, g, e, 0.3, t, torch.arange(4))
-        assert torch.equal(s + e_new, acc), (kind, comp.name, t)
-        # memory is zero where something was sent (ef-scaled: up to the rounding of
-        # gamma * (p / gamma), which the memory keeps, so the identity above stays exact)
-        if kind == "ef-scaled":
-            assert torch.all(e_new[m].abs() <= 1e-6 * acc[m].abs())
-        elif comp.name != "randomk" or not comp.scale:
-            assert torch.all(e_new[m] == 0)
-        e = e_new
+        before = memory.flat.clone()
+        out, memory = fb.update(g, memory, lr=0.3, compressor=comp, context=CompressionContext(t))
+        acc = out.accumulated_rows(memory.flat)
+        # the accumulated vector is e + c g, computed independently here
+        assert torch.equal(acc, torch.add(before, g, alpha=fb.accumulation_scale(0.3)))
+        sent = out.message.to_dense()
+        on = out.message.support_mask()
+        assert torch.equal((sent + memory.flat)[~on], acc[~on])
+        # on the support: exact zero memory where C keeps values; else the rounding of a - s
+        if kind != "ef-scaled" and not getattr(comp, "scale", False):
+            assert torch.all(memory.flat[on] == 0)
+        torch.testing.assert_close((sent + memory.flat)[on], acc[on], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ef", "memory", "ef-scaled"])
+@pytest.mark.parametrize("comp", [TopK(k=3), HardThreshold(0.7), TopK(k=20)], ids=["topk", "threshold", "topk_all"])
+def test_in_place_step_equals_update_one_row_and_many(kind, comp):
+    """The in-place entry (fused kernels for one row) gives the out-of-place step's results."""
+    fb = make_feedback(kind)
+    for n in (1, 3):
+        a = fb.init(Layout.flat(20), n)
+        b = fb.init(Layout.flat(20), n)
+        for t, g in enumerate(grads_stream(n, 20, 15, seed=n)):
+            ctx = CompressionContext(t)
+            out_a, a = fb.update(g, a, lr=0.2, compressor=comp, context=ctx)
+            out_b = fb.step_in_place_(b, g, lr=0.2, compressor=comp, context=ctx)
+            assert torch.equal(out_a.message.to_dense(), out_b.message.to_dense()), (n, t)
+            assert torch.equal(a.flat, b.flat), (n, t)
 
 
 def test_ef_equals_ef_scaled_for_topk():
     comp = TopK(k=2)
-    e1 = e2 = torch.zeros(3, 12)
+    e1 = e2 = memory_of(3, 12)
+    ef, scaled = make_feedback("ef"), make_feedback("ef-scaled")
     for t, g in enumerate(grads_stream(3, 12, 50)):
-        s1, m1, e1, _ = feedback_step("ef", comp, g, e1, 0.05, t)
-        s2, m2, e2, _ = feedback_step("ef-scaled", comp, g, e2, 0.05, t)
-        assert torch.equal(m1, m2)
-        torch.testing.assert_close(s1, s2, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(e1, e2, rtol=1e-6, atol=1e-7)
+        ctx = CompressionContext(t)
+        o1, e1 = ef.update(g, e1, lr=0.05, compressor=comp, context=ctx)
+        o2, e2 = scaled.update(g, e2, lr=0.05, compressor=comp, context=ctx)
+        assert torch.equal(o1.message.support_mask(), o2.message.support_mask())
+        torch.testing.assert_close(o1.message.to_dense(), o2.message.to_dense(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(e1.flat, e2.flat, rtol=1e-6, atol=1e-7)
 
 
 def test_ef_scaled_differs_from_ef_for_hard_threshold():
     comp = HardThreshold(0.5)
     g = torch.full((1, 4), 2.0)
-    s1, *_ = feedback_step("ef", comp, g, torch.zeros(1, 4), 0.1, 0)  # |0.2| < 0.5: nothing sent
-    s2, *_ = feedback_step("ef-scaled", comp, g, torch.zeros(1, 4), 0.1, 0)  # |2| >= 0.5: sent
-    assert torch.count_nonzero(s1) == 0
-    torch.testing.assert_close(s2, torch.full((1, 4), 0.2))
+    ctx = CompressionContext(0)
+    o1, _ = make_feedback("ef").update(g, memory_of(1, 4), lr=0.1, compressor=comp, context=ctx)  # |0.2| < 0.5
+    o2, _ = make_feedback("ef-scaled").update(g, memory_of(1, 4), lr=0.1, compressor=comp, context=ctx)  # |2| >= 0.5
+    assert o1.message.nnz == 0
+    torch.testing.assert_close(o2.message.to_dense(), torch.full((1, 4), 0.2))
 
 
 def run_alg(alg, steps, n=3, d=10, lr=lambda t: 0.1, seed=0):
+    layout = Layout.flat(d)
     w = torch.zeros(d)
-    ws, ss = alg.init_worker_state(n, d), alg.init_server_state(d)
+    ws, ss = alg.init_worker_state(layout, n), alg.init_server_state(layout)
     p = torch.full((n,), 1.0 / n)
     traj = []
     for t, g in enumerate(grads_stream(n, d, steps, seed)):
-        wo = alg.worker_step(g, w, ws, t, lr(t))
-        so = alg.server_step(wo.sent, p, ss, t, lr(t))
+        wo = alg.worker_step(g, w, ws, step=t, lr=lr(t))
+        so = alg.server_step(wo.message, ss, step=t, lr=lr(t), weights=p)
         ws, ss = wo.state, so.state
         w = w - so.update
         traj.append(w.clone())
@@ -70,7 +149,7 @@ def test_memory_equals_ef_under_constant_step_but_not_decaying():
     tb, wb, _ = run_alg(b, 40)
     for x, y in zip(ta, tb):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(wa["e"], 0.1 * wb["e"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wa.memory.flat, 0.1 * wb.memory.flat, rtol=1e-5, atol=1e-6)
     decay = lambda t: 0.1 / (t + 1)  # noqa: E731
     ta, *_ = run_alg(a, 40, lr=decay)
     tb, *_ = run_alg(b, 40, lr=decay)
@@ -93,33 +172,39 @@ def test_bidirectional_with_full_downlink_equals_uplink_only():
     tb, _, sb = run_alg(bi, 30)
     for x, y in zip(tu, tb):
         assert torch.equal(x, y)
-    assert torch.count_nonzero(sb["delta"]) == 0
+    assert torch.count_nonzero(sb.downlink_memory.flat) == 0
 
 
 def test_bidirectional_server_memory_invariant():
     # G = aggregate + delta_old; update + delta_new == G exactly
     bi = Algorithm(compressor=TopK(k=2), feedback="ef", topology="bidirectional", down_compressor=TopK(k=1))
-    ws, ss = bi.init_worker_state(3, 10), bi.init_server_state(10)
+    layout = Layout.flat(10)
+    ws, ss = bi.init_worker_state(layout, 3), bi.init_server_state(layout)
     p = torch.full((3,), 1 / 3)
     for t, g in enumerate(grads_stream(3, 10, 20)):
-        wo = bi.worker_step(g, torch.zeros(10), ws, t, 0.1)
-        so = bi.server_step(wo.sent, p, ss, t, 0.1)
-        assert torch.equal(so.update + so.state["delta"], so.pre_downlink)
-        torch.testing.assert_close(so.pre_downlink, p @ wo.sent + ss["delta"])
+        wo = bi.worker_step(g, torch.zeros(10), ws, step=t, lr=0.1)
+        so = bi.server_step(wo.message, ss, step=t, lr=0.1, weights=p)
+        assert torch.equal(so.update + so.state.downlink_memory.flat, so.pre_downlink)
+        torch.testing.assert_close(so.pre_downlink, p @ wo.message.to_dense() + ss.downlink_memory.flat)
         assert int((so.update != 0).sum()) <= 1
+        assert so.message.nnz == 1 and so.nbytes == int(wire.encoded_nbytes(so.message)[0])
         ws, ss = wo.state, so.state
 
 
-def test_downlink_only_forces_uncompressed_uplink():
-    alg = Algorithm(compressor=TopK(k=1), feedback="ef", topology="downlink_only", down_compressor=TopK(k=1))
-    assert alg.compressor.name == "identity" and alg.feedback == "none"
-    wo = alg.worker_step(torch.ones(2, 5), torch.zeros(5), alg.init_worker_state(2, 5), 0, 0.5)
-    torch.testing.assert_close(wo.sent, torch.full((2, 5), 0.5))
+def test_downlink_only_rejects_a_compressed_uplink_or_memory():
+    with pytest.raises(ValueError, match="compressor must be identity"):
+        Algorithm(compressor=TopK(k=1), feedback="none", topology="downlink_only", down_compressor=TopK(k=1))
+    with pytest.raises(ValueError, match="feedback must be 'none'"):
+        Algorithm(compressor=Identity(), feedback="ef", topology="downlink_only", down_compressor=TopK(k=1))
+    alg = Algorithm(compressor=Identity(), feedback="none", topology="downlink_only", down_compressor=TopK(k=1))
+    wo = alg.worker_step(torch.ones(2, 5), None, alg.init_worker_state(Layout.flat(5), 2), step=0, lr=0.5)
+    torch.testing.assert_close(wo.message.to_dense(), torch.full((2, 5), 0.5))
+    assert wo.message.dense
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_update_momentum_identity_equals_momentum_sgd_by_hand(nesterov):
-    alg = Algorithm(compressor=Identity(), feedback="memory", momentum="update", beta=0.9, nesterov=nesterov)
+    alg = Algorithm(compressor=Identity(), feedback="memory", momentum=UpdateMomentum(beta=0.9, nesterov=nesterov))
     traj, *_ = run_alg(alg, 6, n=2, d=3)
     w, m = torch.zeros(3), torch.zeros(2, 3)
     for g, got in zip(grads_stream(2, 3, 6), traj):
@@ -131,7 +216,7 @@ def test_update_momentum_identity_equals_momentum_sgd_by_hand(nesterov):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_gradient_momentum_by_hand(nesterov):
-    alg = Algorithm(compressor=TopK(k=1), feedback="memory", momentum="gradient", beta=0.5, nesterov=nesterov)
+    alg = Algorithm(compressor=TopK(k=1), feedback="memory", momentum=GradientMomentum(beta=0.5, nesterov=nesterov))
     traj, _, ss = run_alg(alg, 8, n=2, d=4)
     w, m, u = torch.zeros(4), torch.zeros(4), torch.zeros(2, 4)
     for g, got in zip(grads_stream(2, 4, 8), traj):
@@ -145,31 +230,87 @@ def test_gradient_momentum_by_hand(nesterov):
         m = 0.5 * m + agg
         w = w - 0.1 * (agg + 0.5 * m if nesterov else m)
         torch.testing.assert_close(got, w)
-    torch.testing.assert_close(ss["m"], m)
+    torch.testing.assert_close(ss.momentum.flat, m)
+
+
+def test_ps_uplink_downlink_is_the_aggregate_not_the_momentum_direction():
+    """ps_uplink sends G = sum_q p_q s_q; workers apply momentum themselves: the downlink message
+    has the aggregate's support (at most N k entries), not that of beta m + G."""
+    alg = Algorithm(compressor=TopK(k=1), feedback="ef", topology="ps_uplink", momentum=GradientMomentum(beta=0.9))
+    layout = Layout.flat(50)
+    ws, ss = alg.init_worker_state(layout, 2), alg.init_server_state(layout)
+    p = torch.full((2,), 0.5)
+    for t, g in enumerate(grads_stream(2, 50, 10)):
+        wo = alg.worker_step(g, None, ws, step=t, lr=0.1)
+        so = alg.server_step(wo.message, ss, step=t, lr=0.1, weights=p)
+        assert so.message.nnz <= 2
+        assert torch.equal(so.message.to_dense()[0], so.aggregate)
+        assert so.nbytes == int(wire.encoded_nbytes(so.message)[0])
+        ws, ss = wo.state, so.state
+    assert int((so.update != 0).sum()) > 2  # the momentum direction is denser than what was sent
+
+
+def test_worker_step_returns_exact_wire_sizes():
+    alg = Algorithm(compressor=HardThreshold(0.8), feedback="ef", value_dtype="fp16")
+    wo = alg.worker_step(torch.randn(3, 200, generator=torch.Generator().manual_seed(0)), None,
+                         alg.init_worker_state(Layout.flat(200), 3), step=0, lr=1.0)
+    assert wo.nbytes.tolist() == [len(wire.encode(wo.message.row(q), value_dtype="fp16")) for q in range(3)]
 
 
 def test_momentum_factor_masking_zeroes_transmitted_coordinates():
-    alg = Algorithm(compressor=TopK(k=2), feedback="memory", momentum="update", beta=0.9, masking=True)
-    ws = alg.init_worker_state(3, 8)
+    alg = Algorithm(compressor=TopK(k=2), feedback="memory", momentum=UpdateMomentum(beta=0.9, masking=True))
+    ws = alg.init_worker_state(Layout.flat(8), 3)
     for t, g in enumerate(grads_stream(3, 8, 5)):
-        wo = alg.worker_step(g, torch.zeros(8), ws, t, 0.1)
-        assert torch.all(wo.state["m"][wo.support] == 0)
-        assert torch.all(wo.state["e"][wo.support] == 0)
+        wo = alg.worker_step(g, torch.zeros(8), ws, step=t, lr=0.1)
+        on = wo.message.support_mask()
+        assert torch.all(wo.state.momentum.flat[on] == 0)
+        assert torch.all(wo.state.memory.flat[on] == 0)
+        assert torch.count_nonzero(wo.state.momentum.flat[~on]) == int((~on).sum())
         ws = wo.state
 
 
 def test_weight_decay_added_before_compression():
     alg = Algorithm(compressor=Identity(), feedback="none", weight_decay=0.5)
     w = torch.tensor([2.0, -4.0])
-    wo = alg.worker_step(torch.zeros(1, 2), w, alg.init_worker_state(1, 2), 0, 1.0)
-    torch.testing.assert_close(wo.sent[0], torch.tensor([1.0, -2.0]))
+    wo = alg.worker_step(torch.zeros(1, 2), w, alg.init_worker_state(Layout.flat(2), 1), step=0, lr=1.0)
+    torch.testing.assert_close(wo.message.to_dense()[0], torch.tensor([1.0, -2.0]))
 
 
-def test_worker_weights_are_used():
-    alg = Algorithm(compressor=Identity(), feedback="none")
-    sent = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    so = alg.server_step(sent, torch.tensor([0.25, 0.75]), {}, 0, 1.0)
+def test_worker_weights_and_staleness_dampening_are_used():
+    alg = Algorithm(compressor=Identity(), feedback="none", staleness=StalenessDampening("exponential", 0.5))
+    msg = Identity().compress(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    st = alg.init_server_state(Layout.flat(2))
+    so = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(so.update, torch.tensor([0.25, 0.75]))
+    # versions 5 and 3 at server step 5: staleness 0 and 2 -> factors 1 and e^{-1}
+    so = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]), versions=torch.tensor([5, 3]))
+    torch.testing.assert_close(so.update, torch.tensor([0.25, 0.75 * torch.exp(torch.tensor(-1.0)).item()]))
+    density = StalenessDampening("exponential_density", 0.2).factor(torch.tensor([0, 1]))
+    torch.testing.assert_close(density, torch.tensor([0.2, 0.2 * torch.exp(torch.tensor(-0.2)).item()], dtype=torch.float64))
+    assert StalenessDampening("inverse").factor(torch.tensor([3])).item() == 0.25
+    with pytest.raises(ValueError, match="staleness must be >= 0"):
+        alg.server_step(msg, st, step=1, lr=1.0, weights=torch.ones(2), versions=torch.tensor([2, 0]))
+
+
+def test_state_dict_round_trip_and_clear_mismatch_errors():
+    alg = Algorithm(compressor=TopK(k=2), feedback="ef", momentum=UpdateMomentum(beta=0.9),
+                    topology="bidirectional", down_compressor=TopK(k=3))
+    layout = Layout(("a", "b"), ((2, 3), (4,)))
+    _, ws, ss = None, alg.init_worker_state(layout, 10), alg.init_server_state(layout)
+    ws.memory.flat.normal_()
+    ss.downlink_memory.flat.normal_()
+    sd = alg.state_dict(ws, ss, layout=layout, n_workers=10)
+    assert set(sd["worker"]["memory"]) == {"a", "b"} and sd["worker"]["memory"]["a"].shape == (10, 6)
+    w2, s2 = alg.load_state_dict(sd, layout=layout, n_workers=10)
+    assert torch.equal(w2.memory.flat, ws.memory.flat) and torch.equal(s2.downlink_memory.flat, ss.downlink_memory.flat)
+    with pytest.raises(ValueError, match="state of 10 workers, this run has 8"):
+        alg.load_state_dict(sd, layout=layout, n_workers=8)
+    none = Algorithm(compressor=TopK(k=2), feedback="none", momentum=UpdateMomentum(beta=0.9),
+                     topology="bidirectional", down_compressor=TopK(k=3))
+    with pytest.raises(ValueError, match="feedback 'ef', this run has 'none'"):
+        none.load_state_dict(sd, layout=layout, n_workers=10)
+    with pytest.raises(ValueError, match="do not match this model"):
+        alg.load_state_dict(sd, layout=Layout(("a", "c"), ((2, 3), (4,))), n_workers=10)
 
 
 def test_bad_algorithm_options_are_named():
@@ -180,4 +321,11 @@ def test_bad_algorithm_options_are_named():
     with pytest.raises(ValueError, match="needs a downlink compressor"):
         Algorithm(topology="bidirectional")
     with pytest.raises(ValueError, match="beta"):
-        Algorithm(momentum="update", beta=1.5)
+        UpdateMomentum(beta=1.5)
+    with pytest.raises(ValueError, match="masking applies to momentum 'update' only"):
+        GradientMomentum(beta=0.5, masking=True)
+    with pytest.raises(ValueError, match="in-place worker step does not apply"):
+        Algorithm(compressor=TopK(k=1), feedback="none").worker_step_in_place(
+            None, WorkerState(), step=0, lr=0.1
+        )
+    assert ServerState().momentum is None

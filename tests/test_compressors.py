@@ -6,15 +6,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradsparse.compressors import (
+    ApproximateTopK,
+    CompressionContext,
     HardThreshold,
     Identity,
     RandomK,
     TopK,
     k_from_density,
     make_compressor,
-    topk_mask_rows,
+    random_k_indices,
+    stream_seed,
 )
-from gradsparse.wire import random_k_indices
+from gradsparse.segments import Layout
+
+
+def topk_mask_rows(x, k):
+    return TopK(k=k).compress(x).support_mask()
+
+
+def dense(comp, x, context=None):
+    """(compressed rows, support mask) of one compressor call, from its SparseBatch."""
+    msg = comp.compress(x, context)
+    return msg.to_dense(), msg.support_mask()
 
 vectors = st.integers(1, 300).flatmap(
     lambda d: st.tuples(
@@ -45,7 +58,7 @@ def test_topk_contraction_bound(data):
     vals, k = data
     x = torch.tensor(vals, dtype=torch.float64)[None]
     d = x.numel()
-    out, _ = TopK(k=k)(x)
+    out, _ = dense(TopK(k=k), x)
     assert (x - out).square().sum() <= (1 - k / d) * x.square().sum() * (1 + 1e-12) + 1e-12
 
 
@@ -54,7 +67,7 @@ def test_topk_contraction_bound(data):
 def test_hard_threshold_absolute_bound(data, lam):
     vals, _ = data
     x = torch.tensor(vals, dtype=torch.float64)[None]
-    out, m = HardThreshold(lam)(x)
+    out, m = dense(HardThreshold(lam), x)
     assert (x - out).square().sum() <= x.numel() * lam**2 + 1e-9
     assert torch.equal(m[0], x[0].abs() >= lam)
 
@@ -78,30 +91,36 @@ def test_rounding_rule():
 
 def test_layerwise_differs_from_entire_and_respects_segments():
     x = torch.tensor([[10.0, 9.0, 8.0, 0.1, 0.2, 0.3]])
-    ent = TopK(k=2)(x)[1][0]
-    lw = TopK(density=1 / 3, scope="layerwise", layout=[3, 3])(x)[1][0]
+    ent = dense(TopK(k=2), x)[1][0]
+    layout = Layout(("a", "b"), ((3,), (3,)))
+    lw = dense(TopK(density=1 / 3, scope="layerwise", layout=layout), x)[1][0]
     assert ent.tolist() == [True, True, False, False, False, False]
     assert lw.tolist() == [True, False, False, False, False, True]
     # hard-threshold is scope-free by construction
-    assert HardThreshold(0.25)(x)[1][0].tolist() == [True, True, True, False, False, True]
+    assert dense(HardThreshold(0.25), x)[1][0].tolist() == [True, True, True, False, False, True]
 
 
 def test_random_k_is_regenerable_from_seed_step_worker():
     comp = RandomK(k=5, seed=3)
     x = torch.randn(4, 50)
-    out, m = comp(x, step=7, workers=torch.arange(4))
-    for q in range(4):
-        idx = random_k_indices(comp.message_seed(7, q), 50, 5)
+    ctx = CompressionContext(7, torch.tensor([2, 0, 3, 1]), "uplink")
+    msg = comp.compress(x, ctx)
+    out, m = msg.to_dense(), msg.support_mask()
+    for q, worker in enumerate([2, 0, 3, 1]):
+        seed = stream_seed(3, "uplink", 7, worker)
+        assert int(msg.seeds[q]) == seed  # the receiver's seed is in the message
+        idx = random_k_indices(seed, 50, 5)
         assert torch.nonzero(m[q]).reshape(-1).tolist() == idx.tolist()
         assert torch.equal(out[q][idx], x[q][idx])
-    # different steps and workers draw different supports
+    # different steps, workers and streams draw different supports
     assert not torch.equal(m[0], m[1])
-    assert not torch.equal(m, comp(x, step=8, workers=torch.arange(4))[1])
+    assert not torch.equal(m, dense(comp, x, CompressionContext(8, ctx.workers))[1])
+    assert not torch.equal(m, dense(comp, x, CompressionContext(7, ctx.workers, "downlink"))[1])
 
 
 def test_random_k_scaling_unbiased_factor():
     x = torch.randn(1, 40)
-    out, m = RandomK(k=10, seed=0, scale=True)(x)
+    out, m = dense(RandomK(k=10, seed=0, scale=True), x)
     assert torch.allclose(out[m], x[m] * 4.0)
 
 
@@ -110,13 +129,14 @@ def test_random_k_expected_error_matches_formula():
     torch.manual_seed(0)
     x = torch.randn(1, 64, dtype=torch.float64)
     comp = RandomK(k=16, seed=1)
-    errs = [float((x - comp(x, step=t)[0]).square().sum()) for t in range(4000)]
+    errs = [float((x - dense(comp, x, CompressionContext(t))[0]).square().sum()) for t in range(4000)]
     assert abs(sum(errs) / len(errs) / float(x.square().sum()) - 0.75) < 0.02
 
 
 def test_identity_and_bad_options():
     x = torch.randn(2, 5)
-    assert torch.equal(Identity()(x)[0], x)
+    msg = Identity().compress(x)
+    assert msg.dense and torch.equal(msg.to_dense(), x)
     with pytest.raises(ValueError, match="unknown compressor 'topq'"):
         make_compressor("topq")
     with pytest.raises(ValueError, match="exactly one of k"):
@@ -141,3 +161,50 @@ def test_random_k_sparse_sampler_is_uniform_without_replacement():
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < d + 5 * math.sqrt(2 * d)  # chi-square with d - 1 dof, 5 sigma
     assert torch.equal(random_k_indices(7, 10**7, 100), random_k_indices(7, 10**7, 100))
+
+
+def test_every_compressor_returns_one_message_type():
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    for comp in (Identity(), TopK(k=4), HardThreshold(1.0), RandomK(k=4), ApproximateTopK(k=4, exact=True)):
+        msg = comp.compress(x, CompressionContext(0))
+        assert msg.n == 3 and msg.d == 40
+        assert int(msg.counts.sum()) == msg.nnz == msg.values.numel()
+        # values are x at the support (random-k unscaled)
+        torch.testing.assert_close(msg.to_dense()[msg.support_mask()], x[msg.support_mask()])
+
+
+def test_hard_threshold_may_send_nothing_and_counts_vary():
+    x = torch.tensor([[0.1, 0.2], [3.0, -4.0], [0.0, 5.0]])
+    msg = HardThreshold(1.0).compress(x)
+    assert msg.counts.tolist() == [0, 2, 1]
+    assert msg.fixed_k is None
+    torch.testing.assert_close(msg.to_dense(), torch.tensor([[0.0, 0.0], [3.0, -4.0], [0.0, 5.0]]))
+
+
+def test_topk_ranks_nan_above_inf_in_every_dtype():
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([[1.0, float("inf"), float("nan"), -float("inf"), 2.0]], dtype=dtype)
+        assert TopK(k=1).compress(x).indices.tolist() == [2]
+        assert sorted(TopK(k=2).compress(x).indices.tolist()) == [1, 2]  # +inf beats -inf by index
+
+
+def test_approximate_topk_is_close_and_exact_variant_is_exact():
+    x = torch.randn(2, 20000, generator=torch.Generator().manual_seed(1))
+    approx = ApproximateTopK(density=0.01, sample_fraction=0.2).compress(x, CompressionContext(3))
+    k = k_from_density(0.01, 20000)
+    assert all(0.5 * k <= c <= 1.5 * k for c in approx.counts.tolist())
+    exact = ApproximateTopK(density=0.01, exact=True).compress(x, CompressionContext(3))
+    assert torch.equal(exact.support_mask(), TopK(density=0.01).compress(x).support_mask())
+    # deterministic: the sample comes from the message's random stream
+    again = ApproximateTopK(density=0.01, sample_fraction=0.2).compress(x, CompressionContext(3))
+    assert torch.equal(approx.indices, again.indices)
+
+
+def test_threshold_rules_from_a_config_section():
+    layout = Layout.flat(400)
+    lam = make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "topk_volume", "k": 25}).threshold
+    assert lam == pytest.approx(1 / (2 * 5))
+    lam = make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "precision", "epsilon": 1e-2}).threshold
+    assert 400 * 0.5**2 * lam**2 == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "guess"})

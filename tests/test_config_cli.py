@@ -9,6 +9,7 @@ import yaml
 
 from gradsparse.cli import main
 from gradsparse.config import ConfigError, load_config
+from gradsparse.experiments.runner import run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "gradsparse" / "examples"
 
@@ -37,8 +38,8 @@ def write(tmp_path, cfg, name="c.yaml"):
         ({"steps": -3}, "steps"),
         ({"workers": {"count": 0}}, "workers.count"),
         ({"algorithm": {"compressor": {"kind": "topq", "k": 1}}}, "algorithm.compressor.kind"),
-        ({"algorithm": {"compressor": {"kind": "topk"}}}, "exactly one of k or density"),
-        ({"algorithm": {"compressor": {"kind": "topk", "density": 1.5}}}, "algorithm.compressor.density"),
+        ({"algorithm": {"compressor": {"kind": "topk"}}}, "exactly one of k (count) or density"),
+        ({"algorithm": {"compressor": {"kind": "topk", "density": 1.5}}}, "'algorithm.compressor': topk option density=1.5: top-k density must be in (0, 1]"),
         ({"algorithm": {"feedback": "memroy"}}, "algorithm.feedback"),
         ({"algorithm": {"topology": {"kind": "bidirectional"}}}, "needs down_compressor"),
         ({"schedule": {"lr": -1}}, "schedule.lr"),
@@ -52,6 +53,21 @@ def write(tmp_path, cfg, name="c.yaml"):
         ({"schedule": {"momentum": 0.9}}, "schedule.momentum"),
         ({"simulator": {"gradient_path": "fast"}}, "simulator.gradient_path"),
         ({"simulator": {"gradient_path": "grouped"}}, "config key 'simulator.gradient_path': gradient_path 'grouped' needs"),
+        ({"engine": "warp"}, "config key 'engine'"),
+        ({"algorithm": {"compressor": {"kind": "topk", "k": 1, "threshold": 2.0}}}, "has no option 'threshold'"),
+        ({"algorithm": {"compressor": {"kind": "hard_threshold", "threshold": {"rule": "vibes"}}}}, "unknown threshold rule"),
+        ({"algorithm": {"compressor": {"kind": "topk", "k": 1}, "feedback": "ef",
+                        "topology": {"kind": "downlink_only", "down_compressor": {"kind": "topk", "k": 1}}}},
+         "downlink_only sends alpha g uncompressed"),
+        ({"algorithm": {"compressor": {"kind": "identity"}, "feedback": "memory",
+                        "topology": {"kind": "downlink_only", "down_compressor": {"kind": "topk", "k": 1}}}},
+         "downlink_only keeps no worker memory"),
+        ({"algorithm": {"compressor": {"kind": "topk", "k": 1}, "topology": {"kind": "ps_uplink",
+                        "down_compressor": {"kind": "topk", "k": 1}}}}, "sends no compressed downlink"),
+        ({"algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.1}, "feedback": "ef-scaled"},
+          "schedule": {"lr": 0.01, "warmup_epochs": 1.0, "warmup_start": 0.0}}, "ef-scaled divides by the step size"),
+        ({"algorithm": {"compressor": {"kind": "topk", "k": 1}, "momentum": {"kind": "gradient", "masking": True}}},
+         "masking applies to momentum 'update' only"),
     ],
 )
 def test_malformed_configs_give_one_clear_line_and_no_run_dir(tmp_path, capsys, patch, needle):
@@ -127,9 +143,16 @@ def test_set_overrides_topology_on_the_command_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
-def test_every_example_validates(name):
-    cfg = load_config(EXAMPLES / f"{name}.yaml")
+def test_every_example_runs_a_few_steps(name, tmp_path):
+    cfg = load_config(EXAMPLES / f"{name}.yaml", ["steps=3", "epochs=null", "metrics.every=1", "metrics.residual_ratio.steps=[]",
+                                                     "plots=false", "progress=false"])
     assert cfg.name == name
+    out = run(cfg, tmp_path / name)
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["uplink_bytes"] > 0
+    assert int(rows[-1]["uplink_bytes"]) == summary["uplink_bytes"]
 
 
 def test_gradient_paths_give_the_same_run_and_are_recorded(tmp_path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import TopK
+from gradsparse.momentum import GradientMomentum, UpdateMomentum
 from gradsparse.engines.sync_sim import SyncSimulator
 from gradsparse.schedules import Schedule
 from gradsparse.tasks import make_task
@@ -31,11 +32,11 @@ def test_grouped_gradients_equal_vmap_on_a_deeper_mlp():
     task = make_task("digits_mlp", hidden=[32, 16])
     sim = _sim(task)
     assert sim.gradient_path == "grouped"
-    idx = sim.sample_rows()
+    idx = sim.data.sample()
     x, y = task.train_x[idx], task.train_y[idx]
     g_grouped = sim._vgrad_grouped(sim.w, x, y)
     g_vmap = sim._vgrad_vmap(sim.w, x, y)
-    g_loop = sim.loop_gradients(sim.w, idx)
+    g_loop = torch.stack([sim._grad(sim.w, task.train_x[i], task.train_y[i]) for i in idx])
     torch.testing.assert_close(g_grouped, g_vmap, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_grouped, g_loop, rtol=1e-4, atol=1e-6)
 
@@ -47,9 +48,9 @@ def test_gradient_factors_write_accumulate_and_weighted_sum(dtype):
         task.train_x = task.train_x.double()
     sim = _sim(task, gradient_path="grouped")
     w = sim.w.to(task.train_x.dtype)
-    idx = sim.sample_rows()
+    idx = sim.data.sample()
     x, y = task.train_x[idx], task.train_y[idx]
-    params = {k: v.to(x.dtype) for k, v in sim.unflatten(w).items()}
+    params = {k: v.to(x.dtype) for k, v in sim.layout.unflatten(w).items()}
     factors = sim._grouped.factors(params, x, y)
     G = factors.dense(sim.d, x.dtype)
     torch.testing.assert_close(G, sim._vgrad_vmap(w, x, y).to(x.dtype), rtol=1e-4, atol=1e-6)
@@ -87,7 +88,7 @@ def test_auto_falls_back_to_vmap_when_the_loss_couples_samples():
     assert sim.gradient_path == "vmap"
     # forcing the grouped path would give different (wrong) gradients: the probe is what saves us
     forced = _sim(task, "grouped")
-    idx = forced.sample_rows()
+    idx = forced.data.sample()
     x, y = task.train_x[idx], task.train_y[idx]
     assert (forced._vgrad_grouped(forced.w, x, y) - forced._vgrad_vmap(forced.w, x, y)).abs().max() > 1e-4
 
@@ -100,7 +101,8 @@ def test_auto_falls_back_to_vmap_when_the_loss_couples_samples():
     [
         dict(feedback="ef"),
         dict(feedback="memory"),
-        dict(feedback="ef", momentum="gradient", beta=0.9),
+        dict(feedback="ef-scaled"),
+        dict(feedback="ef", momentum=GradientMomentum(beta=0.9)),
     ],
 )
 def test_in_place_memory_follows_the_plain_worker_step(alg_kw):
@@ -115,26 +117,26 @@ def test_in_place_memory_follows_the_plain_worker_step(alg_kw):
     for _ in range(12):
         rf, rp = fused.step(), plain.step()
         torch.testing.assert_close(rf.grads, rp.grads, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(fused.wstate["e"], plain.wstate["e"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused.worker_state.memory.flat, plain.worker_state.memory.flat, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fused.w, plain.w, rtol=1e-4, atol=1e-6)
-    assert fused.uplink_bytes == plain.uplink_bytes
+    assert fused.ledger == plain.ledger
 
 
 def test_in_place_memory_invariant_and_stale_accumulated_is_refused():
     task = make_task("digits_mlp")
     sim = _sim(task, seed=1)
     assert sim.fused_memory
-    e_before = sim.wstate["e"].clone()
+    e_before = sim.worker_state.memory.flat.clone()
     rec = sim.step()
     # sent + new memory == accumulated, exactly; accumulated == e + lr * g (up to rounding)
-    assert torch.equal(rec.worker.sent + sim.wstate["e"], rec.worker.accumulated)
-    torch.testing.assert_close(rec.worker.accumulated, e_before + rec.lr * rec.grads, rtol=1e-5, atol=1e-7)
+    assert torch.equal(rec.worker.message.to_dense() + sim.worker_state.memory.flat, rec.accumulated())
+    torch.testing.assert_close(rec.accumulated(), e_before + rec.lr * rec.grads, rtol=1e-5, atol=1e-7)
     # sum_q p_q g_q from the factors equals the weighted sum of the dense gradients
     torch.testing.assert_close(rec.weighted_grad(sim.weights), sim.weights @ rec.grads, rtol=1e-5, atol=1e-7)
     old = sim.step()
     sim.step()  # overwrites the memory old.worker would need
-    with pytest.raises(RuntimeError, match="accumulated vectors are gone"):
-        old.worker.accumulated
+    with pytest.raises(RuntimeError, match="accumulated vectors of step 1 are gone"):
+        old.accumulated()
     assert old.grads.shape == (7, sim.d)  # gradients stay available: they are kept factored
 
 
@@ -142,26 +144,7 @@ def test_fused_path_is_off_where_it_does_not_apply():
     task = make_task("digits_mlp")
     for alg in (
         Algorithm(compressor=TopK(density=0.02), feedback="ef", weight_decay=1e-3),
-        Algorithm(compressor=TopK(density=0.02), feedback="ef", momentum="update", beta=0.5),
-        Algorithm(compressor=TopK(density=0.02), feedback="ef-scaled"),
+        Algorithm(compressor=TopK(density=0.02), feedback="ef", momentum=UpdateMomentum(beta=0.5)),
         Algorithm(compressor=TopK(density=0.02), feedback="none"),
     ):
         assert not _sim(task, alg=alg).fused_memory
-
-
-def test_loop_simulator_in_place_equals_vectorized():
-    from gradsparse.engines.loop_sim import LoopSimulator
-    from gradsparse.tasks.models import MLP
-
-    task = make_task("digits_mlp")
-    kw = dict(n_workers=5, batch_size=3, seed=4)
-    alg = lambda: Algorithm(compressor=TopK(density=0.01), feedback="ef")  # noqa: E731
-    vec = SyncSimulator(task, alg(), Schedule(lr=0.1), **kw)
-    loop = LoopSimulator(task, alg(), Schedule(lr=0.1), module=MLP(64, [64], 10), **kw)
-    assert vec.fused_memory and not loop.fused_memory
-    for _ in range(6):
-        rv, rl = vec.step(), loop.step()
-        assert torch.equal(rv.worker.sparse.indices, rl.worker.sparse.indices)
-        assert torch.equal(rl.worker.sent + loop.wstate["e"], rl.worker.accumulated)
-    torch.testing.assert_close(vec.w, loop.w, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(vec.wstate["e"], loop.wstate["e"], rtol=1e-4, atol=1e-6)

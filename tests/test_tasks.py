@@ -362,7 +362,9 @@ def test_toy_vmapped_worker_gradients():
     Y = task.train_y[torch.stack(task.worker_data)]
     p = task.init_params(gen())
     g = vmap(grad(task.loss), in_dims=(None, 0, 0))(p, X, Y)["w"]
-    torch.testing.assert_close(g, -torch.tensor([1.0, 5.0, 10.0])[:, None].expand(3, 100))
+    # default start w0 = 20 * 1 (the start that reproduces paper 003's numbers): grad F^q = 20 - c_q
+    torch.testing.assert_close(p["w"], torch.full((100,), 20.0))
+    torch.testing.assert_close(g, (20.0 - torch.tensor([1.0, 5.0, 10.0]))[:, None].expand(3, 100))
     # mean of the worker gradients is the gradient of F
     torch.testing.assert_close(g.mean(0), grad(task.loss)(p, task.train_x, task.train_y)["w"])
 

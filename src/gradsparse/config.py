@@ -92,7 +92,9 @@ class CompressorConfig(BaseModel):
         try:  # the component validates its own values (a dummy layout: d is checked at build time)
             cls.from_config(self.options(), Layout.flat(1 << 40), base_lr=1.0)
         except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{self.kind}: {exc}") from None
+            named = [k for k in given if k in str(exc)]
+            where = f"{self.kind} option {named[0]}={given[named[0]]!r}" if named else self.kind
+            raise ValueError(f"{where}: {exc}") from None
         return self
 
     def options(self) -> dict:
