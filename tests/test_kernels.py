@@ -901,6 +901,29 @@ def test_torch_layerwise_sampled_matches_sort(bits, sizes, lead, layout, kinds, 
     assert torch.equal(got, torch.cat(exp).sort().values), (sizes, ks, chunk, rank_scale)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=PALETTE,
+    sizes=st.lists(st.one_of(st.integers(0, 40), st.integers(0, 5000), st.just(K._SMALL_N)), min_size=1, max_size=40),
+    kfrac=st.lists(st.floats(0.0, 1.0), min_size=40, max_size=40),
+    lead=st.integers(0, 13),
+    layout=st.sampled_from(LAYOUTS),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+)
+def test_torch_layerwise_small_segments_match_sort(bits, sizes, kfrac, lead, layout, seed, dtype):
+    """Segments up to the sampling cutoff (the padded per-size-class selection): sizes mixed
+    across classes, k from 0 to the whole segment, segments starting at odd offsets."""
+    offs = [lead]
+    for s_ in sizes:
+        offs.append(offs[-1] + s_)
+    x = palette_vector(bits, offs[-1] + 3, layout, seed).to(dtype)
+    ks = [int(round(f * s_)) for f, s_ in zip(kfrac, sizes)]
+    got = K.topk_indices_layerwise(x, offs, ks, use_ext=False)
+    exp = [ref_topk_sorted(x[offs[i] : offs[i + 1]], ks[i]) + offs[i] for i in range(len(ks))]
+    assert torch.equal(got, torch.cat(exp).sort().values), (sizes, ks)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     bits=PALETTE,
@@ -915,8 +938,8 @@ def test_torch_layerwise_sampled_matches_sort(bits, sizes, lead, layout, kinds, 
     dtype=st.sampled_from([torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]),
 )
 def test_torch_ef_steps_sampled_match_reference(bits, n, layout, how, frac, alpha, seed, chunk, rank_scale, dtype):
-    """The torch paths of accumulate_topk_ / accumulate_threshold_ fuse a = e + alpha*g into the chunked pass: same a (bitwise), same
-    selection, same values and memory as the plain formulas."""
+    """The torch paths of accumulate_topk_ / accumulate_threshold_ fuse a = e + alpha*g into the
+    chunked pass: same a (bitwise), same selection, same values and memory as the plain formulas."""
     e = palette_vector(bits, n, layout, seed).to(dtype)
     g = torch.where(torch.rand(n, generator=gen(seed + 1)) < 0.5, 0.0, torch.randn(n, generator=gen(seed + 2)))
     g = g.to(dtype)
