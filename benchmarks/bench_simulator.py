@@ -11,8 +11,9 @@ of the vectorized engine are timed (an ablation):
 * ``grouped``: grouped per-worker gradients (one forward/backward, one batched matmul per layer);
 * ``grouped+in-place``: the default, the gradients accumulated straight into the memory.
 
-Every engine runs the same algorithm code after the gradients (the loop engine calls the worker
-step once per worker, as each worker process would, and also updates its memory rows in place)
+Every engine runs the same algorithm code after the gradients (the loop engine, ``engine: loop``,
+calls the algorithm's in-place worker entry once per worker on its own memory row, as each worker
+process or DDP hook would; that entry uses the fused one-row error-feedback kernel)
 and keeps the same byte accounting; the optional total-error diagnostic is off in all of them.
 
     python benchmarks/bench_simulator.py [--workers 100] [--steps 5] [--repeats 7] [--quick]
@@ -40,7 +41,7 @@ def make_task(n_rows: int = 6000, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n_rows, 784, generator=g)
     y = torch.randint(0, 10, (n_rows,), generator=g)
-    return module_task("mnist_shaped_mlp", MLP(784, [64], 10), x, y, None, None), MLP(784, [64], 10)
+    return module_task("mnist_shaped_mlp", MLP(784, [64], 10), x, y, None, None)
 
 
 VARIANTS = {
@@ -50,11 +51,11 @@ VARIANTS = {
 }
 
 
-def build(kind: str, task, module, workers: int, batch: int):
+def build(kind: str, task, workers: int, batch: int):
     alg = Algorithm(compressor=TopK(density=0.001), feedback="ef", topology="all_to_all")
     kw = dict(n_workers=workers, batch_size=batch, seed=0)
     if kind == "loop":
-        sim = LoopSimulator(task, alg, Schedule(lr=0.05), module=module, **kw)
+        sim = LoopSimulator(task, alg, Schedule(lr=0.05), **kw)
     else:
         sim = SyncSimulator(task, alg, Schedule(lr=0.05), **VARIANTS[kind], **kw)
     # the algorithm's step only: the total-error diagnostic is off, as in runs that don't ask for it
@@ -72,9 +73,9 @@ def time_steps(sim, steps: int) -> float:
 def run(quick: bool = False, workers: int = 100, batch: int = 10, steps: int = 5, repeats: int = 7) -> list[dict]:
     if quick:
         workers, steps, repeats = min(workers, 20), 2, 3
-    task, module = make_task()
+    task = make_task()
     kinds = ["loop", *VARIANTS]
-    sims = {k: build(k, task, module, workers, batch) for k in kinds}
+    sims = {k: build(k, task, workers, batch) for k in kinds}
     for s in sims.values():  # warm-up
         s.step()
     times = {k: [] for k in sims}

@@ -130,16 +130,16 @@ def test_ef_scaled_differs_from_ef_for_hard_threshold():
 def run_alg(alg, steps, n=3, d=10, lr=lambda t: 0.1, seed=0):
     layout = Layout.flat(d)
     w = torch.zeros(d)
-    ws, ss = alg.init_worker_state(layout, n), alg.init_server_state(layout)
+    worker_state, server_state = alg.init_worker_state(layout, n), alg.init_server_state(layout)
     p = torch.full((n,), 1.0 / n)
     traj = []
     for t, g in enumerate(grads_stream(n, d, steps, seed)):
-        wo = alg.worker_step(g, w, ws, step=t, lr=lr(t))
-        so = alg.server_step(wo.message, ss, step=t, lr=lr(t), weights=p)
-        ws, ss = wo.state, so.state
-        w = w - so.update
+        worker_out = alg.worker_step(g, w, worker_state, step=t, lr=lr(t))
+        server_out = alg.server_step(worker_out.message, server_state, step=t, lr=lr(t), weights=p)
+        worker_state, server_state = worker_out.state, server_out.state
+        w = w - server_out.update
         traj.append(w.clone())
-    return traj, ws, ss
+    return traj, worker_state, server_state
 
 
 def test_memory_equals_ef_under_constant_step_but_not_decaying():
@@ -179,16 +179,16 @@ def test_bidirectional_server_memory_invariant():
     # G = aggregate + delta_old; update + delta_new == G exactly
     bi = Algorithm(compressor=TopK(k=2), feedback="ef", topology="bidirectional", down_compressor=TopK(k=1))
     layout = Layout.flat(10)
-    ws, ss = bi.init_worker_state(layout, 3), bi.init_server_state(layout)
+    worker_state, server_state = bi.init_worker_state(layout, 3), bi.init_server_state(layout)
     p = torch.full((3,), 1 / 3)
     for t, g in enumerate(grads_stream(3, 10, 20)):
-        wo = bi.worker_step(g, torch.zeros(10), ws, step=t, lr=0.1)
-        so = bi.server_step(wo.message, ss, step=t, lr=0.1, weights=p)
-        assert torch.equal(so.update + so.state.downlink_memory.flat, so.pre_downlink)
-        torch.testing.assert_close(so.pre_downlink, p @ wo.message.to_dense() + ss.downlink_memory.flat)
-        assert int((so.update != 0).sum()) <= 1
-        assert so.message.nnz == 1 and so.nbytes == int(wire.encoded_nbytes(so.message)[0])
-        ws, ss = wo.state, so.state
+        worker_out = bi.worker_step(g, torch.zeros(10), worker_state, step=t, lr=0.1)
+        server_out = bi.server_step(worker_out.message, server_state, step=t, lr=0.1, weights=p)
+        assert torch.equal(server_out.update + server_out.state.downlink_memory.flat, server_out.pre_downlink)
+        torch.testing.assert_close(server_out.pre_downlink, p @ worker_out.message.to_dense() + server_state.downlink_memory.flat)
+        assert int((server_out.update != 0).sum()) <= 1
+        assert server_out.message.nnz == 1 and server_out.nbytes == int(wire.encoded_nbytes(server_out.message)[0])
+        worker_state, server_state = worker_out.state, server_out.state
 
 
 def test_downlink_only_rejects_a_compressed_uplink_or_memory():
@@ -197,9 +197,9 @@ def test_downlink_only_rejects_a_compressed_uplink_or_memory():
     with pytest.raises(ValueError, match="feedback must be 'none'"):
         Algorithm(compressor=Identity(), feedback="ef", topology="downlink_only", down_compressor=TopK(k=1))
     alg = Algorithm(compressor=Identity(), feedback="none", topology="downlink_only", down_compressor=TopK(k=1))
-    wo = alg.worker_step(torch.ones(2, 5), None, alg.init_worker_state(Layout.flat(5), 2), step=0, lr=0.5)
-    torch.testing.assert_close(wo.message.to_dense(), torch.full((2, 5), 0.5))
-    assert wo.message.dense
+    worker_out = alg.worker_step(torch.ones(2, 5), None, alg.init_worker_state(Layout.flat(5), 2), step=0, lr=0.5)
+    torch.testing.assert_close(worker_out.message.to_dense(), torch.full((2, 5), 0.5))
+    assert worker_out.message.dense
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
@@ -217,7 +217,7 @@ def test_update_momentum_identity_equals_momentum_sgd_by_hand(nesterov):
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_gradient_momentum_by_hand(nesterov):
     alg = Algorithm(compressor=TopK(k=1), feedback="memory", momentum=GradientMomentum(beta=0.5, nesterov=nesterov))
-    traj, _, ss = run_alg(alg, 8, n=2, d=4)
+    traj, _, server_state = run_alg(alg, 8, n=2, d=4)
     w, m, u = torch.zeros(4), torch.zeros(4), torch.zeros(2, 4)
     for g, got in zip(grads_stream(2, 4, 8), traj):
         v = u + g
@@ -230,7 +230,7 @@ def test_gradient_momentum_by_hand(nesterov):
         m = 0.5 * m + agg
         w = w - 0.1 * (agg + 0.5 * m if nesterov else m)
         torch.testing.assert_close(got, w)
-    torch.testing.assert_close(ss.momentum.flat, m)
+    torch.testing.assert_close(server_state.momentum.flat, m)
 
 
 def test_ps_uplink_downlink_is_the_aggregate_not_the_momentum_direction():
@@ -238,53 +238,53 @@ def test_ps_uplink_downlink_is_the_aggregate_not_the_momentum_direction():
     has the aggregate's support (at most N k entries), not that of beta m + G."""
     alg = Algorithm(compressor=TopK(k=1), feedback="ef", topology="ps_uplink", momentum=GradientMomentum(beta=0.9))
     layout = Layout.flat(50)
-    ws, ss = alg.init_worker_state(layout, 2), alg.init_server_state(layout)
+    worker_state, server_state = alg.init_worker_state(layout, 2), alg.init_server_state(layout)
     p = torch.full((2,), 0.5)
     for t, g in enumerate(grads_stream(2, 50, 10)):
-        wo = alg.worker_step(g, None, ws, step=t, lr=0.1)
-        so = alg.server_step(wo.message, ss, step=t, lr=0.1, weights=p)
-        assert so.message.nnz <= 2
-        assert torch.equal(so.message.to_dense()[0], so.aggregate)
-        assert so.nbytes == int(wire.encoded_nbytes(so.message)[0])
-        ws, ss = wo.state, so.state
-    assert int((so.update != 0).sum()) > 2  # the momentum direction is denser than what was sent
+        worker_out = alg.worker_step(g, None, worker_state, step=t, lr=0.1)
+        server_out = alg.server_step(worker_out.message, server_state, step=t, lr=0.1, weights=p)
+        assert server_out.message.nnz <= 2
+        assert torch.equal(server_out.message.to_dense()[0], server_out.aggregate)
+        assert server_out.nbytes == int(wire.encoded_nbytes(server_out.message)[0])
+        worker_state, server_state = worker_out.state, server_out.state
+    assert int((server_out.update != 0).sum()) > 2  # the momentum direction is denser than what was sent
 
 
 def test_worker_step_returns_exact_wire_sizes():
     alg = Algorithm(compressor=HardThreshold(0.8), feedback="ef", value_dtype="fp16")
-    wo = alg.worker_step(torch.randn(3, 200, generator=torch.Generator().manual_seed(0)), None,
+    worker_out = alg.worker_step(torch.randn(3, 200, generator=torch.Generator().manual_seed(0)), None,
                          alg.init_worker_state(Layout.flat(200), 3), step=0, lr=1.0)
-    assert wo.nbytes.tolist() == [len(wire.encode(wo.message.row(q), value_dtype="fp16")) for q in range(3)]
+    assert worker_out.nbytes.tolist() == [len(wire.encode(worker_out.message.row(q), value_dtype="fp16")) for q in range(3)]
 
 
 def test_momentum_factor_masking_zeroes_transmitted_coordinates():
     alg = Algorithm(compressor=TopK(k=2), feedback="memory", momentum=UpdateMomentum(beta=0.9, masking=True))
-    ws = alg.init_worker_state(Layout.flat(8), 3)
+    worker_state = alg.init_worker_state(Layout.flat(8), 3)
     for t, g in enumerate(grads_stream(3, 8, 5)):
-        wo = alg.worker_step(g, torch.zeros(8), ws, step=t, lr=0.1)
-        on = wo.message.support_mask()
-        assert torch.all(wo.state.momentum.flat[on] == 0)
-        assert torch.all(wo.state.memory.flat[on] == 0)
-        assert torch.count_nonzero(wo.state.momentum.flat[~on]) == int((~on).sum())
-        ws = wo.state
+        worker_out = alg.worker_step(g, torch.zeros(8), worker_state, step=t, lr=0.1)
+        on = worker_out.message.support_mask()
+        assert torch.all(worker_out.state.momentum.flat[on] == 0)
+        assert torch.all(worker_out.state.memory.flat[on] == 0)
+        assert torch.count_nonzero(worker_out.state.momentum.flat[~on]) == int((~on).sum())
+        worker_state = worker_out.state
 
 
 def test_weight_decay_added_before_compression():
     alg = Algorithm(compressor=Identity(), feedback="none", weight_decay=0.5)
     w = torch.tensor([2.0, -4.0])
-    wo = alg.worker_step(torch.zeros(1, 2), w, alg.init_worker_state(Layout.flat(2), 1), step=0, lr=1.0)
-    torch.testing.assert_close(wo.message.to_dense()[0], torch.tensor([1.0, -2.0]))
+    worker_out = alg.worker_step(torch.zeros(1, 2), w, alg.init_worker_state(Layout.flat(2), 1), step=0, lr=1.0)
+    torch.testing.assert_close(worker_out.message.to_dense()[0], torch.tensor([1.0, -2.0]))
 
 
 def test_worker_weights_and_staleness_dampening_are_used():
     alg = Algorithm(compressor=Identity(), feedback="none", staleness=StalenessDampening("exponential", 0.5))
     msg = Identity().compress(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     st = alg.init_server_state(Layout.flat(2))
-    so = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]))
-    torch.testing.assert_close(so.update, torch.tensor([0.25, 0.75]))
+    server_out = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(server_out.update, torch.tensor([0.25, 0.75]))
     # versions 5 and 3 at server step 5: staleness 0 and 2 -> factors 1 and e^{-1}
-    so = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]), versions=torch.tensor([5, 3]))
-    torch.testing.assert_close(so.update, torch.tensor([0.25, 0.75 * torch.exp(torch.tensor(-1.0)).item()]))
+    server_out = alg.server_step(msg, st, step=5, lr=1.0, weights=torch.tensor([0.25, 0.75]), versions=torch.tensor([5, 3]))
+    torch.testing.assert_close(server_out.update, torch.tensor([0.25, 0.75 * torch.exp(torch.tensor(-1.0)).item()]))
     density = StalenessDampening("exponential_density", 0.2).factor(torch.tensor([0, 1]))
     torch.testing.assert_close(density, torch.tensor([0.2, 0.2 * torch.exp(torch.tensor(-0.2)).item()], dtype=torch.float64))
     assert StalenessDampening("inverse").factor(torch.tensor([3])).item() == 0.25
@@ -296,13 +296,13 @@ def test_state_dict_round_trip_and_clear_mismatch_errors():
     alg = Algorithm(compressor=TopK(k=2), feedback="ef", momentum=UpdateMomentum(beta=0.9),
                     topology="bidirectional", down_compressor=TopK(k=3))
     layout = Layout(("a", "b"), ((2, 3), (4,)))
-    _, ws, ss = None, alg.init_worker_state(layout, 10), alg.init_server_state(layout)
-    ws.memory.flat.normal_()
-    ss.downlink_memory.flat.normal_()
-    sd = alg.state_dict(ws, ss, layout=layout, n_workers=10)
+    _, worker_state, server_state = None, alg.init_worker_state(layout, 10), alg.init_server_state(layout)
+    worker_state.memory.flat.normal_()
+    server_state.downlink_memory.flat.normal_()
+    sd = alg.state_dict(worker_state, server_state, layout=layout, n_workers=10)
     assert set(sd["worker"]["memory"]) == {"a", "b"} and sd["worker"]["memory"]["a"].shape == (10, 6)
     w2, s2 = alg.load_state_dict(sd, layout=layout, n_workers=10)
-    assert torch.equal(w2.memory.flat, ws.memory.flat) and torch.equal(s2.downlink_memory.flat, ss.downlink_memory.flat)
+    assert torch.equal(w2.memory.flat, worker_state.memory.flat) and torch.equal(s2.downlink_memory.flat, server_state.downlink_memory.flat)
     with pytest.raises(ValueError, match="state of 10 workers, this run has 8"):
         alg.load_state_dict(sd, layout=layout, n_workers=8)
     none = Algorithm(compressor=TopK(k=2), feedback="none", momentum=UpdateMomentum(beta=0.9),

@@ -113,7 +113,7 @@ def test_in_place_memory_follows_the_plain_worker_step(alg_kw):
         return _sim(task, alg=alg, seed=3, in_place_memory=in_place)
 
     fused, plain = sim(True), sim(False)
-    assert fused.fused_memory and not plain.fused_memory
+    assert fused.uses_in_place_memory and not plain.uses_in_place_memory
     for _ in range(12):
         rf, rp = fused.step(), plain.step()
         torch.testing.assert_close(rf.grads, rp.grads, rtol=1e-4, atol=1e-6)
@@ -125,7 +125,7 @@ def test_in_place_memory_follows_the_plain_worker_step(alg_kw):
 def test_in_place_memory_invariant_and_stale_accumulated_is_refused():
     task = make_task("digits_mlp")
     sim = _sim(task, seed=1)
-    assert sim.fused_memory
+    assert sim.uses_in_place_memory
     e_before = sim.worker_state.memory.flat.clone()
     rec = sim.step()
     # sent + new memory == accumulated, exactly; accumulated == e + lr * g (up to rounding)
@@ -147,4 +147,4 @@ def test_fused_path_is_off_where_it_does_not_apply():
         Algorithm(compressor=TopK(density=0.02), feedback="ef", momentum=UpdateMomentum(beta=0.5)),
         Algorithm(compressor=TopK(density=0.02), feedback="none"),
     ):
-        assert not _sim(task, alg=alg).fused_memory
+        assert not _sim(task, alg=alg).uses_in_place_memory

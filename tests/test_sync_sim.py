@@ -105,7 +105,7 @@ def test_same_seed_same_run_and_checkpoint_resume(momentum):
                         momentum=UpdateMomentum(beta=0.9) if momentum == "update" else "none")
         return SyncSimulator(task, alg, Schedule(lr=0.05), n_workers=4, batch_size=4, seed=seed)
 
-    assert make(0).fused_memory == (momentum == "none")
+    assert make(0).uses_in_place_memory == (momentum == "none")
     a, b = make(0), make(0)
     for _ in range(10):
         a.step(), b.step()

@@ -40,7 +40,7 @@ class SyncSimulator(SynchronousEngine):
         super().__init__(task, algorithm, schedule, **kw)
         self._vgrad_dict = vmap(grad(task.loss), in_dims=(None, 0, 0))
         self.gradient_path = self._choose_gradient_path(gradient_path)
-        self.fused_memory = bool(
+        self.uses_in_place_memory = bool(
             in_place_memory
             and self.gradient_path == "grouped"
             and algorithm.supports_in_place
@@ -111,7 +111,7 @@ class SyncSimulator(SynchronousEngine):
 
     # ---- the workers' side of a round ---------------------------------------------------------
     def worker_round(self, w, t, lr):
-        if not self.fused_memory:
+        if not self.uses_in_place_memory:
             grads = self.worker_gradients(w)
             out = self.alg.worker_step(self.feedback_gradients(grads, w), w, self.worker_state,
                                        step=t, lr=lr, workers=self.worker_ids)

@@ -267,7 +267,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         "epochs": engine.epoch,
         "wall_seconds": wall,
         "gradient_path": getattr(engine, "gradient_path", None),  # what "auto" resolved to
-        "in_place_memory": getattr(engine, "fused_memory", False),
+        "in_place_memory": getattr(engine, "uses_in_place_memory", False),
         "uplink_bytes": engine.ledger.uplink_bytes,
         "downlink_bytes": engine.ledger.downlink_bytes,
         "uplink_messages": engine.ledger.uplink_messages,
