@@ -400,6 +400,7 @@ def test_rows_other_dtypes(dtype, n, d):
     """float64 / float16 / bfloat16 rows (the pure-torch path) with ties, NaNs, infinities,
     signed zeros, k = 0 and k = d, against the stable-sort reference."""
     x = (rows_with_ties("few_values", n, d, seed=n + d) * 0.5).to(dtype)
+    x[::2] = rows_with_ties("randn", n, d, seed=n)[::2].to(dtype)  # rows with and without boundary ties
     x[:, 1] = NAN  # a NaN column: every row has a NaN
     for k in sorted({0, 1, 2, 3, d // 10, d // 2, d - 1, d}):
         got = K.topk_indices_rows(x, k)

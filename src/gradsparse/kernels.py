@@ -754,13 +754,16 @@ def _layerwise_torch(flat: torch.Tensor, off: torch.Tensor, kt: torch.Tensor, si
 
 def _layerwise_small(flat: torch.Tensor, soff: torch.Tensor, ssz: torch.Tensor, sk: torch.Tensor) -> list[torch.Tensor]:
     """Exact top-``sk[j]`` of the segments ``[soff[j], soff[j] + ssz[j])`` (each at most
-    ``_SMALL_N`` long, ``0 < sk[j] <= ssz[j]``, CPU index tensors), as lists of ascending global
-    indices (one per size class, ascending within each).
+    ``_SMALL_N`` long, ``0 < sk[j] <= ssz[j]``, CPU index tensors), as a list of tensors of
+    ascending global indices (one per size class).
 
     The segments of one size class ``(2^(c-1), 2^c]`` are laid out as the rows of a matrix padded
     to the class's longest segment (pad key -1, below every real key; adjacent equal-length
-    segments are a view, not a copy); one ``torch.topk`` per class gives every row's k-th largest
-    key ``T`` and each row takes its keys ``> T`` plus its first ``k - #(> T)`` keys ``== T``."""
+    segments are a view, not a copy), and one ``torch.topk`` of ``k + 1`` keys per row ranks
+    them. A row whose k-th and (k+1)-th keys differ has a unique top-k set: topk's indices are
+    it. The other rows (a tie at the k-th key) take their keys ``> T`` plus their first
+    ``k - #(> T)`` keys ``== T``, ``T`` the k-th key. Keys are integers, so NaNs (one key above
+    +inf's) tie like any other value."""
     dev = flat.device
     cls = torch.ceil(torch.log2(ssz.double())).long()
     out: list[torch.Tensor] = []
@@ -778,16 +781,30 @@ def _layerwise_small(flat: torch.Tensor, soff: torch.Tensor, ssz: torch.Tensor, 
             pos = (o.unsqueeze(1) + col).clamp_(max=flat.numel() - 1)
             key = _keys(flat[pos.view(-1).to(dev)]).view(nr, w)
             key.masked_fill_((col >= sz.unsqueeze(1)).to(dev), -1)
-        kd = k.to(dev)
-        T = torch.topk(key, int(k.max()), dim=1).values.gather(1, (kd - 1).unsqueeze(1))
-        sel = key >= T
-        if not bool((sel.sum(dim=1) == kd).all()):  # ties at T: the first ones of each row win
-            eq = key == T
-            torch.gt(key, T, out=sel)
-            need = kd.unsqueeze(1) - sel.sum(dim=1, keepdim=True)
+        kmax = int(k.max())
+        kk = min(kmax + 1, w)
+        vals, ids = torch.topk(key, kk, dim=1)  # descending
+        kd = k.to(dev).unsqueeze(1)
+        T = vals.gather(1, kd - 1)
+        nxt = vals.gather(1, kd.clamp(max=kk - 1)).masked_fill_(kd >= kk, -1)  # k = w: no (k+1)-th
+        tied = (T == nxt).view(-1)
+        od = o.to(dev)
+        parts: list[torch.Tensor] = []
+        if not bool(tied.all()):
+            u = (~tied).nonzero().view(-1)
+            cu = ids[u, :kmax].masked_fill_(torch.arange(kmax, device=dev) >= kd[u], w).sort(dim=1).values
+            valid = cu < w
+            parts.append((od[u].unsqueeze(1) + cu)[valid])
+        if bool(tied.any()):
+            t = tied.nonzero().view(-1)
+            kt, Tt = key[t], T[t]
+            sel = kt > Tt
+            need = kd[t] - (vals[t] > Tt).sum(dim=1, keepdim=True)  # every key > T is among the top kk
+            eq = kt == Tt
             sel |= eq & (torch.cumsum(eq, dim=1) <= need)
-        r, cc = sel.nonzero().unbind(1)
-        out.append(o.to(dev)[r] + cc)
+            r, cc = sel.nonzero().unbind(1)
+            parts.append(od[t][r] + cc)
+        out.append(parts[0] if len(parts) == 1 else torch.cat(parts).sort().values)
     return out
 
 
