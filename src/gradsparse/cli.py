@@ -86,7 +86,7 @@ def cmd_examples(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a config on the synchronous simulator")
+    r = sub.add_parser("run", help="run a config on its engine (engine: sync | loop)")
     r.add_argument("config", help="YAML file, or the name of a shipped example (see `gradsparse examples`)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     r.add_argument("--out", default=None, help="run directory (default runs/<name>)")
