@@ -329,3 +329,43 @@ def test_bad_algorithm_options_are_named():
             None, WorkerState(), step=0, lr=0.1
         )
     assert ServerState().momentum is None
+
+
+class BytesSpentTopK(TopK):
+    """A stateful compressor for the test: keeps each worker's bytes sent so far, and sends one
+    entry fewer per row once a worker has spent more than 200 bytes."""
+
+    def init_state(self, layout, n):
+        return {"bytes_spent": torch.zeros(n, dtype=torch.long)}
+
+    def for_step(self, state, context):
+        return TopK(k=self.k - 1) if bool((state["bytes_spent"] > 200).all()) else self
+
+    def observe(self, state, message, nbytes, context):
+        return {"bytes_spent": state["bytes_spent"] + nbytes}
+
+
+def test_stateful_compressor_state_is_kept_per_worker_and_checkpointed():
+    from gradsparse.engines import ENGINES
+    from gradsparse.schedules import Schedule
+    from gradsparse.tasks import make_task
+
+    task = make_task("linreg", n_samples=200, n_features=30)
+    engines = {}
+    for name in ("sync", "loop"):
+        alg = Algorithm(compressor=BytesSpentTopK(k=4), feedback="ef")
+        e = ENGINES[name](task, alg, Schedule(lr=0.01), n_workers=3, batch_size=4)
+        counts = [e.step().worker.message.counts.tolist() for _ in range(12)]
+        engines[name] = e
+        # the state saw every message: it equals the bytes each worker sent
+        assert int(e.worker_state.compressor["bytes_spent"].sum()) == e.ledger.uplink_bytes
+        assert counts[0] == [4, 4, 4] and counts[-1] == [3, 3, 3]  # the state changed what was sent
+    assert torch.equal(engines["sync"].worker_state.compressor["bytes_spent"],
+                       engines["loop"].worker_state.compressor["bytes_spent"])
+    sd = engines["sync"].state_dict()
+    engines["loop"].load_state_dict(sd)
+    assert torch.equal(engines["loop"].worker_state.compressor["bytes_spent"],
+                       engines["sync"].worker_state.compressor["bytes_spent"])
+    sd["algorithm"]["worker"]["compressor"] = None
+    with pytest.raises(ValueError, match="whether the uplink compressor keeps state"):
+        engines["loop"].load_state_dict(sd)

@@ -59,13 +59,17 @@ __all__ = ["VALUE_DTYPE_NAMES", "Algorithm", "WorkerState", "ServerState", "Work
 @dataclass
 class WorkerState:
     """The workers' state, rows ``[n, d]`` keyed by segment: error-feedback memory (``None``
-    for feedback ``none``) and momentum (``None`` unless momentum ``update``)."""
+    for feedback ``none``) and momentum (``None`` unless momentum ``update``); plus the state of
+    a stateful uplink compressor (a dict of plain tensors with one row per worker, else ``None``)."""
 
     memory: SegmentedTensor | None = None
     momentum: SegmentedTensor | None = None
+    compressor: dict[str, torch.Tensor] | None = None
 
     def rows(self, index) -> "WorkerState":
-        return WorkerState(*(None if s is None else s.rows(index) for s in (self.memory, self.momentum)))
+        memory, momentum = (None if s is None else s.rows(index) for s in (self.memory, self.momentum))
+        compressor = None if self.compressor is None else {k: v[index] for k, v in self.compressor.items()}
+        return WorkerState(memory, momentum, compressor)
 
     @staticmethod
     def cat(states: list["WorkerState"]) -> "WorkerState":
@@ -74,7 +78,10 @@ class WorkerState:
                 return None
             return SegmentedTensor(parts[0].layout, torch.cat([p.flat for p in parts]))
 
-        return WorkerState(cat([s.memory for s in states]), cat([s.momentum for s in states]))
+        compressor = None
+        if states[0].compressor is not None:
+            compressor = {k: torch.cat([s.compressor[k] for s in states]) for k in states[0].compressor}
+        return WorkerState(cat([s.memory for s in states]), cat([s.momentum for s in states]), compressor)
 
 
 @dataclass
@@ -154,7 +161,7 @@ class Algorithm:
     # ---- state ------------------------------------------------------------------------
     def init_worker_state(self, layout: Layout, n: int, dtype=torch.float32) -> WorkerState:
         worker_momentum = self.momentum.init(layout, n, dtype=dtype) if self.momentum.side == "worker" else None
-        return WorkerState(self.feedback.init(layout, n, dtype), worker_momentum)
+        return WorkerState(self.feedback.init(layout, n, dtype), worker_momentum, self.compressor.init_state(layout, n))
 
     def init_server_state(self, layout: Layout, dtype=torch.float32) -> ServerState:
         server_momentum = self.momentum.init(layout, dtype=dtype) if self.momentum.side == "server" else None
@@ -174,7 +181,8 @@ class Algorithm:
             "kinds": self.kinds(),
             "n_workers": int(n_workers),
             "segments": layout.describe(),
-            "worker": {"memory": segments(worker.memory), "momentum": segments(worker.momentum)},
+            "worker": {"memory": segments(worker.memory), "momentum": segments(worker.momentum),
+                       "compressor": None if worker.compressor is None else {k: v.clone() for k, v in worker.compressor.items()}},
             "server": {"momentum": segments(server.momentum), "downlink_memory": segments(server.downlink_memory)},
         }
 
@@ -207,8 +215,19 @@ class Algorithm:
             return SegmentedTensor(layout, st.flat.clone())
 
         w, s = expected
+        compressor = None
+        if (sd["worker"].get("compressor") is None) != (w.compressor is None):
+            raise ValueError("checkpoint and this algorithm disagree on whether the uplink compressor keeps state")
+        if w.compressor is not None:
+            got = sd["worker"]["compressor"]
+            if set(got) != set(w.compressor) or any(tuple(got[k].shape) != tuple(v.shape) for k, v in w.compressor.items()):
+                raise ValueError(
+                    f"checkpoint compressor state {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in got.items())}}} does not "
+                    f"match this compressor's {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in w.compressor.items())}}}"
+                )
+            compressor = {k: v.clone() for k, v in got.items()}
         return (
-            WorkerState(load("worker", "memory", w.memory), load("worker", "momentum", w.momentum)),
+            WorkerState(load("worker", "memory", w.memory), load("worker", "momentum", w.momentum), compressor),
             ServerState(load("server", "momentum", s.momentum), load("server", "downlink_memory", s.downlink_memory)),
         )
 
@@ -231,10 +250,13 @@ class Algorithm:
         if self.momentum.side == "worker":
             g, momentum_state = self.momentum.update(g, state.momentum)
         context = CompressionContext(step, workers, "uplink")
-        out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=self.compressor, context=context)
+        compressor = self.compressor.for_step(state.compressor, context)
+        out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=compressor, context=context)
         if self.momentum.masking:
             self.momentum.mask_(momentum_state, out.message, memory)  # fresh tensors: safe in place
-        return WorkerStepOutput(out.message, self.message_nbytes(out.message), WorkerState(memory, momentum_state), out, g)
+        nbytes = self.message_nbytes(out.message)
+        compressor_state = self.compressor.observe(state.compressor, out.message, nbytes, context)
+        return WorkerStepOutput(out.message, nbytes, WorkerState(memory, momentum_state, compressor_state), out, g)
 
     @property
     def supports_in_place(self) -> bool:
@@ -257,8 +279,14 @@ class Algorithm:
         if not self.supports_in_place:
             raise ValueError(f"the in-place worker step does not apply to {self.describe()}")
         context = CompressionContext(step, workers, "uplink")
-        out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=self.compressor, context=context)
-        return WorkerStepOutput(out.message, self.message_nbytes(out.message), state, out, None)
+        compressor = self.compressor.for_step(state.compressor, context)
+        out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
+        nbytes = self.message_nbytes(out.message)
+        if state.compressor is not None:
+            new = self.compressor.observe(state.compressor, out.message, nbytes, context)
+            for k, v in new.items():  # in place too, so views of the engine's state stay current
+                state.compressor[k].copy_(v)
+        return WorkerStepOutput(out.message, nbytes, state, out, None)
 
     def message_nbytes(self, message: SparseBatch) -> torch.Tensor:
         """Exact wire size of each row (the wire's ``auto`` rule: a row whose sparse frame would be

@@ -160,6 +160,22 @@ class Compressor:
     def __call__(self, x: torch.Tensor, context: CompressionContext | None = None) -> SparseBatch:
         return self.compress(x, context)
 
+    # ---- stateful compressors (e.g. a threshold that adapts to a byte budget) ----------------
+    def init_state(self, layout: Layout, n: int) -> dict[str, torch.Tensor] | None:
+        """State of a stateful compressor: plain tensors with one row per worker (``None``: stateless).
+        It lives in the workers' state (:class:`~gradsparse.algorithm.WorkerState`), so engines
+        checkpoint it and slice it per worker like the memory."""
+        return None
+
+    def for_step(self, state: dict[str, torch.Tensor] | None, context: CompressionContext) -> "Compressor":
+        """The (stateless) compressor this step uses, given the state; stateless ones are themselves."""
+        return self
+
+    def observe(self, state: dict[str, torch.Tensor] | None, message: SparseBatch, nbytes: torch.Tensor,
+                context: CompressionContext) -> dict[str, torch.Tensor] | None:
+        """The new state after the step sent ``message`` (``nbytes``: each row's exact wire size)."""
+        return state
+
     def compress_accumulated_(self, buffer: torch.Tensor, g: torch.Tensor | None, alpha: float):
         """Optional fused pass for one row: ``buffer += alpha * g`` (unless ``g`` is None), then
         ``s = C(buffer)`` and ``buffer <- buffer - s`` in place, where C keeps values unchanged.
