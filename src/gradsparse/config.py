@@ -17,6 +17,7 @@ from .algorithm import VALUE_DTYPE_NAMES
 from .compressors import COMPRESSORS
 from .engines import ENGINES
 from .engines.sync_sim import GRADIENT_PATHS
+from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
 from .engines.synchronous import GRADIENT_SHIFTS
 from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
@@ -257,6 +258,48 @@ def _fmt_error(err: ValidationError) -> str:
         return f"{where}: {msg}"
     return f"{where}: invalid value {val!r}: {msg}"
 
+class ComputeLawConfig(_Strict):
+    kind: _choices(COMPUTE_LAWS) = "uniform"
+    value: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+    low: float = Field(0.9, ge=0.0, allow_inf_nan=False)
+    high: float = Field(1.1, ge=0.0, allow_inf_nan=False)
+    speeds: list[float] | None = None
+
+
+class NetworkLawConfig(_Strict):
+    offset: float = Field(0.002, ge=0.0, allow_inf_nan=False)
+    rate: float | None = Field(1.0, gt=0.0, allow_inf_nan=False)
+    latency: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    bandwidth: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+
+class KardamConfig(_Strict):
+    enabled: bool = False
+    window: int | None = Field(None, ge=1)
+    byzantine: int = Field(1, ge=0)
+    quantile: float | None = Field(None, gt=0.0, le=1.0)
+    rejected: _choices(REJECTED_ACTIONS) = "drop"
+
+
+class TargetConfig(_Strict):
+    metric: Literal["test_accuracy", "loss", "suboptimality"] = "test_accuracy"
+    value: float = Field(allow_inf_nan=False)
+
+
+class AsynchronousConfig(_Strict):
+    """``engine: async`` only (see :mod:`gradsparse.engines.async_sim`)."""
+
+    compute: ComputeLawConfig = Field(default_factory=ComputeLawConfig)
+    network: NetworkLawConfig = Field(default_factory=NetworkLawConfig)
+    server_time: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    staleness_bound: int | None = Field(None, ge=0)
+    drop_older_than: int | None = Field(None, ge=0)
+    kardam: KardamConfig = Field(default_factory=KardamConfig)
+    update_cosine: bool = False
+    #: steps_to_target / time_to_target in summary.json (first recorded row reaching it)
+    target: TargetConfig | None = None
+
+
 
 def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text)
@@ -269,6 +312,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, text = item.split("=", 1)
+    asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override key {key!r} is not a dotted key")

@@ -28,6 +28,12 @@ Column names (one name per idea, used in configs, CSVs, plots and docs):
 ``gamma_hat_down``           1 - ``compression_ratio_down``
 ``compression_ratio_down``   ||C_down(G) - G|| / ||G|| (topologies with a compressed downlink)
 ``aggregate_density``        nnz(sum_q p_q C(a_q)) / d, the server aggregate's fraction of nonzeros
+``virtual_time``             (asynchronous engine) the virtual clock at the row's last update
+``staleness_mean``           (asynchronous) mean staleness t - tau of the updates since the last row
+``staleness_max``            (asynchronous) their maximum
+``update_cosine``            (asynchronous, costs a gradient per update) mean over those updates of
+                             the cosine between the applied update and a fresh gradient at the
+                             server's model (paper 001)
 ===========================  ==================================================================
 
 ``a_q`` is the vector the worker's compressor saw (alpha g + e for ``ef``; p for ``ef-scaled``;
@@ -72,7 +78,14 @@ METRICS = (
     "gamma_hat_down",
     "compression_ratio_down",
     "aggregate_density",
+    "virtual_time",
+    "staleness_mean",
+    "staleness_max",
+    "update_cosine",
 )
+
+#: metrics only an asynchronous engine records (per row, over the server updates since the last row)
+ASYNC_METRICS = ("virtual_time", "staleness_mean", "staleness_max", "update_cosine")
 
 #: maxima over every step since the last recorded row: metric -> the per-step metric it tracks
 RUNNING_MAXIMA = {"rho_hat_max": "rho_hat", "compression_ratio_up_max": "compression_ratio_up"}
@@ -108,7 +121,7 @@ def cumulative_metrics(engine, names) -> dict:
     out: dict = {"step": engine.t, "epoch": engine.epoch}
     memory = engine.worker_state.memory
     if "mean_memory_norm" in names:
-        out["mean_memory_norm"] = float((engine.weights @ memory.flat).norm()) if memory is not None else 0.0
+        out["mean_memory_norm"] = float((engine.worker_weights @ memory.flat).norm()) if memory is not None else 0.0
     if "worker_error_sq" in names:
         out["worker_error_sq"] = float(memory.flat.double().square().sum()) / engine.n_workers if memory is not None else 0.0
     if "total_error" in names:

@@ -3,12 +3,13 @@
 ``ENGINES`` maps the config key ``engine`` to its class.
 """
 
+from .async_sim import AsyncSimulator
 from .base import ByteLedger, Engine, WorkerData
 from .loop_sim import LoopSimulator
 from .sync_sim import SyncSimulator
 from .synchronous import StepRecord, SynchronousEngine
 
 #: the one table of engines
-ENGINES = {cls.name: cls for cls in (SyncSimulator, LoopSimulator)}
+ENGINES = {cls.name: cls for cls in (SyncSimulator, LoopSimulator, AsyncSimulator)}
 
-__all__ = ["ENGINES", "Engine", "ByteLedger", "WorkerData", "SynchronousEngine", "StepRecord", "SyncSimulator", "LoopSimulator"]
+__all__ = ["ENGINES", "Engine", "ByteLedger", "WorkerData", "SynchronousEngine", "StepRecord", "SyncSimulator", "LoopSimulator", "AsyncSimulator"]

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from ..metrics import METRICS
+from ..metrics import ASYNC_METRICS, METRICS
 from ..segments import Layout
 from ..tasks import Task, split_workers
 
@@ -59,13 +59,22 @@ class ByteLedger:
 class Engine(ABC):
     name: ClassVar[str]
     topologies: ClassVar[tuple[str, ...]] = ("all_to_all", "ps_uplink", "bidirectional", "downlink_only")
-    metrics: ClassVar[frozenset[str]] = frozenset(METRICS)
+    metrics: ClassVar[frozenset[str]] = frozenset(METRICS) - frozenset(ASYNC_METRICS)
+    #: whether the server sends workers the model itself (then downlink bytes differ from sync's)
+    sends_model_down: ClassVar[bool] = False
 
     task: Task
     layout: Layout
     w: torch.Tensor
     t: int
     ledger: ByteLedger
+
+    @classmethod
+    def synchronous_equivalent(cls, config: dict) -> dict | None:
+        """A variant of ``config`` (a raw config dict) on which this engine must give exactly the
+        synchronous engine's parameters (for the engine-equivalence test), or None when there is
+        none. Synchronous engines: the config itself."""
+        return config
 
     @abstractmethod
     def step(self): ...
@@ -163,6 +172,15 @@ class WorkerData:
 
     def samples_per_step(self) -> int:
         return int(self.lens.sum()) if self.batch_size == "full" else self.n_workers * self.batch_size
+
+    def sample_worker(self, q: int) -> torch.Tensor:
+        """Worker q's rows for one computation, drawn from the same generator as :meth:`sample`
+        (for one worker the two draw the same rows)."""
+        if self.batch_size == "full":
+            return self.rows[q]
+        r = torch.rand(1, self.batch_size, generator=self.generator)[0]
+        pos = self.offsets[q] + (r * self.lens[q]).long().clamp_max(self.lens[q] - 1)
+        return self.rows_cat[pos]
 
     def sample(self) -> torch.Tensor | list[torch.Tensor]:
         """This step's rows: ``[N, b]`` indices, or a list of N index tensors when ragged."""

@@ -147,6 +147,11 @@ class SynchronousEngine(Engine):
 
     # ---- the round ------------------------------------------------------------------------
     @property
+    def worker_weights(self) -> torch.Tensor:
+        """Weights p_q of the workers' memories in averages over workers."""
+        return self.weights
+
+    @property
     def epoch(self) -> float:
         return self.samples_seen / max(self.task.n_train, 1)
 

@@ -32,6 +32,7 @@ from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
 from ..tasks import make_task
+from .asynchronous import AsyncRowStats, target_reached, write_staleness_histogram
 
 
 def build_task(cfg: RunConfig):
@@ -87,6 +88,21 @@ def build_schedule(cfg: RunConfig, task) -> Schedule:
         raise ConfigError(f"config key 'schedule': {exc}") from None
 
 
+def asynchronous_options(cfg: RunConfig) -> dict:
+    """The ``asynchronous`` config section as the asynchronous engine's keyword arguments."""
+    from ..engines.async_sim import ComputeLaw, KardamFilter, NetworkLaw
+
+    a = cfg.asynchronous
+    try:
+        return dict(
+            compute=ComputeLaw(**a.compute.model_dump()), network=NetworkLaw(**a.network.model_dump()),
+            server_time=a.server_time, staleness_bound=a.staleness_bound, drop_older_than=a.drop_older_than,
+            kardam=KardamFilter(**a.kardam.model_dump()), update_cosine=a.update_cosine,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"config key 'asynchronous': {exc}") from None
+
+
 def build_engine(cfg: RunConfig):
     """Everything that can reject the config happens here, before any file is written."""
     task = build_task(cfg)
@@ -100,10 +116,14 @@ def build_engine(cfg: RunConfig):
     )
     if cfg.engine == "sync":
         kwargs.update(gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory)
+    if cfg.engine == "async":
+        kwargs.update(asynchronous_options(cfg))
     try:
         engine = ENGINES[cfg.engine](task, alg, sched, **kwargs)
     except ValueError as exc:
         key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
+        if cfg.engine == "async":
+            key = "engine"
         raise ConfigError(f"config key '{key}': {exc}") from None
     if alg.topology.kind not in engine.topologies:
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
@@ -152,6 +172,20 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1000
     return f"{n:.1f}PB"
+
+
+def async_summary(engine, rows: list[dict], cfg: RunConfig) -> dict:
+    """What summary.json adds for the asynchronous engine (and staleness.csv / .png)."""
+    hist = engine.staleness_histogram()
+    total = sum(c for _, c in hist)
+    return {
+        "virtual_time": engine.now,
+        "staleness_mean": sum(s * c for s, c in hist) / total if total else None,
+        "staleness_max": max((s for s, _ in hist), default=None),
+        "staleness_histogram": {str(s): c for s, c in hist},
+        "rejected_messages": dict(engine.rejected),
+        **target_reached(rows, cfg.asynchronous.target),
+    }
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,528 @@
+"""Asynchronous parameter server in virtual time (``engine: async``; paper 001, ALGORITHMS.md §6).
+
+One server holds the model x_t and its version t (the number of updates applied). N workers:
+
+1. worker q holds the last model it received, version tau_q; it computes a mini-batch gradient
+   there (compute time ~ the compute law times its speed factor) and runs the algorithm's worker
+   step on its own state (error-feedback memory, momentum), at step tau_q: its step size
+   alpha_{tau_q} (``none``/``ef``/``ef-scaled``) and its random-k stream use tau_q;
+2. the message travels to the server (network time = offset + Exponential(rate lambda), plus,
+   optionally, latency + bytes / bandwidth from the message's exact wire size);
+3. on arrival the server applies it at once — x_{t+1} = x_t - update, one *iteration* is one
+   server update, with ``memory`` feedback the server's step size eta_t multiplies it — unless a
+   rule rejects it (below); it records the staleness t - tau_q; applying takes ``server_time``
+   (messages arriving meanwhile wait, in arrival order);
+4. the server sends the new model back to that worker only (dense: d values; the same network
+   law), which starts its next computation on arrival.
+
+Rules that may reject an arriving message (each counted; see ``summary.json``):
+
+* ``staleness_bound: s`` (stale-synchronous): a message that would be applied with staleness
+  > s is not applied; the worker's state is restored to what it was before it formed that
+  message (nothing is lost) and it waits for the current model, on which it recomputes. So no
+  applied update is ever more than s versions stale.
+* ``drop_older_than: L``: a message with staleness > L is discarded (what it carried is lost,
+  as in FLSim's maximum-staleness cutoff); the worker gets the current model.
+* Kardam's Lipschitz filter (Damaskinos et al., "Asynchronous Byzantine Machine Learning (the
+  case of SGD)", ICML 2018, as summarised in its abstract; the full text was not available here):
+  the empirical Lipschitz coefficient of worker q's message, ||s_q - s_q'|| / ||x_tau - x_tau'||
+  against the same worker's previous accepted message s_q' (computed at x_tau'), is compared
+  with the ``quantile`` (default (N - f)/N, f = ``byzantine``, default 1) of the last ``window``
+  (default N) accepted coefficients; above it the message is rejected (``rejected: drop``
+  discards it, ``restore`` returns its content to the worker's memory). Kardam's staleness
+  dampening is the algorithm's ``staleness`` setting (e^{-beta tau}, beta e^{-beta tau}, ...).
+
+Randomness: one generator per purpose and worker (compute time, uplink delay, downlink delay),
+seeded from (seed, purpose, worker): the k-th computation of worker q always takes the same time
+and its k-th message the same delay, so the event trace does not change when only the algorithm
+or its density changes (unless the size-dependent network term is on). Mini-batches come from
+the engine's generator in event order (with one worker and zero delays: the synchronous
+engine's batches). Events at equal times are ordered by worker id. Evaluation and metrics use
+the server's model.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import wire
+from ..algorithm import Algorithm, WorkerState, WorkerStepOutput
+from ..compressors import stream_seed
+from ..messages import SparseBatch
+from ..metrics import METRICS
+from ..schedules import Schedule
+from ..segments import SegmentedTensor
+from ..tasks import Task
+from .base import ByteLedger, Engine, WorkerData
+from .synchronous import GRADIENT_SHIFTS, StepRecord
+
+COMPUTE_LAWS = ("constant", "uniform", "exponential")
+REJECTED_ACTIONS = ("drop", "restore")
+
+_COMPUTE_DONE, _ARRIVAL, _MODEL_ARRIVAL = "compute_done", "arrival", "model_arrival"
+
+
+@dataclass
+class ComputeLaw:
+    """Compute time of one mini-batch gradient: ``constant`` (``value``), ``uniform``
+    [``low``, ``high``] or ``exponential`` (mean ``value``), times the worker's speed factor."""
+
+    kind: str = "uniform"
+    value: float = 1.0
+    low: float = 0.9
+    high: float = 1.1
+    speeds: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in COMPUTE_LAWS:
+            raise ValueError(f"compute law must be one of {list(COMPUTE_LAWS)}, got {self.kind!r}")
+        for name in ("value", "low", "high"):
+            v = getattr(self, name)
+            if not (0 <= v < math.inf):
+                raise ValueError(f"compute law {name} must be a finite number >= 0, got {v!r}")
+        if self.kind == "uniform" and self.low > self.high:
+            raise ValueError(f"compute law uniform needs low <= high, got [{self.low}, {self.high}]")
+
+    def draw(self, gen: torch.Generator, worker: int) -> float:
+        speed = 1.0 if self.speeds is None else float(self.speeds[worker])
+        if self.kind == "constant":
+            base = self.value
+        elif self.kind == "uniform":
+            base = self.low + (self.high - self.low) * float(torch.rand((), generator=gen, dtype=torch.float64))
+        else:
+            base = self.value * float(torch.empty((), dtype=torch.float64).exponential_(1.0, generator=gen))
+        return base * speed
+
+
+@dataclass
+class NetworkLaw:
+    """Time of one message: ``offset`` + Exponential(``rate``) (paper 001's "truncation with offset
+    0.002"; ``rate: null`` for no random part), plus ``latency`` + bytes / ``bandwidth`` (bytes per
+    unit of virtual time) when ``bandwidth`` is set (off by default)."""
+
+    offset: float = 0.002
+    rate: float | None = 1.0
+    latency: float = 0.0
+    bandwidth: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.offset < math.inf) or not (0 <= self.latency < math.inf):
+            raise ValueError(f"network offset and latency must be finite numbers >= 0, got {self.offset!r}, {self.latency!r}")
+        if self.rate is not None and not (0 < self.rate < math.inf):
+            raise ValueError(f"network rate (lambda) must be a finite number > 0 or null, got {self.rate!r}")
+        if self.bandwidth is not None and not (0 < self.bandwidth < math.inf):
+            raise ValueError(f"network bandwidth must be a finite number > 0 or null, got {self.bandwidth!r}")
+
+    def draw(self, gen: torch.Generator, nbytes: int) -> float:
+        t = self.offset
+        if self.rate is not None:
+            t += float(torch.empty((), dtype=torch.float64).exponential_(self.rate, generator=gen))
+        if self.bandwidth is not None:
+            t += self.latency + nbytes / self.bandwidth
+        return t
+
+
+@dataclass
+class KardamFilter:
+    """Kardam's Lipschitz filter (see the module docstring for the rule and its source)."""
+
+    enabled: bool = False
+    window: int | None = None
+    byzantine: int = 1
+    quantile: float | None = None
+    rejected: str = "drop"
+
+    def __post_init__(self) -> None:
+        if self.rejected not in REJECTED_ACTIONS:
+            raise ValueError(f"kardam rejected must be one of {list(REJECTED_ACTIONS)}, got {self.rejected!r}")
+        if self.quantile is not None and not (0 < self.quantile <= 1):
+            raise ValueError(f"kardam quantile must be in (0, 1], got {self.quantile!r}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"kardam window must be >= 1, got {self.window!r}")
+
+
+@dataclass
+class InFlight:
+    """A worker's message on its way (or waiting at the busy server)."""
+
+    worker: int
+    version: int  # tau: the model version it was computed at
+    output: WorkerStepOutput
+    state_before: WorkerState  # the worker's state before it formed the message (for restore)
+    samples: int
+    grads: torch.Tensor  # [1, d] the raw gradient (diagnostics)
+    params: torch.Tensor  # [d] the worker's model x_tau
+
+
+@dataclass
+class AsyncStepRecord(StepRecord):
+    worker_id: int = 0
+    staleness: int = 0
+    virtual_time: float = 0.0
+
+
+@dataclass(order=True)
+class _Event:
+    time: float
+    worker: int
+    seq: int
+    kind: str = field(compare=False)
+
+
+class AsyncSimulator(Engine):
+    name = "async"
+    topologies = ("ps_uplink",)
+    sends_model_down = True
+    metrics = frozenset(METRICS)
+
+    def __init__(
+        self,
+        task: Task,
+        algorithm: Algorithm,
+        schedule: Schedule,
+        *,
+        n_workers: int,
+        batch_size: int | str = 1,
+        split: str = "iid",
+        shards_per_worker: int = 2,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        gradient_shift: str = "none",
+        compute: ComputeLaw | None = None,
+        network: NetworkLaw | None = None,
+        server_time: float = 0.0,
+        staleness_bound: int | None = None,
+        drop_older_than: int | None = None,
+        kardam: KardamFilter | None = None,
+        update_cosine: bool = False,
+    ) -> None:
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or not (1 <= n_workers <= 100_000):
+            raise ValueError(f"n_workers must be an integer in 1..100000, got {n_workers!r}")
+        if algorithm.topology.kind not in self.topologies:
+            raise ValueError(
+                f"engine 'async' runs a parameter server that sends each worker the dense model: use topology "
+                f"'ps_uplink' (got {algorithm.topology.kind!r}; a compressed downlink would need one server "
+                "memory per worker, since each worker pulls a different model delta, and is not implemented)"
+            )
+        if schedule.kind == "stagewise":
+            raise ValueError("engine 'async' does not run stagewise learning (its stages are synchronous restarts)")
+        if weights is not None:
+            raise ValueError("engine 'async' applies each message on arrival with weight 1; remove workers.weights")
+        if gradient_shift not in GRADIENT_SHIFTS:
+            raise ValueError(f"gradient_shift must be one of {list(GRADIENT_SHIFTS)}, got {gradient_shift!r}")
+        for name, v in (("staleness_bound", staleness_bound), ("drop_older_than", drop_older_than)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or null, got {v!r}")
+        if not (0 <= server_time < math.inf):
+            raise ValueError(f"server_time must be a finite number >= 0, got {server_time!r}")
+        self.task, self.alg, self.schedule = task, algorithm, schedule
+        self.n_workers, self.seed = n_workers, seed
+        self.compute = compute or ComputeLaw()
+        if self.compute.speeds is not None and len(self.compute.speeds) != n_workers:
+            raise ValueError(f"compute speeds has {len(self.compute.speeds)} entries for {n_workers} workers")
+        self.network = network or NetworkLaw()
+        self.server_time = float(server_time)
+        self.staleness_bound, self.drop_older_than = staleness_bound, drop_older_than
+        self.kardam = kardam or KardamFilter()
+        self.update_cosine = bool(update_cosine)
+
+        self.gen = torch.Generator().manual_seed(seed)
+        params0 = task.init_params(self.gen)
+        from ..segments import Layout
+
+        self.layout = Layout.of(params0)
+        self.w = self.layout.flatten(params0).clone()
+        self.dtype = self.w.dtype
+        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
+        self.x_star = None
+        if gradient_shift == "optimum":
+            if task.x_star is None:
+                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
+            self.x_star = self.layout.flatten(task.x_star).to(self.dtype)
+        self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
+        self.server_state = algorithm.init_server_state(self.layout, self.dtype)
+        self._grad = torch.func.grad(self._loss_flat)
+        self.one = torch.ones(1, dtype=self.dtype)
+        self.streams = {
+            purpose: [torch.Generator().manual_seed(stream_seed(seed, purpose, 0, q)) for q in range(n_workers)]
+            for purpose in ("compute", "uplink_delay", "downlink_delay")
+        }
+        self.model_nbytes = wire.dense_nbytes(self.d, {"fp32": 4, "fp16": 2, "bf16": 2}[algorithm.value_dtype])
+        # server and workers
+        self.t = 0
+        self.now = 0.0
+        self.server_busy_until = 0.0
+        self.worker_models = [self.w.clone() for _ in range(n_workers)]
+        self.worker_versions = [0] * n_workers
+        self.worker_epochs = [0.0] * n_workers
+        self.in_flight: dict[int, InFlight] = {}
+        self.events: list[_Event] = []
+        self._seq = 0
+        for q in range(n_workers):
+            self._schedule(self.compute.draw(self.streams["compute"][q], q), q, _COMPUTE_DONE)
+        # accounting
+        self.ledger = ByteLedger()
+        self.samples_seen = 0
+        self.density_sum = 0.0
+        self.total_error = 0.0
+        self.track_total_error = True
+        self.staleness_counts: dict[int, int] = {}
+        self.rejected = {"staleness_bound": 0, "drop_older_than": 0, "kardam": 0}
+        self.kardam_coefficients: list[float] = []
+        self.kardam_previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.trace: list[tuple[float, int, str]] = []
+        self.record_trace = False
+
+    @classmethod
+    def synchronous_equivalent(cls, config: dict) -> dict | None:
+        """One worker, zero delays, a parameter server: then every message is applied at once
+        with staleness 0, which is synchronous SGD on one worker."""
+        algorithm = dict(config.get("algorithm", {}))
+        topology = dict(algorithm.get("topology", {}))
+        if topology.get("kind", "all_to_all") not in ("all_to_all", "ps_uplink"):
+            return None
+        if config.get("schedule", {}).get("kind") == "stagewise":
+            return None
+        algorithm["topology"] = {"kind": "ps_uplink"}
+        workers = {k: v for k, v in config.get("workers", {}).items() if k != "weights"}
+        workers["count"] = 1
+        task = config.get("task", {})
+        if task.get("name") == "toy_quadratic":  # one worker per local objective: keep one
+            task = {**task, "options": {**task.get("options", {}), "centers": [1.0]}}
+        return {**config, "task": task, "workers": workers, "algorithm": algorithm,
+                "asynchronous": {"compute": {"kind": "constant", "value": 0.0}, "network": {"offset": 0.0, "rate": None}}}
+
+    # ---- events ----------------------------------------------------------------------------
+    def _schedule(self, at: float, worker: int, kind: str) -> None:
+        heapq.heappush(self.events, _Event(at, worker, self._seq, kind))
+        self._seq += 1
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / max(self.task.n_train, 1)
+
+    @property
+    def stagewise(self):
+        return None
+
+    def _worker_gradient(self, q: int) -> tuple[torch.Tensor, int]:
+        rows = self.data.sample_worker(q)
+        x, y = self.task.train_x[rows], self.task.train_y[rows]
+        g = self._grad(self.worker_models[q], x, y)
+        if self.x_star is not None:
+            g = g - self._grad(self.x_star, x, y)
+        return g[None], int(rows.numel())
+
+    def _compute_done(self, q: int) -> None:
+        """Worker q finished its gradient: it forms its message and sends it."""
+        grads, samples = self._worker_gradient(q)
+        tau = self.worker_versions[q]
+        lr = float(self.schedule(tau, self.worker_epochs[q]))
+        rows = self.worker_state.rows(slice(q, q + 1))
+        before = WorkerState(*(None if s is None else s.clone() for s in (rows.memory, rows.momentum)),
+                             None if rows.compressor is None else {k: v.clone() for k, v in rows.compressor.items()})
+        ids = torch.tensor([q])
+        if self.alg.supports_in_place:
+            out = self.alg.worker_step_in_place(grads, rows, step=tau, lr=lr, workers=ids)
+        else:
+            out = self.alg.worker_step(grads, self.worker_models[q], rows, step=tau, lr=lr, workers=ids)
+            self._write_rows(q, out.state)
+        self.in_flight[q] = InFlight(q, tau, out, before, samples, grads, self.worker_models[q])
+        self.ledger.add(int(out.nbytes[0]), 0, 1, 0)
+        self._schedule(self.now + self.network.draw(self.streams["uplink_delay"][q], int(out.nbytes[0])), q, _ARRIVAL)
+
+    def _write_rows(self, q: int, state: WorkerState) -> None:
+        for part in ("memory", "momentum"):
+            dst, src = getattr(self.worker_state, part), getattr(state, part)
+            if dst is not None:
+                dst.flat[q : q + 1].copy_(src.flat)
+        if self.worker_state.compressor is not None:
+            for k, v in state.compressor.items():
+                self.worker_state.compressor[k][q : q + 1].copy_(v)
+
+    def _send_model(self, q: int, at: float) -> None:
+        self.worker_models[q] = self.w.clone()
+        self.worker_versions[q] = self.t
+        self.worker_epochs[q] = self.epoch
+        self.ledger.add(0, self.model_nbytes, 0, 1)
+        self._schedule(at + self.network.draw(self.streams["downlink_delay"][q], self.model_nbytes), q, _MODEL_ARRIVAL)
+
+    def _rejection(self, msg: InFlight, staleness: int) -> str | None:
+        if self.staleness_bound is not None and staleness > self.staleness_bound:
+            return "staleness_bound"
+        if self.drop_older_than is not None and staleness > self.drop_older_than:
+            return "drop_older_than"
+        if self.kardam.enabled:
+            sent = msg.output.message.to_dense(self.dtype)[0]
+            prev = self.kardam_previous.get(msg.worker)
+            if prev is not None:
+                dx = float((msg.params - prev[1]).norm())
+                coefficient = float((sent - prev[0]).norm()) / dx if dx > 0 else 0.0
+                window = self.kardam.window or self.n_workers
+                recent = self.kardam_coefficients[-window:]
+                q = self.kardam.quantile or max(self.n_workers - self.kardam.byzantine, 1) / self.n_workers
+                if recent and coefficient > float(torch.quantile(torch.tensor(recent, dtype=torch.float64), q)):
+                    return "kardam"
+                self.kardam_coefficients.append(coefficient)
+            self.kardam_previous[msg.worker] = (sent, msg.params)
+        return None
+
+    def _restore(self, msg: InFlight, how: str) -> None:
+        if how == "staleness_bound":  # as if the message had never been formed
+            self._write_rows(msg.worker, msg.state_before)
+        elif how == "kardam" and self.kardam.rejected == "restore" and self.worker_state.memory is not None:
+            # the rejected content goes back into the worker's memory: nothing is lost
+            row = self.worker_state.memory.flat[msg.worker : msg.worker + 1]
+            msg.output.message.scatter_(row, msg.output.message.gather(row) + msg.output.message.values)
+
+    def _arrival(self, q: int) -> AsyncStepRecord | None:
+        """The server processes worker q's message (after any update in progress)."""
+        start = max(self.now, self.server_busy_until)
+        if start > self.now:  # the server is busy: the message waits
+            self._schedule(start, q, _ARRIVAL)
+            return None
+        msg = self.in_flight.pop(q)
+        staleness = self.t - msg.version
+        rejected = self._rejection(msg, staleness)
+        end = self.now + self.server_time
+        self.server_busy_until = end
+        if rejected is not None:
+            self.rejected[rejected] += 1
+            self._restore(msg, rejected)
+            self._send_model(q, end)
+            return None
+        t = self.t
+        lr = float(self.schedule(t, self.epoch))
+        server_before = self.server_state
+        server = self.alg.server_step(msg.output.message, self.server_state, step=t, lr=lr, weights=self.one,
+                                      versions=torch.tensor([msg.version]))
+        self.server_state = server.state
+        params_before = self.w
+        self.w = self.w - server.update
+        self.t += 1
+        self.samples_seen += msg.samples
+        self.staleness_counts[staleness] = self.staleness_counts.get(staleness, 0) + 1
+        self.density_sum += float(msg.output.message.counts.double().mean()) / self.d
+        if self.track_total_error and self.worker_state.memory is not None:
+            self.total_error += float(self.worker_state.memory.flat.double().square().sum()) / self.n_workers
+        record = AsyncStepRecord(t, lr, params_before, msg.grads, msg.output, server, server_before,
+                                 int(msg.output.nbytes[0]), self.model_nbytes, [True], q, staleness, self.now)
+        record.update_cosine = self._update_cosine(msg, server.update, params_before) if self.update_cosine else None
+        self._send_model(q, end)
+        return record
+
+    def _update_cosine(self, msg: InFlight, update: torch.Tensor, x: torch.Tensor) -> float:
+        """Paper 001: cosine between the applied (stale, compressed) update and the fresh gradient
+        at the server's model on a fresh mini-batch of the same worker (costs one gradient)."""
+        rows = self.data.sample_worker(msg.worker)
+        fresh = self._grad(x, self.task.train_x[rows], self.task.train_y[rows])
+        den = float(update.norm() * fresh.norm())
+        return float(update @ fresh) / den if den > 0 else math.nan
+
+    def step(self) -> AsyncStepRecord:
+        """Process events until the server has applied one update; returns its record."""
+        while True:
+            if not self.events:
+                raise RuntimeError("the asynchronous engine ran out of events (every worker waiting)")
+            ev = heapq.heappop(self.events)
+            self.now = ev.time
+            if self.record_trace:
+                self.trace.append((ev.time, ev.worker, ev.kind))
+            if ev.kind == _COMPUTE_DONE:
+                self._compute_done(ev.worker)
+            elif ev.kind == _MODEL_ARRIVAL:
+                self._schedule(self.now + self.compute.draw(self.streams["compute"][ev.worker], ev.worker),
+                               ev.worker, _COMPUTE_DONE)
+            else:
+                record = self._arrival(ev.worker)
+                if record is not None:
+                    return record
+
+    # ---- diagnostics -------------------------------------------------------------------------
+    @property
+    def weights(self) -> torch.Tensor:
+        """Weights of the messages of one step (one message, weight 1)."""
+        return self.one
+
+    @property
+    def worker_weights(self) -> torch.Tensor:
+        """Weights of the workers' memories in averages over workers (1/N each)."""
+        return torch.full((self.n_workers,), 1.0 / self.n_workers, dtype=self.dtype)
+
+    def staleness_histogram(self) -> list[tuple[int, int]]:
+        return sorted(self.staleness_counts.items())
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        def message(m: SparseBatch) -> dict:
+            return {"d": m.d, "offsets": m.offsets, "values": m.values, "indices": m.indices,
+                    "seeds": m.seeds, "dense": m.dense, "sorted_rows": m.sorted_rows, "fixed_k": m.fixed_k}
+
+        def state(s: WorkerState) -> dict:
+            return {"memory": None if s.memory is None else s.memory.flat.clone(),
+                    "momentum": None if s.momentum is None else s.momentum.flat.clone(), "compressor": s.compressor}
+
+        flights = {
+            q: {"version": f.version, "message": message(f.output.message), "nbytes": f.output.nbytes,
+                "accumulated_values": f.output.feedback.accumulated_values, "accumulated": f.output.feedback.accumulated,
+                "state_after": state(f.output.state), "state_before": state(f.state_before), "samples": f.samples,
+                "grads": f.grads, "params": f.params}
+            for q, f in self.in_flight.items()
+        }
+        return {
+            "engine": self.name, "t": self.t, "now": self.now, "server_busy_until": self.server_busy_until,
+            "w": self.w.clone(),
+            "algorithm": self.alg.state_dict(self.worker_state, self.server_state, layout=self.layout, n_workers=self.n_workers),
+            "generator": self.gen.get_state(),
+            "streams": {p: [g.get_state() for g in gens] for p, gens in self.streams.items()},
+            "events": [(e.time, e.worker, e.seq, e.kind) for e in self.events], "seq": self._seq,
+            "worker_models": [m.clone() for m in self.worker_models], "worker_versions": list(self.worker_versions),
+            "worker_epochs": list(self.worker_epochs), "in_flight": flights,
+            "ledger": self.ledger.state_dict(), "samples_seen": self.samples_seen, "density_sum": self.density_sum,
+            "total_error": self.total_error, "staleness_counts": dict(self.staleness_counts),
+            "rejected": dict(self.rejected), "kardam_coefficients": list(self.kardam_coefficients),
+            "kardam_previous": {q: (a.clone(), b.clone()) for q, (a, b) in self.kardam_previous.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        from ..feedback import FeedbackOutput
+
+        if sd.get("engine") != self.name:
+            raise ValueError(f"checkpoint of engine {sd.get('engine')!r} cannot resume engine 'async'")
+        self.worker_state, self.server_state = self.alg.load_state_dict(sd["algorithm"], layout=self.layout,
+                                                                        n_workers=self.n_workers)
+        self.t, self.now, self.server_busy_until = int(sd["t"]), float(sd["now"]), float(sd["server_busy_until"])
+        self.w = sd["w"].clone()
+        self.gen.set_state(sd["generator"])
+        for p, states in sd["streams"].items():
+            for g, s in zip(self.streams[p], states):
+                g.set_state(s)
+        self.events = [_Event(t, w, s, k) for t, w, s, k in sd["events"]]
+        heapq.heapify(self.events)
+        self._seq = int(sd["seq"])
+        self.worker_models = [m.clone() for m in sd["worker_models"]]
+        self.worker_versions, self.worker_epochs = list(sd["worker_versions"]), list(sd["worker_epochs"])
+
+        def state(s: dict) -> WorkerState:
+            seg = lambda t: None if t is None else SegmentedTensor(self.layout, t.clone())  # noqa: E731
+            return WorkerState(seg(s["memory"]), seg(s["momentum"]), s["compressor"])
+
+        self.in_flight = {}
+        for q, f in sd["in_flight"].items():
+            m = f["message"]
+            msg = SparseBatch(m["d"], m["offsets"], m["values"], m["indices"], m["seeds"], m["dense"], m["sorted_rows"], m["fixed_k"])
+            out = WorkerStepOutput(msg, f["nbytes"], state(f["state_after"]),
+                                   FeedbackOutput(msg, f["accumulated_values"], f["accumulated"]), None)
+            self.in_flight[int(q)] = InFlight(int(q), int(f["version"]), out, state(f["state_before"]), int(f["samples"]),
+                                              f["grads"], f["params"])
+        self.ledger.load_state_dict(sd["ledger"])
+        self.samples_seen, self.density_sum = int(sd["samples_seen"]), float(sd["density_sum"])
+        self.total_error = float(sd["total_error"])
+        self.staleness_counts = {int(k): int(v) for k, v in sd["staleness_counts"].items()}
+        self.rejected = dict(sd["rejected"])
+        self.kardam_coefficients = list(sd["kardam_coefficients"])
+        self.kardam_previous = {int(q): (a.clone(), b.clone()) for q, (a, b) in sd["kardam_previous"].items()}
