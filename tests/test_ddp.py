@@ -1,0 +1,196 @@
+"""The DDP communication hook (gradsparse.ddp) against the vectorized simulator, on 2 real
+processes (gloo on CPU, 127.0.0.1).
+
+Every scenario runs once in one launch of 2 ranks (tests/_ddp_worker.py). Each rank gets the
+mini-batches the simulator drew for its worker, so the hook with ``scope: layerwise`` must end
+at the simulator's parameters (fp32 tolerance) and count, per parameter, the wire size of the
+simulator's message restricted to that parameter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradsparse import wire
+from gradsparse.algorithm import Algorithm
+from gradsparse.compressors import make_compressor
+from gradsparse.engines import SyncSimulator
+from gradsparse.messages import SparseBatch
+from gradsparse.schedules import Schedule
+from gradsparse.tasks.models import MLP, module_task
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_ddp_worker", HERE / "_ddp_worker.py")
+worker_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker_mod)
+
+SIZES = (8, 16, 4)
+T, B, N = 6, 4, 2
+
+SCENARIOS = {
+    "identity": {"model": "mlp", "algorithm": {"compressor": {"kind": "identity"}}, "lr": 0.1, "plain": True},
+    "topk_ef": {"model": "mlp", "algorithm": {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}},
+                "lr": 0.1},
+    "threshold_ef_scaled": {"model": "mlp", "lr": 0.1,
+                            "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.05},
+                                          "feedback": "ef-scaled"}},
+    "reordered_tiny_buckets_memory": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
+                                      "algorithm": {"compressor": {"kind": "topk", "k": 20, "scope": "layerwise"},
+                                                    "feedback": "memory"}},
+    "topk_ef_resumed": {"model": "mlp", "resume_at": 3, "lr": 0.1,
+                        "algorithm": {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference(name: str, spec: dict):
+    """The simulator run with 2 workers; returns the scenario for the ranks and the simulator."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, SIZES[0], generator=g)
+    y = torch.randint(0, SIZES[2], (64,), generator=g)
+    module = MLP(SIZES[0], [SIZES[1]], SIZES[2]) if spec["model"] == "mlp" else worker_mod.Reordered(*SIZES)
+    task = module_task("ddp_test", module, x, y, None, None)
+    from gradsparse.segments import Layout
+
+    layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
+    a = spec["algorithm"]
+    comp = make_compressor(a["compressor"]["kind"], layout, **{k: v for k, v in a["compressor"].items() if k != "kind"})
+    alg = Algorithm(compressor=comp, feedback=a.get("feedback", "ef"))
+    sim = SyncSimulator(task, alg, Schedule(lr=spec["lr"]), n_workers=N, batch_size=B, seed=0)
+    init = {n: v.clone() for n, v in sim.layout.unflatten(sim.w.clone()).items()}
+    drawn = []
+    sample = sim.data.sample
+
+    def recording_sample():
+        idx = sample()
+        drawn.append(idx.clone())
+        return idx
+
+    sim.data.sample = recording_sample
+    bytes_per_param = [0] * N
+    for _ in range(T):
+        rec = sim.step()
+        msg = rec.worker.message
+        for q in range(N):  # the wire size of worker q's message restricted to each parameter
+            row = msg.row(q)
+            cols, vals = row.indices, row.values
+            for _, lo, hi in sim.layout.bounds():
+                keep = (cols >= lo) & (cols < hi)
+                part = SparseBatch(hi - lo, torch.tensor([0, int(keep.sum())]), vals[keep], cols[keep] - lo,
+                                   dense=row.dense and True, sorted_rows=True)
+                bytes_per_param[q] += int(wire.encoded_nbytes(part, value_dtype="fp32")[0])
+    idx = torch.stack(drawn)  # [T, N, B]
+    scenario = {**spec, "name": name, "sizes": SIZES, "init": init,
+                "x": [x[idx[:, q]] for q in range(N)], "y": [y[idx[:, q]] for q in range(N)]}
+    return scenario, sim, bytes_per_param
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    refs, scenarios = {}, []
+    for name, spec in SCENARIOS.items():
+        scenario, sim, nbytes = _reference(name, spec)
+        refs[name] = (sim, nbytes)
+        scenarios.append(scenario)
+    torch.save(scenarios, tmp / "scenarios.pt")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(HERE / "_ddp_worker.py"), str(r), str(N), str(port),
+                               str(tmp / "scenarios.pt"), str(tmp)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(N)]
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out.decode(errors="replace"))
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    results = {name: [torch.load(tmp / f"{name}.rank{r}.pt", weights_only=True) for r in range(N)]
+               for name in SCENARIOS}
+    return refs, results, tmp
+
+
+def _flat(params: dict, names) -> torch.Tensor:
+    return torch.cat([params[n].reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_hook_equals_simulator_layerwise(launched, name):
+    refs, results, _ = launched
+    sim, nbytes = refs[name]
+    for r in range(N):
+        got = _flat(results[name][r]["params"], sim.layout.names)
+        torch.testing.assert_close(got, sim.w, rtol=1e-5, atol=1e-6)
+        st = results[name][r]["state"]
+        assert st["step"] == T
+        # exact wire size of what this rank sent, parameter by parameter
+        assert st["counters"]["uplink_bytes"] == nbytes[r]
+        # the memories are this worker's rows of the simulator's memory, by name
+        if sim.worker_state.memory is not None:
+            mem = torch.cat([st["memory"][n].reshape(-1) for n in sim.layout.names])
+            torch.testing.assert_close(mem, sim.worker_state.memory.flat[r], rtol=1e-5, atol=1e-6)
+
+
+def test_identity_hook_equals_plain_ddp_allreduce(launched):
+    _, results, _ = launched
+    for r in range(N):
+        res = results["identity"][r]
+        for n, p in res["plain"].items():
+            torch.testing.assert_close(res["params"][n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_loads_under_weights_only_and_round_trips(launched, tmp_path):
+    import gradsparse.ddp as gddp
+
+    _, results, _ = launched
+    sd = results["threshold_ef_scaled"][0]["state"]
+    assert sd["world_size"] == N and sd["rank"] == 0
+    torch.save(sd, tmp_path / "hook.pt")
+    loaded = torch.load(tmp_path / "hook.pt", weights_only=True)
+    model = MLP(SIZES[0], [SIZES[1]], SIZES[2])
+    alg = Algorithm(compressor=make_compressor("hard_threshold", gddp.layout_of(model), threshold=0.05), feedback="ef-scaled")
+    state = gddp.SparsifiedState(model, alg, lr=0.1)
+    state.load_state_dict(loaded)
+    again = state.state_dict()
+    assert again["step"] == sd["step"] and again["counters"] == sd["counters"]
+    for n in sd["memory"]:
+        assert torch.equal(again["memory"][n], sd["memory"][n])
+    # pickling drops the process group; a different model is a clear error
+    clone = pickle.loads(pickle.dumps(state)).bind(model)
+    assert clone.process_group is None and clone.step == T
+    other = torch.nn.Linear(3, 2)
+    bad = gddp.SparsifiedState(other, Algorithm(compressor=make_compressor("hard_threshold", gddp.layout_of(other), threshold=0.05),
+                                               feedback="ef-scaled"), lr=0.1)
+    with pytest.raises(ValueError, match="do not match"):
+        bad.load_state_dict(loaded)
+
+
+def test_entire_scope_and_server_topologies_are_rejected():
+    import gradsparse.ddp as gddp
+
+    model = MLP(SIZES[0], [SIZES[1]], SIZES[2])
+    layout = gddp.layout_of(model)
+    with pytest.raises(ValueError, match="layerwise"):
+        gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3)), lr=0.1)
+    with pytest.raises(ValueError, match="all_to_all"):
+        gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3, scope="layerwise"),
+                                              topology="ps_uplink"), lr=0.1)
