@@ -127,6 +127,15 @@ def build_engine(cfg: RunConfig):
         raise ConfigError(f"config key '{key}': {exc}") from None
     if alg.topology.kind not in engine.topologies:
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
+    # a compressor that plans over the run (budget_threshold) learns the run's length here
+    if alg.down_compressor is not None and hasattr(alg.down_compressor, "bind_run"):
+        raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
+                          "state and is an uplink compressor (algorithm.compressor)")
+    if hasattr(alg.compressor, "bind_run"):
+        try:
+            alg.compressor.bind_run(total_steps(cfg, engine), cfg.value_dtype)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'algorithm.compressor': {exc}") from None
     # dry run of the compressors on the real dimension (e.g. k > d is caught here)
     for key, comp in (("compressor", alg.compressor), ("topology.down_compressor", alg.down_compressor)):
         if comp is None:
