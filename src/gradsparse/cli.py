@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("examples", help="list the shipped example configs")
     e.set_defaults(fn=cmd_examples)
     sub.add_parser("bench", help="benchmark suite: gradsparse bench [--quick] [--only topk,wire,simulator] [--out DIR]")
+    sub.add_parser("launch", help="run a config as N processes under torchrun (engine: torch): "
+                   "gradsparse launch CONFIG --nproc N [--out DIR] [--set KEY=VALUE]")
     return ap
 
 
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "launch":  # N processes under torchrun on engine torch (gradsparse.distributed.launch)
+        from .distributed.launch import main as launch_main
+
+        return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.fn(args) or 0)
 

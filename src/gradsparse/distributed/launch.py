@@ -1,0 +1,60 @@
+"""``gradsparse launch CONFIG --nproc N``: a thin wrapper over torchrun on one machine.
+
+It runs ``python -m torch.distributed.run --standalone --nproc-per-node N -m
+gradsparse.distributed.worker CONFIG [--out DIR] [--set K=V ...]``: N processes on engine
+``torch`` (gloo on CPU, nccl with CUDA); rank 0 writes the same run directory as ``gradsparse
+run``. The rendezvous is torchrun's standalone one on localhost; Gloo is told to use the
+loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless already set). ``--dry-run`` prints the
+command. For several machines run torchrun yourself (see :mod:`gradsparse.engines.torch_dist`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+__all__ = ["build_command", "main"]
+
+
+def build_command(configs: list[str], nproc: int, out: str | None = None, sets: list[str] | None = None,
+                  max_restarts: int = 0) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={max_restarts}", "-m", "gradsparse.distributed.worker", *map(str, configs)]
+    if out is not None:
+        cmd += ["--out", str(out)]
+    for s in sets or []:
+        cmd += ["--set", s]
+    return cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import _resolve_config
+
+    ap = argparse.ArgumentParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
+    ap.add_argument("config", nargs="+", help="YAML file(s) or shipped example name(s); workers.count must equal "
+                    "--nproc (several configs run one after the other, each in OUT/<stem>)")
+    ap.add_argument("--nproc", type=int, required=True, help="processes (one per worker)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--max-restarts", type=int, default=0)
+    ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    args = ap.parse_args(argv)
+    if args.nproc < 1:
+        print("gradsparse: error: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    configs = [str(_resolve_config(c)) for c in args.config]
+    cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return 0
+    env = dict(os.environ)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

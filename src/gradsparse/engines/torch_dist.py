@@ -1,0 +1,130 @@
+"""``engine: torch``: the synchronous round as real processes on torch.distributed.
+
+One process per worker (rank q = worker q), started by ``torchrun`` (``python -m
+torch.distributed.run``) or ``gradsparse launch CONFIG --nproc N``; gloo on CPU, nccl when CUDA is
+available (the collectives' tensors then live on ``cuda:LOCAL_RANK``; the model stays on CPU).
+
+Round t on every rank: draw the step's mini-batches from the shared seed (every rank draws all
+workers' rows, so the random streams stay in step with ``sync``), compute worker q's gradient
+alone, run the algorithm's worker step (n = 1, in place where it applies, as the loop engine
+does) on worker q's state, then exchange the N messages
+(:func:`gradsparse.distributed.exchange.all_gather_rows`: one fixed-size ``all_gather`` for
+fixed counts, a size exchange and a padded ``all_gather`` for varying counts) and their exact
+wire sizes. Every rank then runs the same server step on the same N rows (for the server
+topologies this replicates the server; the parameter server of :mod:`gradsparse.distributed` is the real
+one-rank server over point-to-point messages), so the model stays identical on every rank and
+equals ``sync``'s.
+
+Diagnostics: the per-worker state (memory, momentum) and the raw gradients of all workers are
+also all-gathered every round (d values per worker, not counted in the byte ledger, which
+holds the messages only), so every metric, the run directory and the checkpoint are the same as
+``sync``'s. Rank 0 writes the run directory (``python -m gradsparse.distributed.worker``).
+
+Multi-machine runs: ``torchrun --nnodes M --nproc-per-node P --rdzv-backend c10d
+--rdzv-endpoint HOST:PORT -m gradsparse.distributed.worker CONFIG --out DIR`` on every machine
+(workers.count = M * P; GLOO_SOCKET_IFNAME names the interface).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..algorithm import WorkerState, WorkerStepOutput
+from ..distributed.exchange import all_gather_rows
+from ..feedback import FeedbackOutput
+from ..segments import SegmentedTensor
+from .synchronous import SynchronousEngine
+
+__all__ = ["TorchDistEngine"]
+
+
+def _init_from_env() -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            "engine 'torch' runs one process per worker under torchrun: use "
+            "`gradsparse launch CONFIG --nproc N` (or torchrun ... -m gradsparse.distributed.worker CONFIG)"
+        )
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("GRADSPARSE_BACKEND", "") != "gloo" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+
+
+class TorchDistEngine(SynchronousEngine):
+    name = "torch"
+
+    def __init__(self, task, algorithm, schedule, **kw) -> None:
+        _init_from_env()
+        super().__init__(task, algorithm, schedule, **kw)
+        world = dist.get_world_size()
+        if world != self.n_workers:
+            raise ValueError(f"engine 'torch' runs one process per worker: workers.count = {self.n_workers}, "
+                             f"but {world} processes were started (launch with --nproc {self.n_workers} or --set workers.count={world})")
+        self.rank = dist.get_rank()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    @classmethod
+    def synchronous_equivalent(cls, config):
+        """Cannot be stepped in the test process: tests/test_torch_engine.py launches real
+        processes for its configs instead."""
+        return None
+
+    def _gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """[1, m] on every rank -> [N, m] (row q from rank q)."""
+        t = row.reshape(-1).contiguous().to(self.device)
+        out = [torch.empty_like(t) for _ in range(self.n_workers)]
+        dist.all_gather(out, t)
+        return torch.stack(out).cpu()
+
+    def worker_round(self, w, t, lr):
+        q = self.rank
+        idx = self.data.sample()  # all workers' rows: the generator advances as in sync
+        self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
+        rows = idx[q]
+        x, y = self.task.train_x[rows], self.task.train_y[rows]
+        g = self._grad(w, x, y)
+        if self.x_star is not None:
+            g = g - self._grad(self.x_star, x, y)
+        fed = self.feedback_gradients(g[None], w)
+        in_place = self.alg.supports_in_place and self.stagewise is None
+        state_q = self.worker_state.rows(slice(q, q + 1))
+        ids = self.worker_ids[q : q + 1]
+        if in_place:
+            out = self.alg.worker_step_in_place(fed, state_q, step=t, lr=lr, workers=ids)
+        else:
+            out = self.alg.worker_step(fed, w, state_q, step=t, lr=lr, workers=ids)
+        ex = all_gather_rows([out.message], device=self.device)
+        message = ex.gathered[0]
+        if self.device.type != "cpu":
+            message.offsets, message.values, message._indices = (message.offsets.cpu(), message.values.cpu(),
+                                                                 message._indices.cpu())
+        if out.message.dense:
+            message.dense, message._indices = True, None
+        nbytes = self._gather_rows(out.nbytes).to(torch.long)
+        # diagnostics: every worker's gradient and new state on every rank (not in the ledger)
+        grads = self._gather_rows(g)
+        new = out.state
+
+        def gathered(st):
+            return None if st is None else SegmentedTensor(st.layout, self._gather_rows(st.flat).to(st.flat.dtype))
+
+        compressor = None
+        if new.compressor is not None:
+            compressor = {k: self._gather_rows(v) for k, v in new.compressor.items()}
+        state = WorkerState(gathered(new.memory), gathered(new.momentum), compressor)
+        if in_place:  # keep the engine's own buffer (views of it stay current)
+            for mine, full in ((self.worker_state.memory, state.memory),):
+                mine.flat.copy_(full.flat)
+            state.memory = self.worker_state.memory
+        acc_values = all_gather_rows([out.message.with_values(out.feedback.accumulated_values)],
+                                     device=self.device).gathered[0].values.cpu()
+        accumulated = out.feedback.accumulated
+        feedback = FeedbackOutput(message, acc_values, None if accumulated is None else self._gather_rows(accumulated))
+        inputs = None if out.feedback_input is None else self._gather_rows(out.feedback_input)
+        return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), self._renew_live_token() if in_place else [True]

@@ -1,0 +1,107 @@
+"""``engine: torch`` as real processes (``gradsparse launch``, 2 ranks, gloo, 127.0.0.1) against
+``sync`` on the same configs: the same parameters (fp32/fp64 tolerance), the same exact bytes and
+messages, the same memories, and the same run directory files.
+
+One launch runs every config (the engine-equivalence fixture in tests/test_engines.py cannot
+step an out-of-process engine: ``TorchDistEngine.synchronous_equivalent`` returns None there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gradsparse.config import load_config
+from gradsparse.experiments.runner import run
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+CONFIGS = {
+    # fixed count, in-place fused path: one all_gather per step
+    "mlp_topk_ef": {
+        "task": {"name": "digits_mlp"}, "workers": {"count": 2, "batch_size": 3},
+        "algorithm": {"compressor": {"kind": "topk", "density": 0.01}}, "schedule": {"lr": 0.1}, "steps": 6, "plots": False,
+    },
+    # varying count (size exchange + padded all_gather), out of place (momentum, weight decay)
+    "logreg_threshold_ef_scaled": {
+        "task": {"name": "logreg", "options": {"dataset": "breast_cancer", "dtype": "float64"}},
+        "workers": {"count": 2, "batch_size": 4},
+        "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.05}, "feedback": "ef-scaled",
+                      "momentum": {"kind": "update", "beta": 0.5}, "weight_decay": 1e-3},
+        "schedule": {"lr": 0.5}, "steps": 8, "plots": False,
+    },
+    # layer-wise top-k with memory feedback on a parameter server topology (replicated server)
+    "mlp_layerwise_memory_bidirectional": {
+        "task": {"name": "digits_mlp"}, "workers": {"count": 2, "batch_size": 4},
+        "algorithm": {"compressor": {"kind": "topk", "density": 0.02, "scope": "layerwise"}, "feedback": "memory",
+                      "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": 0.05}}},
+        "schedule": {"lr": 0.05}, "steps": 6, "plots": False,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("torch_engine")
+    paths = []
+    for name, cfg in CONFIGS.items():
+        p = tmp / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        paths.append(str(p))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", *paths, "--nproc", "2",
+                           "--out", str(tmp / "runs")], env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    refs = {}
+    for name, cfg in CONFIGS.items():
+        refs[name] = run(load_config({**cfg, "engine": "sync"}), tmp / "sync" / name, progress=False)
+    return tmp, refs
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_torch_engine_equals_sync(launched, name):
+    tmp, refs = launched
+    got_dir, ref_dir = tmp / "runs" / name, refs[name]
+    got = torch.load(got_dir / "checkpoint.pt", weights_only=True)
+    ref = torch.load(ref_dir / "checkpoint.pt", weights_only=True)
+    assert got["engine"] == "torch" and ref["engine"] == "sync"
+    exact = ref["w"].dtype == torch.float64
+    tol = dict(rtol=1e-9, atol=1e-12) if exact else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got["w"], ref["w"], **tol)
+    assert got["ledger"] == ref["ledger"] and got["t"] == ref["t"]
+    for part in ("memory", "momentum"):
+        a, b = got["algorithm"]["worker"][part], ref["algorithm"]["worker"][part]
+        assert (a is None) == (b is None)
+        for seg in (a or {}):
+            torch.testing.assert_close(a[seg], b[seg], **tol)
+    # the same run directory: files, metric columns, byte totals
+    assert sorted(p.name for p in got_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
+    assert (got_dir / "metrics.csv").read_text().splitlines()[0] == (ref_dir / "metrics.csv").read_text().splitlines()[0]
+    sg, sr = json.loads((got_dir / "summary.json").read_text()), json.loads((ref_dir / "summary.json").read_text())
+    assert sg["uplink_bytes"] == sr["uplink_bytes"] and sg["downlink_bytes"] == sr["downlink_bytes"]
+    assert sg["engine"] == "torch" and sg["workers"] == 2
+
+
+def test_torch_engine_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
+    from gradsparse.config import ConfigError
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises((ConfigError, ValueError), match="gradsparse launch"):
+        run(load_config({**CONFIGS["mlp_topk_ef"], "engine": "torch"}), tmp_path / "x", progress=False)
+
+
+def test_launch_dry_run_prints_the_torchrun_command(capsys):
+    from gradsparse.distributed.launch import main
+
+    assert main(["toy_uplink", "--nproc", "3", "--out", "runs/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run" in out and "--nproc-per-node=3" in out and "gradsparse.distributed.worker" in out
