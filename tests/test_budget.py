@@ -264,3 +264,35 @@ def test_python_api_without_steps_says_what_is_missing():
     comp.bind_run(5)
     out = alg.worker_step(torch.randn(1, 10), None, state, step=0, lr=0.1)
     assert int(out.state.compressor["spent"][0]) == int(out.nbytes[0])
+
+
+def test_budget_compare_quick(tmp_path):
+    """The comparison users run (``gradsparse budget-compare --quick``): every table row, the
+    plot, a verdict per task from the stated rule, budget_threshold at top-k's bytes."""
+    from gradsparse.cli import main
+    from gradsparse.experiments.budget import METHODS, TASKS
+
+    out = tmp_path / "cmp"
+    assert main(["budget-compare", "--out", str(out), "--seeds", "3", "--quick"]) == 0
+    summary = json.loads((out / "verdict.json").read_text())
+    assert set(summary["verdicts"]) == set(TASKS)
+    for v in summary["verdicts"].values():
+        assert v["budget_threshold loss <= top-k loss at equal bytes"] in ("holds", "does not hold", "inconclusive")
+        assert v["budget_bytes_within_[0.95,1]_of_topk"] is True
+        assert len(v["loss_difference_vs_topk_per_seed"]) == 3
+    import csv
+
+    rows = list(csv.DictReader(open(out / "budget_compare.csv")))
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in TASKS for m in METHODS}
+    for r in rows:
+        assert r["seeds"] == "3" and math.isfinite(float(r["final_loss_mean"]))
+        if r["method"] == "budget_threshold":
+            assert 0.95 <= float(r["bytes_vs_topk_mean"]) <= 1.0
+    assert (out / "budget_compare.png").stat().st_size > 10_000
+    assert "Verdict" in (out / "budget_compare.md").read_text()
+    # a second comparison into the same directory replaces its own runs, nothing else
+    (out / "runs" / ".budget-compare").unlink()
+    with pytest.raises(FileExistsError):
+        from gradsparse.experiments.budget import compare
+
+        compare(out, seeds=1, quick=True, tasks=["logreg_madelon_like"])

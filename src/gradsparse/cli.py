@@ -83,6 +83,20 @@ def cmd_examples(args) -> int:
     return 0
 
 
+def cmd_budget_compare(args) -> int:
+    """top-k vs hand-tuned hard-threshold vs budget_threshold at equal bytes (issue 11)."""
+    from .experiments.budget import compare
+
+    try:
+        summary = compare(args.out, seeds=args.seeds, quick=args.quick)
+    except (ConfigError, FileExistsError) as exc:
+        print(f"gradsparse: error: {exc}", file=sys.stderr)
+        return 2
+    print(Path(summary["files"]["markdown"]).read_text(), end="")
+    print(f"table: {summary['files']['csv']}, plot: {summary['files']['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -104,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compare)
     e = sub.add_parser("examples", help="list the shipped example configs")
     e.set_defaults(fn=cmd_examples)
+    bc = sub.add_parser("budget-compare", help="top-k vs hard-threshold vs budget_threshold at the same total bytes")
+    bc.add_argument("--out", required=True, help="output directory (tables, plot, verdict, runs/)")
+    bc.add_argument("--seeds", type=int, default=3)
+    bc.add_argument("--quick", action="store_true", help="short runs (about a minute)")
+    bc.set_defaults(fn=cmd_budget_compare)
     sub.add_parser("bench", help="benchmark suite: gradsparse bench [--quick] [--only topk,wire,simulator] [--out DIR]")
     sub.add_parser("launch", help="run a config as N processes under torchrun (engine: torch): "
                    "gradsparse launch CONFIG --nproc N [--out DIR] [--set KEY=VALUE]")
