@@ -136,7 +136,16 @@ class Algorithm:
         weight_decay: float = 0.0,
         value_dtype: str = "fp32",
         staleness: StalenessDampening | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        #: ``skip``: a worker whose accumulated vector or message is non-finite sends an empty row
+        #: and keeps its memory (and momentum) from before the step; ``stop``: nothing here (the
+        #: runner stops at the first non-finite value, :mod:`gradsparse.divergence`)
+        self.on_nonfinite = on_nonfinite
+        #: messages dropped by the ``skip`` policy so far (every engine's worker steps count here)
+        self.skipped_messages = 0
         self.compressor = compressor if compressor is not None else Identity()
         self.feedback = make_feedback(feedback)
         self.momentum = make_momentum(momentum)
@@ -252,15 +261,64 @@ class Algorithm:
         context = CompressionContext(step, workers, "uplink")
         compressor = self.compressor.for_step(state.compressor, context)
         out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=compressor, context=context)
+        if self.on_nonfinite == "skip":
+            out, memory, momentum_state = self._skip_nonfinite(out, memory, momentum_state, state)
         if self.momentum.masking:
             self.momentum.mask_(momentum_state, out.message, memory)  # fresh tensors: safe in place
         nbytes = self.message_nbytes(out.message)
         compressor_state = self.compressor.observe(state.compressor, out.message, nbytes, context)
         return WorkerStepOutput(out.message, nbytes, WorkerState(memory, momentum_state, compressor_state), out, g)
 
+    def _skip_nonfinite(self, out: FeedbackOutput, memory, momentum_state, before: WorkerState):
+        """The ``skip`` policy on an out-of-place worker step: rows whose new memory, message
+        values or (feedback ``none``) accumulated vector are non-finite send nothing and keep
+        their memory and momentum from ``before``. Cost when all is finite: one sum per tensor."""
+        from .divergence import _all_finite
+
+        parts = [out.message.values]
+        if memory is not None:
+            parts.append(memory.flat)
+        if out.accumulated is not None:
+            parts.append(out.accumulated)
+        if all(_all_finite(x) for x in parts):
+            return out, memory, momentum_state
+        msg = out.message
+        n = msg.n
+        bad = torch.zeros(n, dtype=torch.bool)
+        bad_entries = ~torch.isfinite(msg.values)
+        if bool(bad_entries.any()):
+            bad[msg.row_ids()[bad_entries]] = True
+        for rows in (None if memory is None else memory.flat, out.accumulated):
+            if rows is not None:
+                bad |= ~torch.isfinite(rows).all(dim=1)
+        keep = ~bad[msg.row_ids()]
+        counts = msg.counts.masked_fill(bad, 0)
+        offsets = torch.zeros(n + 1, dtype=torch.long)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        new_msg = SparseBatch(msg.d, offsets, msg.values[keep], msg.indices[keep], msg.seeds, False,
+                              msg.sorted_rows, None)
+        accumulated = out.accumulated
+        if accumulated is not None:
+            accumulated = accumulated.clone()
+            accumulated[bad] = 0.0
+        out = FeedbackOutput(new_msg, out.accumulated_values[keep], accumulated)
+        if memory is not None:
+            memory.flat[bad] = before.memory.flat[bad]
+        if momentum_state is not None and before.momentum is not None:
+            momentum_state = SegmentedTensor(momentum_state.layout, momentum_state.flat.clone())
+            momentum_state.flat[bad] = before.momentum.flat[bad]
+        self.skipped_messages += int(bad.sum())
+        return out, memory, momentum_state
+
     @property
     def supports_in_place(self) -> bool:
-        """Whether :meth:`worker_step_in_place` applies (memory, no worker momentum, no weight decay)."""
+        """Whether engines should take :meth:`worker_step_in_place` (memory, no worker momentum,
+        no weight decay; and not under ``on_nonfinite: skip``, which needs the memory from before
+        the step to restore a skipped worker: engines then take the out-of-place step)."""
+        return self._in_place_applies and self.on_nonfinite != "skip"
+
+    @property
+    def _in_place_applies(self) -> bool:
         return self.feedback.has_memory and self.momentum.side != "worker" and not self.weight_decay
 
     def worker_step_in_place(
@@ -276,11 +334,19 @@ class Algorithm:
         memory <- memory - s, all in ``state.memory``'s buffer. Same result as :meth:`worker_step`
         (up to the rounding of forming e + c g). The returned output rebuilds its accumulated
         vectors from that buffer, so read them before the buffer changes again."""
-        if not self.supports_in_place:
+        if not self._in_place_applies:
             raise ValueError(f"the in-place worker step does not apply to {self.describe()}")
         context = CompressionContext(step, workers, "uplink")
         compressor = self.compressor.for_step(state.compressor, context)
-        out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
+        if self.on_nonfinite == "skip":
+            if grads is None:
+                raise ValueError("on_nonfinite 'skip' needs the memory from before the step: pass grads "
+                                 "(the engine must not form e + c g in the memory itself)")
+            before = WorkerState(SegmentedTensor(state.memory.layout, state.memory.flat.clone()))
+            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
+            out, _, _ = self._skip_nonfinite(out, state.memory, None, before)
+        else:
+            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
         nbytes = self.message_nbytes(out.message)
         if state.compressor is not None:
             new = self.compressor.observe(state.compressor, out.message, nbytes, context)

@@ -31,15 +31,44 @@ def _resolve_config(arg: str) -> Path:
     return ex if ex.exists() else p
 
 
-def cmd_run(args) -> int:
-    from .experiments.runner import run
+def _error(message: str, code: int = 2) -> int:
+    print(f"gradsparse: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
 
+
+def _ended(exc) -> int:
+    """A run that ended early: one line, its run directory, the exit code (3 diverged, 130/143
+    interrupted)."""
+    where = f"; run directory {exc.run_dir}" if exc.run_dir is not None else ""
+    hint = f" (continue with: gradsparse run --resume {exc.run_dir})" if exc.status == "interrupted" else ""
+    print(f"gradsparse: {exc.status}: {exc}{where}{hint}", file=sys.stderr)
+    return exc.exit_code
+
+
+def cmd_run(args) -> int:
+    from .experiments.runner import RunEnded, resume, run
+
+    progress = False if args.no_progress else None
     try:
-        cfg = load_config(_resolve_config(args.config), args.set)
-        out = run(cfg, args.out, progress=False if args.no_progress else None)
+        if args.resume is not None:
+            if args.config is not None or args.set or args.out is not None or args.overwrite:
+                return _error("--resume RUN_DIR takes no config, --set, --out or --overwrite: it continues the run "
+                              "with the config saved in RUN_DIR")
+            out = resume(args.resume, progress=progress)
+        else:
+            if args.config is None:
+                return _error("run needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
+            overrides = list(args.set)
+            if args.no_memory_check:
+                overrides.append("memory_check=false")
+            cfg = load_config(_resolve_config(args.config), overrides)
+            out = run(cfg, args.out, progress=progress, overwrite=args.overwrite)
     except ConfigError as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except RunEnded as exc:
+        return _ended(exc)
+    except OSError as exc:
+        return _error(f"cannot write the run directory: {exc}", 1)
     print(f"run directory: {out}")
     return 0
 
@@ -52,14 +81,26 @@ def cmd_demo(args) -> int:
     from .experiments.plots import compare_runs
     from .experiments.runner import run
 
+    from .experiments.runner import RunEnded, check_out_dir
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # every config and path is checked before the first run writes anything
+        cfgs = [load_config(_example_path(name), args.set) for name in DEMO_CONFIGS]
+        check_out_dir(out, overwrite=True)
+        for name in DEMO_CONFIGS:
+            check_out_dir(out / name, overwrite=True)
+    except ConfigError as exc:
+        return _error(exc)
     dirs = []
-    for name in DEMO_CONFIGS:
-        cfg = load_config(_example_path(name), args.set)
-        d = run(cfg, out / name, progress=not args.no_progress)
-        print(f"{name}: {d}")
-        dirs.append(d)
+    try:
+        for name, cfg in zip(DEMO_CONFIGS, cfgs):
+            d = run(cfg, out / name, progress=not args.no_progress, overwrite=True)  # the demo replaces its own runs
+            print(f"{name}: {d}")
+            dirs.append(d)
+    except ConfigError as exc:
+        return _error(exc)
+    except RunEnded as exc:
+        return _ended(exc)
     fig = compare_runs(dirs[:3], out / "toy_topologies.png")
     print(f"comparison plot: {fig}")
     return 0
@@ -101,9 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a config on its engine (engine: sync | loop)")
-    r.add_argument("config", help="YAML file, or the name of a shipped example (see `gradsparse examples`)")
+    r.add_argument("config", nargs="?", default=None,
+                   help="YAML file, or the name of a shipped example (see `gradsparse examples`)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
-    r.add_argument("--out", default=None, help="run directory (default runs/<name>)")
+    r.add_argument("--out", default=None, help="run directory (default runs/<name>); must not be an existing run")
+    r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --out")
+    r.add_argument("--no-memory-check", action="store_true",
+                   help="skip the up-front memory estimate (same as --set memory_check=false)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
     dm = sub.add_parser("demo", help="run the embedded default examples and write plots")
@@ -140,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return launch_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:  # before a run installed its handler (e.g. while the task loads)
+        print("gradsparse: interrupted (SIGINT) before the run started; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ value given and what is allowed. Nothing is written before validation succeeds.
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .algorithm import VALUE_DTYPE_NAMES
 from .compressors import COMPRESSORS
 from .engines import ENGINES
-from .engines.sync_sim import GRADIENT_PATHS
 from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
+from .engines.sync_sim import GRADIENT_PATHS
 from .engines.synchronous import GRADIENT_SHIFTS
 from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
@@ -34,7 +35,12 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+#: integers in a config must fit in a signed 64-bit integer (seeds, counts, steps)
+INT_MAX = 2**63 - 1
+#: what a run name may be: one path component under runs/, no leading dot
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$"
 
 
 def _choices(table) -> Any:
@@ -58,14 +64,27 @@ class WorkersConfig(_Strict):
     split: _choices(SPLITS) = "iid"
     shards_per_worker: int = Field(2, ge=1)
     batch_size: int | Literal["full"] = 1
+    #: p_q: finite, >= 0, not all zero, summing to 1 (within 1e-6); they are rejected, not
+    #: normalised, when they do not
     weights: list[float] | None = None
 
     @model_validator(mode="after")
     def _check(self):
         if isinstance(self.batch_size, int) and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 or 'full', got {self.batch_size}")
-        if self.weights is not None and len(self.weights) != self.count:
-            raise ValueError(f"weights has {len(self.weights)} entries but count = {self.count}")
+        if self.weights is not None:
+            if len(self.weights) != self.count:
+                raise ValueError(f"weights has {len(self.weights)} entries but count = {self.count}")
+            neg = [p for p in self.weights if p < 0]
+            if neg:
+                raise ValueError(f"weights must be >= 0, got {neg[0]!r}")
+            total = math.fsum(self.weights)
+            if total == 0:
+                raise ValueError("weights are all zero; give non-negative weights summing to 1")
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(
+                    f"weights sum to {total!r}, not 1; they are not normalised for you: divide each by {total!r}"
+                )
         return self
 
 
@@ -186,6 +205,14 @@ class ScheduleConfig(_Strict):
             raise ValueError("lr must be a finite number > 0 or '1/L'")
         return v
 
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, v):
+        bad = [m for m in v if m < 0]
+        if bad:
+            raise ValueError(f"milestones are epochs >= 0, got {bad[0]!r}")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
         if self.kind == "stagewise" and not self.stage_steps:
@@ -198,7 +225,17 @@ class ScheduleConfig(_Strict):
 class ResidualRatioConfig(_Strict):
     steps: list[int] = Field(default_factory=list)
     ks: list[int] | None = None
-    points: int = Field(25, ge=2)
+    points: int = Field(25, ge=2, le=100_000)
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [k for k in self.ks or [] if k < 1]
+        if bad:
+            raise ValueError(f"ks are counts k >= 1 (capped at d), got {bad[0]!r}")
+        bad = [s for s in self.steps if s < 1]
+        if bad:
+            raise ValueError(f"steps are step numbers >= 1, got {bad[0]!r}")
+        return self
 
 
 class MetricsConfig(_Strict):
@@ -220,43 +257,6 @@ class SimulatorConfig(_Strict):
     gradient_path: _choices(GRADIENT_PATHS) = "auto"
     in_place_memory: bool = True
 
-
-class RunConfig(_Strict):
-    name: str = "run"
-    seed: int = 0
-    engine: _choices(ENGINES) = "sync"
-    task: TaskConfig = Field(default_factory=TaskConfig)
-    workers: WorkersConfig = Field(default_factory=WorkersConfig)
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    steps: int | None = Field(None, ge=1)
-    epochs: float | None = Field(None, gt=0)
-    value_dtype: _choices(VALUE_DTYPE_NAMES) = "fp32"
-    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    plots: bool = True
-    progress: bool = True
-
-    @model_validator(mode="after")
-    def _check(self):
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps or epochs")
-        return self
-
-
-def _fmt_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    val = e.get("input")
-    where = f"config key '{loc}'" if loc else "config"
-    if e["type"] == "extra_forbidden":
-        return f"{where}: unknown key (value {val!r}); check the spelling against the documented schema"
-    if isinstance(val, dict):
-        return f"{where}: {msg}"
-    return f"{where}: invalid value {val!r}: {msg}"
 
 class ComputeLawConfig(_Strict):
     kind: _choices(COMPUTE_LAWS) = "uniform"
@@ -300,9 +300,88 @@ class AsynchronousConfig(_Strict):
     target: TargetConfig | None = None
 
 
+class RunConfig(_Strict):
+    name: str = Field("run", pattern=NAME_PATTERN)
+    seed: int = Field(0, ge=0, le=INT_MAX)
+    engine: _choices(ENGINES) = "sync"
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    value_dtype: _choices(VALUE_DTYPE_NAMES) = "fp32"
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    plots: bool = True
+    progress: bool = True
+    #: stop: end the run at the first non-finite value (summary status "diverged", exit 3);
+    #: skip: drop a worker's non-finite message for that step and keep its memory finite
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    #: write checkpoint.pt every this many steps (atomically); it is always written at the end
+    checkpoint_every: int | None = Field(None, ge=1)
+    #: refuse a run whose up-front memory estimate exceeds this many GiB (null: the machine's
+    #: memory from /proc/meminfo and the cgroup limit); memory_check: false turns the check off
+    memory_limit_gb: float | None = Field(None, gt=0)
+    memory_check: bool = True
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text)
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps or epochs")
+        return self
+
+
+def _fmt_error(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+    msg = e["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    val = e.get("input")
+    where = f"config key '{loc}'" if loc else "config"
+    if e["type"] == "extra_forbidden":
+        return f"{where}: unknown key (value {val!r}); check the spelling against the documented schema"
+    if isinstance(val, dict):
+        return f"{where}: {msg}"
+    shown = repr(val)
+    if len(shown) > 120:
+        shown = shown[:100] + "..."
+    return f"{where}: invalid value {shown}: {msg}"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the parser's problem and where (line/column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def _parse_scalar(text: str, key: str = "") -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={text!r} is not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def check_numbers(node: Any, where: str = "") -> None:
+    """Every number in a raw config is finite and every integer fits in 64 bits (names the key)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            check_numbers(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_numbers(v, f"{where}[{i}]")
+    elif isinstance(node, bool):
+        return
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config key '{where or 'config'}': invalid value {node!r}: must be a finite number")
+    elif isinstance(node, int) and not -INT_MAX - 1 <= node <= INT_MAX:
+        raise ConfigError(
+            f"config key '{where or 'config'}': invalid value {node}: integers must lie in -2**63..2**63-1"
+        )
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -312,7 +391,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, text = item.split("=", 1)
-    asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override key {key!r} is not a dotted key")
@@ -325,7 +403,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {key!r}: '{p}' holds a value, not a section")
             node[p] = child = dict(child)
             node = child
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _parse_scalar(text, key.strip())
     return raw
 
 
@@ -336,14 +414,32 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+            raise ConfigError(f"config file {str(path)!r} does not exist (or is not a regular file)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+        if len(data) > 16 << 20:
+            raise ConfigError(f"config file {str(path)!r} is {len(data)} bytes; a config is at most 16 MiB")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {str(path)!r} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
+            ) from None
+        if "\x00" in text:
+            raise ConfigError(f"config file {str(path)!r} is binary (NUL byte at offset {text.index(chr(0))}), not YAML")
+        try:
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {str(path)!r} nests too deeply") from None
+        raw = {} if raw is None else raw
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, not {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
+    check_numbers(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

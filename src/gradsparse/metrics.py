@@ -69,6 +69,7 @@ METRICS = (
     "avg_density",
     "uplink_bytes",
     "downlink_bytes",
+    "skipped_messages",  # cumulative: worker messages dropped by on_nonfinite: skip
     "xi",
     "rho_hat",
     "rho_hat_max",

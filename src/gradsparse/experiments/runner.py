@@ -18,6 +18,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ import torch
 from ..algorithm import Algorithm
 from ..compressors import make_compressor
 from ..config import ConfigError, RunConfig, dump_config
+from ..divergence import NonFinite, find_nonfinite
 from ..engines import ENGINES
 from ..metrics import METRICS, RUNNING_MAXIMA, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
 from ..schedules import Schedule
@@ -66,6 +71,7 @@ def build_algorithm(cfg: RunConfig, layout: Layout, base_lr: float) -> Algorithm
             weight_decay=a.weight_decay,
             value_dtype=cfg.value_dtype,
             staleness=StalenessDampening(a.staleness.kind, a.staleness.beta),
+            on_nonfinite=cfg.on_nonfinite,
         )
     except ValueError as exc:
         raise ConfigError(f"config key 'algorithm': {exc}") from None
@@ -109,6 +115,7 @@ def build_engine(cfg: RunConfig):
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(cfg.seed)))
     sched = build_schedule(cfg, task)
     alg = build_algorithm(cfg, layout, sched.lr)
+    check_memory(cfg, task, layout, alg)
     w = cfg.workers
     kwargs = dict(
         n_workers=w.count, batch_size=w.batch_size, split=w.split, shards_per_worker=w.shards_per_worker,
@@ -166,15 +173,6 @@ def total_steps(cfg: RunConfig, engine) -> int:
     return max(1, math.ceil(cfg.epochs * engine.task.n_train / engine.data.samples_per_step()))
 
 
-def unique_dir(base: Path) -> Path:
-    if not base.exists():
-        return base
-    i = 1
-    while Path(f"{base}-{i}").exists():
-        i += 1
-    return Path(f"{base}-{i}")
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000:
@@ -204,8 +202,264 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None) -> Path:
-    """Run ``cfg``; returns the run directory."""
+class RunEnded(Exception):
+    """A run that ended before its last step; the run directory holds its summary."""
+
+    status = "ended"
+    exit_code = 1
+
+    def __init__(self, message: str, run_dir: Path | None = None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class RunDiverged(RunEnded, FloatingPointError):
+    """``on_nonfinite: stop`` met a non-finite value (summary status ``diverged``; CLI exit 3)."""
+
+    status = "diverged"
+    exit_code = 3
+
+
+class RunInterrupted(RunEnded):
+    """SIGINT / SIGTERM: the step finished, a checkpoint and the summary (status
+    ``interrupted``) were written (CLI exit 128 + signal: 130 / 143)."""
+
+    status = "interrupted"
+
+    def __init__(self, message: str, run_dir: Path | None, signum: int) -> None:
+        super().__init__(message, run_dir)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+
+#: paths a run directory may not be written under
+_FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pt")
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def check_out_dir(path: Path, *, overwrite: bool = False, key: str = "--out") -> Path:
+    """Validate where a run directory will go, before anything is written (ConfigError)."""
+    text = str(path)
+    if not text or "\x00" in text:
+        raise ConfigError(f"{key} {text!r}: not a usable path")
+    resolved = Path(os.path.abspath(path))
+    for root in _FORBIDDEN_ROOTS:
+        if str(resolved) == root or str(resolved).startswith(root + "/"):
+            raise ConfigError(f"{key} {text!r}: a run directory cannot be written under {root}")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ConfigError(f"{key} {text!r} exists and is not a directory")
+        if is_run_dir(path):
+            if not overwrite:
+                raise ConfigError(
+                    f"{key} {text!r} is an existing run directory; continue it with --resume {text} "
+                    "or replace it with --overwrite"
+                )
+        elif any(path.iterdir()):
+            if not overwrite:
+                raise ConfigError(f"{key} {text!r} is a non-empty directory that is not a run directory; "
+                                  "choose another --out (or --overwrite)")
+    parent = resolved.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise ConfigError(f"{key} {text!r}: {parent} is a dangling link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} {text!r}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {text!r}: {parent} is not writable")
+    return path
+
+
+def default_out(cfg: RunConfig) -> Path:
+    return Path("runs") / cfg.name
+
+
+def _strict_json(x):
+    """NaN / inf as null, tensors and numpy scalars as numbers: valid JSON."""
+    if isinstance(x, dict):
+        return {str(k): _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+        return x
+    if isinstance(x, torch.Tensor):
+        x = x.item() if x.numel() == 1 else x.tolist()
+        return _strict_json(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return v if math.isfinite(v) else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class _Signals:
+    """SIGINT / SIGTERM set a flag that the run checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def estimate_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> tuple[int, str]:
+    """Bytes a run needs, roughly: N x d x bytes x state tensors (gradients, accumulated buffer,
+    memory, momentum) + the data set + the batches; and how it was computed."""
+    w = cfg.workers
+    n, d = w.count, layout.d
+    elem = torch.empty(0, dtype=next(iter(task.init_params(torch.Generator().manual_seed(0)).values())).dtype).element_size()
+    tensors = 2 + int(alg.feedback.has_memory) + 2 * int(alg.momentum.side == "worker")
+    state = n * d * elem * tensors
+    data = 0
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        x = getattr(task, name, None)
+        if isinstance(x, torch.Tensor):
+            data += x.numel() * x.element_size()
+    n_train = max(task.n_train, 1)
+    row = (task.train_x.numel() * task.train_x.element_size() + task.train_y.numel() * task.train_y.element_size()) // n_train
+    per_step = n_train if w.batch_size == "full" else n * int(w.batch_size)
+    batch = per_step * (2 * row + 16)
+    total = state + data + batch
+    how = (f"{n} workers x d = {d} x {elem} bytes x {tensors} state tensors = {_gib(state)} + data {_gib(data)} "
+           f"+ batches of {per_step} rows {_gib(batch)}")
+    return total, how
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def machine_memory() -> tuple[int | None, str]:
+    """The machine's memory (MemTotal in /proc/meminfo), or the cgroup limit when smaller."""
+    limit, source = None, ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                limit, source = int(line.split()[1]) * 1024, "MemTotal in /proc/meminfo"
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit() and (limit is None or int(text) < limit):
+            limit, source = int(text), "the cgroup limit /sys/fs/cgroup/memory.max"
+    except OSError:
+        pass
+    return limit, source
+
+
+def check_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> None:
+    if not cfg.memory_check:
+        return
+    need, how = estimate_memory(cfg, task, layout, alg)
+    if cfg.memory_limit_gb is not None:
+        limit, source = int(cfg.memory_limit_gb * 2**30), "memory_limit_gb"
+    else:
+        limit, source = machine_memory()
+    if limit is not None and need > limit:
+        key = "workers.batch_size" if "batches" in how and cfg.workers.batch_size != "full" and \
+            cfg.workers.count * int(cfg.workers.batch_size) > 10 * max(task.n_train, 1) else "workers.count"
+        raise ConfigError(
+            f"config key '{key}': the run needs an estimated {_gib(need)} ({how}), more than the limit "
+            f"{_gib(limit)} ({source}); use fewer workers or a smaller model/batch, or override with "
+            "memory_limit_gb: <GiB> or memory_check: false (--no-memory-check)"
+        )
+
+
+class _RunState:
+    """What the runner itself must carry across a resume (the engine has its own state_dict)."""
+
+    def __init__(self, columns) -> None:
+        self.columns = list(columns)
+        self.rows: list[dict] = []
+        self.rr_rows: list[dict] = []
+        self.worker_rows: list[dict] = []
+        self.maxima: dict = {}
+        self.skipped = 0
+        self.wall = 0.0
+
+    def state_dict(self) -> dict:
+        return {"columns": self.columns, "rows": self.rows, "rr_rows": self.rr_rows, "worker_rows": self.worker_rows,
+                "maxima": dict(self.maxima), "skipped_messages": self.skipped, "wall_seconds": self.wall}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["columns"]) != self.columns:
+            raise ConfigError(f"checkpoint metric columns {sd['columns']} differ from the config's {self.columns}")
+        self.rows, self.rr_rows, self.worker_rows = list(sd["rows"]), list(sd["rr_rows"]), list(sd["worker_rows"])
+        self.maxima = dict(sd["maxima"])
+        self.skipped, self.wall = int(sd["skipped_messages"]), float(sd["wall_seconds"])
+
+
+def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None,
+        overwrite: bool = False) -> Path:
+    """Run ``cfg``; returns the run directory (status ``completed``). Raises ConfigError before
+    anything is written, :class:`RunDiverged` / :class:`RunInterrupted` after writing the run
+    directory with that status. The directory is written into a temporary sibling and renamed
+    into place, so it is whole or absent."""
+    final = Path(out) if out is not None else default_out(cfg)
+    check_out_dir(final, overwrite=overwrite)
+    return _execute(cfg, final, progress=progress, resume=None)
+
+
+def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its checkpoint: the same metrics.csv and final state
+    as the uninterrupted run, bitwise."""
+    from ..config import load_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {str(run_dir)!r}: not a directory")
+    for f in ("config.yaml", "checkpoint.pt"):
+        if not (run_dir / f).is_file():
+            raise ConfigError(f"--resume {str(run_dir)!r}: no {f} (is it a run directory with a checkpoint?)")
+    status = None
+    if (run_dir / "summary.json").is_file():
+        try:
+            status = json.loads((run_dir / "summary.json").read_text()).get("status")
+        except (ValueError, OSError, AttributeError):
+            status = None
+    if status == "completed":
+        raise ConfigError(f"--resume {str(run_dir)!r}: the run is already completed")
+    cfg = load_config(run_dir / "config.yaml")
+    check_out_dir(run_dir, overwrite=True, key="--resume")
+    try:
+        sd = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(sd, dict) or "runner" not in sd:
+        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt holds no runner state (written by an older version?)")
+    return _execute(cfg, run_dir, progress=progress, resume=sd)
+
+
+def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None) -> Path:
     engine = build_engine(cfg)
     steps = total_steps(cfg, engine)
     names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
@@ -213,94 +467,193 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
     columns = [m for m in METRICS if m in names]
     # per-step metrics the running maxima need are computed at every step
     tracked = {RUNNING_MAXIMA[m] for m in names if m in RUNNING_MAXIMA}
-    maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
     rr = cfg.metrics.residual_ratio
     bad = [s for s in rr.steps if not 1 <= s <= steps]
     if bad:
         raise ConfigError(f"config key 'metrics.residual_ratio.steps': steps {bad} outside 1..{steps}")
+    state = _RunState(columns)
+    state.maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
+    if resume is not None:
+        try:
+            engine.load_state_dict({k: v for k, v in resume.items() if k != "runner"})
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ConfigError(f"--resume {str(final)!r}: checkpoint does not fit the run's config: {exc}") from None
+        state.load_state_dict(resume["runner"])
+        engine.alg.skipped_messages = state.skipped
+    is_async = hasattr(engine, "staleness_histogram")
+    async_stats = None
+    if is_async:
+        from .asynchronous import AsyncRowStats
 
-    run_dir = unique_dir(Path(out) if out is not None else Path("runs") / cfg.name)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+        async_stats = AsyncRowStats(engine, names)
 
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        return _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory into place (replacing an older one)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress) -> Path:
+    (tmp / "config.yaml").write_text(dump_config(cfg))
     show = cfg.progress if progress is None else progress
-    rows: list[dict] = []
-    rr_rows: list[dict] = []
-    worker_rows: list[dict] = []
     t0 = time.perf_counter()
-    f = open(run_dir / "metrics.csv", "w", newline="")
+    wall0 = state.wall
+    f = open(tmp / "metrics.csv", "w", newline="")
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
+    writer.writerows(state.rows)
 
     def record(row: dict) -> None:
+        if "skipped_messages" in columns:
+            row["skipped_messages"] = engine.alg.skipped_messages
         full = {c: row.get(c, "") for c in columns}
         writer.writerow(full)
         f.flush()
-        rows.append(full)
+        state.rows.append(full)
         if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
             norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
-            worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
+            state.worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
 
-    record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
+    def checkpoint() -> None:
+        state.skipped = engine.alg.skipped_messages
+        state.wall = wall0 + time.perf_counter() - t0
+        # the engine's state_dict (loads with engine.load_state_dict as before) plus the runner's
+        _atomic_save({**engine.state_dict(), "runner": state.state_dict()}, tmp / "checkpoint.pt")
+
+    def finish(status: str, extra: dict | None = None) -> None:
+        f.close()
+        state.wall = wall0 + time.perf_counter() - t0
+        state.skipped = engine.alg.skipped_messages
+        _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
+
+    if not state.rows:
+        record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
     bar = None
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=cfg.name, unit="step", dynamic_ncols=True)
-    try:
-        for _ in range(steps):
-            rec = engine.step()
-            done = engine.t
-            if tracked:
-                for m, value in step_metrics(engine, rec, tracked).items():
-                    for name, of in RUNNING_MAXIMA.items():
-                        if of == m and name in maxima and not math.isnan(value):
-                            maxima[name] = max(maxima[name], value)
-            if done in rr.steps:
-                G = rec.weighted_grad(engine.weights)
-                ks = rr.ks or sorted({max(1, round(engine.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
-                for k, ratio, worst in residual_ratio_curve(G, [min(k, engine.d) for k in ks]):
-                    rr_rows.append({"step": done, "k": k, "density": k / engine.d, "ratio": ratio, "uniform_bound": worst})
-            if done % cfg.metrics.every == 0 or done == steps:
-                row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
-                for name in maxima:
-                    row[name] = maxima[name] if maxima[name] > -math.inf else math.nan
-                    maxima[name] = -math.inf
-                record(row)
+        bar = tqdm(total=steps, initial=engine.t, desc=cfg.name, unit="step", dynamic_ncols=True)
+    maxima = state.maxima
+    with _Signals() as signals:
+        try:
+            while engine.t < steps:
+                if signals.signum is not None:
+                    break
+                rec = engine.step()
+                done = engine.t
+                bad = find_nonfinite(engine, rec, done)
+                if async_stats is not None:
+                    async_stats.observe(rec)
+                if bad is None and tracked:
+                    for m, value in step_metrics(engine, rec, tracked).items():
+                        for name, of in RUNNING_MAXIMA.items():
+                            if of == m and name in maxima and not math.isnan(value):
+                                maxima[name] = max(maxima[name], value)
+                if bad is None and done in rr.steps:
+                    G = rec.weighted_grad(engine.weights)
+                    ks = rr.ks or sorted({max(1, round(engine.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
+                    for k, ratio, worst in residual_ratio_curve(G, [min(k, engine.d) for k in ks]):
+                        state.rr_rows.append({"step": done, "k": k, "density": k / engine.d, "ratio": ratio, "uniform_bound": worst})
+                if bad is None and (done % cfg.metrics.every == 0 or done == steps):
+                    row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
+                    if async_stats is not None:
+                        row.update(async_stats.row())
+                    for name in maxima:
+                        row[name] = maxima[name] if maxima[name] > -math.inf else math.nan
+                        maxima[name] = -math.inf
+                    loss = row.get("loss")
+                    if isinstance(loss, float) and not math.isfinite(loss):
+                        bad = NonFinite("loss", done, value=loss)
+                    else:
+                        record(row)
+                    if bar is not None and bad is None:
+                        post = {}
+                        if "loss" in row:
+                            post["loss"] = f"{row['loss']:.4g}"
+                        post["bytes"] = _fmt_bytes(engine.ledger.uplink_bytes + engine.ledger.downlink_bytes)
+                        bar.set_postfix(post, refresh=False)
                 if bar is not None:
-                    post = {}
-                    if "loss" in row:
-                        post["loss"] = f"{row['loss']:.4g}"
-                    post["density"] = f"{float(rec.nnz.double().mean()) / engine.d:.3g}"
-                    post["bytes"] = _fmt_bytes(engine.ledger.uplink_bytes + engine.ledger.downlink_bytes)
-                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if bad is not None:
+                    if bar is not None:
+                        bar.close()
+                        bar = None
+                    hint = ("lower the step size, or set on_nonfinite: skip to drop non-finite worker messages"
+                            if cfg.on_nonfinite == "stop" else "skipping worker messages cannot help here; lower the step size")
+                    message = f"{bad.describe()} (on_nonfinite: {cfg.on_nonfinite}); {hint}"
+                    finish("diverged", {"diverged_at_step": done, "nonfinite": {
+                        "what": bad.what, "worker": bad.worker, "segment": bad.segment, "index": bad.index,
+                        "value": bad.value, "step": done}, "message": message,
+                        "checkpoint_step": _checkpoint_step(tmp)})
+                    _install(tmp, final)
+                    raise RunDiverged(message, final)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                    checkpoint()
+        finally:
             if bar is not None:
-                bar.update(1)
-            if not torch.isfinite(engine.w).all():
-                raise FloatingPointError(f"the model diverged (non-finite parameters) at step {done}; lower the step size")
-    finally:
-        if bar is not None:
-            bar.close()
-        f.close()
-    wall = time.perf_counter() - t0
+                bar.close()
+        if signals.signum is not None and engine.t < steps:
+            checkpoint()
+            name = signal.Signals(signals.signum).name
+            finish("interrupted", {"interrupted_at_step": engine.t, "signal": name})
+            _install(tmp, final)
+            raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signals.signum)
+    checkpoint()
+    finish("completed")
+    if cfg.plots:
+        from .plots import plot_run
 
-    torch.save(engine.state_dict(), run_dir / "checkpoint.pt")
-    if rr_rows:
-        _write_csv(run_dir / "residual_ratio.csv", rr_rows)
-    if worker_rows:
-        _write_csv(run_dir / "worker_error_norms.csv", worker_rows)
+        plot_run(tmp)
+    _install(tmp, final)
+    return final
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    p = run_dir / "checkpoint.pt"
+    if not p.exists():
+        return None
+    try:
+        return int(torch.load(p, weights_only=True)["t"])
+    except Exception:
+        return None
+
+
+def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extra: dict, async_stats) -> None:
+    if state.rr_rows:
+        _write_csv(run_dir / "residual_ratio.csv", state.rr_rows)
+    if state.worker_rows:
+        _write_csv(run_dir / "worker_error_norms.csv", state.worker_rows)
     stages = []
-    if engine.stagewise is not None:
+    if getattr(engine, "stagewise", None) is not None and status == "completed":
         for s, avg in enumerate(engine.stagewise.averages, start=1):
             stages.append({"stage": s, "loss_at_average": engine.full_loss(avg)})
         if stages:
             _write_csv(run_dir / "stages.csv", stages)
     final = {}
     for c in columns:
-        vals = [r[c] for r in rows if r[c] != ""]
+        vals = [r[c] for r in state.rows if r[c] != ""]
         final[c] = vals[-1] if vals else None
     summary = {
         "name": cfg.name,
+        "status": status,
         "engine": engine.name,
         "algorithm": engine.alg.describe(),
         "task": engine.task.name,
@@ -308,7 +661,7 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         "workers": engine.n_workers,
         "steps": engine.t,
         "epochs": engine.epoch,
-        "wall_seconds": wall,
+        "wall_seconds": state.wall,
         "gradient_path": getattr(engine, "gradient_path", None),  # what "auto" resolved to
         "in_place_memory": getattr(engine, "uses_in_place_memory", False),
         "uplink_bytes": engine.ledger.uplink_bytes,
@@ -317,14 +670,17 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         "downlink_messages": engine.ledger.downlink_messages,
         "avg_density": engine.density_sum / max(engine.t, 1),
         "total_error": engine.total_error if engine.track_total_error else None,
+        "on_nonfinite": cfg.on_nonfinite,
+        "skipped_messages": state.skipped,
         "hard_threshold": getattr(engine.alg.compressor, "threshold", None),
         "stages": stages or None,
         "f_star": engine.task.f_star,
         "final": final,
+        **extra,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    if cfg.plots:
-        from .plots import plot_run
+    if async_stats is not None:
+        from .asynchronous import write_staleness_histogram
 
-        plot_run(run_dir)
-    return run_dir
+        write_staleness_histogram(engine, run_dir, cfg.plots and status == "completed")
+        summary.update(async_summary(engine, state.rows, cfg))
+    _atomic_write_text(run_dir / "summary.json", json.dumps(_strict_json(summary), indent=2, allow_nan=False))

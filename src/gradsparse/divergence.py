@@ -1,0 +1,116 @@
+"""Non-finite detection on the engine interface (the ``on_nonfinite`` policy).
+
+:func:`find_nonfinite` looks at everything an engine holds after a step — the model, the
+workers' error-feedback memories and momentum, the server's momentum and downlink memory, and
+the values of the step's messages — and returns a :class:`NonFinite` naming the first
+non-finite one (what, worker, segment via the :class:`~gradsparse.segments.Layout`, step), or
+``None``. Memories matter on their own: NaN never passes a hard threshold (``|x| >= lambda`` is
+false), so a memory can fill with NaN while the model stays finite.
+
+Cost: one reduction per tensor (``x.sum()``: a finite sum implies every entry is finite, since a
+NaN or an infinity makes the sum non-finite); only when a sum is not finite (a real non-finite
+value, or an overflow of the sum of huge finite values) is the exact, allocating
+``isfinite`` check run to locate it. ``benchmarks/bench_divergence.py`` prints the per-step cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NonFinite", "find_nonfinite", "first_nonfinite", "ON_NONFINITE"]
+
+#: the values of the config key ``on_nonfinite``
+ON_NONFINITE = ("stop", "skip")
+
+
+@dataclass
+class NonFinite:
+    what: str  # model | memory | momentum | server momentum | server downlink memory | message | loss
+    step: int
+    worker: int | None = None
+    segment: str | None = None
+    index: int | None = None  # position inside the segment
+    value: float | None = None
+
+    def describe(self) -> str:
+        where = []
+        if self.worker is not None:
+            where.append(f"worker {self.worker}")
+        if self.segment is not None:
+            where.append(f"segment {self.segment!r}" + (f" entry {self.index}" if self.index is not None else ""))
+        at = f" ({', '.join(where)})" if where else ""
+        val = f" = {self.value}" if self.value is not None else ""
+        return f"non-finite {self.what}{at}{val} at step {self.step}"
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    if x.numel() == 0:
+        return True
+    if not x.is_floating_point():
+        return True
+    s = x.sum(dtype=torch.float64) if x.dtype in (torch.float16, torch.bfloat16) else x.sum()
+    if bool(torch.isfinite(s)):
+        return True
+    return bool(torch.isfinite(x).all())  # the sum may have overflowed: exact check
+
+
+def _locate(x: torch.Tensor, layout) -> tuple[int | None, str | None, int | None, float]:
+    """(row, segment, index in segment, value) of the first non-finite entry of [d] or [n, d]."""
+    bad = ~torch.isfinite(x)
+    rows = x if x.dim() == 2 else x.reshape(1, -1)
+    badr = bad.reshape(rows.shape)
+    q = int(torch.nonzero(badr.any(dim=1))[0, 0])
+    j = int(torch.nonzero(badr[q])[0, 0])
+    value = float(rows[q, j])
+    segment, index = None, j
+    if layout is not None and rows.shape[1] == layout.d:
+        for name, a, b in layout.bounds():
+            if a <= j < b:
+                segment, index = name, j - a
+                break
+    return (q if x.dim() == 2 else None), segment, index, value
+
+
+def first_nonfinite(what: str, x: torch.Tensor | None, step: int, layout=None) -> NonFinite | None:
+    """A :class:`NonFinite` for the first non-finite entry of ``x`` (``[d]`` or ``[n, d]``), else None."""
+    if x is None or _all_finite(x):
+        return None
+    q, segment, index, value = _locate(x, layout)
+    return NonFinite(what, step, q, segment, index, value)
+
+
+def find_nonfinite(engine, rec=None, step: int | None = None) -> NonFinite | None:
+    """The first non-finite value in ``engine``'s state after a step (and in the step record's
+    messages), or None. ``step`` defaults to ``engine.t`` (steps done)."""
+    step = engine.t if step is None else step
+    layout = getattr(engine, "layout", None)
+    checks = [("model", getattr(engine, "w", None))]
+    ws = getattr(engine, "worker_state", None)
+    if ws is not None:
+        checks.append(("memory", None if ws.memory is None else ws.memory.flat))
+        checks.append(("momentum", None if ws.momentum is None else ws.momentum.flat))
+    ss = getattr(engine, "server_state", None)
+    if ss is not None:
+        checks.append(("server momentum", None if ss.momentum is None else ss.momentum.flat))
+        checks.append(("server downlink memory", None if ss.downlink_memory is None else ss.downlink_memory.flat))
+    for what, x in checks:
+        found = first_nonfinite(what, x, step, layout)
+        if found is not None:
+            return found
+    worker = getattr(rec, "worker", None)
+    if worker is not None:
+        acc = getattr(worker.feedback, "accumulated", None)  # feedback none: the whole a = alpha g
+        if acc is not None:
+            found = first_nonfinite("gradient", acc, step, layout)
+            if found is not None:
+                return found
+        msg = worker.message
+        if not _all_finite(msg.values):
+            counts = msg.counts
+            bad = int(torch.nonzero(~torch.isfinite(msg.values))[0, 0])
+            q = int(torch.searchsorted(msg.offsets[1:], torch.tensor(bad), right=True))
+            return NonFinite("message", step, q, None, None, float(msg.values[bad]))
+        del msg
+    return None

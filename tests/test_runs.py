@@ -1,0 +1,272 @@
+"""Runs that never lie: divergence policy, validation before writing, whole-or-absent run
+directories, checkpoint/resume (bitwise), signals, strict JSON."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gradsparse.algorithm import Algorithm, WorkerState
+from gradsparse.cli import main
+from gradsparse.compressors import HardThreshold, TopK
+from gradsparse.config import load_config
+from gradsparse.divergence import find_nonfinite, first_nonfinite
+from gradsparse.experiments import runner
+from gradsparse.segments import Layout, SegmentedTensor
+
+TOY = {
+    "name": "t",
+    "task": {"name": "toy_quadratic", "options": {"dtype": "float64"}},
+    "workers": {"count": 3, "batch_size": "full"},
+    "algorithm": {"compressor": {"kind": "topk", "k": 1}, "feedback": "ef", "topology": {"kind": "ps_uplink"}},
+    "schedule": {"lr": 0.01},
+    "steps": 30,
+    "metrics": {"every": 5},
+    "plots": False,
+    "progress": False,
+}
+
+LINREG = {
+    "name": "lin",
+    "seed": 3,
+    "task": {"name": "linreg", "options": {"n_samples": 120, "n_features": 20}},
+    "workers": {"count": 4, "batch_size": 3},
+    "algorithm": {"compressor": {"kind": "topk", "k": 2}, "feedback": "ef"},
+    "schedule": {"lr": 0.05},
+    "steps": 40,
+    "metrics": {"every": 3, "names": ["step", "epoch", "loss", "mean_memory_norm", "total_error", "density",
+                                      "avg_density", "uplink_bytes", "rho_hat_max", "compression_ratio_up_max"],
+                "residual_ratio": {"steps": [7, 33], "points": 5}},
+    "plots": False,
+    "progress": False,
+}
+
+
+def cfg_of(base, **patch):
+    raw = json.loads(json.dumps(base))
+    for k, v in patch.items():
+        node = raw
+        parts = k.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return raw
+
+
+def write(tmp_path, raw, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+# ---- detection -----------------------------------------------------------------------------
+def test_first_nonfinite_names_worker_segment_and_entry():
+    layout = Layout.of({"a.weight": torch.zeros(2, 3), "b.bias": torch.zeros(4)})
+    x = torch.zeros(3, layout.d)
+    assert first_nonfinite("memory", x, 5, layout) is None
+    x[2, 6 + 1] = float("nan")  # worker 2, segment b.bias entry 1
+    x[2, 8] = float("inf")
+    found = first_nonfinite("memory", x, 5, layout)
+    assert (found.what, found.worker, found.segment, found.index, found.step) == ("memory", 2, "b.bias", 1, 5)
+    assert "worker 2" in found.describe() and "'b.bias'" in found.describe() and "step 5" in found.describe()
+    # huge finite values whose sum overflows are not reported
+    big = torch.full((2, layout.d), 3e38)
+    assert first_nonfinite("memory", big, 1, layout) is None
+
+
+def _poisoned_task(monkeypatch, worker_row_value=float("nan")):
+    """linreg with one training row set to NaN: the worker that draws it gets a NaN gradient."""
+    real = runner.build_task
+
+    def build(cfg):
+        task = real(cfg)
+        task.train_x[0] = worker_row_value
+        return task
+
+    monkeypatch.setattr(runner, "build_task", build)
+
+
+def test_hard_threshold_nan_memory_stops_the_run_naming_memory(tmp_path, monkeypatch, capsys):
+    # NaN never passes |x| >= lambda: the model stays finite, the memory does not
+    _poisoned_task(monkeypatch)
+    raw = cfg_of(LINREG, **{"algorithm.compressor": {"kind": "hard_threshold", "threshold": 0.05},
+                            "workers.batch_size": "full", "checkpoint_every": 1000})
+    raw["metrics"]["residual_ratio"] = {"steps": []}
+    out = tmp_path / "r"
+    rc = main(["run", str(write(tmp_path, raw)), "--out", str(out)])
+    assert rc == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite memory" in err[0] and "worker" in err[0] and "step 1" in err[0]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "diverged" and s["diverged_at_step"] == 1 and s["nonfinite"]["what"] == "memory"
+    assert s["nonfinite"]["segment"] is not None
+    assert not (out / "checkpoint.pt").exists()  # no finite checkpoint was ever written
+    assert not list(tmp_path.glob(".r.partial*"))
+
+
+@pytest.mark.parametrize("compressor", [{"kind": "hard_threshold", "threshold": 0.05}, {"kind": "topk", "k": 2},
+                                        {"kind": "randomk", "k": 2}, {"kind": "identity"}])
+def test_skip_drops_the_poisoned_worker_and_keeps_memories_finite(tmp_path, monkeypatch, compressor):
+    _poisoned_task(monkeypatch)
+    raw = cfg_of(LINREG, **{"algorithm.compressor": compressor, "workers.batch_size": "full",
+                            "on_nonfinite": "skip", "steps": 6, "metrics.every": 1})
+    # the loss over the training set includes the NaN row: record what the workers' state tells
+    raw["metrics"]["names"] = ["step", "mean_memory_norm", "uplink_bytes", "skipped_messages"]
+    raw["metrics"]["residual_ratio"] = {"steps": []}
+    cfg = load_config(raw)
+    out = runner.run(cfg, tmp_path / "r")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed"
+    # one worker owns row 0 and is skipped at every one of the 6 steps
+    assert s["skipped_messages"] == 6
+    lines = (out / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index("skipped_messages")
+    assert [int(line.split(",")[col]) for line in lines[1:]] == [0, 1, 2, 3, 4, 5, 6]
+    sd = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert torch.isfinite(sd["w"]).all()
+    for seg in (sd["algorithm"]["worker"]["memory"] or {}).values():
+        assert torch.isfinite(seg).all()
+
+
+def test_skip_in_the_algorithm_restores_memory_and_empties_the_row():
+    layout = Layout.flat(6)
+    alg = Algorithm(compressor=TopK(k=2), feedback="ef", on_nonfinite="skip")
+    state = alg.init_worker_state(layout, 3)
+    state.memory.flat[:] = torch.arange(18.0).view(3, 6) / 100
+    before = state.memory.flat.clone()
+    g = torch.ones(3, 6)
+    g[1, 4] = float("inf")
+    out = alg.worker_step(g, None, state, step=0, lr=0.1)
+    assert out.message.counts.tolist() == [2, 0, 2]
+    assert torch.equal(out.state.memory.flat[1], before[1])
+    assert torch.isfinite(out.state.memory.flat).all()
+    assert alg.skipped_messages == 1
+    # the in-place entry (grads given) does the same
+    alg2 = Algorithm(compressor=TopK(k=2), feedback="ef", on_nonfinite="skip")
+    state2 = alg2.init_worker_state(layout, 3)
+    state2.memory.flat.copy_(before)
+    out2 = alg2.worker_step_in_place(g, state2, step=0, lr=0.1)
+    assert out2.message.counts.tolist() == [2, 0, 2]
+    assert torch.equal(state2.memory.flat, out.state.memory.flat)
+    assert not alg2.supports_in_place  # engines take the out-of-place step under skip
+
+
+def test_stop_policy_leaves_algorithm_untouched_and_find_nonfinite_sees_memory():
+    from gradsparse.engines import SyncSimulator
+    from gradsparse.schedules import Schedule
+    from gradsparse.tasks import make_task
+
+    task = make_task("toy_quadratic", dtype="float64")
+    sim = SyncSimulator(task, Algorithm(compressor=HardThreshold(threshold=0.5), feedback="ef"), Schedule(lr=0.01),
+                        n_workers=3, batch_size="full")
+    rec = sim.step()
+    assert find_nonfinite(sim, rec) is None
+    sim.worker_state.memory.flat[1, 7] = float("nan")
+    found = find_nonfinite(sim, rec)
+    assert (found.what, found.worker, found.index) == ("memory", 1, 7)
+
+
+# ---- resume ----------------------------------------------------------------------------------
+def _files(d):
+    return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.suffix in (".csv",)}
+
+
+@pytest.mark.parametrize("compressor", [{"kind": "topk", "k": 2}, {"kind": "hard_threshold", "threshold": 0.02}])
+def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, monkeypatch):
+    raw = cfg_of(LINREG, **{"algorithm.compressor": compressor, "checkpoint_every": 10})
+    full = runner.run(load_config(raw), tmp_path / "full")
+    # a run that stops after step 20 (as an interruption would), then resumes
+    calls = {"n": 0}
+    real_step = runner.find_nonfinite
+
+    def interrupt_after(engine, rec, done):
+        calls["n"] += 1
+        if done == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(engine, rec, done)
+
+    monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
+    with pytest.raises(runner.RunInterrupted) as info:
+        runner.run(load_config(raw), tmp_path / "part")
+    assert info.value.exit_code == 130
+    part = tmp_path / "part"
+    s = json.loads((part / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"] == 17
+    monkeypatch.setattr(runner, "find_nonfinite", real_step)
+    runner.resume(part)
+    assert _files(part) == _files(full)
+    a = torch.load(full / "checkpoint.pt", weights_only=True)
+    b = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert torch.equal(a["w"], b["w"])
+    for k in a["algorithm"]["worker"]["memory"]:
+        assert torch.equal(a["algorithm"]["worker"]["memory"][k], b["algorithm"]["worker"]["memory"][k])
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    for s_ in (sa, sb):
+        s_.pop("wall_seconds")
+    assert sa == sb and sb["status"] == "completed"
+    with pytest.raises(runner.ConfigError, match="already completed"):
+        runner.resume(part)
+
+
+def test_sigterm_subprocess_writes_checkpoint_then_resume_matches(tmp_path):
+    raw = cfg_of(LINREG, steps=4000, **{"metrics.every": 50})
+    raw["metrics"]["residual_ratio"] = {"steps": []}
+    cfg = write(tmp_path, raw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "run", str(cfg), "--out", str(out)],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".r.partial-*/metrics.csv")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    if p.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--resume" in err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "interrupted" and 0 < s["steps"] < 4000
+    assert main(["run", "--resume", str(out)]) == 0
+    ref = runner.run(load_config(raw), tmp_path / "ref")
+    assert (out / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
+
+
+# ---- run directories ---------------------------------------------------------------------------
+def test_existing_run_dir_is_an_error_unless_overwrite(tmp_path, capsys):
+    cfg = write(tmp_path, TOY)
+    out = tmp_path / "r"
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    first = (out / "metrics.csv").read_bytes()
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    assert "existing run directory" in capsys.readouterr().err
+    assert not (tmp_path / "r-1").exists()
+    assert main(["run", str(cfg), "--out", str(out), "--overwrite", "--set", "steps=10"]) == 0
+    assert (out / "metrics.csv").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "r"]
+
+
+def test_a_crash_mid_run_leaves_no_directory(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runner, "_write_outputs", boom)
+    with pytest.raises(RuntimeError):
+        runner.run(load_config(TOY), tmp_path / "r")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summary_is_strict_json(tmp_path):
+    raw = cfg_of(TOY, **{"metrics.names": ["step", "loss", "suboptimality", "rho_hat_max"]})
+    out = runner.run(load_config(raw), tmp_path / "r")
+    text = (out / "summary.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
