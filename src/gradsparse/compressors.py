@@ -451,9 +451,14 @@ class _ThresholdStep(Compressor):
     kind = "budget_threshold_step"
 
     def __init__(self, lam: torch.Tensor, limits: list[int], hard: list[int], avail: list[int | None],
-                 seg_sizes: list[int], value_dtype: str = "fp32", floors: list[int] | None = None) -> None:
+                 seg_sizes: list[int], value_dtype: str = "fp32", floors: list[int] | None = None,
+                 first: list[list[int] | None] | None = None) -> None:
         self.lam, self.limits, self.hard, self.avail = lam, limits, hard, avail
         self.floors = floors or [0] * len(limits)
+        #: rows without a lambda yet: per segment the count k_l to keep by exact top-k; the
+        #: k_l-th largest magnitude of each segment is recorded in ``measured`` ([n, segments])
+        self.first = first or [None] * len(limits)
+        self.measured: torch.Tensor | None = None
         self.seg_sizes, self.value_dtype = seg_sizes, value_dtype
 
     def _fits(self, cols: torch.Tensor, d: int, avail: int) -> bool:
@@ -472,6 +477,26 @@ class _ThresholdStep(Compressor):
         else:
             sizes = torch.tensor(self.seg_sizes, dtype=torch.long)
             mask = x.abs() >= lam.repeat_interleave(sizes, dim=1)
+        if any(f is not None for f in self.first):
+            self.measured = torch.full((n, len(self.seg_sizes)), math.nan, dtype=torch.float64)
+            bounds = [0]
+            for size in self.seg_sizes:
+                bounds.append(bounds[-1] + size)
+            for q, ks in enumerate(self.first):
+                if ks is None:
+                    continue
+                mask[q] = False
+                for l, kl in enumerate(ks):
+                    a, b = bounds[l], bounds[l + 1]
+                    kl = min(kl, b - a)
+                    if kl <= 0:
+                        continue
+                    cols = kernels.topk_indices_rows(x[q : q + 1, a:b], kl)[0] + a
+                    mask[q, cols] = True
+                    mags = x[q, cols].abs()
+                    mags = mags[~torch.isnan(mags)]
+                    if mags.numel():
+                        self.measured[q, l] = float(mags.min())
         counts = mask.sum(1).tolist()
         for q in range(n):
             if counts[q] < self.floors[q]:  # must spend: the row's largest entries up to the floor
@@ -543,9 +568,11 @@ class BudgetThreshold(Compressor):
       gradients lambda settles where the expected count is K; the floor keeps it tracking a
       drifting distribution), and ``b <- 0.7 b + 0.3 (nbytes - E) / c`` when c > 0.
 
-    lambda starts at ``threshold`` when given, else at paper 002's rule 1/(2 sqrt(K_0)) with K_0
-    the entries the first share buys at b_0 = 4 + 4 bytes per entry; it adapts by up to a factor
-    8^eta per step. Steps beyond T (a run longer than planned) send empty messages: each still
+    lambda starts at ``threshold`` when given; else the first step keeps exactly its top K_0
+    entries (per segment round(K_0 d_l / d), at least 1; K_0 the entries the first share buys at
+    b_0 = 4 + 4 bytes per entry) and lambda_1 is, per segment, the smallest magnitude it kept
+    (the step hands it from ``for_step``'s compressor to the same worker step's ``observe``).
+    Later it moves by at most a factor 8^eta per step. Steps beyond T (a run longer than planned) send empty messages: each still
     costs an empty frame, so give ``steps`` >= the run's length (:meth:`bind_run` rejects less).
     The state (plain tensors, one row per worker) is checkpointed with the workers' state; a
     worker uses only its own state and messages, so it runs unchanged on every engine. Used
@@ -720,27 +747,38 @@ class BudgetThreshold(Compressor):
             shares.append(share), ks.append(k), send_all.append(full)
             limits.append(int(min(max(limit, floor), d))), hards.append(hard), avails.append(avail), floors.append(int(floor))
         log_lam = state["log_threshold"].clone()
+        sizes = self._segments(d)
+        first: list[list[int] | None] = [None] * n
         for q in range(n):
-            if math.isnan(float(log_lam[q, 0])):  # the first step: the given lambda or paper 002's rule
-                start = self.threshold if self.threshold is not None else 1.0 / (2.0 * math.sqrt(max(1.0, ks[q])))
-                log_lam[q] = math.log(start)
+            if math.isnan(float(log_lam[q, 0])):
+                if self.threshold is not None:  # the given starting lambda
+                    log_lam[q] = math.log(self.threshold)
+                else:  # no lambda yet: this step keeps the top K_l per segment and measures lambda
+                    first[q] = [max(1, round(ks[q] * dl / d)) for dl in sizes]
+                    log_lam[q] = 0.0  # unused (lambda = 0 below; observe sets the measured one)
         lam = torch.exp(log_lam)
+        for q in range(n):
+            if first[q] is not None:
+                lam[q] = 0.0
         for q in range(n):
             if send_all[q]:
                 lam[q] = 0.0
         return {"share": shares, "k": ks, "send_all": send_all, "limits": limits, "hard": hards, "avail": avails,
-                "floors": floors,
+                "floors": floors, "first": [None if send_all[q] else first[q] for q in range(n)],
                 "log_threshold": log_lam, "lam": lam}
 
     def _step(self, plan: dict, d: int) -> _ThresholdStep:
         return _ThresholdStep(plan["lam"], plan["limits"], plan["hard"], plan["avail"], self._segments(d), self.value_dtype,
-                              plan["floors"])
+                              plan["floors"], plan["first"])
 
     def for_step(self, state, context):
         d = self.layout.d if self.layout is not None else None
         if d is None:
             raise ValueError("budget_threshold needs the model's layout (built from a config, or pass layout=)")
-        return self._step(self._plan(state, d), d)
+        step = self._step(self._plan(state, d), d)
+        # the step that measures a first lambda hands it to the observe of the same worker step
+        self._measuring = step if any(f is not None for f in step.first) else None
+        return step
 
     def observe(self, state, message, nbytes, context):
         d = message.d
@@ -759,11 +797,19 @@ class BudgetThreshold(Compressor):
         cost = nbytes.to(torch.long) if self.bytes_mode else counts
         empty = self._sizes(d)[0] if self.bytes_mode else 0
         log_lam = plan["log_threshold"].clone()
+        measuring, self._measuring = getattr(self, "_measuring", None), None
         bpe = state["bytes_per_entry"].clone()
         frac = torch.tensor(sizes, dtype=torch.float64) / d
         for q in range(n):
             t = int(state["steps_done"][q])
-            if not plan["send_all"][q] and t < self.steps - 1:
+            if plan["first"][q] is not None:  # lambda_1: the measured K_l-th magnitudes (else unset)
+                got = measuring.measured[q] if measuring is not None and measuring.measured is not None and measuring.measured.shape[0] == n else None
+                if got is None or bool(torch.isnan(got).all()) or bool((got <= 0).any()):
+                    log_lam[q] = math.nan
+                else:
+                    fill = got[~torch.isnan(got)].min()
+                    log_lam[q] = torch.log(torch.where(torch.isnan(got), fill, got))
+            elif not plan["send_all"][q] and t < self.steps - 1:
                 eta = max(self.gain_floor, self.gain / math.sqrt(1.0 + t))
                 target = plan["k"][q] * frac
                 u = torch.log((seg_counts[q] + 1.0) / (target + 1.0)).clamp(-math.log(8.0), math.log(8.0))
