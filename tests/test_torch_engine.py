@@ -1,8 +1,9 @@
-"""``engine: torch`` as real processes (``gradsparse launch``, 2 ranks, gloo, 127.0.0.1) against
+"""``engine: torch`` as real processes (``gradsparse launch``, 4 ranks, gloo, 127.0.0.1) against
 ``sync`` on the same configs: the same parameters (fp32/fp64 tolerance), the same exact bytes and
 messages, the same memories, and the same run directory files.
 
-One launch runs every config (the engine-equivalence fixture in tests/test_engines.py cannot
+All-to-all configs run 4 workers (replicated server); ``ps_*`` configs run 3 workers and a
+parameter server on rank 0 (point-to-point, wire format). One launch runs every config (the engine-equivalence fixture in tests/test_engines.py cannot
 step an out-of-process engine: ``TorchDistEngine.synchronous_equivalent`` returns None there).
 """
 
@@ -22,29 +23,50 @@ from gradsparse.config import load_config
 from gradsparse.experiments.runner import run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+TOY = {"name": "toy_quadratic", "options": {"dtype": "float64"}}
 
 CONFIGS = {
     # fixed count, in-place fused path: one all_gather per step
     "mlp_topk_ef": {
-        "task": {"name": "digits_mlp"}, "workers": {"count": 2, "batch_size": 3},
+        "task": {"name": "digits_mlp"}, "workers": {"count": 4, "batch_size": 3},
         "algorithm": {"compressor": {"kind": "topk", "density": 0.01}}, "schedule": {"lr": 0.1}, "steps": 6, "plots": False,
     },
     # varying count (size exchange + padded all_gather), out of place (momentum, weight decay)
     "logreg_threshold_ef_scaled": {
         "task": {"name": "logreg", "options": {"dataset": "breast_cancer", "dtype": "float64"}},
-        "workers": {"count": 2, "batch_size": 4},
+        "workers": {"count": 4, "batch_size": 4},
         "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.05}, "feedback": "ef-scaled",
                       "momentum": {"kind": "update", "beta": 0.5}, "weight_decay": 1e-3},
         "schedule": {"lr": 0.5}, "steps": 8, "plots": False,
     },
     # layer-wise top-k with memory feedback on a parameter server topology (replicated server)
     "mlp_layerwise_memory_bidirectional": {
-        "task": {"name": "digits_mlp"}, "workers": {"count": 2, "batch_size": 4},
+        "task": {"name": "digits_mlp"}, "workers": {"count": 4, "batch_size": 4},
         "algorithm": {"compressor": {"kind": "topk", "density": 0.02, "scope": "layerwise"}, "feedback": "memory",
                       "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": 0.05}}},
         "schedule": {"lr": 0.05}, "steps": 6, "plots": False,
     },
+    # parameter-server mode: 3 workers + a server rank (point-to-point wire-format messages)
+    "ps_toy_uplink": {
+        "task": TOY, "workers": {"count": 3, "batch_size": "full"}, "plots": False, "steps": 12,
+        "algorithm": {"compressor": {"kind": "topk", "k": 1}, "topology": {"kind": "ps_uplink"},
+                      "momentum": {"kind": "gradient", "beta": 0.5}},
+        "metrics": {"every": 3, "names": ["step", "loss", "mean_memory_norm", "total_error", "density", "uplink_bytes",
+                                          "downlink_bytes", "xi", "rho_hat", "gamma_hat_up", "compression_ratio_up",
+                                          "aggregate_density"]},
+    },
+    "ps_toy_bidirectional_threshold": {
+        "task": TOY, "workers": {"count": 3, "batch_size": "full"}, "plots": False, "steps": 12,
+        "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.5}, "feedback": "ef-scaled",
+                      "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "k": 3}}},
+    },
+    "ps_toy_downlink_only": {
+        "task": TOY, "workers": {"count": 3, "batch_size": "full"}, "plots": False, "steps": 12,
+        "algorithm": {"compressor": {"kind": "identity"}, "feedback": "none",
+                      "topology": {"kind": "downlink_only", "down_compressor": {"kind": "topk", "k": 1}}},
+    },
 }
+NPROC = 4
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +79,7 @@ def launched(tmp_path_factory):
         paths.append(str(p))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", *paths, "--nproc", "2",
+    proc = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", *paths, "--nproc", str(NPROC),
                            "--out", str(tmp / "runs")], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     refs = {}
@@ -85,9 +107,11 @@ def test_torch_engine_equals_sync(launched, name):
     # the same run directory: files, metric columns, byte totals
     assert sorted(p.name for p in got_dir.iterdir()) == sorted(p.name for p in ref_dir.iterdir())
     assert (got_dir / "metrics.csv").read_text().splitlines()[0] == (ref_dir / "metrics.csv").read_text().splitlines()[0]
+    if name.startswith("ps_"):  # float64 and exact: every recorded metric is the same
+        assert (got_dir / "metrics.csv").read_text() == (ref_dir / "metrics.csv").read_text()
     sg, sr = json.loads((got_dir / "summary.json").read_text()), json.loads((ref_dir / "summary.json").read_text())
     assert sg["uplink_bytes"] == sr["uplink_bytes"] and sg["downlink_bytes"] == sr["downlink_bytes"]
-    assert sg["engine"] == "torch" and sg["workers"] == 2
+    assert sg["engine"] == "torch" and sg["workers"] == CONFIGS[name]["workers"]["count"]
 
 
 def test_torch_engine_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):

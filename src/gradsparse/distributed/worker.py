@@ -10,6 +10,7 @@ removed.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -30,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    # ranks other than 0 write nothing that is kept: they record only step and epoch (their
+    # metrics would repeat rank 0's; a parameter-server worker does not hold every worker's state)
+    quiet = [] if int(os.environ.get("RANK", "0")) == 0 else [
+        "metrics.names=[step, epoch]", "metrics.residual_ratio.steps=[]", "metrics.per_worker_error_norms=false",
+        "plots=false"]
     try:
-        cfgs = [load_config(c, [*args.set, "engine=torch"]) for c in args.config]
+        cfgs = [load_config(c, [*args.set, "engine=torch", *quiet]) for c in args.config]
     except ConfigError as exc:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2

@@ -11,11 +11,18 @@ does) on worker q's state, then exchange the N messages
 (:func:`gradsparse.distributed.exchange.all_gather_rows`: one fixed-size ``all_gather`` for
 fixed counts, a size exchange and a padded ``all_gather`` for varying counts) and their exact
 wire sizes. Every rank then runs the same server step on the same N rows (for the server
-topologies this replicates the server; the parameter server of :mod:`gradsparse.distributed` is the real
-one-rank server over point-to-point messages), so the model stays identical on every rank and
+topologies this replicates the server), so the model stays identical on every rank and
 equals ``sync``'s.
 
-Diagnostics: the per-worker state (memory, momentum) and the raw gradients of all workers are
+Parameter-server mode: for ``ps_uplink``, ``bidirectional`` and ``downlink_only`` started with
+one process more than workers (``--nproc N+1``), rank 0 is a real server and ranks 1..N the
+workers; the round is :mod:`gradsparse.distributed.server`'s (wire-format messages over Gloo
+point-to-point ``send``/``recv``). Rank 0 (the server) writes the run directory; the workers
+send it diagnostics after each message (not in the ledger).
+The diagnostics are each worker's gradient, accumulated vector, feedback input and new
+memory/momentum rows, so every metric is recorded as under ``sync``.
+
+Diagnostics (replicated mode): the per-worker state (memory, momentum) and the raw gradients of all workers are
 also all-gathered every round (d values per worker, not counted in the byte ledger, which
 holds the messages only), so every metric, the run directory and the checkpoint are the same as
 ``sync``'s. Rank 0 writes the run directory (``python -m gradsparse.distributed.worker``).
@@ -33,9 +40,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..algorithm import WorkerState, WorkerStepOutput
+from ..algorithm import ServerStepOutput, WorkerState, WorkerStepOutput
 from ..distributed.exchange import all_gather_rows
 from ..feedback import FeedbackOutput
+from ..messages import SparseBatch
 from ..segments import SegmentedTensor
 from .synchronous import SynchronousEngine
 
@@ -63,9 +71,15 @@ class TorchDistEngine(SynchronousEngine):
         _init_from_env()
         super().__init__(task, algorithm, schedule, **kw)
         world = dist.get_world_size()
-        if world != self.n_workers:
+        #: parameter-server mode: one more process than workers, rank 0 serves over point-to-point
+        self.parameter_server = algorithm.topology.has_server and world == self.n_workers + 1
+        if world != self.n_workers and not self.parameter_server:
+            more = f" or {self.n_workers + 1} (a parameter server and the workers)" if algorithm.topology.has_server else ""
             raise ValueError(f"engine 'torch' runs one process per worker: workers.count = {self.n_workers}, "
-                             f"but {world} processes were started (launch with --nproc {self.n_workers} or --set workers.count={world})")
+                             f"but {world} processes were started (launch with --nproc {self.n_workers}{more}, "
+                             f"or --set workers.count={world})")
+        if self.parameter_server and self.stagewise is not None:
+            raise ValueError("engine 'torch' with a parameter server does not run stagewise learning")
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -128,3 +142,90 @@ class TorchDistEngine(SynchronousEngine):
         feedback = FeedbackOutput(message, acc_values, None if accumulated is None else self._gather_rows(accumulated))
         inputs = None if out.feedback_input is None else self._gather_rows(out.feedback_input)
         return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), self._renew_live_token() if in_place else [True]
+
+    # ---- parameter-server mode (gradsparse.distributed.server) ---------------------------------
+    def step(self):
+        if not self.parameter_server:
+            return super().step()
+        from ..distributed import server as ps
+        from .synchronous import StepRecord
+
+        t, n = self.t, self.n_workers
+        lr = float(self.schedule(t, self.epoch))
+        w = self.w
+        idx = self.data.sample()  # every rank draws all workers' rows: the streams stay in step with sync
+        self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
+        d = self.d
+        mem, mom = self.worker_state.memory, self.worker_state.momentum
+        diag_width = d * (3 + (mem is not None) + (mom is not None))  # g, accumulated, feedback input, memory, momentum
+        server_before = self.server_state
+        if self.rank == 0:  # the server
+            messages, charged = [], []
+            grads, acc, fin = (torch.zeros(n, d, dtype=self.dtype) for _ in range(3))
+            for q in range(n):
+                batch, nbytes, _ = ps.recv_message(q + 1, step=t, dtype=self.dtype)
+                diag = ps.recv_tensor(diag_width, self.dtype, q + 1, step=t)
+                grads[q], acc[q], fin[q] = diag[:d], diag[d : 2 * d], diag[2 * d : 3 * d]
+                off = 3 * d
+                for st in (mem, mom):
+                    if st is not None:
+                        st.flat[q] = diag[off : off + d]
+                        off += d
+                messages.append(batch)
+                charged.append(nbytes)
+            message = SparseBatch.cat(messages)
+            srv = self.alg.server_step(message, self.server_state, step=t, lr=lr, weights=self.weights)
+            for q in range(n):
+                ps.send_message(srv.message, q + 1, step=t, charged=srv.nbytes, extra=charged, kind=1)
+            update, down_nbytes = srv.update, srv.nbytes
+            up_nbytes = torch.tensor(charged, dtype=torch.long)
+            self.server_state = srv.state
+        else:  # worker q
+            q = self.rank - 1
+            rows = idx[q]
+            x, y = self.task.train_x[rows], self.task.train_y[rows]
+            g = self._grad(w, x, y)
+            if self.x_star is not None:
+                g = g - self._grad(self.x_star, x, y)
+            state_q = self.worker_state.rows(slice(q, q + 1))
+            ids = self.worker_ids[q : q + 1]
+            if self.alg.supports_in_place:
+                out = self.alg.worker_step_in_place(g[None], state_q, step=t, lr=lr, workers=ids)
+            else:
+                out = self.alg.worker_step(g[None], w, state_q, step=t, lr=lr, workers=ids)
+                for mine, new in ((mem, out.state.memory), (mom, out.state.momentum)):
+                    if mine is not None:
+                        mine.flat[q] = new.flat[0]
+                if out.state.compressor is not None:
+                    for k, v in out.state.compressor.items():
+                        self.worker_state.compressor[k][q] = v[0]
+            ps.send_message(out.message, 0, step=t, charged=int(out.nbytes[0]))
+            fin_q = out.feedback_input[0] if out.feedback_input is not None else g
+            parts = [g, out.accumulated()[0], fin_q] + [st.flat[q] for st in (mem, mom) if st is not None]
+            ps.send_tensor(torch.cat(parts).to(self.dtype), 0, step=t)
+            down, down_nbytes, charged = ps.recv_message(0, step=t, n_extra=n, kind=1, dtype=self.dtype)
+            up_nbytes = torch.tensor(charged, dtype=torch.long)
+            if self.alg.topology.compresses_downlink:  # C_down(G): applied as is
+                update = down.to_dense(self.dtype)[0]
+                srv = ServerStepOutput(update, update, update, down, down_nbytes, self.server_state, self.weights)
+            else:  # ps_uplink: the aggregate A; the same momentum and step size as the server
+                a = down.to_dense(self.dtype)
+                srv = self.alg.server_step(SparseBatch.from_dense(a), self.server_state, step=t, lr=lr,
+                                           weights=torch.ones(1, dtype=self.dtype))
+                update = srv.update
+                self.server_state = srv.state
+            message, grads, acc, fin = out.message, g[None], out.accumulated(), None
+        self.w = w - update
+        up, down_total = self.alg.topology.synchronous_traffic(up_nbytes, down_nbytes, n)
+        self.ledger.add(up, down_total, n, n)
+        if self.rank == 0:
+            self.density_sum += float(message.counts.double().mean()) / d
+        else:
+            self.density_sum = float("nan")  # only the server knows every worker's count
+        if self.track_total_error and mem is not None and self.rank == 0:
+            self.total_error += float(mem.flat.double().square().sum()) / n
+        self.t += 1
+        # the accumulated vectors as full rows (FeedbackOutput.accumulated), so step metrics work
+        worker = WorkerStepOutput(message, up_nbytes, self.worker_state,
+                                  FeedbackOutput(message, message.values, acc), fin)
+        return StepRecord(t, lr, w, grads, worker, srv, server_before, up, down_total, [True])
