@@ -254,6 +254,9 @@ def test_runner_fills_steps_from_epochs_and_summary_respects_budget(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 19
     assert 0.95 * 3 * 1500 <= summary["uplink_bytes"] <= 3 * 1500
+    budget = summary["uplink_budget"]
+    assert budget["unit"] == "bytes" and budget["per_worker"] == 1500 and budget["total"] == 4500
+    assert budget["spent_total"] == summary["uplink_bytes"] and max(budget["spent_per_worker"]) <= 1500
     assert "steps: null" in (out / "config.yaml").read_text()  # resolved config: null = the run's length
 
 

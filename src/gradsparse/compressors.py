@@ -843,6 +843,19 @@ class BudgetThreshold(Compressor):
             raise ValueError("budget_threshold needs steps")
         return math.floor(self.density * d * self.steps)
 
+    def budget_summary(self, engine) -> dict:
+        """What a run's ``summary.json`` records under ``uplink_budget``: the budget per worker and
+        in total, what each worker spent (same unit), and the thresholds its next step would use."""
+        state = engine.worker_state.compressor
+        unit = "bytes" if self.bytes_mode else "entries"
+        per_worker = self.budget_for(engine.d)
+        return {
+            "unit": unit, "per_worker": per_worker, "total": per_worker * int(state["spent"].numel()),
+            "spent_per_worker": state["spent"].tolist(), "spent_total": int(state["spent"].sum()),
+            "steps": self.steps, "scope": self.scope,
+            "final_thresholds": torch.exp(state["log_threshold"]).tolist(),
+        }
+
     def describe(self):
         amount = f"budget_bytes={self.budget_bytes}" if self.bytes_mode else f"density={self.density:g}"
         return f"budget-threshold({amount}, steps={self.steps}, {self.scope})"

@@ -673,6 +673,7 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "on_nonfinite": cfg.on_nonfinite,
         "skipped_messages": state.skipped,
         "hard_threshold": getattr(engine.alg.compressor, "threshold", None),
+        "uplink_budget": getattr(engine.alg.compressor, "budget_summary", lambda e: None)(engine),
         "stages": stages or None,
         "f_star": engine.task.f_star,
         "final": final,
