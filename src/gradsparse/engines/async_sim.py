@@ -28,8 +28,10 @@ Rules that may reject an arriving message (each counted; see ``summary.json``):
   the empirical Lipschitz coefficient of worker q's message, ||s_q - s_q'|| / ||x_tau - x_tau'||
   against the same worker's previous accepted message s_q' (computed at x_tau'), is compared
   with the ``quantile`` (default (N - f)/N, f = ``byzantine``, default 1) of the last ``window``
-  (default N) accepted coefficients; above it the message is rejected (``rejected: drop``
-  discards it, ``restore`` returns its content to the worker's memory). Kardam's staleness
+  (default N) coefficients computed before it (accepted or not: so at most about a 1 - quantile
+  share of honest messages is rejected and the server cannot stall); above it the message is
+  rejected (``rejected: drop`` discards it, ``restore`` returns its content to the worker's
+  memory). Kardam's staleness
   dampening is the algorithm's ``staleness`` setting (e^{-beta tau}, beta e^{-beta tau}, ...).
 
 Randomness: one generator per purpose and worker (compute time, uplink delay, downlink delay),
@@ -364,10 +366,10 @@ class AsyncSimulator(Engine):
                 coefficient = float((sent - prev[0]).norm()) / dx if dx > 0 else 0.0
                 window = self.kardam.window or self.n_workers
                 recent = self.kardam_coefficients[-window:]
+                self.kardam_coefficients.append(coefficient)
                 q = self.kardam.quantile or max(self.n_workers - self.kardam.byzantine, 1) / self.n_workers
                 if recent and coefficient > float(torch.quantile(torch.tensor(recent, dtype=torch.float64), q)):
                     return "kardam"
-                self.kardam_coefficients.append(coefficient)
             self.kardam_previous[msg.worker] = (sent, msg.params)
         return None
 
