@@ -270,3 +270,150 @@ def test_summary_is_strict_json(tmp_path):
     out = runner.run(load_config(raw), tmp_path / "r")
     text = (out / "summary.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
+
+
+# ---- validation before anything is written ---------------------------------------------------
+BAD_SETS = [
+    (["--set", "steps=[1"], "not valid YAML"),
+    (["--set", "steps={a: 1"], "not valid YAML"),
+    (["--set", "epochs=.inf", "--set", "steps=null"], "epochs"),
+    (["--set", "epochs=.nan", "--set", "steps=null"], "epochs"),
+    (["--set", "seed=1180591620717411303424"], "seed"),
+    (["--set", "seed=-1"], "seed"),
+    (["--set", "seed=2**70"], "seed"),
+    (["--set", "steps=1e400"], "steps"),
+    (["--set", "steps=99999999999999999999999"], "steps"),
+    (["--set", "schedule.lr=.nan"], "schedule.lr"),
+    (["--set", "schedule.lr=.inf"], "schedule.lr"),
+    (["--set", "schedule.lr=-.inf"], "schedule.lr"),
+    (["--set", "schedule.warmup_epochs=.inf"], "schedule.warmup_epochs"),
+    (["--set", "schedule.milestones=[.nan]", "--set", "schedule.kind=step_decay"], "schedule.milestones"),
+    (["--set", "schedule.milestones=[-1]", "--set", "schedule.kind=step_decay"], "schedule.milestones"),
+    (["--set", "schedule.power=.inf"], "schedule.power"),
+    (["--set", "workers.weights=[.nan, 0.5, 0.5]"], "workers.weights"),
+    (["--set", "workers.weights=[.inf, 0, 0]"], "workers.weights"),
+    (["--set", "workers.weights=[0, 0, 0]"], "all zero"),
+    (["--set", "workers.weights=[0.5, 0.5, 0.5]"], "not normalised"),
+    (["--set", "workers.weights=[-0.5, 1.0, 0.5]"], ">= 0"),
+    (["--set", "workers.weights=[0.5, 0.5]"], "entries"),
+    (["--set", "workers.batch_size=100000000"], "workers.batch_size"),
+    (["--set", "workers.batch_size=900000", "--set", "memory_limit_gb=1"], "estimated"),
+    (["--set", "workers.batch_size=1e8"], "workers.batch_size"),
+    (["--set", "workers.batch_size=-1"], "batch_size"),
+    (["--set", "workers.count=1000000000"], "workers.count"),
+    (["--set", "metrics.residual_ratio.ks=[-5, 3]", "--set", "metrics.residual_ratio.steps=[2]"], "ks"),
+    (["--set", "metrics.residual_ratio.ks=[0]"], "ks"),
+    (["--set", "metrics.residual_ratio.steps=[0]"], "steps"),
+    (["--set", "metrics.residual_ratio.steps=[999]"], "residual_ratio.steps"),
+    (["--set", "metrics.every=0"], "metrics.every"),
+    (["--set", "name=../../x"], "name"),
+    (["--set", "name="], "name"),
+    (["--set", "name=''"], "name"),
+    (["--set", "name=a/b"], "name"),
+    (["--set", "name=.hidden"], "name"),
+    (["--set", "algorithm.compressor={kind: topk, density: .nan}"], "density"),
+    (["--set", "algorithm.compressor={kind: hard_threshold, threshold: .inf}"], "threshold"),
+    (["--set", "algorithm.weight_decay=.inf"], "weight_decay"),
+    (["--set", "algorithm.momentum={kind: gradient, beta: .nan}"], "beta"),
+    (["--set", "on_nonfinite=ignore"], "on_nonfinite"),
+    (["--set", "checkpoint_every=0"], "checkpoint_every"),
+    (["--set", "memory_limit_gb=-1"], "memory_limit_gb"),
+    (["--set", "memory_limit_gb=0.000001"], "estimated"),
+    (["--set", "task.options={w0: .nan}"], "task.options.w0"),
+    (["--set", "noequals"], "dotted.key=value"),
+    (["--set", "=3"], "dotted key"),
+    (["--set", "steps.x=3"], "holds a value"),
+]
+
+
+def _assert_one_line_error(capsys, rc, needle, tmp_path, keep=("c.yaml",)):
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert rc == 2, captured.err
+    assert len(err) == 1 and err[0].startswith("gradsparse: error: "), captured.err
+    assert "Traceback" not in captured.err
+    assert needle in err[0], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+@pytest.mark.parametrize("args, needle", BAD_SETS, ids=[" ".join(a) for a, _ in BAD_SETS])
+def test_bad_overrides_one_line_exit_2_no_directory(tmp_path, capsys, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, TOY)
+    rc = main(["run", str(cfg), *args])
+    _assert_one_line_error(capsys, rc, needle, tmp_path)
+
+
+BAD_FILES = [
+    (b"steps: [1, 2\n", "line 2, column 1"),
+    (b"a: 1\n  b: 2\n", "line 2"),
+    (b"\xff\xfe\x00s\x00t", "not UTF-8"),
+    (b"steps: 3\x00\x01\x02", "binary"),
+    (b"- 1\n- 2\n", "mapping"),
+    (b"just a string", "mapping"),
+    (b"steps: 10\nsteps: 20\n", ""),  # duplicate keys: PyYAML keeps the last; must still not crash
+    (b"epochs: .inf\n", "epochs"),
+    (b"seed: 2**70\n", "seed"),
+    (b"name: ../../x\nsteps: 3\n", "name"),
+    (b"name: ''\nsteps: 3\n", "name"),
+    (b"steps: !!python/object:os.system ls\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("data, needle", BAD_FILES)
+def test_bad_config_files_one_line_exit_2_no_directory(tmp_path, capsys, monkeypatch, data, needle):
+    monkeypatch.chdir(tmp_path)
+    p = tmp_path / "c.yaml"
+    p.write_bytes(data)
+    rc = main(["run", str(p)])
+    if data.startswith(b"steps: 10\nsteps: 20"):
+        assert rc == 0  # a valid (if odd) file runs
+        return
+    _assert_one_line_error(capsys, rc, needle, tmp_path)
+
+
+def test_out_paths_are_checked_before_writing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = write(tmp_path, TOY)
+    (tmp_path / "afile").write_text("x")
+    keep = ("c.yaml", "afile")
+    for out, needle in [(tmp_path / "afile" / "r", "is a file"), (tmp_path / "afile", "not a directory"),
+                        (Path("/proc/gs_run"), "/proc"), (Path("/sys/x/y"), "/sys")]:
+        rc = main(["run", str(cfg), "--out", str(out)])
+        _assert_one_line_error(capsys, rc, needle, tmp_path, keep)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.txt").write_text("mine")
+    rc = main(["run", str(cfg), "--out", str(tmp_path / "other")])
+    _assert_one_line_error(capsys, rc, "not a run directory", tmp_path, keep + ("other",))
+    rc = main(["run", "--resume", str(tmp_path / "nope")])
+    _assert_one_line_error(capsys, rc, "--resume", tmp_path, keep + ("other",))
+    rc = main(["run", str(tmp_path / "missing.yaml")])
+    _assert_one_line_error(capsys, rc, "does not exist", tmp_path, keep + ("other",))
+
+
+def test_demo_with_a_bad_override_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--set", "schedule.lr=.nan"])
+    captured = capsys.readouterr()
+    assert rc == 2 and len(captured.err.strip().splitlines()) == 1 and "schedule.lr" in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_memory_estimate_refuses_and_can_be_overridden(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = cfg_of(TOY, memory_limit_gb=1e-9)
+    rc = main(["run", str(write(tmp_path, raw))])
+    captured = capsys.readouterr()
+    assert rc == 2 and "estimated" in captured.err and "limit" in captured.err
+    assert not (tmp_path / "runs").exists()
+    assert main(["run", str(tmp_path / "c.yaml"), "--no-memory-check", "--out", str(tmp_path / "r")]) == 0
+    need, how = runner.estimate_memory(load_config(TOY), *_task_layout_alg(TOY))
+    # 3 workers x d = 100 x 8 bytes x (grads, accumulated, memory) + data
+    assert need >= 3 * 100 * 8 * 3 and "3 workers x d = 100" in how
+
+
+def _task_layout_alg(raw):
+    cfg = load_config(raw)
+    task = runner.build_task(cfg)
+    layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
+    return task, layout, runner.build_algorithm(cfg, layout, 0.01)

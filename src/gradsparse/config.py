@@ -63,15 +63,21 @@ class WorkersConfig(_Strict):
     count: int = Field(3, ge=1, le=100_000)
     split: _choices(SPLITS) = "iid"
     shards_per_worker: int = Field(2, ge=1)
+    #: per worker, 1..1,000,000 (sampled with replacement from the worker's shard), or "full"
     batch_size: int | Literal["full"] = 1
     #: p_q: finite, >= 0, not all zero, summing to 1 (within 1e-6); they are rejected, not
     #: normalised, when they do not
     weights: list[float] | None = None
 
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 1_000_000:
+            raise ValueError("batch_size must be an integer in 1..1000000 or 'full'")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
-        if isinstance(self.batch_size, int) and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 or 'full', got {self.batch_size}")
         if self.weights is not None:
             if len(self.weights) != self.count:
                 raise ValueError(f"weights has {len(self.weights)} entries but count = {self.count}")

@@ -346,10 +346,11 @@ def estimate_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> tup
     n_train = max(task.n_train, 1)
     row = (task.train_x.numel() * task.train_x.element_size() + task.train_y.numel() * task.train_y.element_size()) // n_train
     per_step = n_train if w.batch_size == "full" else n * int(w.batch_size)
-    batch = per_step * (2 * row + 16)
+    # gathered rows and their indices, plus per-sample intermediates of up to d values
+    batch = per_step * (2 * row + 16 + d * elem)
     total = state + data + batch
     how = (f"{n} workers x d = {d} x {elem} bytes x {tensors} state tensors = {_gib(state)} + data {_gib(data)} "
-           f"+ batches of {per_step} rows {_gib(batch)}")
+           f"+ batches of {per_step} rows x (row + d values) {_gib(batch)}")
     return total, how
 
 
