@@ -472,6 +472,10 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
     bad = [s for s in rr.steps if not 1 <= s <= steps]
     if bad:
         raise ConfigError(f"config key 'metrics.residual_ratio.steps': steps {bad} outside 1..{steps}")
+    unsupported = [m for m in names if m not in engine.metrics]
+    if unsupported:
+        raise ConfigError(f"config key 'metrics.names': engine {engine.name!r} does not record {unsupported} "
+                          f"(it records: {', '.join(m for m in METRICS if m in engine.metrics)})")
     state = _RunState(columns)
     state.maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
     if resume is not None:
