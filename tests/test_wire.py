@@ -1050,3 +1050,65 @@ def test_sparse_supports_never_choose_bitmap():
         idx = torch.from_numpy(np.sort(rng.choice(d, d // 100, replace=False)))
         msg = row(idx, torch.randn(idx.numel()), d)
         assert _encoding(wire.encode(msg)) == "rice"
+
+
+# ---- decode limits (issue 9) -------------------------------------------------------------------
+def _forged_frame(d: int, k: int, encoding: str = "seed", value_bytes: bytes | None = None) -> bytes:
+    """A frame whose header claims d and k, with a valid CRC (so only the bounds can reject it)."""
+    from gradsparse.wire import format as fmt
+
+    values = value_bytes if value_bytes is not None else b"\0" * (4 * k)
+    seed = 7 if encoding == "seed" else None
+    return fmt.write_frame(d, k, encoding, fmt.resolve_value_dtype("fp32"), None, seed, b"", values)
+
+
+def test_forged_headers_with_huge_d_or_k_fail_fast_before_allocating():
+    import tracemalloc
+
+    from gradsparse.wire import WireError
+
+    forged = [_forged_frame(2**32, 1), _forged_frame(2**61, 1), _forged_frame(2**40, 0)]
+    tracemalloc.start()
+    for data in forged:
+        with pytest.raises(WireError, match="max_d"):
+            wire.decode(data)
+        with pytest.raises(WireError, match="max_d"):
+            wire.frame_headers(data)
+    # k within d but above max_elements: rejected from the header, before regenerating the support
+    big_k = _forged_frame(1000, 600)
+    with pytest.raises(WireError, match="max_elements = 500"):
+        wire.decode(big_k, max_elements=500)
+    with pytest.raises(WireError, match="max_elements"):
+        wire.decode(big_k + big_k, max_elements=1000)  # 1200 entries over two frames
+    with pytest.raises(WireError, match="max_bytes"):
+        wire.decode(big_k, max_bytes=100)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    assert wire.decode(big_k).counts.tolist() == [600]  # within the defaults it decodes
+    with pytest.raises(ValueError, match="max_elements"):
+        wire.decode(big_k, max_elements=0)
+
+
+def test_strided_buffer_is_a_wire_error():
+    from gradsparse.wire import WireError
+
+    data = wire.encode(row([1, 4], torch.tensor([1.0, 2.0]), 10))
+    arr = np.frombuffer(data + data, np.uint8)[::2]
+    with pytest.raises(WireError, match="contiguous"):
+        wire.decode(arr)
+
+
+def test_fp16_out_of_range_raises_or_saturates_by_option():
+    b = row([0, 3, 5], torch.tensor([1e5, -7e4, 2.0]), 8)
+    with pytest.raises(ValueError, match="outside the finite range"):
+        wire.encode(b, value_dtype="fp16")
+    out = wire.decode(wire.encode(b, value_dtype="fp16", overflow="saturate"))
+    assert out.values.tolist() == [65504.0, -65504.0, 2.0]
+    out = wire.decode(wire.encode(b, value_dtype="bf16", overflow="saturate"))
+    assert out.values.float().tolist()[2] == 2.0
+    inf = row([0, 1], torch.tensor([float("inf"), float("nan")]), 4)
+    v = wire.decode(wire.encode(inf, value_dtype="fp16", overflow="saturate")).values
+    assert v[0].item() == float("inf") and math.isnan(v[1].item())
+    with pytest.raises(ValueError, match="overflow"):
+        wire.encode(b, value_dtype="fp16", overflow="clip")

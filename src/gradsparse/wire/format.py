@@ -112,6 +112,8 @@ __all__ = [
     "INDEX_ENCODINGS",
     "VALUE_DTYPES",
     "DEFAULT_MAX_D",
+    "DEFAULT_MAX_ELEMENTS",
+    "DEFAULT_MAX_BYTES",
     "WireError",
     "FrameHeader",
 ]
@@ -168,6 +170,10 @@ PACKED_MAX_WIDTH = 32  # packed field widths 1..32
 MAX_RICE_PARAMETER = 62
 #: Default bound of :func:`~gradsparse.wire.decode` on the d a frame may claim.
 DEFAULT_MAX_D = (1 << 31) - 1
+#: decode's default bound on the entries of all frames together (indices and values allocated)
+DEFAULT_MAX_ELEMENTS = 1 << 28
+#: decode's default bound on the buffer's size in bytes
+DEFAULT_MAX_BYTES = 1 << 32
 #: Smallest possible frame: fixed header, ndim 0, k, both lengths, CRC.
 MIN_FRAME_NBYTES = FIXED_HEADER_NBYTES + 3 + CRC_NBYTES
 

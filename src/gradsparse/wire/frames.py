@@ -16,7 +16,9 @@ from ..messages import SparseBatch
 from . import codecs
 from .format import (
     CRC_NBYTES,
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_D,
+    DEFAULT_MAX_ELEMENTS,
     VALUE_DTYPE_IDS,
     VALUE_DTYPE_TABLE,
     ValueDtype,
@@ -35,7 +37,7 @@ from .sizing import plan_row, sort_rows
 __all__ = ["encode", "decode", "frame_headers"]
 
 
-def _wire_values(values: torch.Tensor, vdt: ValueDtype) -> np.ndarray:
+def _wire_values(values: torch.Tensor, vdt: ValueDtype, overflow: str = "raise") -> np.ndarray:
     """The values cast to the wire dtype, as a numpy array of the payload's dtype (bfloat16 as
     raw u16 bit patterns). A finite value beyond the dtype's largest finite value raises (it would
     silently become +-inf); values that already are +-inf or NaN pass through."""
@@ -47,7 +49,9 @@ def _wire_values(values: torch.Tensor, vdt: ValueDtype) -> np.ndarray:
         over = v.abs() > limit
         if v.is_floating_point():
             over &= torch.isfinite(v)
-        if bool(over.any()):
+        if overflow == "saturate":
+            v = torch.where(over, v.sign() * limit, v)
+        elif bool(over.any()):
             pos = int(torch.nonzero(over)[0, 0])
             raise ValueError(
                 f"value {v[pos].item()!r} (entry {pos}) is outside the finite range of "
@@ -67,6 +71,7 @@ def encode(
     index_encoding: str = "auto",
     value_dtype: torch.dtype | str | None = None,
     verify_seed: bool = False,
+    overflow: str = "raise",
 ) -> bytes:
     """Serialise ``batch``: the concatenation of one frame per row, in row order.
 
@@ -80,11 +85,16 @@ def encode(
                     raises ``ValueError``.
     verify_seed:    for rows sent with the ``seed`` encoding, check that their columns equal
                     ``random_k_indices(seed, d, count)``.
+    overflow:       ``"raise"`` (default): a finite value beyond the value dtype's range raises
+                    ``ValueError``; ``"saturate"``: it is sent as the largest finite value of its
+                    sign (±65504 for fp16). Values that are already ±inf or NaN pass unchanged.
     Rows whose columns are not ascending are sorted (values permuted along); seeded rows keep
     their seed in the frame under every encoding. Raises ``ValueError`` for invalid batches
     (columns out of range or repeated within a row, negative seeds, ...).
     """
     check_index_encoding(index_encoding)
+    if overflow not in ("raise", "saturate"):
+        raise ValueError(f"overflow must be 'raise' or 'saturate', got {overflow!r}")
     vid = resolve_value_dtype(batch.values.dtype if value_dtype is None else value_dtype)
     vdt = VALUE_DTYPE_TABLE[vid]
     d = check_d(batch.d)
@@ -92,7 +102,7 @@ def encode(
     seeds = None if batch.seeds is None else [check_seed(s) for s in batch.seeds.tolist()]
     if index_encoding == "seed" and seeds is None:
         raise ValueError("the seed encoding needs a batch with seeds (random-k rows)")
-    values = _wire_values(batch.values, vdt)
+    values = _wire_values(batch.values, vdt, overflow)
     ptr = batch.offsets.detach().to("cpu", torch.int64).numpy()
     if values.size != (int(ptr[-1]) if n else 0):
         raise ValueError(f"batch has {values.size} values but its offsets describe {int(ptr[-1])}")
@@ -144,13 +154,32 @@ def _frame_values(mv: memoryview, h: FrameHeader) -> torch.Tensor:
     return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="), copy=True))
 
 
-def _headers(mv: memoryview, max_d: int) -> list[FrameHeader]:
+def _check_limit(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _headers(mv: memoryview, max_d: int, max_elements: int = DEFAULT_MAX_ELEMENTS,
+             max_bytes: int = DEFAULT_MAX_BYTES) -> list[FrameHeader]:
+    _check_limit("max_d", max_d)
+    _check_limit("max_elements", max_elements)
+    _check_limit("max_bytes", max_bytes)
     if len(mv) == 0:
         raise WireError("empty buffer: it holds no frame (a batch needs at least one row)")
+    if len(mv) > max_bytes:
+        raise WireError(f"buffer of {len(mv)} bytes is above the decoder's bound max_bytes = {max_bytes}")
     out: list[FrameHeader] = []
     pos = 0
+    elements = 0
     while pos < len(mv):
         h = read_frame_header(mv, pos, max_d)
+        elements += h.count
+        if elements > max_elements:
+            raise WireError(
+                f"frames claim {elements} entries (frame {len(out)} has {h.count}), above the decoder's bound "
+                f"max_elements = {max_elements}"
+            )
         if out:
             first = out[0]
             if h.d != first.d:
@@ -170,10 +199,11 @@ def _headers(mv: memoryview, max_d: int) -> list[FrameHeader]:
     return out
 
 
-def frame_headers(data, *, max_d: int = DEFAULT_MAX_D) -> list[FrameHeader]:
+def frame_headers(data, *, max_d: int = DEFAULT_MAX_D, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                  max_bytes: int = DEFAULT_MAX_BYTES) -> list[FrameHeader]:
     """The header of every frame of ``data`` (encoding, parameter, d, count, seed, offsets, ...),
     checked as :func:`decode` checks headers (CRC included) but without decoding the payloads."""
-    return _headers(as_byte_view(data), max_d)
+    return _headers(as_byte_view(data), max_d, max_elements, max_bytes)
 
 
 def decode(
@@ -181,6 +211,8 @@ def decode(
     regenerate: Callable[[int, int, int], torch.Tensor] | None = None,
     *,
     max_d: int = DEFAULT_MAX_D,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> SparseBatch:
     """Parse and validate the frames of ``data`` (any contiguous buffer-protocol object) into a
     :class:`~gradsparse.messages.SparseBatch`, one row per frame.
@@ -191,6 +223,10 @@ def decode(
                 anything is allocated, so a short frame cannot make ``to_dense()`` of the result
                 allocate an arbitrary d. Raise it to read longer rows (the format allows
                 d < 2**62).
+    max_elements: the most entries (indices/values) all frames together may claim (default
+                ``2**28``), checked from the headers before any payload is decoded or any
+                support regenerated.
+    max_bytes:  the largest buffer accepted (default ``2**32``).
     The result has ``sorted_rows=True``, the values in the wire dtype, ``fixed_k`` set when every
     row has the same count, ``seeds`` when every frame carries a seed, and ``dense=True`` when
     every frame is dense-encoded (a sparse row sent dense comes back as a full row, zeros off its
@@ -200,7 +236,7 @@ def decode(
     Raises :class:`WireError` on any invalid input.
     """
     mv = as_byte_view(data)
-    headers = _headers(mv, max_d)
+    headers = _headers(mv, max_d, max_elements, max_bytes)
     d = headers[0].d
     cols, vals = [], []
     for h in headers:
