@@ -138,6 +138,21 @@ def cmd_budget_compare(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A grid of runs in parallel processes, with a table and a plot."""
+    from .experiments.sweep import sweep
+
+    try:
+        out = sweep(_resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
+                    overrides=args.set, progress=not args.no_progress)
+    except ConfigError as exc:
+        print(f"gradsparse: error: {exc}", file=sys.stderr)
+        return 2
+    print((out / "table.md").read_text(), end="")
+    print(f"runs: {out / 'runs'}, table: {out / 'table.csv'}, plot: {out / 'sweep.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -169,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--seeds", type=int, default=3)
     bc.add_argument("--quick", action="store_true", help="short runs (about a minute)")
     bc.set_defaults(fn=cmd_budget_compare)
+    sw = sub.add_parser("sweep", help="a grid of runs in parallel processes: --grid key=v1,v2 (repeatable)")
+    sw.add_argument("config", help="YAML file or shipped example name")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2", help="a dotted key and its values")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per grid point")
+    sw.add_argument("--processes", type=int, default=None, help="parallel runs (default: the number of cores)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    sw.add_argument("--out", required=True, help="output folder (new or empty)")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
     sub.add_parser("bench", help="benchmark suite: gradsparse bench [--quick] [--only topk,wire,simulator] [--out DIR]")
     sub.add_parser("launch", help="run a config as N processes under torchrun (engine: torch): "
                    "gradsparse launch CONFIG --nproc N [--out DIR] [--set KEY=VALUE]")
