@@ -17,3 +17,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+# iproute2 (ip, tc) for benchmarks/bench_network.py; optional: skipped cleanly without root/apt
+if ! command -v ip >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing iproute2 (ip, tc) for benchmarks/bench_network.py" >&2
+    (apt-get install -y -qq iproute2 >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq iproute2 >/dev/null 2>&1; }) \
+      || echo "setup: iproute2 could not be installed; benchmarks/bench_network.py will skip" >&2
+  else
+    echo "setup: no ip/tc and no root apt-get: benchmarks/bench_network.py will skip" >&2
+  fi
+fi
