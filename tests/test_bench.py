@@ -34,7 +34,7 @@ def test_target_verdicts_use_the_worst_row_at_the_largest_size():
     # targets of benchmarks that did not run are left out
     assert not any(t.startswith("Rice") for t in v)
     assert len(check_targets({})) == 0
-    assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator"}
+    assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator", "async"}
 
 
 def test_quick_bench_writes_rows_and_a_target_table(tmp_path, capsys):

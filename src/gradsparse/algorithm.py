@@ -369,8 +369,13 @@ class Algorithm:
         lr: float,
         weights: torch.Tensor,
         versions: torch.Tensor | None = None,
+        send_downlink: bool = True,
     ) -> ServerStepOutput:
-        """Messages (one row each), weights p_q, optional versions -> update to subtract."""
+        """Messages (one row each), weights p_q, optional versions -> update to subtract.
+
+        ``send_downlink=False``: an engine whose server sends something else (the asynchronous
+        engine sends each worker the model) skips forming an uncompressed topology's message
+        (``ps_uplink``'s aggregate); a compressed downlink is always formed (it is the update)."""
         if versions is not None:
             factor = self.staleness.factor(step - versions.to(torch.long))
             weights = weights * factor.to(weights.dtype)
@@ -380,9 +385,12 @@ class Algorithm:
         if self.momentum.side == "server":
             direction, momentum_state = self.momentum.update(aggregate, state.momentum)
         update = direction if self.lr_inside else lr * direction
-        applied, down_message, downlink_memory = self.topology.downlink(
-            aggregate, update, state.downlink_memory, CompressionContext(step, None, "downlink")
-        )
+        if send_downlink or self.topology.compresses_downlink:
+            applied, down_message, downlink_memory = self.topology.downlink(
+                aggregate, update, state.downlink_memory, CompressionContext(step, None, "downlink")
+            )
+        else:
+            applied, down_message, downlink_memory = update, None, state.downlink_memory
         nbytes = int(self.message_nbytes(down_message)[0]) if down_message is not None else 0
         pre = update + state.downlink_memory.flat if self.topology.compresses_downlink else update
         return ServerStepOutput(applied, aggregate, pre, down_message, nbytes, ServerState(momentum_state, downlink_memory), weights)

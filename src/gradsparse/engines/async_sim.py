@@ -59,7 +59,7 @@ from ..metrics import METRICS
 from ..schedules import Schedule
 from ..segments import SegmentedTensor
 from ..tasks import Task
-from .base import ByteLedger, Engine, WorkerData
+from .base import ByteLedger, Engine, ModelCopy, WorkerData
 from .synchronous import GRADIENT_SHIFTS, StepRecord
 
 COMPUTE_LAWS = ("constant", "uniform", "exponential")
@@ -248,6 +248,8 @@ class AsyncSimulator(Engine):
         self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
         self.server_state = algorithm.init_server_state(self.layout, self.dtype)
         self._grad = torch.func.grad(self._loss_flat)
+        # module tasks: gradients by autograd on one model copy (the workers compute one at a time)
+        self._model = ModelCopy(task, self.layout) if task.module is not None else None
         self.one = torch.ones(1, dtype=self.dtype)
         self.streams = {
             purpose: [torch.Generator().manual_seed(stream_seed(seed, purpose, 0, q)) for q in range(n_workers)]
@@ -314,7 +316,7 @@ class AsyncSimulator(Engine):
     def _worker_gradient(self, q: int) -> tuple[torch.Tensor, int]:
         rows = self.data.sample_worker(q)
         x, y = self.task.train_x[rows], self.task.train_y[rows]
-        g = self._grad(self.worker_models[q], x, y)
+        g = self._grad(self.worker_models[q], x, y) if self._model is None else self._model.gradient(self.worker_models[q], x, y)
         if self.x_star is not None:
             g = g - self._grad(self.x_star, x, y)
         return g[None], int(rows.numel())
@@ -401,7 +403,7 @@ class AsyncSimulator(Engine):
         lr = float(self.schedule(t, self.epoch))
         server_before = self.server_state
         server = self.alg.server_step(msg.output.message, self.server_state, step=t, lr=lr, weights=self.one,
-                                      versions=torch.tensor([msg.version]))
+                                      versions=torch.tensor([msg.version]), send_downlink=False)
         self.server_state = server.state
         params_before = self.w
         self.w = self.w - server.update

@@ -189,3 +189,26 @@ class WorkerData:
         r = torch.rand(self.n_workers, self.batch_size, generator=self.generator)
         pos = self.offsets[:, None] + (r * self.lens[:, None]).long().clamp_max(self.lens[:, None] - 1)
         return self.rows_cat[pos]
+
+
+class ModelCopy:
+    """One worker's own copy of a task's ``nn.Module``: the gradient of the task's loss at a flat
+    model ``w`` by ordinary autograd on the copy's parameters (what a worker process does; faster
+    than ``torch.func.grad`` of the functional loss for one model)."""
+
+    def __init__(self, task: Task, layout: Layout) -> None:
+        import copy
+
+        self.task, self.layout = task, layout
+        self.model = copy.deepcopy(task.module).train()
+        self.params = dict(self.model.named_parameters())
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def gradient(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # load the model this worker holds into its copy
+            for name, view in self.layout.unflatten(w).items():
+                self.params[name].copy_(view)
+        self.model.zero_grad(set_to_none=True)
+        self.task.loss(self.params, x, y).backward()
+        return torch.cat([self.params[name].grad.reshape(-1) for name in self.layout.names])

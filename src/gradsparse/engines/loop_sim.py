@@ -15,13 +15,12 @@ own parameters; functional tasks (toy, linear and logistic regression) take one
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..algorithm import WorkerState, WorkerStepOutput
 from ..feedback import FeedbackOutput
 from ..messages import SparseBatch
+from .base import ModelCopy
 from .synchronous import SynchronousEngine
 
 
@@ -32,25 +31,12 @@ class LoopSimulator(SynchronousEngine):
         super().__init__(task, algorithm, schedule, **kw)
         self.models = None
         if task.module is not None:
-            self.models = [copy.deepcopy(task.module).train() for _ in range(self.n_workers)]
-            for m in self.models:
-                for p in m.parameters():
-                    p.requires_grad_(True)
+            self.models = [ModelCopy(task, self.layout) for _ in range(self.n_workers)]
 
     def worker_gradient(self, q: int, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Worker q's gradient at w on its rows, computed in its own model copy."""
         x, y = self.task.train_x[rows], self.task.train_y[rows]
-        if self.models is None:
-            g = self._grad(w, x, y)
-        else:
-            model = self.models[q]
-            params = dict(model.named_parameters())
-            with torch.no_grad():  # broadcast the shared model into the worker's copy
-                for name, view in self.layout.unflatten(w).items():
-                    params[name].copy_(view)
-            model.zero_grad(set_to_none=True)
-            self.task.loss(params, x, y).backward()
-            g = torch.cat([params[name].grad.reshape(-1) for name in self.layout.names])
+        g = self._grad(w, x, y) if self.models is None else self.models[q].gradient(w, x, y)
         if self.x_star is not None:
             g = g - self._grad(self.x_star, x, y)
         return g
