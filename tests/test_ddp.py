@@ -46,6 +46,9 @@ SCENARIOS = {
     "reordered_tiny_buckets_memory": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
                                       "algorithm": {"compressor": {"kind": "topk", "k": 20, "scope": "layerwise"},
                                                     "feedback": "memory"}},
+    # scope entire: whole-model mode (pending futures resolved at the last of several buckets)
+    "topk_entire_tiny_buckets": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
+                                 "algorithm": {"compressor": {"kind": "topk", "density": 0.05}}},
     "topk_ef_resumed": {"model": "mlp", "resume_at": 3, "lr": 0.1,
                         "algorithm": {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}}},
 }
@@ -86,6 +89,9 @@ def _reference(name: str, spec: dict):
         rec = sim.step()
         msg = rec.worker.message
         for q in range(N):  # the wire size of worker q's message restricted to each parameter
+            if a["compressor"].get("scope", "entire") == "entire" and a["compressor"]["kind"] == "topk":
+                bytes_per_param[q] += int(rec.worker.nbytes[q])  # whole-model mode: one message
+                continue
             row = msg.row(q)
             cols, vals = row.indices, row.values
             for _, lo, hi in sim.layout.bounds():
@@ -184,13 +190,15 @@ def test_state_dict_loads_under_weights_only_and_round_trips(launched, tmp_path)
         bad.load_state_dict(loaded)
 
 
-def test_entire_scope_and_server_topologies_are_rejected():
+def test_server_topologies_and_layerwise_entire_mix_are_rejected():
     import gradsparse.ddp as gddp
 
     model = MLP(SIZES[0], [SIZES[1]], SIZES[2])
     layout = gddp.layout_of(model)
-    with pytest.raises(ValueError, match="layerwise"):
-        gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3)), lr=0.1)
+    state = gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3)), lr=0.1)
+    assert state.whole_model  # scope entire: whole-model mode
+    with pytest.raises(ValueError, match="layerwise"):  # entire top-k cannot be split per parameter
+        gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3)), lr=0.1, whole_model=False)
     with pytest.raises(ValueError, match="all_to_all"):
         gddp.SparsifiedState(model, Algorithm(compressor=make_compressor("topk", layout, k=3, scope="layerwise"),
                                               topology="ps_uplink"), lr=0.1)

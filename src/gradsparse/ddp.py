@@ -40,12 +40,19 @@ all-gather makes every rank receive ``(N - 1) * M * (8 + b)`` bytes (M: the larg
 entry count of the bucket, b: the value size), a ring all-reduce of the densified messages
 ``2 (N - 1) / N * D * b`` (D: the bucket's size). When the first is larger the messages are
 densified locally and all-reduced; the aggregate is the same sum (up to the summation order),
-and the byte counters still count the messages' wire sizes. Fixed counts know M before any
-collective; varying counts decide after the size exchange.
+and the byte counters still count the messages' wire sizes. Only fixed counts use it (they know
+M before any collective); varying counts always go through the size exchange and the padded
+all-gather.
 
-``scope: entire`` (one top-k over the whole model) cannot be decided per bucket; it is not
-supported by this hook (a clear error): use ``scope: layerwise``, which keeps DDP's overlap of
-communication with the backward pass.
+``scope: entire`` (one top-k over the concatenation of all parameters, in registration order)
+cannot be decided per bucket: it runs in *whole-model mode* (``whole_model=True``, the default
+for ``TopK(scope="entire")``; also usable for random-k and the others to get the simulator's
+whole-vector compression). Each bucket's gradients are copied into one model-sized buffer and
+its future is left pending; at the last bucket the algorithm runs once on the whole model (one
+message, one exchange) and every pending future gets its own fresh tensor. The cost: no bucket
+communicates before the backward pass has finished (DDP's overlap of communication with
+backward is lost), and one model-sized gradient buffer. Weight decay inside the algorithm and
+stateful compressors are not supported in this mode.
 
 Other features: ``warmup_steps`` uncompressed steps (a dense ``all_reduce`` of the averaged
 gradient, no memory change); gradients in fp16/bf16 keep fp32 memories (``memory_dtype``);
@@ -134,7 +141,8 @@ class SparsifiedState:
     """
 
     def __init__(self, model: torch.nn.Module, algorithm: Algorithm, *, lr=1.0, warmup_steps: int = 0,
-                 dense_fallback: bool = False, memory_dtype: torch.dtype | None = None, process_group=None) -> None:
+                 dense_fallback: bool = False, memory_dtype: torch.dtype | None = None, process_group=None,
+                 whole_model: bool | None = None) -> None:
         if algorithm.topology.kind != "all_to_all":
             raise ValueError(f"the DDP hook runs topology all_to_all, got {algorithm.topology.kind!r} "
                              "(parameter servers: gradsparse.distributed)")
@@ -154,8 +162,38 @@ class SparsifiedState:
         self.dense_fallbacks = 0
         self._bind(params)
         self.segments: dict[str, _Segment] = {}
-        for i, (name, p) in enumerate(params.items()):
-            self.segments[name] = self._new_segment(i, name, p)
+        c = algorithm.compressor
+        self.whole_model = (isinstance(c, TopK) and c.scope == "entire") if whole_model is None else bool(whole_model)
+        if not self.whole_model:
+            for i, (name, p) in enumerate(params.items()):
+                self.segments[name] = self._new_segment(i, name, p)
+            return
+        # whole-model mode: one state over the layout; each name's entry is a view into it
+        first = next(iter(params.values()))
+        dtype, device = self._dtype_for(first), first.device
+        self._whole_worker = algorithm.init_worker_state(self.layout, 1, dtype)
+        self._whole_server = algorithm.init_server_state(self.layout, dtype)
+        if algorithm.weight_decay:
+            raise ValueError("whole-model mode does not apply weight decay inside the algorithm; use the optimizer's")
+        if self._whole_worker.compressor is not None:
+            raise ValueError("whole-model mode does not keep a stateful compressor's state; use layer-wise compression")
+        for part in (self._whole_worker.memory, self._whole_worker.momentum, self._whole_server.momentum):
+            if part is not None:
+                part.flat = part.flat.to(device)
+        self._bounds = {n: (a, b) for n, a, b in self.layout.bounds()}
+        self._grad_full = torch.zeros(self.layout.d, dtype=dtype, device=device)
+        self._pending: list = []
+
+        def view(st, name):
+            if st is None:
+                return None
+            a, b = self._bounds[name]
+            return SegmentedTensor(Layout.flat(b - a, name), st.flat[..., a:b])
+
+        for name in params:
+            worker = WorkerState(view(self._whole_worker.memory, name), view(self._whole_worker.momentum, name), None)
+            self.segments[name] = _Segment(name, algorithm, Layout.flat(self._bounds[name][1] - self._bounds[name][0], name),
+                                           worker, ServerState(view(self._whole_server.momentum, name), None))
 
     # ---- construction -----------------------------------------------------------------------
     def _bind(self, params: dict) -> None:
@@ -301,6 +339,8 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
             state.step += 1
         return _done(buf)
 
+    if state.whole_model:
+        return _whole_model_bucket(state, bucket, buf, params, step, world, group)
     lr = state.lr_at(step)
     rank_id = torch.tensor([dist.get_rank(group)])
     segs, messages = [], []
@@ -353,6 +393,52 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
     if bucket.is_last():
         state.step += 1
     return _done(buf)
+
+
+def _whole_model_bucket(state: SparsifiedState, bucket, buf, params, step: int, world: int, group):
+    """Whole-model mode: keep this bucket's gradients; at the last bucket compress the whole model
+    once and resolve every bucket's future with its own fresh tensor."""
+    names, start = [], 0
+    for p in params:
+        name = state.name_of(p)
+        a, b = state._bounds[name]
+        state._grad_full[a:b].copy_(buf[start : start + p.numel()].reshape(-1))
+        start += p.numel()
+        names.append(name)
+    fut = torch.futures.Future()
+    state._pending.append((names, fut, buf.dtype))
+    if not bucket.is_last():
+        return fut
+    alg, lr = state.algorithm, state.lr_at(step)
+    rank_id = torch.tensor([dist.get_rank(group)])
+    g = state._grad_full[None]
+    worker = state._whole_worker
+    if alg.supports_in_place:
+        out = alg.worker_step_in_place(g, worker, step=step, lr=lr, workers=rank_id)
+    else:
+        out = alg.worker_step(g, None, worker, step=step, lr=lr, workers=rank_id)
+        for mine, new in ((worker.memory, out.state.memory), (worker.momentum, out.state.momentum)):
+            if mine is not None:
+                mine.flat.copy_(new.flat)  # in place: the per-name views stay current
+    state.uplink_bytes += int(out.nbytes.sum())
+    state.dense_bytes += sum(_dense_nbytes(torch.empty(b - a), alg.value_dtype) for a, b in state._bounds.values())
+    state.messages += 1
+    if out.message.dense:
+        batch, weights = _allreduce_dense([out.message], group, buf.device)[0]
+    else:
+        ex = all_gather_rows([out.message], group=group)
+        state.payload_bytes += ex.payload_bytes
+        batch = ex.gathered[0]
+        weights = torch.full((world,), 1.0 / world, dtype=batch.values.dtype, device=batch.values.device)
+    srv = alg.server_step(batch, state._whole_server, step=step, lr=lr, weights=weights)
+    if state._whole_server.momentum is not None:
+        state._whole_server.momentum.flat.copy_(srv.state.momentum.flat)
+    update = srv.update / lr if lr != 0 else srv.update
+    for bucket_names, f, dtype in state._pending:  # each future gets its own fresh tensor
+        f.set_result(torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(dtype))
+    state._pending = []
+    state.step += 1
+    return fut
 
 
 def _dense_nbytes(p: torch.Tensor, value_dtype: str = "fp32") -> int:
