@@ -514,3 +514,34 @@ def test_mnist_missing_files_error(tmp_path, monkeypatch):
     assert "train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg and "nowhere" in msg
     with pytest.raises(FileNotFoundError):
         make_task("fashion_mnist_cnn", data_dir=tmp_path)
+
+
+def test_linreg_without_a_gram_matrix_when_n_is_below_d(monkeypatch):
+    """n < d: f*, L (and x*) from A A^T, or iteratively, equal the d x d Gram path's."""
+    import numpy as np
+    from scipy import linalg as sla
+
+    from gradsparse.tasks import convex
+
+    def gram_path(task):
+        A = task.train_x.double().numpy()
+        y = task.train_y.double().numpy()
+        n = A.shape[0]
+        eig = sla.eigvalsh(A.T @ A)
+        w = sla.lstsq(A, y)[0]  # minimum-norm least squares
+        return eig[-1] / n, 0.5 * np.mean((A @ w - y) ** 2), w
+
+    kernel = make_task("linreg", n_samples=40, n_features=300, seed=2)
+    L, f, w = gram_path(kernel)
+    assert kernel.info["L"] == pytest.approx(L, rel=1e-10) and kernel.info["mu"] == 0.0
+    assert kernel.f_star == pytest.approx(f, abs=1e-12)
+    assert np.allclose(kernel.x_star["w"].double().numpy(), w, atol=1e-5)
+    monkeypatch.setattr(convex, "_KERNEL_MAX_N", 10)  # force the iterative path
+    iterative = make_task("linreg", n_samples=40, n_features=300, seed=2)
+    assert iterative.info["L"] == pytest.approx(L, rel=1e-6)
+    assert iterative.f_star == pytest.approx(f, abs=1e-10)
+    assert np.allclose(iterative.x_star["w"].double().numpy(), w, atol=1e-5)
+    # n > d is the Gram path as before
+    tall = make_task("linreg", n_samples=300, n_features=40, seed=2)
+    A = tall.train_x.double().numpy()
+    assert tall.info["L"] == pytest.approx(sla.eigvalsh(A.T @ A)[-1] / 300, rel=1e-10) and tall.info["mu"] > 0

@@ -100,6 +100,40 @@ def toy_quadratic(
 # --------------------------------------------------------------------------------------------
 
 
+#: above this many rows (with n < d) the n x n kernel matrix is replaced by iterative solves
+_KERNEL_MAX_N = 4096
+
+
+def _least_squares(A: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(L, mu, w*) of f(w) = 1/(2n) ||A w - y||^2 with the minimum-norm minimiser w*, from the
+    smaller of A^T A (d x d) and A A^T (n x n): their nonzero eigenvalues are the same, and for
+    n < d, mu = 0 and w* = A^T (A A^T)^+ y. Large n < d problems use Lanczos for L and conjugate
+    gradients on A A^T (matrix-vector products only: no n x n or d x d matrix)."""
+    n, d = A.shape
+    if d <= n:
+        gram = A.T @ A
+        eig = sla.eigvalsh(gram)
+        L, mu = float(eig[-1] / n), float(max(eig[0], 0.0) / n)
+        if eig[0] <= 1e-12 * eig[-1]:
+            return L, mu, sla.lstsq(A, y)[0]
+        return L, mu, sla.cho_solve(sla.cho_factor(gram), A.T @ y)
+    if n <= _KERNEL_MAX_N:
+        K = A @ A.T
+        eig = sla.eigvalsh(K)
+        L = float(eig[-1] / n)
+        if eig[0] <= 1e-12 * eig[-1]:
+            return L, 0.0, sla.lstsq(A, y)[0]
+        return L, 0.0, A.T @ sla.cho_solve(sla.cho_factor(K), y)
+    from scipy.sparse.linalg import LinearOperator, cg, eigsh
+
+    K = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+    top = float(eigsh(K, k=1, which="LA", tol=1e-7, return_eigenvectors=False)[0])  # L to ~1e-7
+    z, info = cg(K, y, rtol=1e-11, maxiter=10 * n)
+    if info != 0:  # ill-conditioned kernel: fall back to the dense minimum-norm solve
+        return top / n, 0.0, sla.lstsq(A, y)[0]
+    return top / n, 0.0, A.T @ z
+
+
 def linreg(
     *,
     n_samples: int = 10_000,
@@ -114,8 +148,9 @@ def linreg(
     Rows a_i ~ N(0, I_d), a planted w_true ~ N(0, I_d / d), targets y_i = a_i^T w_true + noise * e_i
     with e_i ~ N(0, 1) (all drawn with ``numpy.random.default_rng(seed)``). Loss on a batch:
     mean_i 1/2 (a_i^T w - y_i)^2. ``x_star`` is the exact least-squares solution on the training
-    rows (Cholesky solve of A^T A w = A^T y in float64), ``f_star`` its objective value.
-    info: L = lambda_max(A^T A)/n, mu = lambda_min(A^T A)/n, step = 1/L. Start point w = 0.
+    rows (Cholesky solve of A^T A w = A^T y in float64; for n < d the minimum-norm solution from
+    A A^T, or conjugate gradients when n is large: no d x d matrix), ``f_star`` its objective value.
+    info: L = lambda_max(A^T A)/n, mu = lambda_min(A^T A)/n (0 when n < d), step = 1/L. Start point w = 0.
     ``test_fraction`` > 0 holds out random rows as a test set (regression: no ``predict``).
     """
     check_int("seed", seed)
@@ -137,14 +172,7 @@ def linreg(
     A64 = train_x.double().numpy()
     y64 = train_y.double().numpy()
     n = A64.shape[0]
-    gram = A64.T @ A64
-    eig = sla.eigvalsh(gram)
-    L = float(eig[-1] / n)
-    mu = float(max(eig[0], 0.0) / n)
-    if eig[0] <= 1e-12 * eig[-1]:
-        w_star = sla.lstsq(A64, y64)[0]
-    else:
-        w_star = sla.cho_solve(sla.cho_factor(gram), A64.T @ y64)
+    L, mu, w_star = _least_squares(A64, y64)
     r = A64 @ w_star - y64
     f_star = float(0.5 * np.mean(r * r))
     grad_norm = float(np.linalg.norm(A64.T @ r / n))
