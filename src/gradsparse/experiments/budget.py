@@ -276,9 +276,10 @@ def _plot(results: dict, path: Path) -> Path:
                 ax.plot(x, m, label=method)
                 ax.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], alpha=0.2)
             ax.set_xlabel("uplink bytes sent (all workers)")
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
             ax.set_ylabel(label)
             if key == "total_error":
-                ax.set_yscale("symlog", linthresh=1e-6)
+                ax.set_yscale("log")  # the step-0 value (0) is left out
             ax.set_title(task)
             ax.legend()
     fig.tight_layout()
