@@ -1112,3 +1112,34 @@ def test_fp16_out_of_range_raises_or_saturates_by_option():
     assert v[0].item() == float("inf") and math.isnan(v[1].item())
     with pytest.raises(ValueError, match="overflow"):
         wire.encode(b, value_dtype="fp16", overflow="clip")
+
+
+def test_vectorized_random_k_rows_are_what_each_receiver_regenerates():
+    """RandomK draws all workers' supports in one call; each row must be exactly
+    random_k_indices(seed, d, k), the receiver's definition, on both sampler branches."""
+    from gradsparse.compressors import CompressionContext, RandomK, random_k_indices_rows
+
+    for d, k in [(50_890, 51), (1000, 900), (64, 4), (64, 5), (10, 10), (7, 0)]:
+        seeds = torch.tensor([0, 1, 2**62 + 5, 123456789, 7])
+        rows = random_k_indices_rows(seeds, d, k)
+        assert rows.shape == (5, k)
+        for q, s in enumerate(seeds.tolist()):
+            assert torch.equal(rows[q], random_k_indices(s, d, k))
+    x = torch.randn(40, 300, generator=torch.Generator().manual_seed(1))
+    msg = RandomK(k=9).compress(x, CompressionContext(3))
+    back = wire.decode(wire.encode(msg))
+    assert torch.equal(back.indices, msg.indices)
+    for q in range(40):
+        assert torch.equal(msg.row(q).indices, random_k_indices(int(msg.seeds[q]), 300, 9))
+
+
+def test_random_k_dense_branch_is_uniform():
+    d, k, n = 40, 10, 3000  # 16 k > d: the k smallest i.i.d. keys
+    from gradsparse.compressors import random_k_indices_rows
+
+    rows = random_k_indices_rows(torch.arange(n), d, k)
+    assert torch.all(rows[:, 1:] > rows[:, :-1])
+    counts = torch.bincount(rows.reshape(-1), minlength=d).double()
+    expected = n * k / d
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < d + 5 * math.sqrt(2 * d)

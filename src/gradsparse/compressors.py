@@ -114,37 +114,82 @@ def stream_seed(seed: int, stream: str, step: int, worker: int) -> int:
     return int(z & ((1 << 63) - 1))
 
 
-def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
-    """Sorted k-of-d indices, uniform without replacement, fixed by ``seed``.
+def _i64(x: int) -> int:
+    """A 64-bit constant as the int64 with the same bits."""
+    return x - (1 << 64) if x >= 1 << 63 else x
 
-    For k <= d/16: the first k distinct values of an i.i.d. uniform sequence drawn from
-    ``torch.Generator().manual_seed(seed)`` (a uniform k-subset, O(k log k) — no O(d) permutation,
-    so regenerating a 0.1% support of d = 25M costs milliseconds). Otherwise
-    ``torch.randperm(d)[:k]`` from the same generator. Sorted ascending. The random-k compressor
-    and the wire's default regenerator (seeded messages) both call this function.
+
+_GOLDEN, _MIX1, _MIX2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic: the same bits as uint64)."""
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def _counter_draws(keys: torch.Tensor, start: int, m: int) -> torch.Tensor:
+    """[n, m] 63-bit uniform integers: draw j of row q is mix(key_q + (start + j) * golden)."""
+    j = torch.arange(start, start + m, dtype=torch.int64)
+    return _srl(_mix64(keys[:, None] + j[None, :] * _GOLDEN), 1)
+
+
+def random_k_indices_rows(seeds, d: int, k: int) -> torch.Tensor:
+    """``[n, k]`` sorted k-of-d supports, uniform without replacement, row q fixed by ``seeds[q]``
+    alone (vectorized over rows: one call for all workers). :func:`random_k_indices` is row 0 of
+    this function for one seed, so sender and receiver regenerate the same support.
+
+    Draws come from a counter-based generator (splitmix64 of the seed and the draw's position),
+    so many rows are drawn in one batch of tensor operations. For k <= d/16: the first k distinct
+    values of the i.i.d. sequence ``draw_j mod d`` (a uniform k-subset, O(k log k) per row — no
+    O(d) permutation). Otherwise the k columns with the smallest i.i.d. keys ``draw_j``, j < d (a
+    uniform k-subset; rows processed in chunks of about 4M keys).
     """
     d, k = int(d), int(k)
     if not 0 <= k <= d:
         raise ValueError(f"random-k needs 0 <= k <= d, got k = {k}, d = {d}")
-    if k == 0:  # nothing to draw (and no randperm of a possibly huge d)
-        return torch.zeros(0, dtype=torch.int64)
-    gen = torch.Generator().manual_seed(int(seed))
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1)
+    n = seeds.numel()
+    if k == 0 or n == 0:
+        return torch.zeros(n, k, dtype=torch.int64)
+    keys = _mix64(seeds * _GOLDEN + _MIX2)
     if 16 * k > d:
-        return torch.sort(torch.randperm(d, generator=gen)[:k]).values
-    draws = torch.zeros(0, dtype=torch.int64)
+        out = torch.empty(n, k, dtype=torch.int64)
+        chunk = max(1, (1 << 22) // d)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            draws = _counter_draws(keys[a:b], 0, d)
+            # ties between 63-bit keys are broken by the lower column (stable sort)
+            order = torch.sort(draws, dim=1, stable=True).indices[:, :k]
+            out[a:b] = torch.sort(order, dim=1).values
+        return out
+    m0 = k + k // 8 + 16
+    draws = _counter_draws(keys, 0, m0) % d
     while True:
-        extra = torch.randint(0, d, (k + k // 8 + 16,), generator=gen, dtype=torch.int64)
-        draws = torch.cat([draws, extra])
-        # one stable sort: each distinct value (ascending) with the position of its first draw
-        srt, order = torch.sort(draws, stable=True)
-        new_value = torch.ones(srt.numel(), dtype=torch.bool)
-        torch.ne(srt[1:], srt[:-1], out=new_value[1:])
-        values, first = srt[new_value], order[new_value]
-        if values.numel() >= k:
-            # keep the k values drawn first: those whose first draw is among the k earliest
-            # (first positions are distinct, so the cut is exact); values stay ascending
-            cut = torch.kthvalue(first, k).values if values.numel() > k else first.max()
-            return values[first <= cut]
+        m = draws.shape[1]
+        srt, order = torch.sort(draws, dim=1, stable=True)
+        new_value = torch.ones(n, m, dtype=torch.bool)
+        torch.ne(srt[:, 1:], srt[:, :-1], out=new_value[:, 1:])
+        if int(new_value.sum(dim=1).min()) >= k:
+            # keep in each row the k values drawn first (first positions are distinct)
+            first = torch.where(new_value, order, torch.full_like(order, m))
+            cut = torch.kthvalue(first, k, dim=1).values
+            keep = first <= cut[:, None]
+            return srt[keep].view(n, k)
+        draws = torch.cat([draws, _counter_draws(keys, m, m0) % d], dim=1)
+
+
+def random_k_indices(seed: int, d: int, k: int) -> torch.Tensor:
+    """Sorted k-of-d indices, uniform without replacement, fixed by ``seed``: the support of a
+    random-k message, regenerated by the receiver (the wire's default regenerator). Defined as
+    ``random_k_indices_rows([seed], d, k)[0]`` (see there for the sampler)."""
+    return random_k_indices_rows(torch.tensor([int(seed)], dtype=torch.int64), d, k)[0]
 
 
 class Compressor:
@@ -356,7 +401,7 @@ class RandomK(_FixedCount):
         n, d = x.shape
         k = self.k_for(d)
         seeds = self.message_seeds(n, context)
-        cols = torch.stack([random_k_indices(s, d, k) for s in seeds]) if n else torch.empty(0, k, dtype=torch.long)
+        cols = random_k_indices_rows(torch.tensor(seeds, dtype=torch.long), d, k)  # all rows at once
         vals = x.gather(1, cols)
         if self.scale and k:
             vals = vals * (d / k)
