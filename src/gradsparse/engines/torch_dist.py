@@ -2,7 +2,9 @@
 
 One process per worker (rank q = worker q), started by ``torchrun`` (``python -m
 torch.distributed.run``) or ``gradsparse launch CONFIG --nproc N``; gloo on CPU, nccl when CUDA is
-available (the collectives' tensors then live on ``cuda:LOCAL_RANK``; the model stays on CPU).
+available (the collectives' tensors then live on ``cuda:LOCAL_RANK``; the model stays on CPU);
+``GRADSPARSE_BACKEND=gloo`` forces gloo (needed for the parameter-server mode below, whose
+point-to-point messages are CPU tensors; the nccl path is untested here: no GPU was lent).
 
 Round t on every rank: draw the step's mini-batches from the shared seed (every rank draws all
 workers' rows, so the random streams stay in step with ``sync``), compute worker q's gradient
