@@ -417,3 +417,34 @@ def _task_layout_alg(raw):
     task = runner.build_task(cfg)
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
     return task, layout, runner.build_algorithm(cfg, layout, 0.01)
+
+
+@pytest.mark.parametrize("engine", ["loop", "async"])
+def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, engine):
+    raw = cfg_of(LINREG, engine=engine, checkpoint_every=7, **{"algorithm.topology": {"kind": "ps_uplink"}})
+    raw["metrics"]["residual_ratio"] = {"steps": []}
+    full = runner.run(load_config(raw), tmp_path / "full")
+    real = runner.find_nonfinite
+
+    def interrupt_after(engine_, rec, done):
+        if done == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(engine_, rec, done)
+
+    monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
+    with pytest.raises(runner.RunInterrupted):
+        runner.run(load_config(raw), tmp_path / "part")
+    monkeypatch.setattr(runner, "find_nonfinite", real)
+    runner.resume(tmp_path / "part")
+    assert (tmp_path / "part" / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
+    # the skip policy lives in the algorithm's worker step: the same on this engine
+    _poisoned_task(monkeypatch)
+    raw = cfg_of(raw, on_nonfinite="skip", steps=5, checkpoint_every=None,
+                 **{"algorithm.compressor": {"kind": "hard_threshold", "threshold": 0.05}, "workers.batch_size": "full"})
+    raw["metrics"]["names"] = ["step", "mean_memory_norm", "skipped_messages"]
+    out = runner.run(load_config(raw), tmp_path / "skip")
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "completed" and s["skipped_messages"] >= 1
+    sd = torch.load(out / "checkpoint.pt", weights_only=True)
+    for seg in sd["algorithm"]["worker"]["memory"].values():
+        assert torch.isfinite(seg).all()
