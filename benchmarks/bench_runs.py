@@ -5,6 +5,9 @@
    paper 003's setting (100 workers, MLP 784-64-10, d = 50,890, batch 10, top-k 0.1% with ef).
 2. Random-k supports for many workers (one vectorized ``random_k_indices_rows`` call) against
    top-k on the same ``[N, d]`` rows (N = 1,000 workers, d = 50,890, 0.1%).
+3. A simulator step with ``batch_size: full`` and unequal shards (one gradient call per shard
+   size) against the same step with equal shards, at 1,000 workers (logistic-regression-sized
+   linear model, top-k 1% with ef).
 
     python benchmarks/bench_runs.py [--workers 100] [--rk-workers 1000] [--repeats 7] [--quick]
 """
@@ -69,6 +72,20 @@ def main(argv=None) -> int:
     tk_ms = _median_ms(lambda: tk.compress(rows), args.repeats)
     print(f"random-k supports, {args.rk_workers} workers x d = {d} at 0.1%: {rk_ms:.1f} ms; top-k {tk_ms:.1f} ms; "
           f"ratio {rk_ms / tk_ms:.2f}")
+
+    from gradsparse.tasks import make_task
+
+    n_eq = 20 * args.rk_workers
+    steps = {}
+    for label, n_rows in (("equal shards", n_eq), ("unequal shards", n_eq + args.rk_workers // 2)):
+        task = make_task("linreg", n_samples=n_rows, n_features=500, seed=0)
+        sim = SyncSimulator(task, Algorithm(compressor=TopK(density=0.01), feedback="ef"), Schedule(lr=0.01),
+                            n_workers=args.rk_workers, batch_size="full")
+        sim.track_total_error = False
+        steps[label] = (_median_ms(sim.step, args.repeats), sim.data.ragged)
+    (eq, _), (uneq, ragged) = steps["equal shards"], steps["unequal shards"]
+    print(f"full-batch step, {args.rk_workers} workers: equal shards {eq:.1f} ms, unequal shards {uneq:.1f} ms "
+          f"(ragged={ragged}), ratio {uneq / eq:.2f}")
     return 0
 
 

@@ -448,3 +448,26 @@ def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, 
     sd = torch.load(out / "checkpoint.pt", weights_only=True)
     for seg in sd["algorithm"]["worker"]["memory"].values():
         assert torch.isfinite(seg).all()
+
+
+@pytest.mark.parametrize("shift", ["none", "optimum"])
+def test_full_batches_of_unequal_shards_are_vectorized_and_exact(shift):
+    """batch_size full with unequal shards: one gradient call per shard size, each row equal to
+    that worker's own full-batch gradient (computed one worker at a time here)."""
+    from gradsparse.engines import SyncSimulator
+    from gradsparse.schedules import Schedule
+    from gradsparse.tasks import make_task
+
+    task = make_task("linreg", n_samples=103, n_features=12, seed=4)
+    sim = SyncSimulator(task, Algorithm(compressor=TopK(k=3), feedback="ef"), Schedule(lr=0.05), n_workers=10,
+                        batch_size="full", gradient_shift=shift)
+    assert sim.data.ragged and len(set(sim.data.lens.tolist())) == 2
+    w = torch.randn(12, generator=torch.Generator().manual_seed(0))
+    g = sim.worker_gradients(w)
+    grad = torch.func.grad(sim._loss_flat)
+    for q, rows in enumerate(sim.data.rows):
+        ref = grad(w, task.train_x[rows], task.train_y[rows])
+        if shift == "optimum":
+            ref = ref - grad(sim.x_star, task.train_x[rows], task.train_y[rows])
+        torch.testing.assert_close(g[q], ref, rtol=1e-5, atol=1e-6)
+    assert sim.samples_seen == 103

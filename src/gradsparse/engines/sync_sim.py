@@ -98,16 +98,30 @@ class SyncSimulator(SynchronousEngine):
     def worker_gradients(self, w: torch.Tensor) -> torch.Tensor:
         """[N, d] stochastic gradients of all workers at w (one vectorized call)."""
         idx = self.data.sample()
-        if isinstance(idx, list):  # full local batches of unequal sizes: one call per worker
+        if isinstance(idx, list):  # full local batches of unequal sizes: one call per shard size
             self.samples_seen += sum(len(r) for r in idx)
-            tx, ty = self.task.train_x, self.task.train_y
-            g = torch.stack([self._grad(w, tx[r], ty[r]) for r in idx])
-            if self.x_star is not None:
-                g = g - torch.stack([self._grad(self.x_star, tx[r], ty[r]) for r in idx])
+            g = torch.empty(self.data.n_workers, self.d, dtype=w.dtype)
+            for workers, x, y in self._ragged_groups(idx):
+                g[workers] = self._shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
             return g
         self.samples_seen += idx.numel()
         x, y = self.task.train_x[idx], self.task.train_y[idx]
         return self._shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
+
+    def _ragged_groups(self, idx: list) -> list:
+        """Workers grouped by shard size, each group's rows stacked ``[n_group, size]`` (the full
+        local batches never change: built once)."""
+        groups = getattr(self, "_ragged_cache", None)
+        if groups is None:
+            lens = self.data.lens
+            tx, ty = self.task.train_x, self.task.train_y
+            groups = []
+            for size in torch.unique(lens).tolist():
+                workers = torch.nonzero(lens == size).reshape(-1)
+                rows = torch.stack([idx[q] for q in workers.tolist()])
+                groups.append((workers, tx[rows], ty[rows]))
+            self._ragged_cache = groups
+        return groups
 
     # ---- the workers' side of a round ---------------------------------------------------------
     def worker_round(self, w, t, lr):
