@@ -385,6 +385,13 @@ def test_out_paths_are_checked_before_writing(tmp_path, capsys, monkeypatch):
     (tmp_path / "other" / "data.txt").write_text("mine")
     rc = main(["run", str(cfg), "--out", str(tmp_path / "other")])
     _assert_one_line_error(capsys, rc, "not a run directory", tmp_path, keep + ("other",))
+    # --overwrite replaces run directories only: never a directory that holds something else
+    rc = main(["run", str(cfg), "--out", str(tmp_path / "other"), "--overwrite"])
+    _assert_one_line_error(capsys, rc, "not a run directory", tmp_path, keep + ("other",))
+    assert (tmp_path / "other" / "data.txt").read_text() == "mine"
+    for out in ("/", "", str(tmp_path) + "/.."):
+        rc = main(["run", str(cfg), "--out", out, "--overwrite"])
+        assert rc == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
     rc = main(["run", "--resume", str(tmp_path / "nope")])
     _assert_one_line_error(capsys, rc, "--resume", tmp_path, keep + ("other",))
     rc = main(["run", str(tmp_path / "missing.yaml")])

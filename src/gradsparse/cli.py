@@ -69,6 +69,9 @@ def cmd_run(args) -> int:
         return _ended(exc)
     except OSError as exc:
         return _error(f"cannot write the run directory: {exc}", 1)
+    except MemoryError as exc:
+        return _error(f"out of memory ({exc}); lower workers.count, the model or the batch "
+                      "(the up-front estimate did not foresee it)", 1)
     print(f"run directory: {out}")
     return 0
 
@@ -86,8 +89,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     try:  # every config and path is checked before the first run writes anything
         cfgs = [load_config(_example_path(name), args.set) for name in DEMO_CONFIGS]
-        check_out_dir(out, overwrite=True)
-        for name in DEMO_CONFIGS:
+        for name in DEMO_CONFIGS:  # (out itself holds the demo's runs and plot: it is not a run directory)
             check_out_dir(out / name, overwrite=True)
     except ConfigError as exc:
         return _error(exc)

@@ -45,6 +45,9 @@ def build_task(cfg: RunConfig):
         return make_task(cfg.task.name, seed=cfg.seed, **cfg.task.options)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"config key 'task': {exc}") from None
+    except MemoryError as exc:  # e.g. linreg with a huge n_features: the data alone cannot be allocated
+        raise ConfigError(f"config key 'task.options': building task {cfg.task.name!r} ran out of memory "
+                          f"({' '.join(str(exc).split())[:160]}); make the task smaller") from None
 
 
 def build_algorithm(cfg: RunConfig, layout: Layout, base_lr: float) -> Algorithm:
@@ -247,6 +250,8 @@ def check_out_dir(path: Path, *, overwrite: bool = False, key: str = "--out") ->
     if not text or "\x00" in text:
         raise ConfigError(f"{key} {text!r}: not a usable path")
     resolved = Path(os.path.abspath(path))
+    if resolved.name in ("", ".", ".."):
+        raise ConfigError(f"{key} {text!r}: a run directory needs a name (not the filesystem root)")
     for root in _FORBIDDEN_ROOTS:
         if str(resolved) == root or str(resolved).startswith(root + "/"):
             raise ConfigError(f"{key} {text!r}: a run directory cannot be written under {root}")
@@ -259,10 +264,9 @@ def check_out_dir(path: Path, *, overwrite: bool = False, key: str = "--out") ->
                     f"{key} {text!r} is an existing run directory; continue it with --resume {text} "
                     "or replace it with --overwrite"
                 )
-        elif any(path.iterdir()):
-            if not overwrite:
-                raise ConfigError(f"{key} {text!r} is a non-empty directory that is not a run directory; "
-                                  "choose another --out (or --overwrite)")
+        elif any(path.iterdir()):  # never replaced, even with --overwrite: it is not ours
+            raise ConfigError(f"{key} {text!r} is a non-empty directory that is not a run directory; "
+                              "choose another --out (--overwrite replaces run directories only)")
     parent = resolved.parent
     while not parent.exists():
         if parent.is_symlink():
@@ -425,6 +429,8 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
     anything is written, :class:`RunDiverged` / :class:`RunInterrupted` after writing the run
     directory with that status. The directory is written into a temporary sibling and renamed
     into place, so it is whole or absent."""
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out '': an empty path; give a directory for the run")
     final = Path(out) if out is not None else default_out(cfg)
     check_out_dir(final, overwrite=overwrite)
     return _execute(cfg, final, progress=progress, resume=None)
