@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 
 from .algorithm import Algorithm, ServerState, WorkerState
-from .compressors import ApproximateTopK, Compressor, Identity, RandomK, TopK
+from .compressors import ApproximateTopK, Compressor, RandomK, TopK
 from .distributed.exchange import all_gather_rows
 from .messages import SparseBatch
 from .segments import Layout, SegmentedTensor

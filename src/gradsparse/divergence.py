@@ -108,7 +108,6 @@ def find_nonfinite(engine, rec=None, step: int | None = None) -> NonFinite | Non
                 return found
         msg = worker.message
         if not _all_finite(msg.values):
-            counts = msg.counts
             bad = int(torch.nonzero(~torch.isfinite(msg.values))[0, 0])
             q = int(torch.searchsorted(msg.offsets[1:], torch.tensor(bad), right=True))
             return NonFinite("message", step, q, None, None, float(msg.values[bad]))

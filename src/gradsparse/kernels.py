@@ -728,7 +728,6 @@ def _layerwise_big(flat: torch.Tensor, lo: list[int], hi: list[int], ks: list[in
 
 def _layerwise_torch(flat: torch.Tensor, off: torch.Tensor, kt: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     flat = flat.contiguous()
-    dev = flat.device
     parts: list[torch.Tensor] = []
     big = (sizes > _SMALL_N) & (kt > 0)
     bl = big.nonzero().view(-1).tolist()

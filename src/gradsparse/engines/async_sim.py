@@ -59,8 +59,8 @@ from ..metrics import METRICS
 from ..schedules import Schedule
 from ..segments import SegmentedTensor
 from ..tasks import Task
-from .base import ByteLedger, Engine, ModelCopy, WorkerData
-from .synchronous import GRADIENT_SHIFTS, StepRecord
+from .base import Engine, ModelCopy
+from .synchronous import StepRecord
 
 COMPUTE_LAWS = ("constant", "uniform", "exponential")
 REJECTED_ACTIONS = ("drop", "restore")
@@ -202,8 +202,6 @@ class AsyncSimulator(Engine):
         kardam: KardamFilter | None = None,
         update_cosine: bool = False,
     ) -> None:
-        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or not (1 <= n_workers <= 100_000):
-            raise ValueError(f"n_workers must be an integer in 1..100000, got {n_workers!r}")
         if algorithm.topology.kind not in self.topologies:
             raise ValueError(
                 f"engine 'async' runs a parameter server that sends each worker the dense model: use topology "
@@ -214,15 +212,13 @@ class AsyncSimulator(Engine):
             raise ValueError("engine 'async' does not run stagewise learning (its stages are synchronous restarts)")
         if weights is not None:
             raise ValueError("engine 'async' applies each message on arrival with weight 1; remove workers.weights")
-        if gradient_shift not in GRADIENT_SHIFTS:
-            raise ValueError(f"gradient_shift must be one of {list(GRADIENT_SHIFTS)}, got {gradient_shift!r}")
         for name, v in (("staleness_bound", staleness_bound), ("drop_older_than", drop_older_than)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or null, got {v!r}")
         if not (0 <= server_time < math.inf):
             raise ValueError(f"server_time must be a finite number >= 0, got {server_time!r}")
-        self.task, self.alg, self.schedule = task, algorithm, schedule
-        self.n_workers, self.seed = n_workers, seed
+        self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
+                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift)
         self.compute = compute or ComputeLaw()
         if self.compute.speeds is not None and len(self.compute.speeds) != n_workers:
             raise ValueError(f"compute speeds has {len(self.compute.speeds)} entries for {n_workers} workers")
@@ -232,22 +228,6 @@ class AsyncSimulator(Engine):
         self.kardam = kardam or KardamFilter()
         self.update_cosine = bool(update_cosine)
 
-        self.gen = torch.Generator().manual_seed(seed)
-        params0 = task.init_params(self.gen)
-        from ..segments import Layout
-
-        self.layout = Layout.of(params0)
-        self.w = self.layout.flatten(params0).clone()
-        self.dtype = self.w.dtype
-        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
-        self.x_star = None
-        if gradient_shift == "optimum":
-            if task.x_star is None:
-                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
-            self.x_star = self.layout.flatten(task.x_star).to(self.dtype)
-        self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
-        self.server_state = algorithm.init_server_state(self.layout, self.dtype)
-        self._grad = torch.func.grad(self._loss_flat)
         # module tasks: gradients by autograd on one model copy (the workers compute one at a time)
         self._model = ModelCopy(task, self.layout) if task.module is not None else None
         self.one = torch.ones(1, dtype=self.dtype)
@@ -257,7 +237,6 @@ class AsyncSimulator(Engine):
         }
         self.model_nbytes = wire.dense_nbytes(self.d, {"fp32": 4, "fp16": 2, "bf16": 2}[algorithm.value_dtype])
         # server and workers
-        self.t = 0
         self.now = 0.0
         self.server_busy_until = 0.0
         self.worker_models = [self.w.clone() for _ in range(n_workers)]
@@ -268,12 +247,6 @@ class AsyncSimulator(Engine):
         self._seq = 0
         for q in range(n_workers):
             self._schedule(self.compute.draw(self.streams["compute"][q], q), q, _COMPUTE_DONE)
-        # accounting
-        self.ledger = ByteLedger()
-        self.samples_seen = 0
-        self.density_sum = 0.0
-        self.total_error = 0.0
-        self.track_total_error = True
         self.staleness_counts: dict[int, int] = {}
         self.rejected = {"staleness_bound": 0, "drop_older_than": 0, "kardam": 0}
         self.kardam_coefficients: list[float] = []

@@ -33,6 +33,10 @@ from ..segments import Layout
 from ..tasks import Task, split_workers
 
 
+#: how workers' gradients may be shifted: none, or EF-GD*'s g_i(x) - g_i(x*) (paper 002)
+GRADIENT_SHIFTS = ("none", "optimum")
+
+
 @dataclass
 class ByteLedger:
     """Bytes and messages sent, summed message by message (each step returns its sizes)."""
@@ -88,6 +92,41 @@ class Engine(ABC):
     @property
     def d(self) -> int:
         return self.layout.d
+
+    def _setup(self, task: Task, algorithm, schedule, *, n_workers: int, batch_size, split: str,
+               shards_per_worker: int, seed: int, gradient_shift: str) -> None:
+        """What every simulated engine starts from: the task's initial model (drawn from the engine's
+        generator, seeded by ``seed``), its layout, the workers' data (:class:`WorkerData`, the same
+        generator), the algorithm's initial state, EF-GD*'s optimum, zeroed counters."""
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or not (1 <= n_workers <= 100_000):
+            raise ValueError(f"n_workers must be an integer in 1..100000, got {n_workers!r}")
+        if gradient_shift not in GRADIENT_SHIFTS:
+            raise ValueError(f"gradient_shift must be one of {list(GRADIENT_SHIFTS)}, got {gradient_shift!r}")
+        self.task, self.alg, self.schedule = task, algorithm, schedule
+        self.n_workers, self.seed = n_workers, seed
+        self.gen = torch.Generator().manual_seed(seed)
+        params0 = task.init_params(self.gen)
+        self.layout = Layout.of(params0)
+        self.w = self.layout.flatten(params0).clone()
+        self.dtype = self.w.dtype
+        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
+        self.x_star = None
+        if gradient_shift == "optimum":
+            # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
+            if task.x_star is None:
+                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
+            self.x_star = self.layout.flatten(task.x_star).to(self.dtype)
+        self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
+        self.server_state = algorithm.init_server_state(self.layout, self.dtype)
+        self._grad = torch.func.grad(self._loss_flat)
+        self.t = 0
+        self.samples_seen = 0
+        self.ledger = ByteLedger()
+        self.density_sum = 0.0
+        self.total_error = 0.0
+        #: accumulate the total error sum_t (1/N) sum_q ||e_q||^2 every step (the runner turns it
+        #: off when the metric is not recorded)
+        self.track_total_error = True
 
     # ---- evaluation of the current model (shared by every engine) --------------------------
     def _loss_flat(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithm import Algorithm, ServerState, ServerStepOutput, WorkerState, WorkerStepOutput
+from ..algorithm import Algorithm, ServerState, ServerStepOutput, WorkerStepOutput
 from ..schedules import Schedule, StagewiseLearning
-from ..segments import Layout
 from ..tasks import Task
-from .base import ByteLedger, Engine, WorkerData
+from .base import GRADIENT_SHIFTS, Engine  # noqa: F401 (GRADIENT_SHIFTS: the config's table)
 from .grouped_grad import GradientFactors
 
-GRADIENT_SHIFTS = ("none", "optimum")
 
 
 @dataclass
@@ -99,16 +97,8 @@ class SynchronousEngine(Engine):
         seed: int = 0,
         gradient_shift: str = "none",
     ) -> None:
-        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or not (1 <= n_workers <= 100_000):
-            raise ValueError(f"n_workers must be an integer in 1..100000, got {n_workers!r}")
-        self.task, self.alg, self.schedule = task, algorithm, schedule
-        self.n_workers, self.seed = n_workers, seed
-        self.gen = torch.Generator().manual_seed(seed)
-        params0 = task.init_params(self.gen)
-        self.layout = Layout.of(params0)
-        self.w = self.layout.flatten(params0).clone()
-        self.dtype = self.w.dtype
-        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
+        self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
+                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift)
         if weights is None:
             self.weights = torch.full((n_workers,), 1.0 / n_workers, dtype=self.dtype)
         else:
@@ -116,26 +106,7 @@ class SynchronousEngine(Engine):
                 raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
             self.weights = torch.tensor(weights, dtype=self.dtype)
         self.worker_ids = torch.arange(n_workers)
-        if gradient_shift not in GRADIENT_SHIFTS:
-            raise ValueError(f"gradient_shift must be one of {list(GRADIENT_SHIFTS)}, got {gradient_shift!r}")
-        self.x_star = None
-        if gradient_shift == "optimum":
-            # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
-            if task.x_star is None:
-                raise ValueError(f"gradient_shift 'optimum' needs a task with a known optimum; {task.name!r} has none")
-            self.x_star = self.layout.flatten(task.x_star).to(self.dtype)
-        self.worker_state = algorithm.init_worker_state(self.layout, n_workers, self.dtype)
-        self.server_state = algorithm.init_server_state(self.layout, self.dtype)
         self.stagewise = StagewiseLearning(schedule, self.w) if schedule.kind == "stagewise" else None
-        self.t = 0
-        self.samples_seen = 0
-        self.ledger = ByteLedger()
-        self.density_sum = 0.0
-        self.total_error = 0.0
-        #: accumulate the total error sum_t (1/N) sum_q ||e_q||^2 every round (the runner turns
-        #: it off when the metric is not recorded)
-        self.track_total_error = True
-        self._grad = torch.func.grad(self._loss_flat)
         self._live = [True]
 
     def _renew_live_token(self) -> list:

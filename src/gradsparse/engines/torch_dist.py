@@ -37,7 +37,6 @@ Multi-machine runs: ``torchrun --nnodes M --nproc-per-node P --rdzv-backend c10d
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist

@@ -37,7 +37,7 @@ from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
 from ..tasks import make_task
-from .asynchronous import AsyncRowStats, target_reached, write_staleness_histogram
+from .asynchronous import target_reached
 
 
 def build_task(cfg: RunConfig):
