@@ -8,6 +8,7 @@ Other commands: ``gradsparse demo`` (the embedded default example), ``gradsparse
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -155,6 +156,54 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    """One paper reproduction (or all of them): runs, figures, report.md, summary.json."""
+    from . import reproduce
+    from .reproduce.base import DataMissing
+
+    table = reproduce.reproductions()
+    if args.list or args.name is None:
+        for rep in table.values():
+            print(f"{rep.name:24s} paper {rep.paper}  {rep.title}")
+            for scale in ("small", "full"):
+                print(f"{'':24s}   {scale}: {rep.settings.get(scale, '')}")
+        return 0
+    if args.seeds < 1:
+        return _error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.name == "all":
+        from .reproduce.suite import run_all
+
+        out = Path(args.out or f"reproductions/{args.scale}")
+        summaries = run_all(list(table), args.scale, args.seeds, out, processes=args.processes,
+                            progress=not args.no_progress)
+        print((out / "index.md").read_text().split("\n## ")[0])
+        print(f"index: {out / 'index.md'} and {out / 'index.html'}")
+        return 0 if all(s["status"] in ("completed", "missing data") for s in summaries.values()) else 1
+    if args.name not in table:
+        return _error(f"unknown reproduction {args.name!r}; allowed: {', '.join(table)}, all (see --list)")
+    out = Path(args.out or f"reproductions/{args.scale}/{args.name}")
+    bar = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        rep = table[args.name]
+        total = rep.expected_runs(args.scale, args.seeds) if rep.expected_runs else None
+        bar = tqdm(total=total, desc=args.name, unit="run", dynamic_ncols=True)
+    try:
+        summary = reproduce.execute(table[args.name], args.scale, args.seeds, out,
+                                    processes=args.processes or os.cpu_count() or 1,
+                                    on_run=(lambda key: bar.update(1)) if bar is not None else None)
+    except DataMissing as exc:
+        return _error(str(exc), code=3)
+    finally:
+        if bar is not None:
+            bar.close()
+    for c in summary["claims"]:
+        print(f"{c['verdict']:>14s}  {c['id']}: {c['statement']}")
+    print(f"report: {out / 'report.md'}, summary: {out / 'summary.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -195,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="output folder (new or empty)")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(fn=cmd_sweep)
+    rp = sub.add_parser("reproduce", help="reproduce a paper's claims: gradsparse reproduce NAME|all [--scale small|full]")
+    rp.add_argument("name", nargs="?", default=None, help="a reproduction (see --list) or 'all'")
+    rp.add_argument("--list", action="store_true", help="list the reproductions and their settings")
+    rp.add_argument("--scale", choices=["small", "full"], default="small",
+                    help="small: offline data, minutes; full: the papers' data sets and settings")
+    rp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every compared method")
+    rp.add_argument("--out", default=None, help="output folder (default reproductions/SCALE[/NAME])")
+    rp.add_argument("--processes", type=int, default=None, help="parallel processes (default: the number of cores)")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(fn=cmd_reproduce)
     sub.add_parser("bench", help="benchmark suite: gradsparse bench [--quick] [--only topk,wire,simulator] [--out DIR]")
     sub.add_parser("launch", help="run a config as N processes under torchrun (engine: torch): "
                    "gradsparse launch CONFIG --nproc N [--out DIR] [--set KEY=VALUE]")

@@ -29,6 +29,9 @@ from .vision import (
     mnist_cnn,
     mnist_lenet,
     mnist_mlp,
+    mnist5k_cnn,
+    mnist5k_lenet,
+    mnist5k_mlp,
 )
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -44,6 +47,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "fashion_mnist_mlp": fashion_mnist_mlp,
     "fashion_mnist_cnn": fashion_mnist_cnn,
     "fashion_mnist_lenet": fashion_mnist_lenet,
+    "mnist5k_mlp": mnist5k_mlp,
+    "mnist5k_cnn": mnist5k_cnn,
+    "mnist5k_lenet": mnist5k_lenet,
 }
 
 
@@ -92,6 +98,9 @@ __all__ = [
     "fashion_mnist_mlp",
     "fashion_mnist_cnn",
     "fashion_mnist_lenet",
+    "mnist5k_mlp",
+    "mnist5k_cnn",
+    "mnist5k_lenet",
     "read_idx",
     "find_idx_files",
     "load_idx_dataset",
