@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..datasets.errors import DataMissingError
+
 IDX_TYPES = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
@@ -74,7 +76,8 @@ def find_idx_files(dataset: str, data_dir: str | os.PathLike | None = None) -> d
 
     Looks in ``data_dir/<sub>`` for each sub-directory of DATASET_SUBDIRS[dataset], then in
     ``data_dir`` itself; each file may be raw or carry a ``.gz`` suffix. All four files must be in
-    the same directory. Raises FileNotFoundError naming the files and directories searched."""
+    the same directory. Raises DataMissingError (a FileNotFoundError) naming the files, the
+    directories searched and the command ``gradsparse data download DATASET``."""
     if dataset not in DATASET_SUBDIRS:
         raise ValueError(f"unknown IDX dataset {dataset!r}; allowed: {list(DATASET_SUBDIRS)}")
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -88,11 +91,8 @@ def find_idx_files(dataset: str, data_dir: str | os.PathLike | None = None) -> d
                     break
         if len(found) == len(IDX_FILES):
             return found
-    raise FileNotFoundError(
-        f"{dataset} IDX files not found. Expected {sorted(IDX_FILES.values())} (each raw or with "
-        f".gz) together in one of: {[str(c) for c in candidates]}. Put the files there, pass "
-        f"data_dir=..., or set GRADSPARSE_DATA."
-    )
+    raise DataMissingError(dataset, [f"{f}[.gz]" for f in IDX_FILES.values()], candidates,
+                           hint=" (all four files together in one directory)")
 
 
 def load_idx_dataset(
