@@ -2,7 +2,7 @@
 
 Other commands: ``gradsparse demo`` (the embedded default example), ``gradsparse compare``
 (one plot of several run directories), ``gradsparse examples`` (list shipped configs),
-``gradsparse bench`` (the benchmark suite).
+``gradsparse bench`` (the benchmark suite), ``gradsparse data list|download NAME`` (data sets).
 """
 
 from __future__ import annotations
@@ -204,6 +204,32 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    """``data list``: each data set, where it is looked for, present or missing; ``data download
+    NAME``: fetch (checksum-verified) into DATA_DIR/NAME."""
+    from . import datasets
+
+    try:
+        if args.action == "list":
+            for name, ds in datasets.DATASETS.items():
+                gone = datasets.missing(name, args.data_dir)
+                state = "present" if not gone else f"missing {len(gone)} of {len(ds.files)} files"
+                print(f"{name:14s} {state:26s} {ds.description}")
+                print(f"{'':14s} looked for in: {', '.join(str(d) for d in ds.dirs(args.data_dir))}")
+            return 0
+        if args.name is None:
+            return _error(f"data download needs a data set name: one of {', '.join(datasets.DATASETS)}")
+        paths = datasets.download(args.name, args.data_dir, base_url=args.base_url, force=args.force,
+                                  progress=not args.no_progress)
+    except ValueError as exc:
+        return _error(exc)
+    except OSError as exc:
+        return _error(exc, 1)
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -254,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--processes", type=int, default=None, help="parallel processes (default: the number of cores)")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(fn=cmd_reproduce)
+    da = sub.add_parser("data", help="the downloadable data sets: gradsparse data list | gradsparse data download NAME")
+    da.add_argument("action", choices=("list", "download"))
+    da.add_argument("name", nargs="?", default=None, help="data set (download): mnist, fashion_mnist, cifar10, "
+                    "gisette, madelon, rcv1")
+    da.add_argument("--data-dir", default=None, help="data directory (default $GRADSPARSE_DATA or ~/.cache/gradsparse)")
+    da.add_argument("--base-url", default=None, help="fetch every file from BASE_URL/FILE instead of the registry's hosts")
+    da.add_argument("--force", action="store_true", help="download again even when the files are present")
+    da.add_argument("--no-progress", action="store_true")
+    da.set_defaults(fn=cmd_data)
     sub.add_parser("bench", help="benchmark suite: gradsparse bench [--quick] [--only topk,wire,simulator] [--out DIR]")
     sub.add_parser("launch", help="run a config as N processes under torchrun (engine: torch): "
                    "gradsparse launch CONFIG --nproc N [--out DIR] [--set KEY=VALUE]")
