@@ -32,6 +32,10 @@ from .vision import (
     mnist5k_cnn,
     mnist5k_lenet,
     mnist5k_mlp,
+    mnist_cnn_paper003,
+    fashion_mnist_cnn_paper003,
+    fashion_mnist_mlp_paper003,
+    mnist5k_cnn_paper003,
 )
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -50,6 +54,11 @@ TASKS: dict[str, Callable[..., Task]] = {
     "mnist5k_mlp": mnist5k_mlp,
     "mnist5k_cnn": mnist5k_cnn,
     "mnist5k_lenet": mnist5k_lenet,
+    # paper 003's exact models (d = 1,199,882 / 29,034 / 242,762), see tasks.models
+    "mnist_cnn_paper003": mnist_cnn_paper003,
+    "fashion_mnist_cnn_paper003": fashion_mnist_cnn_paper003,
+    "fashion_mnist_mlp_paper003": fashion_mnist_mlp_paper003,
+    "mnist5k_cnn_paper003": mnist5k_cnn_paper003,
 }
 
 
@@ -101,6 +110,10 @@ __all__ = [
     "mnist5k_mlp",
     "mnist5k_cnn",
     "mnist5k_lenet",
+    "mnist_cnn_paper003",
+    "fashion_mnist_cnn_paper003",
+    "fashion_mnist_mlp_paper003",
+    "mnist5k_cnn_paper003",
     "read_idx",
     "find_idx_files",
     "load_idx_dataset",
