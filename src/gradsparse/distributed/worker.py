@@ -5,6 +5,12 @@
 :class:`gradsparse.engines.torch_dist.TorchDistEngine`; rank 0 writes the run directory, exactly
 what ``gradsparse run`` writes; the other ranks write theirs to a temporary directory that is
 removed.
+
+Restarts: with ``checkpoint_every`` in the config, every rank also writes restart checkpoints
+next to the run directory, and a job started again (by ``torchrun --max-restarts`` or by hand
+with the same command) continues from the newest step all ranks have
+(:mod:`gradsparse.distributed.restart`). ``GRADSPARSE_FAIL_ONCE_AT=RANK:STEP`` makes one rank
+fail once, to test that.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
     from ..config import ConfigError, load_config
-    from ..experiments.runner import run
+    from ..experiments.runner import default_out
 
     ap = argparse.ArgumentParser(prog="python -m gradsparse.distributed.worker")
     ap.add_argument("config", nargs="+", help="one or more configs, run one after the other "
@@ -48,22 +54,49 @@ def main(argv: list[str] | None = None) -> int:
     _init_from_env()
     try:
         for cfg, out_dir in zip(cfgs, outs):
-            if dist.get_rank() == 0:
-                out = run(cfg, out_dir, progress=False)
-                print(f"run directory: {out}")
-            else:
-                tmp = tempfile.mkdtemp(prefix=f"gradsparse-rank{dist.get_rank()}-")
-                try:
-                    run(cfg, tmp, progress=False)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            dist.barrier()
-    except ConfigError as exc:
+            run_one(cfg, Path(out_dir) if out_dir is not None else default_out(cfg))
+    except (ConfigError, ValueError) as exc:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def run_one(cfg, out_dir: Path) -> None:
+    """Run one config on this rank, continuing from the ranks' newest common restart checkpoint
+    when there is one (:mod:`gradsparse.distributed.restart`); rank 0 writes ``out_dir``."""
+    from ..config import dump_config
+    from ..experiments.runner import run
+    from .restart import RestartCheckpoints, injected_failure
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # every rank hashes rank 0's view of the config (the others record fewer metrics)
+    text = [dump_config(cfg) if rank == 0 else None]
+    dist.broadcast_object_list(text, src=0)
+    restart = RestartCheckpoints(out_dir, rank, world, text[0])
+    restart.check_manifest()
+    step = restart.common_step()
+    state = None
+    if step is not None:
+        state = restart.load(step)
+        print(f"rank {rank}: resuming from the restart checkpoint of step {step} in {restart.dir}", flush=True)
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    on_step = injected_failure(os.environ.get("GRADSPARSE_FAIL_ONCE_AT"), rank, restart_count)
+    kwargs = dict(progress=False, resume_state=state, on_checkpoint=restart.save, on_step=on_step)
+    if rank == 0:
+        # a restarted job replaces what its failed attempt left (e.g. an "interrupted" run directory)
+        out = run(cfg, out_dir, overwrite=state is not None or restart_count > 0, **kwargs)
+        print(f"run directory: {out}")
+    else:
+        tmp = tempfile.mkdtemp(prefix=f"gradsparse-rank{rank}-")
+        try:
+            run(cfg, tmp, **kwargs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if rank == 0:
+        restart.clear()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,14 @@ def _init_from_env() -> None:
     backend = "nccl" if torch.cuda.is_available() and os.environ.get("GRADSPARSE_BACKEND", "") != "gloo" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    # torchrun may keep one store across restarts of the job: the keys of a failed attempt (its
+    # ranks' addresses) must not be read by the next one, so each attempt gets its own prefix
+    from torch.distributed.rendezvous import rendezvous
+
+    store, rank, world_size = next(rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"gradsparse/attempt{attempt}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
 class TorchDistEngine(SynchronousEngine):

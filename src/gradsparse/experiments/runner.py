@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -424,16 +425,22 @@ class _RunState:
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None,
-        overwrite: bool = False) -> Path:
+        overwrite: bool = False, resume_state: dict | None = None,
+        on_checkpoint: Callable[[int, dict], None] | None = None,
+        on_step: Callable[[int], None] | None = None) -> Path:
     """Run ``cfg``; returns the run directory (status ``completed``). Raises ConfigError before
     anything is written, :class:`RunDiverged` / :class:`RunInterrupted` after writing the run
     directory with that status. The directory is written into a temporary sibling and renamed
-    into place, so it is whole or absent."""
+    into place, so it is whole or absent.
+
+    For the torch.distributed worker (:mod:`gradsparse.distributed.restart`): ``resume_state``
+    (a ``checkpoint.pt`` dict) starts the run from that state; ``on_checkpoint(step, state)`` is
+    called after each checkpoint the run writes; ``on_step(step)`` after each step."""
     if out is not None and not str(out).strip():
         raise ConfigError("--out '': an empty path; give a directory for the run")
     final = Path(out) if out is not None else default_out(cfg)
     check_out_dir(final, overwrite=overwrite)
-    return _execute(cfg, final, progress=progress, resume=None)
+    return _execute(cfg, final, progress=progress, resume=resume_state, on_checkpoint=on_checkpoint, on_step=on_step)
 
 
 def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
@@ -466,7 +473,8 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
     return _execute(cfg, run_dir, progress=progress, resume=sd)
 
 
-def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None) -> Path:
+def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None,
+             on_checkpoint=None, on_step=None) -> Path:
     engine = build_engine(cfg)
     steps = total_steps(cfg, engine)
     names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
@@ -505,7 +513,8 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        return _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress)
+        return _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
+                     on_checkpoint, on_step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -522,7 +531,8 @@ def _install(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress) -> Path:
+def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
+          on_checkpoint=None, on_step=None) -> Path:
     (tmp / "config.yaml").write_text(dump_config(cfg))
     show = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
@@ -547,7 +557,10 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
         state.skipped = engine.alg.skipped_messages
         state.wall = wall0 + time.perf_counter() - t0
         # the engine's state_dict (loads with engine.load_state_dict as before) plus the runner's
-        _atomic_save({**engine.state_dict(), "runner": state.state_dict()}, tmp / "checkpoint.pt")
+        sd = {**engine.state_dict(), "runner": state.state_dict()}
+        _atomic_save(sd, tmp / "checkpoint.pt")
+        if on_checkpoint is not None:
+            on_checkpoint(engine.t, sd)
 
     def finish(status: str, extra: dict | None = None) -> None:
         f.close()
@@ -570,6 +583,8 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
                     break
                 rec = engine.step()
                 done = engine.t
+                if on_step is not None:
+                    on_step(done)
                 bad = find_nonfinite(engine, rec, done)
                 if async_stats is not None:
                     async_stats.observe(rec)
