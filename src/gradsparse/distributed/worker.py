@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
     from ..config import ConfigError, load_config
-    from ..experiments.runner import default_out
+    from ..experiments.runner import RunDiverged, RunInterrupted, default_out
 
     ap = argparse.ArgumentParser(prog="python -m gradsparse.distributed.worker")
     ap.add_argument("config", nargs="+", help="one or more configs, run one after the other "
@@ -58,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # every rank stops after the same step (see restart.py)
+        print(f"gradsparse: rank {dist.get_rank()}: {exc}; the same command continues the run", file=sys.stderr)
+        return 128 + exc.signum
+    except RunDiverged as exc:
+        print(f"gradsparse: rank {dist.get_rank()}: run diverged: {exc}", file=sys.stderr)
+        return 1
     finally:
         dist.destroy_process_group()
     return 0
