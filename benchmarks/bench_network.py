@@ -2,7 +2,7 @@
 bridge and ``tc tbf``; one DDP rank per namespace; Gloo over the veths.
 
     sudo python benchmarks/bench_network.py [--ranks 4] [--rates 100mbit,1gbit,none]
-        [--params 11000000] [--steps 3] [--methods dense,powersgd,topk0.1,topk1,threshold]
+        [--params 11000000] [--steps 3] [--methods dense,powersgd,topk0.1,topk1,threshold,ps0.1]
         [--out benchmarks/results/network]
 
 Topology: a hub namespace holds a bridge; each rank's namespace holds ``eth0`` (10.213.0.R+1/24),
@@ -14,13 +14,16 @@ it ends, also on errors. Without root, ``ip netns`` or ``tc`` it prints why and 
 Each method runs the same model (Linear layers, about ``--params`` parameters, random data):
 ``dense`` (DDP's default allreduce), ``powersgd`` (PyTorch's PowerSGD hook, rank 1, one bucket:
 Gloo aborts it with several), and gradsparse's hook with layer-wise top-k at 0.1% and 1% and
-hard-threshold (lambda chosen from the first gradient for about 1% density), all with ``ef``.
+hard-threshold (lambda chosen from the first gradient for about 1% density), all with ``ef``;
+and ``ps0.1``, gradsparse's parameter server (rank 0 serves, the other ranks are workers:
+bidirectional layer-wise top-k at 0.1% with error feedback on both sides, wire-format messages
+over Gloo send/recv; its bytes per step are the mean over all ranks, server included).
 Per method: median step time over ``--steps`` timed steps (after 2 untimed: bucket rebuild,
 PowerSGD's start iteration), bytes per step and rank from the kernel's TX counter of ``eth0``
 (what really crossed the shaped link, headers included), and for the hook the time of its own
 compute (worker step + server step, no communication) measured alone, as a fraction of the step.
 Prints ratios against dense measured in the same run; writes ``network.csv`` and
-``network.png``. Not measured here: the parameter server (engine ``torch`` with one more rank).
+``network.png``.
 """
 
 from __future__ import annotations
@@ -109,6 +112,66 @@ def build_model(n_params: int):
     return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]), width
 
 
+def parameter_server(args, net, width) -> None:
+    """Method ``ps<density>``: rank 0 is a parameter server, ranks 1..R-1 workers (bidirectional
+    top-k at ``density`` with error feedback on both sides, layer-wise). A round: every worker
+    computes its gradient, runs the worker step and sends its wire-format message (header +
+    frame, :mod:`gradsparse.distributed.server`); the server receives all, runs the server step
+    and sends C_down(G) back to every worker, which applies it. Rank 0 times the rounds."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import gradsparse.ddp as gddp
+    from gradsparse.algorithm import Algorithm
+    from gradsparse.compressors import TopK
+    from gradsparse.distributed.server import recv_message, send_message
+    from gradsparse.messages import SparseBatch
+    from gradsparse.topology import Bidirectional
+
+    layout = gddp.layout_of(net)
+    density = float(args.method[2:]) / 100
+    alg = Algorithm(compressor=TopK(density=density, scope="layerwise", layout=layout), feedback="ef",
+                    topology=Bidirectional(TopK(density=density, scope="layerwise", layout=layout)))
+    workers = args.world - 1
+    params = list(net.parameters())
+    g = torch.Generator().manual_seed(args.rank)
+    x, y = torch.randn(16, width, generator=g), torch.randn(16, width, generator=g)
+    wstate, sstate = alg.init_worker_state(layout, 1), alg.init_server_state(layout)
+    weights = torch.full((workers,), 1.0 / workers)
+    times, sent = [], 0
+    for it in range(2 + args.steps):
+        if it == 2:
+            dist.barrier()
+            Path(args.ready).write_text("timed")
+        t0 = time.perf_counter()
+        if args.rank == 0:
+            msgs = [recv_message(q, step=it)[0] for q in range(1, args.world)]
+            srv = alg.server_step(SparseBatch.cat(msgs), sstate, step=it, lr=0.01, weights=weights)
+            sstate = srv.state
+            for q in range(1, args.world):
+                sent += send_message(srv.message, q, step=it, charged=srv.nbytes)
+        else:
+            for p in params:
+                p.grad = None
+            F.mse_loss(net(x), y).backward()
+            grad = torch.cat([p.grad.reshape(-1) for p in params])[None]
+            out = alg.worker_step_in_place(grad, wstate, step=it, lr=0.01)
+            sent += send_message(out.message, 0, step=it, charged=int(out.nbytes[0]))
+            down = recv_message(0, step=it)[0].to_dense()[0]
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p -= down[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
+        times.append(time.perf_counter() - t0)
+    dist.barrier()
+    res = {"d": layout.d, "step_s": statistics.median(times[2:]), "compute_s": None,
+           "wire_bytes_per_step": sent / (2 + args.steps)}
+    Path(args.result).write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -118,6 +181,8 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{SUBNET}.1:{args.port}", rank=args.rank, world_size=args.world)
     net, width = build_model(args.params)
+    if args.method.startswith("ps"):
+        return parameter_server(args, net, width)
     d = sum(p.numel() for p in net.parameters())
     method = args.method
     model = DDP(net, bucket_cap_mb=100_000 if method == "powersgd" else 25)
@@ -229,7 +294,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", default="100mbit,1gbit,none")
     ap.add_argument("--params", type=int, default=11_000_000)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--methods", default="dense,powersgd,topk0.1,topk1,threshold")
+    ap.add_argument("--methods", default="dense,powersgd,topk0.1,topk1,threshold,ps0.1")
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default="benchmarks/results/network")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
