@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         "metrics.names=[step, epoch]", "metrics.residual_ratio.steps=[]", "metrics.per_worker_error_norms=false",
         "plots=false"]
     try:
-        cfgs = [load_config(c, [*args.set, "engine=torch", *quiet]) for c in args.config]
+        # an asynchronous config runs the asynchronous protocol over processes, any other engine torch
+        cfgs = [load_config(c, [*args.set, *quiet]) for c in args.config]
+        cfgs = [load_config(c, [*args.set, *quiet, "engine=" + ("torch_async" if cfg.engine in ("async", "torch_async")
+                                                                  else "torch")]) for c, cfg in zip(args.config, cfgs)]
     except ConfigError as exc:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
@@ -69,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_asynchronous(cfg, out_dir: Path) -> None:
+    """``engine: torch_async``: rank 0 serves and writes ``out_dir``; the other ranks are workers
+    (:mod:`gradsparse.engines.torch_async`). Real timing makes such a run unrepeatable, so it
+    keeps no restart checkpoints."""
+    from ..experiments.runner import build_engine, run
+
+    if dist.get_rank() == 0:
+        print(f"run directory: {run(cfg, out_dir, progress=False)}")
+    else:
+        build_engine(cfg).serve_as_worker()
+    dist.barrier()
+
+
 def run_one(cfg, out_dir: Path) -> None:
     """Run one config on this rank, continuing from the ranks' newest common restart checkpoint
     when there is one (:mod:`gradsparse.distributed.restart`); rank 0 writes ``out_dir``."""
@@ -77,6 +93,8 @@ def run_one(cfg, out_dir: Path) -> None:
     from .restart import RestartCheckpoints, injected_failure
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.engine == "torch_async":
+        return run_asynchronous(cfg, out_dir)
     # every rank hashes rank 0's view of the config (the others record fewer metrics)
     text = [dump_config(cfg) if rank == 0 else None]
     dist.broadcast_object_list(text, src=0)

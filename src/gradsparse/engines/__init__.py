@@ -8,9 +8,10 @@ from .base import ByteLedger, Engine, WorkerData
 from .loop_sim import LoopSimulator
 from .sync_sim import SyncSimulator
 from .synchronous import StepRecord, SynchronousEngine
+from .torch_async import TorchAsyncEngine
 from .torch_dist import TorchDistEngine
 
 #: the one table of engines
-ENGINES = {cls.name: cls for cls in (SyncSimulator, LoopSimulator, AsyncSimulator, TorchDistEngine)}
+ENGINES = {cls.name: cls for cls in (SyncSimulator, LoopSimulator, AsyncSimulator, TorchDistEngine, TorchAsyncEngine)}
 
-__all__ = ["ENGINES", "Engine", "ByteLedger", "WorkerData", "SynchronousEngine", "StepRecord", "SyncSimulator", "LoopSimulator", "AsyncSimulator", "TorchDistEngine"]
+__all__ = ["ENGINES", "Engine", "ByteLedger", "WorkerData", "SynchronousEngine", "StepRecord", "SyncSimulator", "LoopSimulator", "AsyncSimulator", "TorchDistEngine", "TorchAsyncEngine"]

@@ -127,17 +127,19 @@ def build_engine(cfg: RunConfig):
     )
     if cfg.engine == "sync":
         kwargs.update(gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory)
-    if cfg.engine == "async":
+    if cfg.engine in ("async", "torch_async"):
         kwargs.update(asynchronous_options(cfg))
     try:
         engine = ENGINES[cfg.engine](task, alg, sched, **kwargs)
     except ValueError as exc:
         key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
-        if cfg.engine == "async":
+        if cfg.engine in ("async", "torch_async"):
             key = "engine"
         raise ConfigError(f"config key '{key}': {exc}") from None
     if alg.topology.kind not in engine.topologies:
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
+    if hasattr(engine, "bind_total_steps"):  # torch_async: the server stops the workers after the last update
+        engine.bind_total_steps(total_steps(cfg, engine))
     # a compressor that plans over the run (budget_threshold) learns the run's length here
     if alg.down_compressor is not None and hasattr(alg.down_compressor, "bind_run"):
         raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
@@ -195,6 +197,7 @@ def async_summary(engine, rows: list[dict], cfg: RunConfig) -> dict:
         "staleness_max": max((s for s, _ in hist), default=None),
         "staleness_histogram": {str(s): c for s, c in hist},
         "rejected_messages": dict(engine.rejected),
+        **({"drained_messages": engine.drained_messages} if hasattr(engine, "drained_messages") else {}),
         **target_reached(rows, cfg.asynchronous.target),
     }
 
