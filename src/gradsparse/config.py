@@ -19,6 +19,7 @@ from .compressors import COMPRESSORS
 from .engines import ENGINES
 from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
 from .engines.sync_sim import GRADIENT_PATHS
+from .engines.base import SAMPLINGS
 from .engines.synchronous import GRADIENT_SHIFTS
 from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
@@ -63,8 +64,10 @@ class WorkersConfig(_Strict):
     count: int = Field(3, ge=1, le=100_000)
     split: _choices(SPLITS) = "iid"
     shards_per_worker: int = Field(2, ge=1)
-    #: per worker, 1..1,000,000 (sampled with replacement from the worker's shard), or "full"
+    #: per worker, 1..1,000,000 (drawn from the worker's shard as ``sampling`` says), or "full"
     batch_size: int | Literal["full"] = 1
+    #: with_replacement: uniform draws; reshuffle: a fresh random permutation of the shard per pass
+    sampling: _choices(SAMPLINGS) = "with_replacement"
     #: p_q: finite, >= 0, not all zero, summing to 1 (within 1e-6); they are rejected, not
     #: normalised, when they do not
     weights: list[float] | None = None

@@ -191,6 +191,7 @@ class AsyncSimulator(Engine):
         batch_size: int | str = 1,
         split: str = "iid",
         shards_per_worker: int = 2,
+        sampling: str = "with_replacement",
         weights: list[float] | None = None,
         seed: int = 0,
         gradient_shift: str = "none",
@@ -218,7 +219,8 @@ class AsyncSimulator(Engine):
         if not (0 <= server_time < math.inf):
             raise ValueError(f"server_time must be a finite number >= 0, got {server_time!r}")
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
-                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift)
+                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
+                    sampling=sampling)
         self.compute = compute or ComputeLaw()
         if self.compute.speeds is not None and len(self.compute.speeds) != n_workers:
             raise ValueError(f"compute speeds has {len(self.compute.speeds)} entries for {n_workers} workers")
@@ -455,6 +457,7 @@ class AsyncSimulator(Engine):
             "w": self.w.clone(),
             "algorithm": self.alg.state_dict(self.worker_state, self.server_state, layout=self.layout, n_workers=self.n_workers),
             "generator": self.gen.get_state(),
+            "data": self.data.state_dict(),
             "streams": {p: [g.get_state() for g in gens] for p, gens in self.streams.items()},
             "events": [(e.time, e.worker, e.seq, e.kind) for e in self.events], "seq": self._seq,
             "worker_models": [m.clone() for m in self.worker_models], "worker_versions": list(self.worker_versions),
@@ -475,6 +478,7 @@ class AsyncSimulator(Engine):
         self.t, self.now, self.server_busy_until = int(sd["t"]), float(sd["now"]), float(sd["server_busy_until"])
         self.w = sd["w"].clone()
         self.gen.set_state(sd["generator"])
+        self.data.load_state_dict(sd.get("data", {}))
         for p, states in sd["streams"].items():
             for g, s in zip(self.streams[p], states):
                 g.set_state(s)

@@ -94,7 +94,8 @@ class Engine(ABC):
         return self.layout.d
 
     def _setup(self, task: Task, algorithm, schedule, *, n_workers: int, batch_size, split: str,
-               shards_per_worker: int, seed: int, gradient_shift: str) -> None:
+               shards_per_worker: int, seed: int, gradient_shift: str,
+               sampling: str = "with_replacement") -> None:
         """What every simulated engine starts from: the task's initial model (drawn from the engine's
         generator, seeded by ``seed``), its layout, the workers' data (:class:`WorkerData`, the same
         generator), the algorithm's initial state, EF-GD*'s optimum, zeroed counters."""
@@ -109,7 +110,7 @@ class Engine(ABC):
         self.layout = Layout.of(params0)
         self.w = self.layout.flatten(params0).clone()
         self.dtype = self.w.dtype
-        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen)
+        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen, sampling)
         self.x_star = None
         if gradient_shift == "optimum":
             # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
@@ -169,18 +170,33 @@ class Engine(ABC):
         return correct / int(x.shape[0])
 
 
+#: how a worker draws its mini-batches from its shard (see :class:`WorkerData`)
+SAMPLINGS = ("with_replacement", "reshuffle")
+
+
 class WorkerData:
     """Which training rows each worker owns, and the mini-batches it draws.
 
     Split ``iid`` or ``shards`` (sort by label, cut into shards, a fixed number per worker), or
     the task's own assignment (``task.worker_data``). Each step every worker draws
-    ``batch_size`` rows uniformly with replacement from its shard (``"full"``: the whole shard,
-    exact local gradients). All randomness comes from the engine's generator, so engines that
-    share a seed draw the same batches.
+    ``batch_size`` rows from its shard (``"full"``: the whole shard, exact local gradients):
+
+    * ``sampling: with_replacement``: uniformly, with replacement;
+    * ``sampling: reshuffle`` (random reshuffling, as in paper 003): each worker walks through a
+      random permutation of its shard, ``batch_size`` rows at a time, and draws a fresh
+      permutation when it has used every row (a batch that straddles the end takes the rest of
+      the old permutation, then the start of the new one), so within each pass over its shard
+      every row is used exactly once.
+
+    All randomness comes from the engine's generator, so engines that share a seed draw the same
+    batches; the permutations in use are part of :meth:`state_dict` (resume is exact).
     """
 
     def __init__(self, task: Task, n_workers: int, split: str, shards_per_worker: int,
-                 batch_size: int | str, generator: torch.Generator) -> None:
+                 batch_size: int | str, generator: torch.Generator, sampling: str = "with_replacement") -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")
+        self.sampling = sampling
         if task.worker_data is not None:
             rows = [torch.as_tensor(r, dtype=torch.long) for r in task.worker_data]
             if len(rows) != n_workers:
@@ -204,6 +220,32 @@ class WorkerData:
         self.generator = generator
         #: full local batches of different sizes cannot be stacked: gradients then come per worker
         self.ragged = batch_size == "full" and int(self.lens.min()) != int(self.lens.max())
+        #: reshuffle: each worker's current permutation of its shard and how much of it is used
+        self.permutations: list[torch.Tensor | None] = [None] * self.n_workers
+        self.positions = [0] * self.n_workers
+
+    def _reshuffled(self, q: int) -> torch.Tensor:
+        """Worker q's next ``batch_size`` rows in its random-reshuffling order."""
+        need, parts, n = self.batch_size, [], int(self.lens[q])
+        while need:
+            if self.permutations[q] is None or self.positions[q] == n:
+                self.permutations[q] = torch.randperm(n, generator=self.generator)
+                self.positions[q] = 0
+            take = min(need, n - self.positions[q])
+            parts.append(self.permutations[q][self.positions[q]:self.positions[q] + take])
+            self.positions[q] += take
+            need -= take
+        local = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.rows_cat[self.offsets[q] + local]
+
+    def state_dict(self) -> dict:
+        return {"permutations": list(self.permutations), "positions": list(self.positions)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore the reshuffling state (an empty dict, from an older checkpoint: nothing to do)."""
+        if sd:
+            self.permutations = list(sd["permutations"])
+            self.positions = [int(p) for p in sd["positions"]]
 
     @property
     def n_workers(self) -> int:
@@ -217,6 +259,8 @@ class WorkerData:
         (for one worker the two draw the same rows)."""
         if self.batch_size == "full":
             return self.rows[q]
+        if self.sampling == "reshuffle":
+            return self._reshuffled(q)
         r = torch.rand(1, self.batch_size, generator=self.generator)[0]
         pos = self.offsets[q] + (r * self.lens[q]).long().clamp_max(self.lens[q] - 1)
         return self.rows_cat[pos]
@@ -225,6 +269,8 @@ class WorkerData:
         """This step's rows: ``[N, b]`` indices, or a list of N index tensors when ragged."""
         if self.batch_size == "full":
             return list(self.rows) if self.ragged else torch.stack(self.rows)
+        if self.sampling == "reshuffle":
+            return torch.stack([self._reshuffled(q) for q in range(self.n_workers)])
         r = torch.rand(self.n_workers, self.batch_size, generator=self.generator)
         pos = self.offsets[:, None] + (r * self.lens[:, None]).long().clamp_max(self.lens[:, None] - 1)
         return self.rows_cat[pos]

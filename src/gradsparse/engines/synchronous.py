@@ -93,12 +93,14 @@ class SynchronousEngine(Engine):
         batch_size: int | str = 1,
         split: str = "iid",
         shards_per_worker: int = 2,
+        sampling: str = "with_replacement",
         weights: list[float] | None = None,
         seed: int = 0,
         gradient_shift: str = "none",
     ) -> None:
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
-                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift)
+                    shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
+                    sampling=sampling)
         if weights is None:
             self.weights = torch.full((n_workers,), 1.0 / n_workers, dtype=self.dtype)
         else:
@@ -175,6 +177,7 @@ class SynchronousEngine(Engine):
             "algorithm": self.alg.state_dict(self.worker_state, self.server_state, layout=self.layout,
                                              n_workers=self.n_workers),
             "generator": self.gen.get_state(),
+            "data": self.data.state_dict(),
             "samples_seen": self.samples_seen,
             "ledger": self.ledger.state_dict(),
             "density_sum": self.density_sum,
@@ -191,6 +194,7 @@ class SynchronousEngine(Engine):
         self.t = int(sd["t"])
         self.w = sd["w"].clone().to(self.dtype)
         self.gen.set_state(sd["generator"])
+        self.data.load_state_dict(sd.get("data", {}))
         self.samples_seen = int(sd["samples_seen"])
         self.ledger.load_state_dict(sd["ledger"])
         self.density_sum = float(sd["density_sum"])
