@@ -1,0 +1,58 @@
+"""Paper 004 reproductions: the claim-building logic on hand-made measurements (the verdict flips
+when the measurements do), and each reproduction end to end on tiny settings (slow)."""
+
+import math
+
+import pytest
+
+from gradsparse.reproduce import zhao as Z
+from gradsparse.reproduce.base import execute
+
+
+def test_match_claim_flips_with_the_ratio_to_dense():
+    assert Z.match_claim({("linreg", "constant"): [1.9, 1.2], ("mlp", "constant"): [1.1, 1.4]}).verdict == "holds"
+    # 1.9 is inside linreg's factor (f - f*) but outside the MLP's (loss)
+    assert Z.match_claim({("mlp", "constant"): [1.9, 1.6]}).verdict == "does not hold"
+    assert Z.match_claim({("mlp", "constant"): [1.9, 1.0]}).verdict == "inconclusive"
+    assert Z.match_claim({("linreg", "constant"): [math.inf, math.inf]}).verdict == "does not hold"
+
+
+def test_ratio_of_missing_or_diverged_values_is_infinite():
+    assert Z._ratio(2.0, 1.0) == 2.0
+    assert Z._ratio(None, 1.0) == math.inf and Z._ratio(1.0, float("nan")) == math.inf
+
+
+def test_stage_losses_reads_the_summary():
+    summary = {"stages": [{"stage": 1, "loss_at_average": 1.5}, {"stage": 2, "loss_at_average": 0.5}]}
+    assert Z.stage_losses(summary) == [1.5, 0.5]
+    assert Z.stage_losses({"stages": None}) == []
+
+
+def test_stagewise_claim_flips_with_the_stage_losses():
+    good = (2.3, [1.0, 0.5], 0.3)
+    assert Z.stagewise_claim([good, good], [good]).verdict == "holds"
+    rising = (2.3, [1.0, 1.2], 0.3)  # not monotone on one seed
+    assert Z.stagewise_claim([good, rising]).verdict == "inconclusive"
+    stuck = (2.3, [2.2, 2.1], 2.0)  # decreasing but far above 0.25 x initial
+    assert Z.stagewise_claim([stuck, stuck]).verdict == "does not hold"
+    assert Z.stagewise_claim([(2.3, [], None)]).verdict == "does not hold"
+
+
+def test_best_lr_picks_the_smallest_finite_final():
+    assert Z.best_lr({0.01: 0.3, 0.02: 0.2, 0.04: None}) == 0.02
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zhao-momentum", "zhao-stagewise"])
+def test_reproduction_end_to_end_tiny(name, tmp_path, monkeypatch):
+    tiny = {"steps": 40, "every": 10}
+    monkeypatch.setattr(Z, "SETTINGS", {"small": {"linreg": tiny, "mlp": tiny,
+                                                  "stagewise": {"stage_steps": [10, 15, 20], "every": 5}}})
+    monkeypatch.setattr(Z, "LINREG", {"name": "linreg", "options": {"n_samples": 400, "n_features": 64}})
+    monkeypatch.setattr(Z, "MLP", {"name": "digits_mlp", "options": {"hidden": 8}})
+    rep = {r.name: r for r in Z.REPRODUCTIONS}[name]
+    summary = execute(rep, "small", 1, tmp_path / name)
+    assert summary["status"] == "completed" and summary["claims"]
+    assert summary["runs"] == rep.expected_runs("small", 1)
+    assert all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in summary["claims"])
+    assert (tmp_path / name / "report.md").is_file() and summary["figures"]
