@@ -71,11 +71,12 @@ def test_aggregate_claim_compares_with_NK_over_d():
 
 def test_configs_follow_the_paper():
     cfg = zou.nn_config(zou.SMALL_PLAN, "mnist5k_mlp", "shards", 50, "bidirectional", 0.1, 2)
-    assert cfg["task"]["options"] == {"n_train": 2 * 50 * 20}  # two shards of 20 rows per worker
-    assert cfg["workers"] == {"count": 50, "split": "shards", "shards_per_worker": 2, "batch_size": 10}
+    assert cfg["task"]["options"] == {}  # all 4,000 rows, cut into 200 shards of 20, two per worker
+    assert cfg["workers"] == {"count": 50, "split": "shards", "shards_per_worker": 2, "batch_size": 10,
+                              "sampling": "reshuffle", "n_shards": 200}
     assert cfg["algorithm"]["topology"]["down_compressor"] == {"kind": "topk", "density": 0.001}
     full = zou.nn_config(zou.FULL_PLAN, "mnist_mlp", "shards", 20, "uplink-only", 0.1, 0)
-    assert full["task"]["options"] == {"n_train": 12_000} and full["epochs"] == 100.0
+    assert full["workers"]["n_shards"] == 200 and full["epochs"] == 100.0  # 200 shards of 300 MNIST rows
     assert full["metrics"]["every"] == 60 and full["algorithm"]["topology"] == {"kind": "ps_uplink"}
     assert zou.nn_config(zou.FULL_PLAN, "mnist_mlp", "iid", 20, "uplink-only", 0.1, 0)["task"]["options"] == {}
     assert zou.nn_expected_runs("small", 3) == 3 * 2 * (4 + 2)

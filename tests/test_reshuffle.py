@@ -68,3 +68,23 @@ def test_a_checkpoint_mid_pass_resumes_the_same_order(engine):
         straight.step()
         fresh.step()
     assert torch.equal(straight.w, fresh.w)
+
+
+def test_paper_003_shard_split_from_the_config():
+    """workers.n_shards: sort by label, cut into 200 shards, two at random per worker (paper 003)."""
+    cfg = load_config({"task": {"name": "mnist5k_mlp"}, "steps": 1,
+                       "workers": {"count": 20, "split": "shards", "n_shards": 200, "batch_size": 10}})
+    data = build_engine(cfg).data
+    labels = build_engine(cfg).task.train_y
+    order = torch.sort(labels, stable=True).indices
+    shards = {tuple(s.tolist()) for s in torch.tensor_split(order, 200)}
+    used = []
+    for rows in data.rows:
+        assert len(rows) == 40  # 4,000 rows / 200 = shards of 20; two per worker
+        a, b = tuple(rows[:20].tolist()), tuple(rows[20:].tolist())
+        assert a in shards and b in shards and a != b
+        used += [a, b]
+    assert len(set(used)) == 40  # no shard given twice
+    with pytest.raises(ConfigError, match="n_shards=30 is too small"):
+        build_engine(load_config({"task": {"name": "mnist5k_mlp"}, "steps": 1,
+                                  "workers": {"count": 20, "split": "shards", "n_shards": 30}}))

@@ -64,6 +64,9 @@ class WorkersConfig(_Strict):
     count: int = Field(3, ge=1, le=100_000)
     split: _choices(SPLITS) = "iid"
     shards_per_worker: int = Field(2, ge=1)
+    #: split shards: the number of label-sorted shards the rows are cut into (default
+    #: shards_per_worker x count, every row used; paper 003: 200 shards of 300 MNIST rows)
+    n_shards: int | None = Field(None, ge=1)
     #: per worker, 1..1,000,000 (drawn from the worker's shard as ``sampling`` says), or "full"
     batch_size: int | Literal["full"] = 1
     #: with_replacement: uniform draws; reshuffle: a fresh random permutation of the shard per pass

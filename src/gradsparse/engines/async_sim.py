@@ -192,6 +192,7 @@ class AsyncSimulator(Engine):
         split: str = "iid",
         shards_per_worker: int = 2,
         sampling: str = "with_replacement",
+        n_shards: int | None = None,
         weights: list[float] | None = None,
         seed: int = 0,
         gradient_shift: str = "none",
@@ -220,7 +221,7 @@ class AsyncSimulator(Engine):
             raise ValueError(f"server_time must be a finite number >= 0, got {server_time!r}")
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
                     shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
-                    sampling=sampling)
+                    sampling=sampling, n_shards=n_shards)
         self.compute = compute or ComputeLaw()
         if self.compute.speeds is not None and len(self.compute.speeds) != n_workers:
             raise ValueError(f"compute speeds has {len(self.compute.speeds)} entries for {n_workers} workers")

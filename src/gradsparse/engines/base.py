@@ -95,7 +95,7 @@ class Engine(ABC):
 
     def _setup(self, task: Task, algorithm, schedule, *, n_workers: int, batch_size, split: str,
                shards_per_worker: int, seed: int, gradient_shift: str,
-               sampling: str = "with_replacement") -> None:
+               sampling: str = "with_replacement", n_shards: int | None = None) -> None:
         """What every simulated engine starts from: the task's initial model (drawn from the engine's
         generator, seeded by ``seed``), its layout, the workers' data (:class:`WorkerData`, the same
         generator), the algorithm's initial state, EF-GD*'s optimum, zeroed counters."""
@@ -110,7 +110,7 @@ class Engine(ABC):
         self.layout = Layout.of(params0)
         self.w = self.layout.flatten(params0).clone()
         self.dtype = self.w.dtype
-        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen, sampling)
+        self.data = WorkerData(task, n_workers, split, shards_per_worker, batch_size, self.gen, sampling, n_shards)
         self.x_star = None
         if gradient_shift == "optimum":
             # EF-GD* (paper 002, App. C.3.2): g_i(x) - g_i(x*), same samples at both points
@@ -193,7 +193,8 @@ class WorkerData:
     """
 
     def __init__(self, task: Task, n_workers: int, split: str, shards_per_worker: int,
-                 batch_size: int | str, generator: torch.Generator, sampling: str = "with_replacement") -> None:
+                 batch_size: int | str, generator: torch.Generator, sampling: str = "with_replacement",
+                 n_shards: int | None = None) -> None:
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")
         self.sampling = sampling
@@ -207,7 +208,7 @@ class WorkerData:
         else:
             labels = task.train_y if task.train_y.dim() == 1 else None
             rows = split_workers(task.n_train, labels, n_workers, split, shards_per_worker=shards_per_worker,
-                                 generator=generator)
+                                 n_shards=n_shards, generator=generator)
         self.rows = rows
         self.lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
         if int(self.lens.min()) == 0:

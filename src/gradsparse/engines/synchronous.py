@@ -94,13 +94,14 @@ class SynchronousEngine(Engine):
         split: str = "iid",
         shards_per_worker: int = 2,
         sampling: str = "with_replacement",
+        n_shards: int | None = None,
         weights: list[float] | None = None,
         seed: int = 0,
         gradient_shift: str = "none",
     ) -> None:
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
                     shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
-                    sampling=sampling)
+                    sampling=sampling, n_shards=n_shards)
         if weights is None:
             self.weights = torch.full((n_workers,), 1.0 / n_workers, dtype=self.dtype)
         else:

@@ -123,7 +123,7 @@ def build_engine(cfg: RunConfig):
     w = cfg.workers
     kwargs = dict(
         n_workers=w.count, batch_size=w.batch_size, split=w.split, shards_per_worker=w.shards_per_worker,
-        sampling=w.sampling,
+        sampling=w.sampling, n_shards=w.n_shards,
         weights=w.weights, seed=cfg.seed, gradient_shift=cfg.algorithm.gradient_shift,
     )
     if cfg.engine == "sync":

@@ -20,12 +20,11 @@ zou-workers
     full: MNIST and Fashion-MNIST (IDX), the MLP and the small CNN, 100 epochs.
 
 zou-noniid
-    As zou-workers with the non-iid split of McMahan et al. (sort by label, cut into shards, two
-    shards per worker). The paper cuts 60,000 rows into 200 shards of 300; a worker count N uses
-    2 N of them. The split here cuts the rows it is given into exactly 2 N shards, so the
-    reproduction gives it 2 N x shard_rows rows (``n_train``, drawn at random): shards of 300
-    (600 N rows of 60,000) at full scale, shards of 20 (40 N rows of the 4,000) at small scale,
-    so each worker holds two label-sorted shards as in the paper.
+    As zou-workers with the non-iid split of McMahan et al. exactly: sort the training rows by
+    label, cut them into 200 shards (``workers.n_shards``), give each worker two at random; a
+    worker count N uses 2 N of them. Shards of 300 rows at full scale (60,000 MNIST rows, as the
+    paper), of 20 at small scale (the 4,000 offline digits).
+    Both reproductions use random reshuffling (``workers.sampling: reshuffle``), as the thesis.
 """
 
 from __future__ import annotations
@@ -162,20 +161,23 @@ def plan_of(ctx: Context) -> Plan:
 
 
 def train_rows(plan: Plan, split: str, n_workers: int) -> int:
-    """Rows a run trains on: all of them (iid), or 2 shards of ``shard_rows`` per worker (non-iid)."""
+    """Rows a run trains on: all of them (iid), or the 2 shards of ``shard_rows`` of each worker
+    (non-iid; the other shards' rows are not used)."""
     return plan.train_rows if split == "iid" else 2 * n_workers * plan.shard_rows
 
 
 def nn_config(plan: Plan, task: str, split: str, n_workers: int, method: str, lr: float, seed: int) -> dict:
     """One run: top-k with memory at K = 0.001 d, uplink-only or bidirectional, constant step."""
-    options = {} if split == "iid" else {"n_train": train_rows(plan, split, n_workers)}
+    options: dict = {}
+    shards = {} if split == "iid" else {"n_shards": plan.train_rows // plan.shard_rows}
     topology = ({"kind": "ps_uplink"} if method == "uplink-only" else
                 {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": K_DENSITY}})
     every = plan.every or max(1, train_rows(plan, split, n_workers) // (n_workers * BATCH))
     cfg = {
         "seed": seed,
         "task": {"name": task, "options": options},
-        "workers": {"count": n_workers, "split": split, "shards_per_worker": 2, "batch_size": BATCH},
+        "workers": {"count": n_workers, "split": split, "shards_per_worker": 2, "batch_size": BATCH,
+                    "sampling": "reshuffle", **shards},
         "algorithm": {"compressor": {"kind": "topk", "density": K_DENSITY}, "feedback": "ef", "topology": topology},
         "schedule": {"kind": "constant", "lr": lr},
         "metrics": {"every": every, "names": list(NN_METRICS)},
@@ -436,8 +438,8 @@ def _scale_note(ctx: Context, split: str) -> None:
             "grid's).")
     if split == "shards":
         text += (f" Non-iid: the thesis cuts 60,000 label-sorted rows into 200 shards of 300 and gives each worker 2; "
-                 f"here each run draws 2 N x {plan.shard_rows} rows of the 4,000 at random, sorts them by label and "
-                 f"cuts them into 2 N shards of {plan.shard_rows} (the 4,000 rows are 200 shards of 20), 2 per worker.")
+                 f"here the 4,000 label-sorted rows are cut into {plan.train_rows // plan.shard_rows} shards of "
+                 f"{plan.shard_rows}, 2 per worker (the rows of unassigned shards are not used).")
     ctx.note(text)
 
 
