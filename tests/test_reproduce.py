@@ -28,6 +28,8 @@ def test_paired_verdict_by_seed():
     # a run that never reached its target (+inf steps) loses, and that is a valid comparison
     assert base.paired_verdict([100, 200], [INF, INF]) == "holds"
     assert base.paired_verdict([INF, 200], [100, INF]) == "inconclusive"
+    assert base.paired_verdict([INF, INF], [INF, INF]) == "inconclusive"  # neither reached the target
+    assert base.paired_verdict([100, INF], [200, INF]) == "inconclusive"
     assert base.paired_verdict([1, None], [2, 3]) == "inconclusive"
     assert base.paired_verdict([1, math.nan], [2, 3]) == "inconclusive"
     with pytest.raises(ValueError, match="equal, non-empty"):

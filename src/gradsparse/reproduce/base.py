@@ -98,13 +98,15 @@ def paired_verdict(better: Sequence[float | None], worse: Sequence[float | None]
     paired by seed. "holds" when A beats B on every seed, "does not hold" when B beats or ties
     A on every seed, "inconclusive" when the seeds disagree or a value is missing / not finite
     (a run that never reached its target counts as +inf when lower is better, which is a
-    valid comparison)."""
+    valid comparison against one that did; two that both never did are no comparison)."""
     if len(better) != len(worse) or not better:
         raise ValueError(f"paired_verdict needs equal, non-empty lists; got {len(better)} and {len(worse)}")
     sign = 1.0 if lower_is_better else -1.0
     wins = losses = 0
     for a, b in zip(better, worse):
         if a is None or b is None or math.isnan(a) or math.isnan(b):
+            return "inconclusive"
+        if math.isinf(a) and a == b:  # neither reached its target on this seed: no comparison
             return "inconclusive"
         if a == b:
             losses += 1
