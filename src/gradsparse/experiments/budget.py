@@ -32,6 +32,7 @@ import math
 import shutil
 import statistics
 from pathlib import Path
+from typing import Callable
 
 from ..config import load_config
 from .runner import run
@@ -97,21 +98,30 @@ def tune_threshold(task: str, target_bytes: int, quick: bool, out: Path, max_run
     """Paper 002's hand tuning, automated: the lambda whose realised uplink bytes (seed 0) come
     closest to ``target_bytes``. Bracket on log lambda by factors of 4 from lambda = 1, then
     bisect; stops within ±3% or after ``max_runs`` runs. Returns (lambda, [(lambda, bytes)])."""
-    max_runs = max_runs or (5 if quick else 9)
-    tried: list[dict] = []
+    count = [0]
 
     def bytes_at(lam: float) -> int:
         res = _run(_config(task, "hard_threshold", 0, quick, {"kind": "hard_threshold", "threshold": lam}),
-                   out / f"lambda{len(tried)}")
-        b = int(res["summary"]["uplink_bytes"])
-        tried.append({"threshold": lam, "uplink_bytes": b})
-        return b
+                   out / f"lambda{count[0]}")
+        count[0] += 1
+        return int(res["summary"]["uplink_bytes"])
 
+    return search_threshold(bytes_at, target_bytes, max_runs or (5 if quick else 9))
+
+
+def search_threshold(bytes_at: Callable[[float], int], target_bytes: int, max_runs: int = 9, start: float = 1.0,
+                     tolerance: float = 0.03) -> tuple[float, list[dict]]:
+    """The search of :func:`tune_threshold` for any run: ``bytes_at(lambda)`` runs with that
+    lambda and returns its realised uplink bytes. Bracket on log lambda by factors of 4 from
+    ``start``, then bisect; stops within ±``tolerance`` of ``target_bytes`` or after ``max_runs``
+    runs. Returns (the lambda closest to the target, [{threshold, uplink_bytes} per run])."""
+    tried: list[dict] = []
     lo = hi = None  # lo: a lambda sending more than the target, hi: one sending less
-    lam = 1.0
+    lam = start
     while len(tried) < max_runs:
-        b = bytes_at(lam)
-        if abs(b - target_bytes) <= 0.03 * target_bytes:
+        b = int(bytes_at(lam))
+        tried.append({"threshold": lam, "uplink_bytes": b})
+        if abs(b - target_bytes) <= tolerance * target_bytes:
             break
         if b > target_bytes:
             lo = lam
