@@ -21,7 +21,8 @@ over Gloo send/recv; its bytes per step are the mean over all ranks, server incl
 Per method: median step time over ``--steps`` timed steps (after 2 untimed: bucket rebuild,
 PowerSGD's start iteration), bytes per step and rank from the kernel's TX counter of ``eth0``
 (what really crossed the shaped link, headers included), and for the hook the time of its own
-compute (worker step + server step, no communication) measured alone, as a fraction of the step.
+compute (worker step on this rank's own gradient + densifying the gathered messages into the
+bucket, no communication) measured alone, as a fraction of the step.
 Prints ratios against dense measured in the same run; writes ``network.csv`` and
 ``network.png``.
 """
@@ -220,16 +221,22 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
     dist.barrier()
     compute = None
-    if state is not None and args.rank == 0:  # the hook's own compute, alone
-        grads = [torch.randn(1, s.layout.d) * 1e-3 for s in state.segments.values()]
-        t0 = time.perf_counter()
-        for (name, seg), gr in zip(state.segments.items(), grads):
-            out = seg.alg.worker_step_in_place(gr, seg.worker, step=0, lr=0.01)
-            from gradsparse.messages import SparseBatch
+    if state is not None and args.rank == 0:  # the hook's own compute, alone, on a real gradient
+        import copy
 
-            batch = SparseBatch.cat([out.message] * args.world)
-            seg.alg.server_step(batch, seg.server, step=0, lr=0.01,
-                                weights=torch.full((args.world,), 1.0 / args.world))
+        from gradsparse.messages import SparseBatch
+
+        opt.zero_grad()
+        with model.no_sync():  # this rank's own gradient, not the aggregate
+            F.mse_loss(model(x), y).backward()
+        grads = {n: p.grad.detach().reshape(1, -1).clone() for n, p in model.module.named_parameters()}
+        segments = copy.deepcopy(state.segments)  # the timing must not move the run's memories
+        weights = torch.full((args.world,), 1.0 / args.world)
+        t0 = time.perf_counter()
+        for name, seg in segments.items():
+            out = seg.alg.worker_step_in_place(grads[name], seg.worker, step=state.step, lr=0.01)
+            batch = SparseBatch.cat([out.message] * args.world)  # the all-gathered messages
+            batch.weighted_sum(weights, out=grads[name][0])  # densify into the bucket
         compute = time.perf_counter() - t0
     res = {"d": d, "step_s": statistics.median(times[2:]), "compute_s": compute,
            "wire_bytes_per_step": (state.uplink_bytes / state.step) if state is not None and state.step else None}

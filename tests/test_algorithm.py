@@ -369,3 +369,26 @@ def test_stateful_compressor_state_is_kept_per_worker_and_checkpointed():
     sd["algorithm"]["worker"]["compressor"] = None
     with pytest.raises(ValueError, match="whether the uplink compressor keeps state"):
         engines["loop"].load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "ragged", "dense"])
+def test_weighted_sum_into_a_given_buffer_equals_the_allocating_sum_by_hand(kind):
+    from gradsparse.messages import SparseBatch
+
+    rows = torch.tensor([[0.0, 2.0, 0.0, -1.0], [3.0, 0.0, 0.0, 4.0]])
+    if kind == "dense":
+        batch = SparseBatch.from_dense(rows)
+    elif kind == "sparse":
+        batch = TopK(k=2).compress(rows)
+    else:
+        batch = HardThreshold(2.5).compress(rows)  # rows keep 0 and 2 entries
+    w = torch.tensor([0.25, 0.5])
+    expected = {"dense": [1.5, 0.5, 0.0, 1.75], "sparse": [1.5, 0.5, 0.0, 1.75], "ragged": [1.5, 0.0, 0.0, 2.0]}[kind]
+    out = torch.full((4,), 99.0)  # stale contents must not leak into the sum
+    got = batch.weighted_sum(w, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    assert out.tolist() == expected == batch.weighted_sum(w).tolist()
+    with pytest.raises(ValueError, match="out must be"):
+        batch.weighted_sum(w, out=torch.zeros(5))
+    with pytest.raises(ValueError, match="out must be"):
+        batch.weighted_sum(w, out=torch.zeros(4, dtype=torch.float64))

@@ -383,13 +383,19 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
                           for b in ex.gathered]
     off = 0
     for p, seg, (batch, weights) in zip(params, segs, aggregated):
+        n = p.numel()
+        target = buf[off : off + n]
+        off += n
+        if _plain_average(seg.alg) and target.dtype == batch.values.dtype:
+            # the server step's update is lr * aggregate and SGD(lr) applies w <- w - lr * grad:
+            # the bucket holds the aggregate, summed straight into it (no server state to keep)
+            batch.weighted_sum(weights, out=target)
+            continue
         srv = seg.alg.server_step(batch, seg.server, step=step, lr=lr, weights=weights)
         seg.server = srv.state
         # U / lr: SGD(lr) then applies w <- w - U (for memory, U = lr * D: the bucket holds D)
         update = srv.update / lr if lr != 0 else srv.update
-        n = p.numel()
-        buf[off : off + n].copy_(update.reshape(-1).to(buf.dtype))
-        off += n
+        target.copy_(update.reshape(-1).to(buf.dtype))
     if bucket.is_last():
         state.step += 1
     return _done(buf)
@@ -441,11 +447,18 @@ def _whole_model_bucket(state: SparsifiedState, bucket, buf, params, step: int, 
     return fut
 
 
-def _dense_nbytes(p: torch.Tensor, value_dtype: str = "fp32") -> int:
-    """Wire size of one dense frame of ``p``'s size."""
-    from . import wire
+def _plain_average(alg: Algorithm) -> bool:
+    """Whether the server step's update is exactly lr times the weighted aggregate (no server
+    momentum, no compressed downlink, the step size outside the feedback)."""
+    return alg.momentum.side != "server" and not alg.lr_inside and not alg.topology.compresses_downlink
 
-    return int(wire.encoded_nbytes(SparseBatch.from_dense(torch.zeros(1, p.numel())), value_dtype=value_dtype)[0])
+
+def _dense_nbytes(p: torch.Tensor, value_dtype: str = "fp32") -> int:
+    """Wire size of one dense frame of ``p``'s size (no allocation: the frame size is arithmetic)."""
+    from . import wire
+    from .wire.format import VALUE_DTYPE_TABLE, resolve_value_dtype
+
+    return wire.dense_nbytes(p.numel(), VALUE_DTYPE_TABLE[resolve_value_dtype(value_dtype)].itemsize)
 
 
 def _allreduce_dense(messages: list[SparseBatch], group, device):

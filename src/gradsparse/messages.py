@@ -205,14 +205,20 @@ class SparseBatch:
             x.view(-1)[self.flat_positions()] = values.to(x.dtype)
         return x
 
-    def weighted_sum(self, weights: torch.Tensor) -> torch.Tensor:
-        """sum_q weights_q * row_q as a dense ``[d]`` vector (the server's aggregate)."""
+    def weighted_sum(self, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_q weights_q * row_q as a dense ``[d]`` vector (the server's aggregate), written into
+        ``out`` (``[d]``, the values' dtype and device) when given."""
         w = weights.to(self.values.dtype)
         if w.numel() != self.n:
             raise ValueError(f"{w.numel()} weights for {self.n} rows")
+        if out is not None and (out.shape != (self.d,) or out.dtype != self.values.dtype):
+            raise ValueError(f"out must be [{self.d}] of {self.values.dtype}, got {tuple(out.shape)} of {out.dtype}")
         if self.dense:
-            return w @ self.values.view(self.n, self.d)
-        out = torch.zeros(self.d, dtype=self.values.dtype, device=self.values.device)
+            return torch.matmul(w, self.values.view(self.n, self.d), out=out)
+        if out is None:
+            out = torch.zeros(self.d, dtype=self.values.dtype, device=self.values.device)
+        else:
+            out.zero_()
         if self.fixed_k is not None:
             contrib = (w[:, None] * self.values.view(self.n, self.fixed_k)).reshape(-1)
         else:
