@@ -545,3 +545,68 @@ def test_linreg_without_a_gram_matrix_when_n_is_below_d(monkeypatch):
     tall = make_task("linreg", n_samples=300, n_features=40, seed=2)
     A = tall.train_x.double().numpy()
     assert tall.info["L"] == pytest.approx(sla.eigvalsh(A.T @ A)[-1] / 300, rel=1e-10) and tall.info["mu"] > 0
+
+
+def _densify_rows(task) -> np.ndarray:
+    """The sparse (column, value) rows of a linreg task as a dense float64 matrix."""
+    x = task.train_x.double()
+    n, m, _ = x.shape
+    A = np.zeros((n, task.info["d"]))
+    np.put_along_axis(A, x[..., 0].numpy().astype(np.int64), x[..., 1].numpy(), axis=1)
+    return A
+
+
+@pytest.mark.parametrize("n, d", [(40, 300), (300, 40)])  # n < d (minimum norm) and n > d
+def test_linreg_sparse_rows_equal_the_dense_formulation(n, d):
+    from scipy import linalg as sla
+
+    task = make_task("linreg", n_samples=n, n_features=d, feature_density=0.1, seed=5, dtype="float64")
+    m = task.info["nonzeros_per_row"]
+    assert m == round(0.1 * d) and task.train_x.shape == (n, m, 2)
+    cols = task.train_x[..., 0]
+    assert bool((cols[:, 1:] > cols[:, :-1]).all())  # distinct columns, sorted, per row
+    A, y = _densify_rows(task), task.train_y.numpy()
+    assert np.count_nonzero(A) == n * m
+    eig = sla.eigvalsh(A.T @ A if d <= n else A @ A.T)
+    w = sla.lstsq(A, y)[0]  # minimum-norm least squares
+    assert task.info["L"] == pytest.approx(eig[-1] / n, rel=1e-6)
+    assert task.info["mu"] == (pytest.approx(eig[0] / n, rel=1e-5) if d <= n else 0.0)
+    assert task.f_star == pytest.approx(0.5 * np.mean((A @ w - y) ** 2), abs=1e-10)
+    assert np.allclose(task.x_star["w"].numpy(), w, atol=1e-7)
+    # the loss on (column, value) rows is the dense loss, and so are its per-worker gradients
+    wt = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    At = torch.as_tensor(A)
+    dense = 0.5 * ((At @ wt - task.train_y) ** 2).mean()
+    assert float(task.loss({"w": wt}, task.train_x, task.train_y)) == pytest.approx(float(dense), rel=1e-12)
+    xs, ys = task.train_x[: 2 * (n // 2)].reshape(2, n // 2, m, 2), task.train_y[: 2 * (n // 2)].reshape(2, -1)
+    g = vmap(grad(task.loss), in_dims=(None, 0, 0))({"w": wt}, xs, ys)["w"]
+    for q in range(2):
+        rows = At[q * (n // 2): (q + 1) * (n // 2)]
+        torch.testing.assert_close(g[q], rows.T @ (rows @ wt - ys[q]) / (n // 2), rtol=1e-12, atol=1e-12)
+
+
+def test_linreg_sparse_rows_scale_like_the_dense_design_and_refuse_what_cannot_fit():
+    task = make_task("linreg", n_samples=2000, n_features=5000, feature_density=0.01, seed=0)
+    vals = task.train_x[..., 1].double()
+    assert float(vals.pow(2).mean()) * 0.01 == pytest.approx(1.0, rel=0.02)  # E[a_j^2] = 1 as when dense
+    with pytest.raises(ValueError, match=r"needs about .* GiB, more than .*feature_density"):
+        make_task("linreg", n_samples=10_000, n_features=100_000_000)  # 10^12 entries: refused before drawing
+    with pytest.raises(ValueError, match="feature_density must be in"):
+        make_task("linreg", feature_density=0.0)
+    with pytest.raises(ValueError, match="2\\*\\*24"):
+        make_task("linreg", n_samples=2, n_features=2**24 + 1, feature_density=1e-7)
+
+
+def test_linreg_sparse_rows_train_on_the_simulator_towards_f_star():
+    from gradsparse.algorithm import Algorithm
+    from gradsparse.compressors import TopK
+    from gradsparse.engines.sync_sim import SyncSimulator
+    from gradsparse.schedules import Schedule
+
+    task = make_task("linreg", n_samples=400, n_features=100, feature_density=0.2, seed=1)
+    sim = SyncSimulator(task, Algorithm(compressor=TopK(density=0.1), feedback="ef"),
+                        Schedule(lr=0.5 * task.info["step"]), n_workers=4, batch_size="full")
+    start = sim.full_loss() - task.f_star
+    for _ in range(300):
+        sim.step()
+    assert sim.full_loss() - task.f_star < 1e-3 * start

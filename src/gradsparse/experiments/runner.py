@@ -34,6 +34,7 @@ from ..config import ConfigError, RunConfig, dump_config
 from ..divergence import NonFinite, find_nonfinite
 from ..engines import ENGINES
 from ..metrics import METRICS, RUNNING_MAXIMA, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
+from ..resources import machine_memory
 from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
@@ -365,25 +366,6 @@ def estimate_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> tup
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
-
-
-def machine_memory() -> tuple[int | None, str]:
-    """The machine's memory (MemTotal in /proc/meminfo), or the cgroup limit when smaller."""
-    limit, source = None, ""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                limit, source = int(line.split()[1]) * 1024, "MemTotal in /proc/meminfo"
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if text.isdigit() and (limit is None or int(text) < limit):
-            limit, source = int(text), "the cgroup limit /sys/fs/cgroup/memory.max"
-    except OSError:
-        pass
-    return limit, source
 
 
 def check_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import linalg as sla
+from scipy import sparse
 from scipy.special import expit
 
 from ._common import (
@@ -110,6 +111,8 @@ def _least_squares(A: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarr
     n < d, mu = 0 and w* = A^T (A A^T)^+ y. Large n < d problems use Lanczos for L and conjugate
     gradients on A A^T (matrix-vector products only: no n x n or d x d matrix)."""
     n, d = A.shape
+    if sparse.issparse(A):
+        return _least_squares_iterative(A, y)
     if d <= n:
         gram = A.T @ A
         eig = sla.eigvalsh(gram)
@@ -124,14 +127,34 @@ def _least_squares(A: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarr
         if eig[0] <= 1e-12 * eig[-1]:
             return L, 0.0, sla.lstsq(A, y)[0]
         return L, 0.0, A.T @ sla.cho_solve(sla.cho_factor(K), y)
-    from scipy.sparse.linalg import LinearOperator, cg, eigsh
+    return _least_squares_iterative(A, y)
 
-    K = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
-    top = float(eigsh(K, k=1, which="LA", tol=1e-7, return_eigenvectors=False)[0])  # L to ~1e-7
-    z, info = cg(K, y, rtol=1e-11, maxiter=10 * n)
-    if info != 0:  # ill-conditioned kernel: fall back to the dense minimum-norm solve
-        return top / n, 0.0, sla.lstsq(A, y)[0]
-    return top / n, 0.0, A.T @ z
+
+def _least_squares_iterative(A, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(L, mu, w*) by matrix-vector products only (A dense or scipy sparse; no n x n or d x d
+    matrix): Lanczos for the extreme eigenvalues of the smaller of A^T A and A A^T, conjugate
+    gradients on it for w* (the minimum-norm solution A^T z, A A^T z = y, when n < d)."""
+    from scipy.sparse.linalg import LinearOperator, cg, eigsh, lsqr
+
+    n, d = A.shape
+    if n < d:
+        K = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+    else:
+        K = LinearOperator((d, d), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+    m = K.shape[0]
+    if m <= 2:  # Lanczos needs k < m: form the tiny matrix
+        M = np.column_stack([K.matvec(e) for e in np.eye(m)])
+        eig = sla.eigvalsh(M)
+        top, bottom = float(eig[-1]), float(eig[0])
+    else:
+        top = float(eigsh(K, k=1, which="LA", tol=1e-7, return_eigenvectors=False)[0])  # L to ~1e-7
+        bottom = 0.0 if n < d else float(eigsh(K, k=1, which="SA", tol=1e-6, return_eigenvectors=False)[0])
+    mu = 0.0 if n < d else max(bottom, 0.0) / n
+    rhs = y if n < d else A.T @ y
+    z, info = cg(K, rhs, rtol=1e-11, maxiter=10 * m)
+    if info != 0:  # ill-conditioned: least squares by LSQR (minimum norm), still matrix-free
+        return top / n, mu, lsqr(A, y, atol=1e-14, btol=1e-14, iter_lim=20 * max(n, d))[0]
+    return top / n, mu, (A.T @ z if n < d else z)
 
 
 def linreg(
@@ -139,6 +162,7 @@ def linreg(
     n_samples: int = 10_000,
     n_features: int = 1024,
     noise: float = 0.1,
+    feature_density: float = 1.0,
     test_fraction: float = 0.0,
     dtype: str = "float32",
     seed: int = 0,
@@ -152,37 +176,90 @@ def linreg(
     A A^T, or conjugate gradients when n is large: no d x d matrix), ``f_star`` its objective value.
     info: L = lambda_max(A^T A)/n, mu = lambda_min(A^T A)/n (0 when n < d), step = 1/L. Start point w = 0.
     ``test_fraction`` > 0 holds out random rows as a test set (regression: no ``predict``).
+
+    ``feature_density`` < 1 makes the rows sparse, as in text-like high-dimensional regression:
+    each row has m = max(1, round(feature_density * d)) nonzeros at distinct uniformly random
+    columns, with N(0, d/m) values (so E[a a^T] = I as in the dense case). The rows are stored as
+    (column, value) pairs, ``train_x`` of shape [n, m, 2] (column numbers as floats: exact below
+    2**24 in float32), and L, mu, w* come from matrix-vector products on the sparse matrix
+    (Lanczos and conjugate gradients). d = 1e6, n = 1e4 at density 1e-3 builds in seconds. A
+    dense design that cannot fit in the machine's memory is refused before it is drawn.
     """
     check_int("seed", seed)
     n_samples = check_int("n_samples", n_samples, minimum=2)
     n_features = check_int("n_features", n_features, minimum=1)
     noise = check_float("noise", noise, minimum=0.0)
+    feature_density = check_float("feature_density", feature_density)
+    if not 0.0 < feature_density <= 1.0:
+        raise ValueError(f"feature_density must be in (0, 1], got {feature_density}")
     test_fraction = check_fraction("test_fraction", test_fraction)
     tdtype = resolve_dtype(dtype)
+    elem = torch.empty(0, dtype=tdtype).element_size()
+    m = max(1, int(round(feature_density * n_features))) if feature_density < 1.0 else n_features
+    sparse_rows = m < n_features
+    if sparse_rows and tdtype == torch.float32 and n_features > 2**24:
+        raise ValueError(f"sparse rows store column numbers as floats: n_features = {n_features} needs "
+                         "dtype float64 (float32 is exact only up to 2**24)")
+    # float64 draw + the stored copy + the float64 copy the solver reads (sparse: 2 values per entry + CSR)
+    need = n_samples * m * ((8 + 8 + 2 * elem + 8 + 4) if sparse_rows else (8 + elem + 8))
+    from ..resources import machine_memory
+
+    limit, source = machine_memory()
+    if limit is not None and need > limit:
+        hint = "" if sparse_rows else (f"; for sparse rows set feature_density (e.g. {max(1e-4, min(0.01, 1e7 / (n_samples * n_features))):.2g})")
+        raise ValueError(f"n_samples x n_features = {n_samples} x {n_features} at feature_density {feature_density} "
+                         f"needs about {need / 2**30:.3g} GiB, more than {limit / 2**30:.3g} GiB ({source}){hint}")
 
     rng = np.random.default_rng(seed)
-    A = rng.standard_normal((n_samples, n_features))
-    w_true = rng.standard_normal(n_features) / np.sqrt(n_features)
-    y = A @ w_true + noise * rng.standard_normal(n_samples)
+    if sparse_rows:
+        cols = np.empty((n_samples, m), dtype=np.int64)
+        for i in range(n_samples):
+            cols[i] = rng.choice(n_features, m, replace=False)
+        cols.sort(axis=1)
+        vals = rng.standard_normal((n_samples, m)) * np.sqrt(n_features / m)
+        w_true = rng.standard_normal(n_features) / np.sqrt(n_features)
+        y = (vals * w_true[cols]).sum(axis=1) + noise * rng.standard_normal(n_samples)
+        X = torch.stack([torch.as_tensor(cols, dtype=torch.float64), torch.as_tensor(vals)], dim=-1).to(tdtype)
+        del cols, vals
+    else:
+        A = rng.standard_normal((n_samples, n_features))
+        w_true = rng.standard_normal(n_features) / np.sqrt(n_features)
+        y = A @ w_true + noise * rng.standard_normal(n_samples)
+        X = torch.as_tensor(A).to(tdtype)
+        del A
     tr, te = split_indices(n_samples, test_fraction, seed)
 
-    train_x = torch.as_tensor(A[tr]).to(tdtype)
+    train_x = X[tr]
     train_y = torch.as_tensor(y[tr]).to(tdtype)
+    test_x = X[te] if len(te) else None
+    test_y = torch.as_tensor(y[te]).to(tdtype) if len(te) else None
+    del X
     # Solve on the data exactly as stored (after the cast), in float64.
-    A64 = train_x.double().numpy()
+    n = int(train_x.shape[0])
     y64 = train_y.double().numpy()
-    n = A64.shape[0]
+    if sparse_rows:
+        A64 = sparse.csr_matrix(
+            (train_x[..., 1].double().numpy().reshape(-1), train_x[..., 0].double().numpy().astype(np.int64).reshape(-1),
+             np.arange(0, n * m + 1, m)), shape=(n, n_features))
+    else:
+        A64 = train_x.double().numpy()
     L, mu, w_star = _least_squares(A64, y64)
     r = A64 @ w_star - y64
     f_star = float(0.5 * np.mean(r * r))
     grad_norm = float(np.linalg.norm(A64.T @ r / n))
+    del A64
 
     def init_params(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         return {"w": torch.zeros(n_features, dtype=tdtype)}
 
-    def loss(params, x, y):
-        r = x @ params["w"] - y
-        return 0.5 * (r * r).mean()
+    if sparse_rows:
+        def loss(params, x, y):
+            r = (x[..., 1] * params["w"][x[..., 0].long()]).sum(-1) - y
+            return 0.5 * (r * r).mean()
+    else:
+        def loss(params, x, y):
+            r = x @ params["w"] - y
+            return 0.5 * (r * r).mean()
 
     return Task(
         name="linreg",
@@ -190,13 +267,13 @@ def linreg(
         loss=loss,
         train_x=train_x,
         train_y=train_y,
-        test_x=torch.as_tensor(A[te]).to(tdtype) if len(te) else None,
-        test_y=torch.as_tensor(y[te]).to(tdtype) if len(te) else None,
+        test_x=test_x,
+        test_y=test_y,
         f_star=f_star,
         x_star={"w": torch.as_tensor(w_star).to(tdtype)},
         convex=True,
         info={"L": L, "mu": mu, "step": 1.0 / L, "d": n_features, "n_train": n,
-              "noise": noise, "fstar_grad_norm": grad_norm},
+              "noise": noise, "fstar_grad_norm": grad_norm, "nonzeros_per_row": m},
     )
 
 
