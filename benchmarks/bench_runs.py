@@ -2,14 +2,18 @@
 
 1. The per-step non-finite check (``gradsparse.divergence.find_nonfinite``: model, memories,
    momentum, server state, messages) against the step it guards, on the synchronous simulator in
-   paper 003's setting (100 workers, MLP 784-64-10, d = 50,890, batch 10, top-k 0.1% with ef).
+   paper 003's setting (100 workers, MLP 784-64-10, d = 50,890, batch 10, top-k 0.1% with ef),
+   and the full scan of the [N, d] memories that compressors without top-k's guarantee pay.
 2. Random-k supports for many workers (one vectorized ``random_k_indices_rows`` call) against
    top-k on the same ``[N, d]`` rows (N = 1,000 workers, d = 50,890, 0.1%).
 3. A simulator step with ``batch_size: full`` and unequal shards (one gradient call per shard
    size) against the same step with equal shards, at 1,000 workers (logistic-regression-sized
    linear model, top-k 1% with ef).
 
-    python benchmarks/bench_runs.py [--workers 100] [--rk-workers 1000] [--repeats 7] [--quick]
+    python benchmarks/bench_runs.py [--workers 100] [--rk-workers 1000] [--repeats 7] [--threads 1] [--quick]
+
+torch is pinned to ``--threads`` threads (default 1: on a shared machine torch's default thread
+count can run many times slower).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--rk-workers", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.workers, args.rk_workers, args.repeats = 10, 50, 3
     g = torch.Generator().manual_seed(0)
@@ -61,8 +67,11 @@ def main(argv=None) -> int:
 
     step_ms = _median_ms(step, args.repeats)
     check_ms = _median_ms(lambda: find_nonfinite(sim, holder["rec"]), args.repeats)
+    full_ms = _median_ms(lambda: find_nonfinite(sim, holder["rec"], full=True), args.repeats)
     print(f"non-finite check: {check_ms:.2f} ms per step = {100 * check_ms / step_ms:.1f}% of the "
-          f"{step_ms:.1f} ms step ({args.workers} workers, d = {sim.d})")
+          f"{step_ms:.1f} ms step ({args.workers} workers, d = {sim.d}; top-k: the message proves the memories finite)")
+    print(f"  full scan (what hard-threshold, random-k and approximate top-k pay; every run's first step): "
+          f"{full_ms:.2f} ms = {100 * full_ms / step_ms:.1f}% of the step")
 
     d = 50_890
     rows = torch.randn(args.rk_workers, d, generator=g)

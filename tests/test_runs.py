@@ -174,6 +174,65 @@ def test_stop_policy_leaves_algorithm_untouched_and_find_nonfinite_sees_memory()
     assert (found.what, found.worker, found.index) == ("memory", 1, 7)
 
 
+@pytest.mark.parametrize("make", [lambda layout: TopK(k=3), lambda layout: TopK(density=0.2, scope="layerwise", layout=layout),
+                                  lambda layout: __import__("gradsparse.compressors", fromlist=["Identity"]).Identity()])
+@pytest.mark.parametrize("feedback", ["ef", "memory", "ef-scaled", "none"])
+def test_message_check_finds_exactly_what_the_full_scan_finds(make, feedback):
+    """With exact top-k / identity the memories are not scanned: a finite message proves them
+    finite. Random NaN / +-inf in the gradients of random workers, 30 steps: the fast check and
+    the full scan agree at every step (both None, or the same report)."""
+    from gradsparse.engines import SyncSimulator
+    from gradsparse.schedules import Schedule
+    from gradsparse.tasks import make_task
+
+    task = make_task("logreg", dataset="madelon_like", n_samples=120, n_features=30, seed=0)
+    gen = torch.Generator().manual_seed(3)
+    probe = SyncSimulator(task, Algorithm(compressor=TopK(k=1), feedback="ef"), Schedule(lr=0.1), n_workers=4, batch_size=8)
+    comp = make(probe.layout)
+    assert comp.reveals_nonfinite(probe.d)
+    found_any = 0
+    for trial in range(6):
+        sim = SyncSimulator(task, Algorithm(compressor=comp, feedback=feedback), Schedule(lr=0.1), n_workers=4, batch_size=8,
+                            seed=trial)
+        poison_at = int(torch.randint(1, 30, (1,), generator=gen))
+        for t in range(30):
+            if t == poison_at:  # a training row turns non-finite: whoever draws it gets a bad gradient
+                row = int(torch.randint(0, task.n_train, (1,), generator=gen))
+                col = int(torch.randint(0, task.train_x.shape[1], (1,), generator=gen))
+                task.train_x[row, col] = [float("nan"), float("inf"), -float("inf")][trial % 3]
+            rec = sim.step()
+            fast, full = find_nonfinite(sim, rec), find_nonfinite(sim, rec, full=True)
+            assert (fast is None) == (full is None), (trial, t, fast, full)
+            if full is not None:
+                assert fast.describe() == full.describe()
+                found_any += 1
+                break
+        task.train_x.nan_to_num_(0.0, 0.0, 0.0)
+    assert found_any >= 1
+
+
+def test_message_check_relies_on_finite_memories_before_the_step():
+    """The contract of the fast path: memories poisoned from outside a step (not through a
+    gradient) are seen by the full scan only, which is why the runner scans fully on a run's
+    first step (after a resume too); hard-threshold and k = 0 never take the fast path."""
+    from gradsparse.engines import SyncSimulator
+    from gradsparse.schedules import Schedule
+    from gradsparse.tasks import make_task
+
+    task = make_task("toy_quadratic", dtype="float64")
+    sim = SyncSimulator(task, Algorithm(compressor=TopK(k=1), feedback="ef"), Schedule(lr=0.01), n_workers=3, batch_size="full")
+    rec = sim.step()
+    sim.worker_state.memory.flat[2, 5] = float("nan")
+    assert find_nonfinite(sim, rec) is None
+    assert find_nonfinite(sim, rec, full=True).what == "memory"
+    for comp in (HardThreshold(threshold=0.5), TopK(k=0)):  # the message proves nothing: memories scanned
+        sim = SyncSimulator(task, Algorithm(compressor=comp, feedback="ef"), Schedule(lr=0.01), n_workers=3,
+                            batch_size="full")
+        rec = sim.step()
+        sim.worker_state.memory.flat[2, 5] = float("nan")
+        assert (find_nonfinite(sim, rec).what, find_nonfinite(sim, rec).worker) == ("memory", 2)
+
+
 # ---- resume ----------------------------------------------------------------------------------
 def _files(d):
     return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.suffix in (".csv",)}
@@ -187,11 +246,11 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
     calls = {"n": 0}
     real_step = runner.find_nonfinite
 
-    def interrupt_after(engine, rec, done):
+    def interrupt_after(engine, rec, done, **kw):
         calls["n"] += 1
         if done == 17:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_step(engine, rec, done)
+        return real_step(engine, rec, done, **kw)
 
     monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
     with pytest.raises(runner.RunInterrupted) as info:
@@ -433,10 +492,10 @@ def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, 
     full = runner.run(load_config(raw), tmp_path / "full")
     real = runner.find_nonfinite
 
-    def interrupt_after(engine_, rec, done):
+    def interrupt_after(engine_, rec, done, **kw):
         if done == 17:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(engine_, rec, done)
+        return real(engine_, rec, done, **kw)
 
     monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
     with pytest.raises(runner.RunInterrupted):

@@ -242,6 +242,11 @@ class Identity(Compressor):
 
     kind = "identity"
 
+    def reveals_nonfinite(self, d: int) -> bool:
+        """A row with a non-finite entry gives a message row with a non-finite value (used by
+        :mod:`gradsparse.divergence` to skip scanning the memories)."""
+        return True
+
     def compress(self, x, context=None):
         return SparseBatch.from_dense(x)
 
@@ -310,6 +315,11 @@ class TopK(_FixedCount):
             kl = k_from_density(self.density, dl) if self.density is not None else min(dl, max(1, round(self.k * dl / d)))
             out.append((a, b, kl))
         return out
+
+    def reveals_nonfinite(self, d: int) -> bool:
+        """A row with a non-finite entry gives a message row with a non-finite value: NaN and
+        infinities rank first, so with k_l >= 1 in every segment they are sent."""
+        return all(k >= 1 for _, _, k in self.segment_ks(d))
 
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """[n, k] selected columns, ascending within each segment."""

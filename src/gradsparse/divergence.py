@@ -10,7 +10,9 @@ false), so a memory can fill with NaN while the model stays finite.
 Cost: one reduction per tensor (``x.sum()``: a finite sum implies every entry is finite, since a
 NaN or an infinity makes the sum non-finite); only when a sum is not finite (a real non-finite
 value, or an overflow of the sum of huge finite values) is the exact, allocating
-``isfinite`` check run to locate it. ``benchmarks/bench_divergence.py`` prints the per-step cost.
+``isfinite`` check run to locate it. With exact top-k or identity the [N, d] memories need no
+scan at all: the step's message (N k values) proves them finite (see
+:func:`_message_reveals_memory`). ``benchmarks/bench_runs.py`` prints the per-step cost.
 """
 
 from __future__ import annotations
@@ -81,15 +83,60 @@ def first_nonfinite(what: str, x: torch.Tensor | None, step: int, layout=None) -
     return NonFinite(what, step, q, segment, index, value)
 
 
-def find_nonfinite(engine, rec=None, step: int | None = None) -> NonFinite | None:
+def _message_reveals_memory(engine, rec) -> bool:
+    """Whether a finite message proves the memories and the accumulated vectors finite this step.
+
+    It does when every row of the step's message is an exact top-k (or identity) of the worker's
+    accumulated vector a with k >= 1 in every segment: a non-finite entry of a ranks above every
+    finite one (NaN above +inf above all magnitudes), so it is sent; and when a is finite the new
+    memory (a - s off and on the support) is finite. The memories before the step are finite by
+    the previous step's check (the runner checks everything fully on a run's first step)."""
+    alg = getattr(engine, "alg", None)
+    worker = getattr(rec, "worker", None)
+    d = getattr(engine, "d", None)
+    if alg is None or worker is None or d is None or getattr(worker, "message", None) is None:
+        return False
+    reveals = getattr(alg.compressor, "reveals_nonfinite", None)
+    return bool(reveals is not None and reveals(d))
+
+
+def _message_nonfinite(msg, step: int, layout) -> NonFinite | None:
+    if _all_finite(msg.values):
+        return None
+    bad = int(torch.nonzero(~torch.isfinite(msg.values))[0, 0])
+    q = int(torch.searchsorted(msg.offsets[1:], torch.tensor(bad), right=True))
+    column = bad - int(msg.offsets[q]) if msg.dense else int(msg.indices[bad])
+    segment, index = None, None
+    if layout is not None and msg.d == layout.d:
+        for name, a, b in layout.bounds():
+            if a <= column < b:
+                segment, index = name, column - a
+                break
+    return NonFinite("message", step, q, segment, index, float(msg.values[bad]))
+
+
+def find_nonfinite(engine, rec=None, step: int | None = None, *, full: bool = False) -> NonFinite | None:
     """The first non-finite value in ``engine``'s state after a step (and in the step record's
-    messages), or None. ``step`` defaults to ``engine.t`` (steps done)."""
+    messages), or None. ``step`` defaults to ``engine.t`` (steps done).
+
+    Order of the report: model, memory, momentum, server momentum, server downlink memory,
+    gradient (feedback none), message. Where the message proves the memories finite (exact top-k
+    or identity, see :func:`_message_reveals_memory`) and ``full`` is false, the O(N d) memory and
+    gradient scans are skipped; on any finding the full check runs, so the report is the same."""
     step = engine.t if step is None else step
+    if not full and _message_reveals_memory(engine, rec):
+        found = _find(engine, rec, step, scan_memory=False)
+        return None if found is None else _find(engine, rec, step, scan_memory=True)
+    return _find(engine, rec, step, scan_memory=True)
+
+
+def _find(engine, rec, step: int, *, scan_memory: bool) -> NonFinite | None:
     layout = getattr(engine, "layout", None)
     checks = [("model", getattr(engine, "w", None))]
     ws = getattr(engine, "worker_state", None)
     if ws is not None:
-        checks.append(("memory", None if ws.memory is None else ws.memory.flat))
+        if scan_memory:
+            checks.append(("memory", None if ws.memory is None else ws.memory.flat))
         checks.append(("momentum", None if ws.momentum is None else ws.momentum.flat))
     ss = getattr(engine, "server_state", None)
     if ss is not None:
@@ -101,15 +148,10 @@ def find_nonfinite(engine, rec=None, step: int | None = None) -> NonFinite | Non
             return found
     worker = getattr(rec, "worker", None)
     if worker is not None:
-        acc = getattr(worker.feedback, "accumulated", None)  # feedback none: the whole a = alpha g
+        acc = getattr(worker.feedback, "accumulated", None) if scan_memory else None  # feedback none: a = alpha g
         if acc is not None:
             found = first_nonfinite("gradient", acc, step, layout)
             if found is not None:
                 return found
-        msg = worker.message
-        if not _all_finite(msg.values):
-            bad = int(torch.nonzero(~torch.isfinite(msg.values))[0, 0])
-            q = int(torch.searchsorted(msg.offsets[1:], torch.tensor(bad), right=True))
-            return NonFinite("message", step, q, None, None, float(msg.values[bad]))
-        del msg
+        return _message_nonfinite(worker.message, step, layout)
     return None

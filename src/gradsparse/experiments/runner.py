@@ -562,6 +562,7 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
 
         bar = tqdm(total=steps, initial=engine.t, desc=cfg.name, unit="step", dynamic_ncols=True)
     maxima = state.maxima
+    first_check = True
     with _Signals() as signals:
         try:
             while engine.t < steps:
@@ -571,7 +572,10 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
                 done = engine.t
                 if on_step is not None:
                     on_step(done)
-                bad = find_nonfinite(engine, rec, done)
+                # full scan on a run's (or resumed run's) first step: later steps may rely on
+                # the memories having been finite one step before
+                bad = find_nonfinite(engine, rec, done, full=first_check)
+                first_check = False
                 if async_stats is not None:
                     async_stats.observe(rec)
                 if bad is None and tracked:
