@@ -62,6 +62,42 @@ def test_a_rank_failing_once_restarts_the_job_from_the_common_checkpoint(tmp_pat
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "completed"
 
 
+def test_a_stopped_job_continues_by_hand_with_launch_resume(tmp_path, capsys):
+    """No --max-restarts: the job fails (rank 1 after step 7) and stops; ``gradsparse launch
+    --resume OUT`` takes the config and world size from the restart manifest and finishes the
+    run as the uninterrupted simulator run does; ``gradsparse run --resume`` points there."""
+    from gradsparse.cli import main as cli_main
+
+    proc = _launch(tmp_path, {"GRADSPARSE_FAIL_ONCE_AT": "1:7"}, max_restarts=0)
+    assert proc.returncode != 0
+    manifest = json.loads((restart_dir(tmp_path / "out") / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and "engine: torch" in manifest["config"]
+    assert cli_main(["run", "--resume", str(tmp_path / "out")]) == 2  # not the in-process resume
+    assert f"gradsparse launch --resume {tmp_path / 'out'}" in capsys.readouterr().err
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    bad = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", "--resume", str(tmp_path / "out"),
+                          "--nproc", "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "started with 2 processes" in bad.stderr
+    again = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", "--resume", str(tmp_path / "out")],
+                           env=env, capture_output=True, text=True, timeout=400)
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-4000:]
+    assert "rank 1: resuming from the restart checkpoint of step 4" in log
+    assert not restart_dir(tmp_path / "out").exists()
+    ref = run(load_config({**CONFIG, "engine": "sync"}), tmp_path / "sync", progress=False)
+    got = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    want = torch.load(ref / "checkpoint.pt", weights_only=True)
+    assert got["t"] == want["t"] == 12 and got["ledger"] == want["ledger"]
+    torch.testing.assert_close(got["w"], want["w"], rtol=1e-9, atol=1e-12)
+    a, b = read_metrics(tmp_path / "out"), read_metrics(ref)
+    assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-9)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "completed"
+    missing = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", "--resume", str(tmp_path / "sync")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no restart checkpoints" in missing.stderr
+
+
 def test_a_restart_folder_of_another_world_size_is_refused(tmp_path):
     folder = restart_dir(tmp_path / "out")
     folder.mkdir(parents=True)

@@ -6,6 +6,10 @@ gradsparse.distributed.worker CONFIG [--out DIR] [--set K=V ...]``: N processes 
 run``. The rendezvous is torchrun's standalone one on localhost; Gloo is told to use the
 loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless already set). ``--dry-run`` prints the
 command. For several machines run torchrun yourself (see :mod:`gradsparse.engines.torch_dist`).
+
+``gradsparse launch --resume OUT`` continues a stopped run (a failed rank, SIGINT/SIGTERM, a lost
+machine) from its restart checkpoints (config ``checkpoint_every``): the config and the number
+of processes come from the restart manifest, and the run ends as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -34,17 +38,44 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli import _resolve_config
 
     ap = argparse.ArgumentParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
-    ap.add_argument("config", nargs="+", help="YAML file(s) or shipped example name(s); workers.count must equal "
+    ap.add_argument("config", nargs="*", help="YAML file(s) or shipped example name(s); workers.count must equal "
                     "--nproc (several configs run one after the other, each in OUT/<stem>)")
-    ap.add_argument("--nproc", type=int, required=True, help="processes (one per worker)")
+    ap.add_argument("--nproc", type=int, default=None, help="processes (one per worker)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<name>)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--max-restarts", type=int, default=0)
+    ap.add_argument("--resume", default=None, metavar="RUN_DIR",
+                    help="continue a stopped run from its restart checkpoints (config and world size from them)")
     ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
     args = ap.parse_args(argv)
-    if args.nproc < 1:
-        print("gradsparse: error: --nproc must be >= 1", file=sys.stderr)
+
+    def error(msg: str) -> int:
+        print(f"gradsparse: error: {msg}", file=sys.stderr)
         return 2
+
+    if args.resume is not None:
+        from .restart import read_manifest, restart_dir
+
+        if args.config or args.set or args.out is not None:
+            return error("--resume RUN_DIR takes no config, --set or --out: it continues the run with the config "
+                         "saved in its restart checkpoints")
+        try:
+            manifest = read_manifest(args.resume)
+        except ValueError as exc:
+            return error(f"--resume: {exc}")
+        if args.nproc is not None and args.nproc != manifest["world_size"]:
+            return error(f"--nproc {args.nproc}: the run was started with {manifest['world_size']} processes "
+                         "(its memories belong to those workers)")
+        args.nproc = manifest["world_size"]
+        saved = restart_dir(args.resume) / "config.yaml"
+        saved.write_text(manifest["config"])
+        args.config, args.out = [str(saved)], str(args.resume)
+    if not args.config:
+        return error("launch needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
+    if args.nproc is None:
+        return error("launch needs --nproc N (one process per worker)")
+    if args.nproc < 1:
+        return error("--nproc must be >= 1")
     configs = [str(_resolve_config(c)) for c in args.config]
     cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
     if args.dry_run:

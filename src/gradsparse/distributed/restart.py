@@ -4,7 +4,8 @@
 Where: next to the run directory ``OUT``, in ``OUT/../.OUT.restart/`` (one folder for every
 rank: one machine, or several machines sharing that file system):
 
-    manifest.json            world size and the SHA-256 of the run's config (rank 0 writes it)
+    manifest.json            world size, the run's config and its SHA-256 (rank 0 writes it;
+                             ``gradsparse launch --resume OUT`` reads the config from it)
     rank{r}-step{t}.pt       rank r's whole state at step t: the engine's state_dict (model,
                              memories, momentum, server state, data order, RNG, byte counters)
                              and the runner's (metric rows so far), plain tensors and lists,
@@ -51,6 +52,7 @@ class RestartCheckpoints:
     def __init__(self, run_dir: str | Path, rank: int, world_size: int, config_text: str) -> None:
         self.dir = restart_dir(run_dir)
         self.rank, self.world_size = rank, world_size
+        self.config_text = config_text
         self.config_sha256 = hashlib.sha256(config_text.encode()).hexdigest()
 
     # ---- checking what is there -------------------------------------------------------------
@@ -102,7 +104,8 @@ class RestartCheckpoints:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.dir / "manifest.json"
         if self.rank == 0 and not manifest.is_file():
-            _atomic_write(manifest, json.dumps({"world_size": self.world_size, "config_sha256": self.config_sha256}))
+            _atomic_write(manifest, json.dumps({"world_size": self.world_size, "config_sha256": self.config_sha256,
+                                                "config": self.config_text}))
         path = self._path(step)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         torch.save(state, tmp)
@@ -141,3 +144,21 @@ def injected_failure(spec: str | None, rank: int, restart_count: int):
             raise RuntimeError(f"injected failure on rank {rank} after step {step} (GRADSPARSE_FAIL_ONCE_AT)")
 
     return on_step
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    """The restart manifest of run directory ``run_dir`` (world size, config text), or a
+    ValueError saying why there is none to continue from."""
+    path = restart_dir(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"no restart checkpoints for {str(run_dir)!r} (looked for {path}): a torch run keeps them "
+                         "only with checkpoint_every in its config, and removes them once it completes")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable restart manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("config"), str) \
+            or not isinstance(manifest.get("world_size"), int):
+        raise ValueError(f"{path}: the manifest holds no config (written by an older version?); continue with "
+                         "the original launch command instead")
+    return manifest

@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
     except RunInterrupted as exc:  # every rank stops after the same step (see restart.py)
-        print(f"gradsparse: rank {dist.get_rank()}: {exc}; the same command continues the run", file=sys.stderr)
+        where = args.out if args.out is not None else "RUN_DIR"
+        print(f"gradsparse: rank {dist.get_rank()}: {exc}; continue with: gradsparse launch --resume {where} "
+              "(or the same command)", file=sys.stderr)
         return 128 + exc.signum
     except RunDiverged as exc:
         print(f"gradsparse: rank {dist.get_rank()}: run diverged: {exc}", file=sys.stderr)

@@ -436,6 +436,11 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        from ..distributed.restart import restart_dir
+
+        if (restart_dir(run_dir) / "manifest.json").is_file():
+            raise ConfigError(f"--resume {str(run_dir)!r}: a stopped engine 'torch' run (only its restart checkpoints "
+                              f"exist): continue it with gradsparse launch --resume {run_dir}")
         raise ConfigError(f"--resume {str(run_dir)!r}: not a directory")
     for f in ("config.yaml", "checkpoint.pt"):
         if not (run_dir / f).is_file():
@@ -449,6 +454,12 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
     if status == "completed":
         raise ConfigError(f"--resume {str(run_dir)!r}: the run is already completed")
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.engine == "torch":
+        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch' run continues under torchrun from its "
+                          f"per-rank restart checkpoints: gradsparse launch --resume {run_dir}")
+    if cfg.engine == "torch_async":
+        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch_async' run keeps no restart checkpoints "
+                          "(real timing makes it unrepeatable); start it again")
     check_out_dir(run_dir, overwrite=True, key="--resume")
     try:
         sd = torch.load(run_dir / "checkpoint.pt", weights_only=True)
