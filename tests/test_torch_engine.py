@@ -129,3 +129,24 @@ def test_launch_dry_run_prints_the_torchrun_command(capsys):
     assert main(["toy_uplink", "--nproc", "3", "--out", "runs/x", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "torch.distributed.run" in out and "--nproc-per-node=3" in out and "gradsparse.distributed.worker" in out
+
+
+@pytest.mark.parametrize("args, code, needle", [
+    (["logreg_topk", "--nproc", "2"], 2, "--nproc 20, or --set workers.count"),  # 20 workers, all-to-all
+    (["toy_uplink", "--nproc", "2"], 2, "--nproc 3 or 4"),  # ps_uplink: replicated server or rank 0 serving
+    (["toy_uplink", "--nproc", "4"], 0, None),
+    (["toy_uplink", "--nproc", "3", "--set", "steps=-1"], 2, "config key 'steps'"),
+    (["async_lenet_lambda1", "--nproc", "8"], 2, "engine 'torch_async' runs rank 0 as the server"),
+    (["async_lenet_lambda1", "--nproc", "9"], 0, None),
+    ([], 2, "launch needs a config"),
+    (["toy_uplink"], 2, "launch needs --nproc"),
+])
+def test_launch_checks_the_config_and_process_count_before_starting_torchrun(capsys, args, code, needle):
+    from gradsparse.distributed.launch import main
+
+    assert main([*args, "--dry-run"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    if needle is None:
+        assert err == []
+    else:
+        assert len(err) == 1 and err[0].startswith("gradsparse: error:") and needle in err[0]

@@ -34,6 +34,31 @@ def build_command(configs: list[str], nproc: int, out: str | None = None, sets: 
     return cmd
 
 
+def _check_before_starting(configs: list[str], nproc: int, sets: list[str]) -> str | None:
+    """Why these configs cannot run as ``nproc`` processes (validation and the process count),
+    before torchrun starts anything; None when they can."""
+    from ..config import ConfigError, load_config
+    from ..engines.torch_dist import world_sizes
+    from ..topology import TOPOLOGIES
+
+    for path in configs:
+        try:
+            cfg = load_config(path, sets)
+        except ConfigError as exc:
+            return str(exc)
+        n = cfg.workers.count
+        if cfg.engine in ("async", "torch_async"):
+            engine, allowed, what = "torch_async", (n + 1,), "rank 0 as the server and one process per worker"
+        else:
+            has_server = TOPOLOGIES[cfg.algorithm.topology.kind].has_server
+            engine, allowed = "torch", world_sizes(n, has_server)
+            what = "one process per worker" + (", or one more for a parameter server (rank 0)" if has_server else "")
+        if nproc not in allowed:
+            return (f"--nproc {nproc}: config {path!r} has workers.count = {n} and engine {engine!r} runs {what}: "
+                    f"--nproc {' or '.join(map(str, allowed))}, or --set workers.count=N to match")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..cli import _resolve_config
 
@@ -77,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         return error("--nproc must be >= 1")
     configs = [str(_resolve_config(c)) for c in args.config]
+    why = _check_before_starting(configs, args.nproc, list(args.set))
+    if why is not None:
+        return error(why)
     cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
     if args.dry_run:
         print(shlex.join(cmd))

@@ -72,6 +72,12 @@ def _init_from_env() -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
 
 
+def world_sizes(n_workers: int, has_server: bool) -> tuple[int, ...]:
+    """The process counts engine 'torch' accepts: one per worker (every rank runs the server
+    step), or, for a topology with a server, one more (rank 0 is a parameter server)."""
+    return (n_workers, n_workers + 1) if has_server else (n_workers,)
+
+
 class TorchDistEngine(SynchronousEngine):
     name = "torch"
 
@@ -81,7 +87,7 @@ class TorchDistEngine(SynchronousEngine):
         world = dist.get_world_size()
         #: parameter-server mode: one more process than workers, rank 0 serves over point-to-point
         self.parameter_server = algorithm.topology.has_server and world == self.n_workers + 1
-        if world != self.n_workers and not self.parameter_server:
+        if world not in world_sizes(self.n_workers, algorithm.topology.has_server):
             more = f" or {self.n_workers + 1} (a parameter server and the workers)" if algorithm.topology.has_server else ""
             raise ValueError(f"engine 'torch' runs one process per worker: workers.count = {self.n_workers}, "
                              f"but {world} processes were started (launch with --nproc {self.n_workers}{more}, "
