@@ -150,3 +150,15 @@ def test_launch_checks_the_config_and_process_count_before_starting_torchrun(cap
         assert err == []
     else:
         assert len(err) == 1 and err[0].startswith("gradsparse: error:") and needle in err[0]
+
+
+def test_launch_drops_only_torchruns_own_tracebacks():
+    from gradsparse.distributed.launch import without_launcher_tracebacks
+
+    torchrun_tb = ["Traceback (most recent call last):\n", '  File "/x/torch/distributed/run.py", line 1, in main\n',
+                   "    run(args)\n", "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"]
+    rank_tb = ["Traceback (most recent call last):\n", '  File "/x/gradsparse/worker.py", line 3, in main\n',
+               "ValueError: bad\n"]
+    lines = ["W1202 warning\n", *torchrun_tb, "=====\n", *rank_tb, "last\n"]
+    assert list(without_launcher_tracebacks(lines)) == ["W1202 warning\n", "=====\n", *rank_tb, "last\n"]
+    assert list(without_launcher_tracebacks(rank_tb[:2])) == rank_tb[:2]  # an unfinished block is kept

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -112,7 +113,55 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    return run_torchrun(cmd, env)
+
+
+def run_torchrun(cmd: list[str], env: dict) -> int:
+    """Run torchrun in its own session and wait. SIGINT / SIGTERM to this process are passed to
+    torchrun once (it passes them to the ranks, which finish the step, checkpoint and stop), and
+    the exit status is then 130 / 143. torchrun's own Python traceback (its ChildFailedError or
+    SignalException after a rank failed or was stopped: the ranks have already said why) is left
+    out of stderr; everything else, the ranks' output included, passes through."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+    got: dict = {"signum": None}
+
+    def forward(signum, frame):
+        if got["signum"] is None:
+            got["signum"] = signum
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for line in without_launcher_tracebacks(proc.stderr):
+            sys.stderr.write(line)
+        rc = proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    return 128 + got["signum"] if got["signum"] is not None else rc
+
+
+def without_launcher_tracebacks(lines):
+    """The lines, less every traceback raised inside torchrun itself (its frames include
+    ``torch/distributed/run.py`` and its exception is a ``torch.distributed.elastic`` one)."""
+    block: list[str] = []
+    for line in lines:
+        if block:
+            block.append(line)
+            if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):  # the exception line ends it
+                if not ("torch/distributed/run.py" in "".join(block) and line.startswith("torch.distributed.elastic")):
+                    yield from block
+                block = []
+            continue
+        if line.startswith("Traceback (most recent call last):"):
+            block = [line]
+            continue
+        yield line
+    yield from block
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 
+#: what Gloo says when a peer process died: not this rank's fault, so one line instead of a traceback
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
@@ -68,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + exc.signum
     except RunDiverged as exc:
         print(f"gradsparse: rank {dist.get_rank()}: run diverged: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if not any(s in str(exc) for s in _PEER_LOST):
+            raise
+        where = args.out if args.out is not None else "RUN_DIR"
+        print(f"gradsparse: rank {dist.get_rank()}: another rank stopped mid-step (its own message says why); "
+              f"continue with: gradsparse launch --resume {where}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()
