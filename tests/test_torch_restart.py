@@ -17,7 +17,7 @@ import yaml
 from gradsparse.config import dump_config, load_config
 from gradsparse.distributed.restart import KEEP, RestartCheckpoints, injected_failure, restart_dir
 from gradsparse.experiments.plots import read_metrics
-from gradsparse.experiments.runner import run
+from gradsparse.experiments.runner import RunDiverged, run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CONFIG = {
@@ -29,9 +29,9 @@ CONFIG = {
 }
 
 
-def _launch(tmp: Path, extra_env: dict, max_restarts: int) -> subprocess.CompletedProcess:
+def _launch(tmp: Path, extra_env: dict, max_restarts: int, config: dict | None = None) -> subprocess.CompletedProcess:
     cfg = tmp / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
+    cfg.write_text(yaml.safe_dump(CONFIG if config is None else config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **extra_env}
     return subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", str(cfg), "--nproc", "2",
@@ -135,3 +135,24 @@ def test_injected_failure_fires_once_on_its_rank_only():
         hook(3)
     with pytest.raises(ValueError, match="RANK:STEP"):
         injected_failure("seven", 0, 0)
+
+
+def test_a_divergence_seen_by_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Only rank 0 records the loss, so only it can see it turn infinite: the ranks agree after
+    every step (engine.agree_to_stop), all stop after step 4 with one report, no rank is left
+    waiting on a collective, and the run directory says diverged as the simulator's does."""
+    config = {**CONFIG, "task": {"name": "linreg", "options": {"n_samples": 200, "n_features": 20}},
+              "algorithm": {"compressor": {"kind": "topk", "density": 0.5}, "feedback": "ef"},
+              "schedule": {"lr": 40.0}, "metrics": {"every": 2}}
+    del config["checkpoint_every"]
+    proc = _launch(tmp_path, {}, max_restarts=0, config=config)
+    ref = tmp_path / "sync"
+    with pytest.raises(RunDiverged):
+        run(load_config({**config, "engine": "sync"}), ref, progress=False)
+    log = proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in log, log[-3000:]
+    assert log.count("gradsparse: diverged: non-finite loss") == 1 and "another rank stopped" not in log
+    got = json.loads((tmp_path / "out" / "summary.json").read_text())
+    want = json.loads((ref / "summary.json").read_text())
+    assert got["status"] == want["status"] == "diverged"
+    assert got["diverged_at_step"] == want["diverged_at_step"]

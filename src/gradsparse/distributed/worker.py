@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradsparse: rank {dist.get_rank()}: {exc}; continue with: gradsparse launch --resume {where} "
               "(or the same command)", file=sys.stderr)
         return 128 + exc.signum
-    except RunDiverged as exc:
-        print(f"gradsparse: rank {dist.get_rank()}: run diverged: {exc}", file=sys.stderr)
-        return 1
+    except RunDiverged as exc:  # every rank stops after the same step with the same report: rank 0 says it
+        if dist.get_rank() == 0:
+            print(f"gradsparse: diverged: {exc}; run directory {exc.run_dir}", file=sys.stderr)
+        return 3
     except RuntimeError as exc:
         if not any(s in str(exc) for s in _PEER_LOST):
             raise

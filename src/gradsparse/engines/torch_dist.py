@@ -97,6 +97,20 @@ class TorchDistEngine(SynchronousEngine):
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
+    def agree_to_stop(self, found, signum: int | None):
+        """After every step, every rank learns whether any rank saw a non-finite value or got a
+        signal, so all of them stop after the same step with the same report (rank 0 records the
+        loss, so only it can see a non-finite loss; a memory is one rank's own). Cost: one
+        two-integer all_reduce per step; the reports are gathered only when there is one."""
+        flags = torch.tensor([0 if found is None else 1, 0 if signum is None else int(signum)],
+                             dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if int(flags[0]):
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, found)
+            found = next(r for r in reports if r is not None)
+        return found, (int(flags[1]) or None)
+
     @classmethod
     def synchronous_equivalent(cls, config):
         """Cannot be stepped in the test process: tests/test_torch_engine.py launches real

@@ -574,10 +574,14 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
         bar = tqdm(total=steps, initial=engine.t, desc=cfg.name, unit="step", dynamic_ncols=True)
     maxima = state.maxima
     first_check = True
+    # engines of several processes agree after every step on whether to stop (a signal or a
+    # non-finite value seen by any rank), so every rank stops after the same step
+    agree = getattr(engine, "agree_to_stop", None)
+    agreed_signum = None
     with _Signals() as signals:
         try:
             while engine.t < steps:
-                if signals.signum is not None:
+                if (agreed_signum if agree is not None else signals.signum) is not None:
                     break
                 rec = engine.step()
                 done = engine.t
@@ -619,6 +623,8 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
                         bar.set_postfix(post, refresh=False)
                 if bar is not None:
                     bar.update(1)
+                if agree is not None:
+                    bad, agreed_signum = agree(bad, signals.signum)
                 if bad is not None:
                     if bar is not None:
                         bar.close()
@@ -637,12 +643,13 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
         finally:
             if bar is not None:
                 bar.close()
-        if signals.signum is not None and engine.t < steps:
+        signum = agreed_signum if agree is not None else signals.signum
+        if signum is not None and engine.t < steps:
             checkpoint()
-            name = signal.Signals(signals.signum).name
+            name = signal.Signals(signum).name
             finish("interrupted", {"interrupted_at_step": engine.t, "signal": name})
             _install(tmp, final)
-            raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signals.signum)
+            raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signum)
     checkpoint()
     finish("completed")
     if cfg.plots:
