@@ -46,3 +46,22 @@ def test_sweep_rejects_a_bad_grid_value_before_running(tmp_path, capsys):
     assert rc == 2
     assert "asynchronous.network.rate" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_diverging_grid_point_is_tabulated_not_fatal(tmp_path, capsys):
+    """A step size that diverges is a result of the sweep: its runs say 'diverged' in sweep.csv,
+    the table counts them and shows no mean for them, and the other points are unaffected."""
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "linreg_topk_memory", "--grid", "schedule.lr=0.05,50", "--processes", "2",
+               "--set", "steps=30", "--set", "metrics.every=10", "--set", "metrics.residual_ratio.steps=[]",
+               "--set", "plots=false", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "sweep.csv") as f:
+        rows = {r["schedule.lr"]: r for r in csv.DictReader(f)}
+    assert rows["0.05"]["status"] == "completed" and float(rows["0.05"]["final_loss"]) < 1
+    assert rows["50"]["status"] == "diverged" and rows["50"]["final_loss"] == ""
+    with open(out / "table.csv") as f:
+        table = {r["schedule.lr"]: r for r in csv.DictReader(f)}
+    assert (table["0.05"]["diverged"], table["50"]["diverged"]) == ("0", "1")
+    assert table["50"]["final_loss_mean"] == "nan"
+    assert json.loads(next((out / "runs").glob("*lr=50*")).joinpath("summary.json").read_text())["status"] == "diverged"

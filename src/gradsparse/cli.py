@@ -143,7 +143,7 @@ def cmd_budget_compare(args) -> int:
 
 def cmd_sweep(args) -> int:
     """A grid of runs in parallel processes, with a table and a plot."""
-    from .experiments.sweep import sweep
+    from .experiments.sweep import SweepInterrupted, sweep
 
     try:
         out = sweep(_resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
@@ -151,6 +151,9 @@ def cmd_sweep(args) -> int:
     except ConfigError as exc:
         print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
+    except SweepInterrupted as exc:
+        print(f"gradsparse: {exc}", file=sys.stderr)
+        return exc.exit_code
     print((out / "table.md").read_text(), end="")
     print(f"runs: {out / 'runs'}, table: {out / 'table.csv'}, plot: {out / 'sweep.png'}")
     return 0

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -73,10 +74,22 @@ def _one(config: str, overrides: list[str], out: str) -> dict:
     import torch
 
     torch.set_num_threads(1)  # several runs share the machine's cores
-    from .runner import run
+    from .runner import RunDiverged, run
 
-    run_dir = run(load_config(config, overrides), out)
+    try:
+        run_dir = run(load_config(config, overrides), out)
+    except RunDiverged as exc:  # a grid point may diverge (a large step size): its directory says so
+        run_dir = exc.run_dir
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+class SweepInterrupted(Exception):
+    """Ctrl-C / SIGTERM during a sweep: the runs under way were interrupted (each says so in its
+    summary.json and can be continued with ``gradsparse run --resume``); no tables were written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def sweep(config: str, grid_items: list[str], out: str | Path, *, seeds: int = 1, processes: int | None = None,
@@ -94,16 +107,23 @@ def sweep(config: str, grid_items: list[str], out: str | Path, *, seeds: int = 1
 
         bar = tqdm(total=len(runs), desc="sweep", unit="run", dynamic_ncols=True)
     results = []
-    with ProcessPoolExecutor(max_workers=processes) as pool:
-        futures = {}
-        for i, r in enumerate(runs):
-            name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items()) + f"_seed{r['seed']}"
-            futures[pool.submit(_one, config, r["overrides"], str(out / "runs" / f"{i:03d}_{name}"))] = r
-        for fut in as_completed(futures):
-            r = futures[fut]
-            results.append({**r, "summary": fut.result()})
-            if bar is not None:
-                bar.update(1)
+    try:
+        with ProcessPoolExecutor(max_workers=processes) as pool:
+            futures = {}
+            for i, r in enumerate(runs):
+                name = "_".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items()) + f"_seed{r['seed']}"
+                futures[pool.submit(_one, config, r["overrides"], str(out / "runs" / f"{i:03d}_{name}"))] = r
+            for fut in as_completed(futures):
+                r = futures[fut]
+                results.append({**r, "summary": fut.result()})
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:  # the runs in the pool's processes got the signal too and stopped
+        if bar is not None:
+            bar.close()
+        raise SweepInterrupted(f"interrupted (SIGINT): {len(results)} of {len(runs)} runs finished; the run "
+                               f"directories are in {out / 'runs'} (interrupted ones continue with gradsparse run "
+                               "--resume DIR); no tables were written", signal.SIGINT) from None
     if bar is not None:
         bar.close()
     results.sort(key=lambda r: (list(map(str, r["point"].values())), r["seed"]))
@@ -112,6 +132,10 @@ def sweep(config: str, grid_items: list[str], out: str | Path, *, seeds: int = 1
 
 
 def _metrics_of(summary: dict) -> dict:
+    """The run's final metrics; none for a run that did not complete (a diverged run's last finite
+    row would read as a result), so means are over the completed seeds."""
+    if summary.get("status", "completed") != "completed":
+        return {}
     out = {f"final_{k}": v for k, v in summary["final"].items() if k not in ("step", "epoch") and isinstance(v, (int, float))}
     for k in SUMMARY_FIELDS:
         if isinstance(summary.get(k), (int, float)):
@@ -131,26 +155,29 @@ def write_tables(results: list[dict], grid: dict[str, list], out: Path) -> None:
     metric_names = sorted({m for r in results for m in _metrics_of(r["summary"])})
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*keys, "seed", *metric_names])
+        w.writerow([*keys, "seed", "status", *metric_names])
         for r in results:
             m = _metrics_of(r["summary"])
-            w.writerow([*(r["point"][k] for k in keys), r["seed"], *(m.get(n, "") for n in metric_names)])
+            w.writerow([*(r["point"][k] for k in keys), r["seed"], r["summary"].get("status", "completed"),
+                        *(m.get(n, "") for n in metric_names)])
     table = []
     for values in itertools.product(*grid.values()):
         point = dict(zip(keys, values))
-        group = [_metrics_of(r["summary"]) for r in results if r["point"] == point]
-        row = {**point, "seeds": len(group)}
+        mine = [r["summary"] for r in results if r["point"] == point]
+        group = [_metrics_of(m) for m in mine]
+        row = {**point, "seeds": len(group), "diverged": sum(m.get("status") == "diverged" for m in mine)}
         for n in metric_names:
             row[n] = _mean_std([g.get(n) for g in group])
         table.append(row)
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*keys, "seeds", *(f"{n}_{s}" for n in metric_names for s in ("mean", "std"))])
+        w.writerow([*keys, "seeds", "diverged", *(f"{n}_{s}" for n in metric_names for s in ("mean", "std"))])
         for row in table:
-            w.writerow([*(row[k] for k in keys), row["seeds"], *(v for n in metric_names for v in row[n])])
-    lines = ["| " + " | ".join([*keys, "seeds", *metric_names]) + " |", "|" + "---|" * (len(keys) + 1 + len(metric_names))]
+            w.writerow([*(row[k] for k in keys), row["seeds"], row["diverged"], *(v for n in metric_names for v in row[n])])
+    lines = ["| " + " | ".join([*keys, "seeds", "diverged", *metric_names]) + " |",
+             "|" + "---|" * (len(keys) + 2 + len(metric_names))]
     for row in table:
-        cells = [str(row[k]) for k in keys] + [str(row["seeds"])]
+        cells = [str(row[k]) for k in keys] + [str(row["seeds"]), str(row["diverged"])]
         cells += [f"{row[n][0]:.4g} ± {row[n][1]:.2g}" if not math.isnan(row[n][0]) else "–" for n in metric_names]
         lines.append("| " + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
