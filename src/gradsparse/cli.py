@@ -312,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:  # outside a run's own handler (e.g. while the task loads, or between runs)
-        what = "before the run started; nothing was written" if getattr(args, "fn", None) is cmd_run else \
-            "finished runs and reports stay where they were written"
-        print(f"gradsparse: interrupted (SIGINT) {what}", file=sys.stderr)
+        what = " before the run started; nothing was written" if getattr(args, "fn", None) is cmd_run else \
+            "; finished runs and reports stay where they were written"
+        print(f"gradsparse: interrupted (SIGINT){what}", file=sys.stderr)
         return 130
 
 
