@@ -137,10 +137,11 @@ def _least_squares_iterative(A, y: np.ndarray) -> tuple[float, float, np.ndarray
     from scipy.sparse.linalg import LinearOperator, cg, eigsh, lsqr
 
     n, d = A.shape
+    At = A.T.tocsr() if sparse.issparse(A) else A.T  # row-major transpose: A^T v is a plain sparse product
     if n < d:
-        K = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+        K = LinearOperator((n, n), matvec=lambda v: A @ (At @ v), dtype=np.float64)
     else:
-        K = LinearOperator((d, d), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+        K = LinearOperator((d, d), matvec=lambda v: At @ (A @ v), dtype=np.float64)
     m = K.shape[0]
     if m <= 2:  # Lanczos needs k < m: form the tiny matrix
         M = np.column_stack([K.matvec(e) for e in np.eye(m)])
@@ -150,11 +151,11 @@ def _least_squares_iterative(A, y: np.ndarray) -> tuple[float, float, np.ndarray
         top = float(eigsh(K, k=1, which="LA", tol=1e-7, return_eigenvectors=False)[0])  # L to ~1e-7
         bottom = 0.0 if n < d else float(eigsh(K, k=1, which="SA", tol=1e-6, return_eigenvectors=False)[0])
     mu = 0.0 if n < d else max(bottom, 0.0) / n
-    rhs = y if n < d else A.T @ y
+    rhs = y if n < d else At @ y
     z, info = cg(K, rhs, rtol=1e-11, maxiter=10 * m)
     if info != 0:  # ill-conditioned: least squares by LSQR (minimum norm), still matrix-free
         return top / n, mu, lsqr(A, y, atol=1e-14, btol=1e-14, iter_lim=20 * max(n, d))[0]
-    return top / n, mu, (A.T @ z if n < d else z)
+    return top / n, mu, (At @ z if n < d else z)
 
 
 def linreg(
@@ -454,6 +455,9 @@ def logreg(
         n_features = check_int("n_features", n_features, minimum=1)
     if test_fraction is not None:
         test_fraction = check_fraction("test_fraction", test_fraction)
+    for name, flag in (("standardize", standardize), ("solve", solve)):
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{name} must be true or false{' (or null: the data set default)' if name == 'standardize' else ''}, got {flag!r}")
     if libsvm_path is None:
         check_choice("dataset", dataset, LOGREG_DATASETS)
 
