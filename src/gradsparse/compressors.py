@@ -261,7 +261,8 @@ class _FixedCount(Compressor):
             raise ValueError(f"{self.label} needs exactly one of k (count) or density (k/d)")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"{self.label} k must be a non-negative integer, got {k!r}")
-        if density is not None and not (0.0 < density <= 1.0):
+        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                    or not (0.0 < density <= 1.0)):
             raise ValueError(f"{self.label} density must be in (0, 1], got {density!r}")
         self.k, self.density = k, density
 
@@ -363,13 +364,21 @@ class HardThreshold(Compressor):
         thr = options["threshold"]
         if isinstance(thr, dict):
             rule = thr.get("rule")
+            needs = {"topk_volume": "k", "precision": "epsilon"}
+            if rule not in needs:
+                raise ValueError(f"unknown threshold rule {rule!r}; allowed: topk_volume, precision")
+            extra = sorted(set(map(str, thr)) - {"rule", needs[rule]})
+            if extra or needs[rule] not in thr:
+                raise ValueError(f"threshold rule {rule} takes exactly {{rule: {rule}, {needs[rule]}: ...}}"
+                                 + (f"; unknown key {extra[0]!r}" if extra else f"; {needs[rule]} is missing"))
             if rule == "topk_volume":
-                return cls(threshold_for_topk_volume(int(thr["k"])))
-            if rule == "precision":
-                if base_lr is None:
-                    raise ValueError("threshold rule 'precision' needs the run's base step size")
-                return cls(threshold_for_precision(float(thr["epsilon"]), layout.d, base_lr))
-            raise ValueError(f"unknown threshold rule {rule!r}; allowed: topk_volume, precision")
+                return cls(threshold_for_topk_volume(thr["k"]))
+            if base_lr is None:
+                raise ValueError("threshold rule 'precision' needs the run's base step size")
+            eps = thr["epsilon"]
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+                raise ValueError(f"threshold rule precision needs a number epsilon > 0, got {eps!r}")
+            return cls(threshold_for_precision(float(eps), layout.d, base_lr))
         return cls(thr)
 
     def compress(self, x, context=None):
@@ -389,6 +398,15 @@ class HardThreshold(Compressor):
         return f"hard-threshold(lambda={self.threshold:g})"
 
 
+def _check_seed_flag(label: str, seed, **flags) -> None:
+    """A compressor's ``seed`` is an integer >= 0 and its switches are true/false (not 'maybe' or [1])."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"{label} seed must be an integer >= 0, got {seed!r}")
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{label} {name} must be true or false, got {v!r}")
+
+
 class RandomK(_FixedCount):
     """k coordinates uniform without replacement, regenerable from (seed, stream, step, worker).
 
@@ -401,6 +419,7 @@ class RandomK(_FixedCount):
 
     def __init__(self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False) -> None:
         self._set_amount(k, density)
+        _check_seed_flag("random-k", seed, scale=scale)
         self.seed, self.scale = int(seed), bool(scale)
 
     def message_seeds(self, n: int, context: CompressionContext | None) -> list[int]:
@@ -436,7 +455,8 @@ class ApproximateTopK(_FixedCount):
     def __init__(self, k: int | None = None, density: float | None = None, sample_fraction: float = 0.01,
                  exact: bool = False, seed: int = 0) -> None:
         self._set_amount(k, density)
-        if not (0.0 < sample_fraction <= 1.0):
+        _check_seed_flag("approximate top-k", seed, exact=exact)
+        if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)) or not (0.0 < sample_fraction <= 1.0):
             raise ValueError(f"approximate top-k sample_fraction must be in (0, 1], got {sample_fraction!r}")
         self.sample_fraction, self.exact, self.seed = float(sample_fraction), bool(exact), int(seed)
 

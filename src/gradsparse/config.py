@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,8 +36,33 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
+def _admits_bool(annotation) -> bool:
+    """Whether a field's type takes true/false (``bool``, ``Any``, or a union holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_admits_bool(a) for a in get_args(annotation))
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) if get_args(annotation) == () else str(annotation).replace("typing.", "")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, v, info):
+        """true/false is not a number: pydantic would read ``steps: true`` as 1 (and a list of
+        booleans as 0/1 weights); only fields typed bool take them."""
+        flags = isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
+        if flags:
+            ann = cls.model_fields[info.field_name].annotation
+            if not _admits_bool(ann):
+                raise ValueError(f"true/false is not allowed here; expected {_type_name(ann)}")
+        return v
 
 #: integers in a config must fit in a signed 64-bit integer (seeds, counts, steps)
 INT_MAX = 2**63 - 1
@@ -124,7 +150,7 @@ class CompressorConfig(BaseModel):
         try:  # the component validates its own values (a dummy layout: d is checked at build time)
             cls.from_config(self.options(), Layout.flat(1 << 40), base_lr=1.0)
         except (ValueError, TypeError, KeyError) as exc:
-            named = [k for k in given if k in str(exc)]
+            named = [k for k in given if re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", str(exc))]
             where = f"{self.kind} option {named[0]}={given[named[0]]!r}" if named else self.kind
             raise ValueError(f"{where}: {exc}") from None
         return self
@@ -378,14 +404,29 @@ def _parse_scalar(text: str, key: str = "") -> Any:
         raise ConfigError(f"override {key}={text!r} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
-def check_numbers(node: Any, where: str = "") -> None:
-    """Every number in a raw config is finite and every integer fits in 64 bits (names the key)."""
+#: a raw config nests at most this deep and holds at most this many values (YAML aliases
+#: expand: ``a: &a [*a]`` is infinitely deep, nine nested lists of nine aliases are 9**9 values)
+MAX_DEPTH = 64
+MAX_VALUES = 1_000_000
+
+
+def check_numbers(node: Any, where: str = "", _seen: list | None = None, _depth: int = 0) -> None:
+    """Every number in a raw config is finite and every integer fits in 64 bits (names the key);
+    the config is not nested deeper than MAX_DEPTH nor holds more than MAX_VALUES values."""
+    seen = [0] if _seen is None else _seen
+    seen[0] += 1
+    if seen[0] > MAX_VALUES:
+        raise ConfigError(f"config holds more than {MAX_VALUES} values (YAML aliases expanding?); "
+                          f"a config is a small mapping (at '{where or 'config'}')")
+    if _depth > MAX_DEPTH:
+        raise ConfigError(f"config key '{where[:80]}...' nests deeper than {MAX_DEPTH} levels "
+                          "(a YAML alias that refers to itself?)")
     if isinstance(node, dict):
         for k, v in node.items():
-            check_numbers(v, f"{where}.{k}" if where else str(k))
+            check_numbers(v, f"{where}.{k}" if where else str(k), seen, _depth + 1)
     elif isinstance(node, (list, tuple)):
         for i, v in enumerate(node):
-            check_numbers(v, f"{where}[{i}]")
+            check_numbers(v, f"{where}[{i}]", seen, _depth + 1)
     elif isinstance(node, bool):
         return
     elif isinstance(node, float) and not math.isfinite(node):
