@@ -127,15 +127,21 @@ def _fmt(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gradsparse bench", description=__doc__.split("\n")[0])
+    from .cli import OneLineParser, UsageError
+
+    ap = OneLineParser(prog="gradsparse bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
     ap.add_argument("--only", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
     ap.add_argument("--out", default="bench_results")
-    a = ap.parse_args(argv)
+    try:
+        a = ap.parse_args(argv)
+    except UsageError as exc:
+        print(f"gradsparse: error: {exc}", file=sys.stderr)
+        return 2
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     bad = [n for n in names if n not in BENCHES]
     if bad:
-        print(f"gradsparse bench: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}", file=sys.stderr)
+        print(f"gradsparse: error: bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}", file=sys.stderr)
         return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,19 @@ def _resolve_config(arg: str) -> Path:
     return ex if ex.exists() else p
 
 
+class UsageError(Exception):
+    """A malformed command line (argparse's complaint), reported as one line by :func:`main`."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``gradsparse: error:`` line (no usage block) and
+    exit status 2; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        sub = self.prog[len("gradsparse"):].strip() if self.prog.startswith("gradsparse") else self.prog
+        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see {self.prog} --help)")
+
+
 def _error(message: str, code: int = 2) -> int:
     print(f"gradsparse: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code
@@ -112,11 +125,15 @@ def cmd_demo(args) -> int:
 def cmd_compare(args) -> int:
     from .experiments.plots import compare_runs
 
+    not_dirs = [d for d in args.runs if Path(d).exists() and not Path(d).is_dir()]
+    if not_dirs:
+        return _error(f"compare: {not_dirs[0]!r} is not a run directory (give the folders that hold metrics.csv)")
     try:
         print(compare_runs(args.runs, args.out, args.metric))
     except (ValueError, FileNotFoundError) as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
+    except OSError as exc:  # e.g. --out under a file, or in a folder that does not exist
+        return _error(f"compare: cannot write --out {args.out!r}: {exc.strerror or exc}")
     return 0
 
 
@@ -234,7 +251,7 @@ def cmd_data(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="gradsparse", description=__doc__.split("\n")[0])
+    ap = OneLineParser(prog="gradsparse", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a config on its engine (engine: sync | loop)")
     r.add_argument("config", nargs="?", default=None,
@@ -308,7 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed.launch import main as launch_main
 
         return launch_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _error(exc)
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:  # outside a run's own handler (e.g. while the task loads, or between runs)

@@ -60,10 +60,30 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str]) -> s
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..cli import _resolve_config
+def _check_out_dirs(configs: list[str], out: str | None, sets: list[str]) -> str | None:
+    """Why a run directory cannot be written (as the worker would place it), before torchrun starts."""
+    from pathlib import Path
 
-    ap = argparse.ArgumentParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
+    from ..config import ConfigError, load_config
+    from ..experiments.runner import check_out_dir, default_out
+
+    for path in configs:
+        cfg = load_config(path, sets)
+        if out is None:
+            where = default_out(cfg)
+        else:
+            where = Path(out) if len(configs) == 1 else Path(out) / Path(path).stem
+        try:
+            check_out_dir(where)
+        except ConfigError as exc:
+            return str(exc)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import OneLineParser, UsageError, _resolve_config
+
+    ap = OneLineParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="*", help="YAML file(s) or shipped example name(s); workers.count must equal "
                     "--nproc (several configs run one after the other, each in OUT/<stem>)")
     ap.add_argument("--nproc", type=int, default=None, help="processes (one per worker)")
@@ -73,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue a stopped run from its restart checkpoints (config and world size from them)")
     ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
-    args = ap.parse_args(argv)
-
     def error(msg: str) -> int:
         print(f"gradsparse: error: {msg}", file=sys.stderr)
         return 2
+
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as exc:
+        return error(str(exc))
+    if args.max_restarts < 0:
+        return error(f"--max-restarts must be >= 0, got {args.max_restarts}")
 
     if args.resume is not None:
         from .restart import read_manifest, restart_dir
@@ -104,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         return error("--nproc must be >= 1")
     configs = [str(_resolve_config(c)) for c in args.config]
     why = _check_before_starting(configs, args.nproc, list(args.set))
+    if why is None and args.resume is None:
+        why = _check_out_dirs(configs, args.out, list(args.set))
     if why is not None:
         return error(why)
     cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
