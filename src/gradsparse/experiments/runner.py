@@ -246,6 +246,10 @@ _FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
 RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pt")
 
 
+#: the longest file name (bytes) on the usual file systems
+_NAME_MAX = 255
+
+
 def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
 
@@ -258,6 +262,13 @@ def check_out_dir(path: Path, *, overwrite: bool = False, key: str = "--out") ->
     resolved = Path(os.path.abspath(path))
     if resolved.name in ("", ".", ".."):
         raise ConfigError(f"{key} {text!r}: a run directory needs a name (not the filesystem root)")
+    # names longer than the filesystem's (255 bytes; the run directory's temporary sibling
+    # .NAME.partial-PID needs 24 more) fail with ENAMETOOLONG even in exists()
+    for part in resolved.parts:
+        limit = _NAME_MAX - 24 if part is resolved.parts[-1] else _NAME_MAX
+        if len(os.fsencode(part)) > limit:
+            raise ConfigError(f"{key} {text[:60]!r}...: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes; "
+                              f"a run directory's name is at most {_NAME_MAX - 24} bytes (a folder's {_NAME_MAX})")
     for root in _FORBIDDEN_ROOTS:
         if str(resolved) == root or str(resolved).startswith(root + "/"):
             raise ConfigError(f"{key} {text!r}: a run directory cannot be written under {root}")

@@ -96,9 +96,14 @@ def sweep(config: str, grid_items: list[str], out: str | Path, *, seeds: int = 1
           overrides: list[str] | None = None, progress: bool = True) -> Path:
     grid = parse_grid(grid_items)
     runs = plan(config, grid, seeds, overrides or [])
+    if processes is not None and (isinstance(processes, bool) or processes < 1):
+        raise ConfigError(f"--processes must be >= 1 (or left out: the number of cores), got {processes}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose another folder")
+    from .runner import check_out_dir
+
+    check_out_dir(out, overwrite=True)  # a file, /dev/null, /proc/..., an unwritable parent: before any run
     (out / "runs").mkdir(parents=True, exist_ok=True)
     processes = max(1, min(processes or os.cpu_count() or 1, len(runs)))
     bar = None
