@@ -43,6 +43,20 @@ def left_behind(tmp_path, *keep):
 @pytest.mark.parametrize("override, needle", [
     # true/false is not a number (pydantic alone reads steps: true as 1, weights [true, false] as 1/0)
     ("steps=true", "config key 'steps': invalid value True: true/false is not allowed here"),
+    # a union says every allowed form; list positions are [i]; 1e8 is text to YAML 1.1
+    ("workers.batch_size=fulll", "config key 'workers.batch_size': invalid value 'fulll': Input should be a valid integer, "
+     "unable to parse string as an integer or Input should be 'full'"),
+    ("workers.batch_size=1e8", "(YAML reads 1e8 as text: write it with a dot, e.g. 1.0e+08, or as digits)"),
+    ("workers.weights=[1,abc,1]", "config key 'workers.weights[1]': invalid value 'abc'"),
+    ("schedule.lr=1/M", "Input should be '1/L'"),
+    # the task's seed is the run's; a hard-threshold needs its lambda
+    ("task.options.seed=3", "config key 'task.options': seed=3: a task's data are drawn from the run's seed"),
+    ("algorithm.compressor={kind: hard_threshold}", "hard_threshold needs threshold: a number lambda >= 0"),
+    # k = 0 sends nothing, so the model never moves
+    ("algorithm.compressor.k=0", "topk option k=0: a message of no entries sends nothing"),
+    ("algorithm.topology={kind: bidirectional, down_compressor: {kind: topk, k: 0}}", "option k=0"),
+    # a key given twice (PyYAML keeps the last one silently)
+    ("task={name: toy_quadratic, options: {dim: 3, dim: 4}}", "key 'dim' is given twice at line 1, column 41"),
     ("workers.weights=[true,false,true]", "config key 'workers.weights'"),
     ("algorithm.compressor={kind: topk, density: true}", "topk option density=True"),
     ("algorithm.compressor={kind: approximate_topk, k: 1, sample_fraction: true}", "option sample_fraction=True"),
@@ -100,6 +114,9 @@ def test_overlong_run_name_is_refused_before_the_filesystem_does(tmp_path, capsy
     (["run", "--no-such-flag", "BASE"], "unrecognized arguments: --no-such-flag (see gradsparse --help)"),
     (["bench", "--bogus"], "bench: unrecognized arguments: --bogus (see gradsparse bench --help)"),
     (["bench", "--only", "nope"], "bench --only: unknown benchmark(s) ['nope']"),
+    (["compare", "OUT/nowhere"], "is not a run directory (it holds no metrics.csv)"),
+    (["bench", "--only", ","], "bench --only ',' names no benchmark"),
+    (["sweep", "BASE", "--grid", "steps=[1,2", "--out", "OUT/sw"], "--grid steps='[1' is not valid YAML"),
     (["launch", "BASE", "--nproc", "3", "--max-restarts", "-1", "--dry-run"], "--max-restarts must be >= 0, got -1"),
     (["launch", "BASE", "--nproc", "x"], "argument --nproc: invalid int value: 'x'"),
     (["sweep", "BASE", "--grid", "steps=2,3", "--processes", "0", "--out", "OUT/sw"], "--processes must be >= 1"),
@@ -137,3 +154,37 @@ def test_outputs_under_a_regular_file_are_refused_before_anything_runs(tmp_path,
     assert blocker.read_text() == "not a folder"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_its_line(tmp_path, capsys):
+    p = tmp_path / "twice.yaml"
+    p.write_text(yaml.safe_dump(TOY) + "steps: 9\n")
+    err = one_error_line(capsys, main(["run", str(p), "--out", str(tmp_path / "run")]))
+    assert "key 'steps' is given twice at line" in err
+    assert left_behind(tmp_path, "twice.yaml") == []
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    """'<<: *anchor' followed by an explicit key is YAML's way to override, not a duplicate."""
+    from gradsparse.config import load_config
+
+    p = tmp_path / "merge.yaml"
+    p.write_text("task: {name: toy_quadratic}\n"
+                 "steps: 2\n"
+                 "algorithm:\n"
+                 "  compressor: &up {kind: topk, k: 1}\n"
+                 "  topology: {kind: bidirectional, down_compressor: {<<: *up, k: 2}}\n")
+    cfg = load_config(p)
+    assert cfg.algorithm.compressor.options()["k"] == 1
+    assert cfg.algorithm.topology.down_compressor.kind == "topk"
+    assert cfg.algorithm.topology.down_compressor.options()["k"] == 2
+
+
+def test_a_file_that_is_not_libsvm_is_named_with_its_line(tmp_path, capsys, base):
+    bad = tmp_path / "data.svm"
+    bad.write_text("+1 1:0.5 2:1\n-1 1:0.25 two:3\n")
+    rc = main(["run", str(base), "--set", f"task={{name: logreg, options: {{libsvm_path: {bad}}}}}",
+               "--out", str(tmp_path / "run")])
+    err = one_error_line(capsys, rc)
+    assert f"{bad}: not a valid LIBSVM file: line 2" in err
+    assert left_behind(tmp_path, "base.yaml", "data.svm") == []

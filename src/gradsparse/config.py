@@ -85,6 +85,14 @@ class TaskConfig(_Strict):
     name: str = "toy_quadratic"
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("options")
+    @classmethod
+    def _seed_is_the_runs(cls, options):
+        if "seed" in options:
+            raise ValueError(f"seed={options['seed']!r}: a task's data are drawn from the run's seed; "
+                             "set the top-level key 'seed' instead")
+        return options
+
 
 class WorkersConfig(_Strict):
     count: int = Field(3, ge=1, le=100_000)
@@ -153,6 +161,9 @@ class CompressorConfig(BaseModel):
             named = [k for k in given if re.search(rf"(?<![\w-]){re.escape(k)}(?![\w-])", str(exc))]
             where = f"{self.kind} option {named[0]}={given[named[0]]!r}" if named else self.kind
             raise ValueError(f"{where}: {exc}") from None
+        if type(given.get("k")) is int and given["k"] == 0:
+            raise ValueError(f"{self.kind} option k=0: a message of no entries sends nothing and the model "
+                             "never moves; k must be >= 1 (or give density)")
         return self
 
     def options(self) -> dict:
@@ -371,18 +382,36 @@ class RunConfig(_Strict):
         return self
 
 
+def _config_key(loc: tuple) -> str:
+    """pydantic's error location as the dotted config key (``workers.weights[1]``); a union's
+    member (int, float, literal['full'], ...) is pydantic's detail, not part of the key."""
+    key = ""
+    for p in loc:
+        if isinstance(p, int):
+            key += f"[{p}]"
+        elif not (p.startswith(("function-after", "literal[")) or p in ("int", "float", "str", "bool")):
+            key += f".{p}" if key else p
+    return key
+
+
 def _fmt_error(err: ValidationError) -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-    msg = e["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
+    errors = err.errors()
+    e = errors[0]
+    loc = _config_key(e["loc"])
+    # a union (``int | 'full'``) fails once per member: say every form that is allowed
+    msgs = []
+    for other in errors:
+        if _config_key(other["loc"]) == loc and other["msg"] not in msgs:
+            msgs.append(other["msg"])
+    msg = " or ".join(m[len("Value error, "):] if m.startswith("Value error, ") else m for m in msgs)
     val = e.get("input")
     where = f"config key '{loc}'" if loc else "config"
     if e["type"] == "extra_forbidden":
         return f"{where}: unknown key (value {val!r}); check the spelling against the documented schema"
     if isinstance(val, dict):
         return f"{where}: {msg}"
+    if isinstance(val, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", val.strip()):
+        msg += f" (YAML reads {val} as text: write it with a dot, e.g. {float(val):.1e}, or as digits)"
     shown = repr(val)
     if len(shown) > 120:
         shown = shown[:100] + "..."
@@ -397,11 +426,33 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"{problem}{where}"
 
 
-def _parse_scalar(text: str, key: str = "") -> Any:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (the YAML
+    spec forbids it; PyYAML would silently keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the keys written here (a '<<' merge may be overridden)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+def parse_yaml_value(text: str, key: str = "", label: str = "override") -> Any:
+    """One value of ``--set key=VALUE`` (or of ``--grid``), read as YAML."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}={text!r} is not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{label} {key}={text!r} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
 #: a raw config nests at most this deep and holds at most this many values (YAML aliases
@@ -456,7 +507,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {key!r}: '{p}' holds a value, not a section")
             node[p] = child = dict(child)
             node = child
-        node[parts[-1]] = _parse_scalar(text, key.strip())
+        node[parts[-1]] = parse_yaml_value(text, key.strip())
     return raw
 
 
@@ -483,7 +534,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if "\x00" in text:
             raise ConfigError(f"config file {str(path)!r} is binary (NUL byte at offset {text.index(chr(0))}), not YAML")
         try:
-            raw = yaml.safe_load(text)
+            raw = _load_yaml(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
         except RecursionError:

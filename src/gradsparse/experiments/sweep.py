@@ -21,9 +21,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, load_config
+from ..config import ConfigError, parse_yaml_value, load_config
 
 #: summary.json fields tabulated besides the final metric values
 SUMMARY_FIELDS = ("steps_to_target", "time_to_target")
@@ -39,10 +37,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key = key.strip()
         if not key or not all(key.split(".")):
             raise ConfigError(f"--grid {item!r}: {key!r} is not a dotted config key")
-        try:
-            values = [yaml.safe_load(v) for v in text.split(",")]
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--grid {item!r}: a value is not valid YAML: {str(exc).splitlines()[0]}") from None
+        values = [parse_yaml_value(v, key, label="--grid") for v in text.split(",")]
         if key in grid:
             raise ConfigError(f"--grid {key!r} is given twice")
         grid[key] = values
