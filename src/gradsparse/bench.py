@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     bad = [n for n in names if n not in BENCHES]
+    if not names:
+        print(f"gradsparse: error: bench --only {a.only!r} names no benchmark; allowed: {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
     if bad:
         print(f"gradsparse: error: bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}", file=sys.stderr)
         return 2

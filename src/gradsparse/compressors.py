@@ -361,6 +361,9 @@ class HardThreshold(Compressor):
 
     @classmethod
     def from_config(cls, options, layout, base_lr=None):
+        if "threshold" not in options:
+            raise ValueError("hard_threshold needs threshold: a number lambda >= 0, "
+                             "{rule: topk_volume, k: K} or {rule: precision, epsilon: EPS}")
         thr = options["threshold"]
         if isinstance(thr, dict):
             rule = thr.get("rule")

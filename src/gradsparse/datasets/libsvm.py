@@ -31,8 +31,9 @@ def _open_text(path: Path):
     return open(path, "r", encoding="ascii", errors="strict")
 
 
-def _locate_error(path: Path, n_features: int | None) -> str | None:
-    """Scan the file line by line; the first problem as ``"line N: ..."`` (None if none found)."""
+def _locate_error(path: Path, n_features: int | None, lowest: int = 1) -> str | None:
+    """Scan the file line by line; the first problem as ``"line N: ..."`` (None if none found);
+    ``lowest``: the smallest feature index allowed (1, or 0 for a 0-based file)."""
     lineno = 0
     try:
         with _open_text(path) as fh:
@@ -44,7 +45,7 @@ def _locate_error(path: Path, n_features: int | None) -> str | None:
                     float(body[0])
                 except ValueError:
                     return f"line {lineno}: label {body[0]!r} is not a number"
-                prev = 0
+                prev = lowest - 1
                 for tok in body[1:]:
                     if tok.startswith("qid:"):
                         continue
@@ -56,8 +57,8 @@ def _locate_error(path: Path, n_features: int | None) -> str | None:
                         float(val)
                     except ValueError:
                         return f"line {lineno}: {tok!r} is not INDEX:VALUE with an integer index and a number"
-                    if i < 1:
-                        return f"line {lineno}: feature index {i} < 1 (LIBSVM indices are 1-based)"
+                    if i < lowest:
+                        return f"line {lineno}: feature index {i} < {lowest} (LIBSVM indices are 1-based)"
                     if i <= prev:
                         return f"line {lineno}: feature indices not increasing ({prev} then {i})"
                     if n_features is not None and i > n_features:
@@ -70,14 +71,17 @@ def _locate_error(path: Path, n_features: int | None) -> str | None:
     return None
 
 
-def read_libsvm(path: str | os.PathLike, n_features: int | None = None) -> tuple[sp.csr_matrix, np.ndarray]:
-    """(X, y) from a LIBSVM file: X a ``scipy.sparse.csr_matrix`` of float32, shape
+def read_libsvm(path: str | os.PathLike, n_features: int | None = None,
+                dtype=np.float32, zero_based: bool | str = False) -> tuple[sp.csr_matrix, np.ndarray]:
+    """(X, y) from a LIBSVM file: X a ``scipy.sparse.csr_matrix`` of ``dtype`` (float32 unless told), shape
     [rows, n_features] (default: the largest index in the file), with exactly the listed
     nonzeros (explicit zeros are dropped); y float64 labels as written (e.g. -1/+1 or 0/1).
 
     Missing file: DataMissingError. A malformed line (non-numeric label or value, a token
     that is not INDEX:VALUE, an index < 1 or not increasing, an index above ``n_features``) or a
-    truncated compressed file: ValueError naming the file and the line."""
+    truncated compressed file: ValueError naming the file and the line. ``zero_based``: False for
+    LIBSVM's 1-based indices; ``"auto"`` also takes 0-based files (what scikit-learn's
+    ``dump_svmlight_file`` writes by default), shifting a file whose smallest index is 0."""
     path = Path(path)
     if not path.is_file():
         raise DataMissingError(None, [path.name], [path.parent.absolute()],
@@ -90,11 +94,11 @@ def read_libsvm(path: str | os.PathLike, n_features: int | None = None) -> tuple
     try:
         with _open_text(path) as fh:  # sklearn decompresses by file name only: hand it the stream
             X, y = load_svmlight_file(fh.buffer if hasattr(fh, "buffer") else fh, n_features=n_features,
-                                      dtype=np.float32, zero_based=False)
+                                      dtype=dtype, zero_based=zero_based)
     except (ValueError, OSError, EOFError, UnicodeDecodeError) as exc:
-        where = _locate_error(path, n_features)
+        where = _locate_error(path, n_features, lowest=1 if zero_based is False else 0)
         raise ValueError(f"{path}: not a valid LIBSVM file: {where or exc}") from exc
-    X = sp.csr_matrix(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=dtype)
     X.eliminate_zeros()
     X.sort_indices()
     return X, np.asarray(y, dtype=np.float64)

@@ -13,7 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
+    """A run's ``metrics.csv`` as columns (empty cells are NaN)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (it holds no metrics.csv)")
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     cols: dict[str, list[float]] = {}
     for r in rows:

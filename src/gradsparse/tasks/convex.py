@@ -382,10 +382,10 @@ def _lambda_max_gram(A: np.ndarray) -> float:
 def _load_libsvm(path: str, n_features: int | None) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LIBSVM file not found: {path!r} (libsvm_path must name an existing file)")
-    from sklearn.datasets import load_svmlight_file
+    from ..datasets.libsvm import read_libsvm
 
-    X, y = load_svmlight_file(path, n_features=n_features)
-    return np.asarray(X.todense(), dtype=np.float64), np.asarray(y, dtype=np.float64)
+    X, y = read_libsvm(path, n_features, dtype=np.float64, zero_based="auto")  # a bad line: ValueError naming it
+    return X.toarray(), y
 
 
 def _to_pm1(y: np.ndarray, what: str) -> np.ndarray:
