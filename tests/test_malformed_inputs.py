@@ -8,16 +8,7 @@ import yaml
 
 from gradsparse.cli import main
 
-TOY = {
-    "name": "t",
-    "task": {"name": "toy_quadratic"},
-    "workers": {"count": 3, "batch_size": "full"},
-    "algorithm": {"compressor": {"kind": "topk", "k": 1}, "feedback": "ef", "topology": {"kind": "ps_uplink"}},
-    "schedule": {"lr": 0.01},
-    "steps": 4,
-    "plots": False,
-    "progress": False,
-}
+from test_config_cli import TOY  # the three-worker toy quadratic config
 
 
 @pytest.fixture
