@@ -9,10 +9,8 @@ target / measured / met is printed and written to ``targets.csv``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
-import sys
 from pathlib import Path
 
 BENCHES = ("topk", "wire", "simulator", "async")
@@ -127,7 +125,7 @@ def _fmt(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OneLineParser, UsageError
+    from .cli import OneLineParser, UsageError, _error
 
     ap = OneLineParser(prog="gradsparse bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
@@ -136,16 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = ap.parse_args(argv)
     except UsageError as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     bad = [n for n in names if n not in BENCHES]
     if not names:
-        print(f"gradsparse: error: bench --only {a.only!r} names no benchmark; allowed: {', '.join(BENCHES)}", file=sys.stderr)
-        return 2
+        return _error(f"bench --only {a.only!r} names no benchmark; allowed: {', '.join(BENCHES)}")
     if bad:
-        print(f"gradsparse: error: bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}", file=sys.stderr)
-        return 2
+        return _error(f"bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

@@ -151,8 +151,7 @@ def cmd_budget_compare(args) -> int:
     try:
         summary = compare(args.out, seeds=args.seeds, quick=args.quick)
     except (ConfigError, FileExistsError) as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     print(Path(summary["files"]["markdown"]).read_text(), end="")
     print(f"table: {summary['files']['csv']}, plot: {summary['files']['plot']}")
     return 0
@@ -166,8 +165,7 @@ def cmd_sweep(args) -> int:
         out = sweep(_resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
                     overrides=args.set, progress=not args.no_progress)
     except ConfigError as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     except SweepInterrupted as exc:
         print(f"gradsparse: {exc}", file=sys.stderr)
         return exc.exit_code

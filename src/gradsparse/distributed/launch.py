@@ -14,7 +14,6 @@ of processes come from the restart manifest, and the run ends as the uninterrupt
 
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import signal
@@ -35,11 +34,16 @@ def build_command(configs: list[str], nproc: int, out: str | None = None, sets: 
     return cmd
 
 
-def _check_before_starting(configs: list[str], nproc: int, sets: list[str]) -> str | None:
-    """Why these configs cannot run as ``nproc`` processes (validation and the process count),
-    before torchrun starts anything; None when they can."""
+def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out: str | None,
+                           check_out: bool = True) -> str | None:
+    """Why these configs cannot run as ``nproc`` processes (validation, the process count and,
+    with ``check_out``, the run directory as the worker would place it), before torchrun starts
+    anything; None when they can."""
+    from pathlib import Path
+
     from ..config import ConfigError, load_config
     from ..engines.torch_dist import world_sizes
+    from ..experiments.runner import check_out_dir, default_out
     from ..topology import TOPOLOGIES
 
     for path in configs:
@@ -57,31 +61,18 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str]) -> s
         if nproc not in allowed:
             return (f"--nproc {nproc}: config {path!r} has workers.count = {n} and engine {engine!r} runs {what}: "
                     f"--nproc {' or '.join(map(str, allowed))}, or --set workers.count=N to match")
-    return None
-
-
-def _check_out_dirs(configs: list[str], out: str | None, sets: list[str]) -> str | None:
-    """Why a run directory cannot be written (as the worker would place it), before torchrun starts."""
-    from pathlib import Path
-
-    from ..config import ConfigError, load_config
-    from ..experiments.runner import check_out_dir, default_out
-
-    for path in configs:
-        cfg = load_config(path, sets)
-        if out is None:
-            where = default_out(cfg)
-        else:
-            where = Path(out) if len(configs) == 1 else Path(out) / Path(path).stem
-        try:
-            check_out_dir(where)
-        except ConfigError as exc:
-            return str(exc)
+        if check_out:
+            where = default_out(cfg) if out is None else Path(out) if len(configs) == 1 else Path(out) / Path(path).stem
+            try:
+                check_out_dir(where)
+            except ConfigError as exc:
+                return str(exc)
     return None
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..cli import OneLineParser, UsageError, _resolve_config
+    from ..cli import _error as error
 
     ap = OneLineParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="*", help="YAML file(s) or shipped example name(s); workers.count must equal "
@@ -93,10 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue a stopped run from its restart checkpoints (config and world size from them)")
     ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
-    def error(msg: str) -> int:
-        print(f"gradsparse: error: {msg}", file=sys.stderr)
-        return 2
-
     try:
         args = ap.parse_args(argv)
     except UsageError as exc:
@@ -128,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         return error("--nproc must be >= 1")
     configs = [str(_resolve_config(c)) for c in args.config]
-    why = _check_before_starting(configs, args.nproc, list(args.set))
-    if why is None and args.resume is None:
-        why = _check_out_dirs(configs, args.out, list(args.set))
+    why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None)
     if why is not None:
         return error(why)
     cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
