@@ -164,7 +164,8 @@ def hand_stagewise(task, eta0, stage_steps, gamma, beta, k):
 def test_stagewise_equals_eq_15_16_by_hand(engine):
     task = make_task("toy_quadratic", dtype="float64", centers=(1.0, 4.0, 9.0), dim=6, w0=[3, -1, 2, 8, 0, 5])
     stage_steps = [3, 4, 5]
-    alg = Algorithm(compressor=TopK(k=2), feedback="memory", momentum=UpdateMomentum(beta=0.6))
+    # fp64 values on the wire: the hand computation below is exact float64 arithmetic
+    alg = Algorithm(compressor=TopK(k=2), feedback="memory", momentum=UpdateMomentum(beta=0.6), value_dtype="fp64")
     sched = Schedule(kind="stagewise", lr=0.2, stage_steps=stage_steps, prox_gamma=2.0)
     sim = ENGINES[engine](task, alg, sched, n_workers=3, batch_size="full")
     for _ in range(sum(stage_steps)):

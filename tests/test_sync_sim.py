@@ -191,7 +191,9 @@ def test_shard_split_and_weights_run():
 
 def test_efgd_star_shift_vanishes_at_the_optimum():
     task = make_task("logreg", dataset="breast_cancer", dtype="float64")
-    alg = Algorithm(compressor=HardThreshold(0.0), feedback="ef-scaled")
+    # fp64 values on the wire: exactly zero shifted gradients at x* must keep the model at x*
+    # (with fp32 values, step 1's rounding error stays in the memories and is sent later)
+    alg = Algorithm(compressor=HardThreshold(0.0), feedback="ef-scaled", value_dtype="fp64")
     sim = SyncSimulator(task, alg, Schedule(lr=0.5), n_workers=4, batch_size="full", gradient_shift="optimum")
     x_star = torch.cat([p.reshape(-1) for p in task.x_star.values()]).clone()
     # away from x*, the shifted gradients differ from the raw ones by the gradient at x* of the

@@ -19,8 +19,9 @@ from gradsparse.wire import WireError, codecs
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 EXPLICIT = ("raw32", "varint", "rice", "packed", "bitmap")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float64: torch.int64}
 FP16_MAX = 65504.0
 
 
@@ -83,6 +84,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _fits(values: torch.Tensor, vd: torch.dtype) -> torch.Tensor:
     """``values`` with the finite entries beyond the range of ``vd`` clamped into it."""
     lim = torch.finfo(vd).max
+    if lim >= torch.finfo(values.dtype).max:
+        return values
     return torch.where(torch.isfinite(values), values.clamp(-lim, lim), values)
 
 
@@ -160,7 +163,8 @@ def test_roundtrip_every_encoding_and_dtype(msg):
             (h,) = wire.frame_headers(data)
             if enc != "auto":
                 assert h.encoding == enc
-            assert h.nbytes == len(data) and h.version == wire.VERSION
+            # the smallest version that expresses the frame: 3 only for float64 values
+            assert h.nbytes == len(data) and h.version == (3 if vd == torch.float64 else 2)
 
 
 @SETTINGS
@@ -170,7 +174,7 @@ def test_auto_picks_the_smallest(msg, vd):
     sizes = {e: _nbytes(msg, e, vd) for e in _encodings_for(msg)}
     auto = wire.encode(msg, value_dtype=vd)
     assert len(auto) == min(sizes.values()) == _nbytes(msg, "auto", vd)
-    assert len(auto) <= wire.dense_nbytes(msg.d, 4 if vd == torch.float32 else 2)
+    assert len(auto) <= wire.dense_nbytes(msg.d, torch.empty(0, dtype=vd).element_size())
     assert sizes[_encoding(auto)] == len(auto)
 
 
@@ -727,15 +731,35 @@ def test_version1_frames_decode_and_version2_keeps_their_layout():
 
 
 def test_packed_needs_version_2():
-    assert wire.VERSION == 2
+    assert wire.VERSION == 3
     v2 = _packed_message((20,), 4, 2, b"\xc8\x0b")
     assert wire.decode(v2).indices.tolist() == [0, 3, 4, 19]
+    assert wire.decode(_as_version(v2, 3)).indices.tolist() == [0, 3, 4, 19]
     v1 = _packed_message((20,), 4, 2, b"\xc8\x0b", version=1)
     with pytest.raises(WireError, match="id 6 \\(packed\\) needs wire version >= 2"):
         wire.decode(v1)
-    for version in (0, 3, 255):
+    for version in (0, 4, 255):
         with pytest.raises(WireError, match="unsupported wire version"):
             wire.decode(_as_version(v2, version))
+
+
+def test_float64_values_need_version_3_and_travel_exactly():
+    """Version 3 adds value dtype id 3 (float64): such frames are written as version 3, carry 8
+    bytes per value and decode bit for bit; the id inside a version 1 or 2 frame is refused.
+    Frames of the other dtypes keep version 2 (their bytes are unchanged)."""
+    vals = torch.tensor([1.0 / 3.0, -2.0 ** -1070, 1e300], dtype=torch.float64)
+    msg = row([0, 5, 9], vals, 10)
+    data = wire.encode(msg)
+    (h,) = wire.frame_headers(data)
+    assert h.version == 3 and h.value_dtype == torch.float64
+    assert len(data) == int(wire.encoded_nbytes(msg)[0]) == int(wire.encoded_nbytes(msg.with_values(vals.float()))[0]) + 3 * 4
+    out = wire.decode(data)
+    assert torch.equal(out.values.view(torch.int64), vals.view(torch.int64))
+    for version in (1, 2):
+        with pytest.raises(WireError, match="value dtype id 3 \\(float64\\) needs wire version >= 3"):
+            wire.decode(_as_version(data, version))
+    assert wire.frame_headers(wire.encode(msg, value_dtype="fp32", overflow="saturate"))[0].version == 2
+    assert wire.dense_nbytes(10, 8) == int(wire.encoded_nbytes(SparseBatch.from_dense(torch.zeros(1, 10, dtype=torch.float64)))[0])
 
 
 # ------------------------------------------------------------------------------------------
@@ -755,7 +779,7 @@ def test_seed_roundtrip(seed, d, rho, vd):
     assert torch.equal(out.indices, idx)
     assert len(data) == _nbytes(msg, vd=vd)
     # nothing but the seed is sent for the support: header (with its 8-byte seed) + values + CRC
-    vb = k * (4 if vd == torch.float32 else 2)
+    vb = k * torch.empty(0, dtype=vd).element_size()
     u = wire.format.uvarint_len
     assert len(data) == 9 + u(d) + u(k) + 8 + u(0) + u(vb) + vb + 4
     calls = []
@@ -906,7 +930,7 @@ def test_forged_examples():
     bm = bytearray(wire.encode(msg, index_encoding="bitmap"))
     bm[-4 - 12 - 1] |= 0x80  # a padding bit of the 10-bit bitmap
     cases["bitmap padding"] = bm
-    for field, val in ((4, 3), (4, 0), (5, 17), (6, 9), (7, 0x02)):  # version, encoding, dtype, flags
+    for field, val in ((4, 4), (4, 0), (5, 17), (6, 9), (7, 0x02)):  # version, encoding, dtype, flags
         b = bytearray(raw)
         b[field] = val
         cases[f"header byte {field} = {val}"] = b
@@ -945,7 +969,10 @@ def test_encode_rejects_invalid_batches():
         wire.encode(SparseBatch(10, torch.tensor([0, 3]), v, torch.tensor([1.0, 2.0, 3.0])))
     good = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="value_dtype"):
-        wire.encode(row(good, v.double(), 10))
+        wire.encode(row(good, v.to(torch.complex64), 10))
+    with pytest.raises(ValueError, match="value_dtype"):
+        wire.encode(row(good, v.to(torch.int32), 10))
+    assert wire.decode(wire.encode(row(good, v.double(), 10))).values.dtype == torch.float64
     wire.decode(wire.encode(row(good, v.double(), 10), value_dtype="fp32"))
     with pytest.raises(ValueError, match="unknown index encoding"):
         wire.encode(row(good, v, 10), index_encoding="zip")

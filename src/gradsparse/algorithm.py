@@ -50,8 +50,9 @@ from .segments import Layout, SegmentedTensor
 from .staleness import StalenessDampening
 from .topology import Topology, make_topology
 
-#: config names of the wire's value dtypes (``gradsparse.wire.VALUE_DTYPES``: float32, float16, bfloat16)
-VALUE_DTYPE_NAMES = ("fp32", "fp16", "bf16")
+#: config names of the wire's value dtypes (``gradsparse.wire.VALUE_DTYPES``: float32, float16,
+#: bfloat16, float64)
+VALUE_DTYPE_NAMES = ("fp32", "fp16", "bf16", "fp64")
 
 __all__ = ["VALUE_DTYPE_NAMES", "Algorithm", "WorkerState", "ServerState", "WorkerStepOutput", "ServerStepOutput"]
 
@@ -123,7 +124,13 @@ class Algorithm:
     """compressor ∘ error feedback ∘ momentum ∘ topology (see the module docstring).
 
     Pieces are objects or kind names from their tables (``COMPRESSORS``, ``FEEDBACKS``,
-    ``MOMENTA``, ``TOPOLOGIES``). ``value_dtype`` is the wire value size used for byte counts.
+    ``MOMENTA``, ``TOPOLOGIES``). ``value_dtype`` (fp32, fp16, bf16, fp64) is the dtype every
+    message's values travel in: a message's values are what a receiver decodes from its frames
+    (:func:`gradsparse.wire.round_values`: rounded to that dtype, finite values beyond its range
+    saturated), so the bytes charged and the values computed with agree. A worker's memory keeps
+    the rounding error (e <- a - sent), the server's downlink memory likewise; the aggregate that
+    ``ps_uplink`` sends down is rounded before anyone applies it. With values already in that
+    dtype (float32 models, fp32) nothing changes.
     """
 
     def __init__(
@@ -260,7 +267,8 @@ class Algorithm:
             g, momentum_state = self.momentum.update(g, state.momentum)
         context = CompressionContext(step, workers, "uplink")
         compressor = self.compressor.for_step(state.compressor, context)
-        out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=compressor, context=context)
+        out, memory = self.feedback.update(g, state.memory, lr=lr, compressor=compressor, context=context,
+                                           value_dtype=self.value_dtype)
         if self.on_nonfinite == "skip":
             out, memory, momentum_state = self._skip_nonfinite(out, memory, momentum_state, state)
         if self.momentum.masking:
@@ -343,10 +351,12 @@ class Algorithm:
                 raise ValueError("on_nonfinite 'skip' needs the memory from before the step: pass grads "
                                  "(the engine must not form e + c g in the memory itself)")
             before = WorkerState(SegmentedTensor(state.memory.layout, state.memory.flat.clone()))
-            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
+            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context,
+                                               value_dtype=self.value_dtype)
             out, _, _ = self._skip_nonfinite(out, state.memory, None, before)
         else:
-            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context)
+            out = self.feedback.step_in_place_(state.memory, grads, lr=lr, compressor=compressor, context=context,
+                                               value_dtype=self.value_dtype)
         nbytes = self.message_nbytes(out.message)
         if state.compressor is not None:
             new = self.compressor.observe(state.compressor, out.message, nbytes, context)
@@ -380,6 +390,8 @@ class Algorithm:
             factor = self.staleness.factor(step - versions.to(torch.long))
             weights = weights * factor.to(weights.dtype)
         aggregate = message.weighted_sum(weights)
+        if self.topology.sends_aggregate:  # what the workers will decode: everyone applies that
+            aggregate = wire.round_values(aggregate, self.value_dtype)
         momentum_state = state.momentum
         direction = aggregate
         if self.momentum.side == "server":
@@ -387,7 +399,8 @@ class Algorithm:
         update = direction if self.lr_inside else lr * direction
         if send_downlink or self.topology.compresses_downlink:
             applied, down_message, downlink_memory = self.topology.downlink(
-                aggregate, update, state.downlink_memory, CompressionContext(step, None, "downlink")
+                aggregate, update, state.downlink_memory, CompressionContext(step, None, "downlink"),
+                self.value_dtype,
             )
         else:
             applied, down_message, downlink_memory = update, None, state.downlink_memory

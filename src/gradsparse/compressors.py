@@ -716,7 +716,7 @@ class BudgetThreshold(Compressor):
             raise ValueError(f"budget_threshold steps = {self.steps} is fewer than the run's {steps} steps "
                              "(leave it out to use the run's length)")
         if value_dtype is not None:
-            self.value_bytes = {"fp32": 4, "fp16": 2, "bf16": 2}[value_dtype]
+            self.value_bytes = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}[value_dtype]
             self.value_dtype = value_dtype
         if self.layout is not None and self.layout.d < (1 << 40):  # d known: check the budget now
             self._plan(self.init_state(self.layout, 1), self.layout.d)

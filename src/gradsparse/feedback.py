@@ -11,6 +11,10 @@ Each kind is an object with ``init(layout, n) -> memory`` (a
 - ``memory``:    v = u + g; s = C(v); u <- v - s                   (step outside; paper 004
                  M-DSGD, paper 001 phi-MemSGD); the server multiplies the aggregate by eta_t.
 
+Values as sent: every ``update``/``step_in_place_`` takes the wire's ``value_dtype``; the
+message's values are what a receiver decodes (:func:`gradsparse.messages.sendable`: rounded to
+that dtype), and the memory keeps what rounding took off: ``e <- a - sent``.
+
 One implementation: every kind with a memory forms the accumulated vector ``a = e + c g``
 (``c`` = :meth:`accumulation_scale`) and then runs :meth:`compress_accumulated_`, which compresses
 ``a`` and rewrites only the transmitted entries, ``a[S] <- a[S] - s[S]``, turning the buffer into
@@ -33,7 +37,7 @@ from typing import ClassVar
 import torch
 
 from .compressors import CompressionContext, Compressor
-from .messages import SparseBatch
+from .messages import SparseBatch, sendable
 from .segments import Layout, SegmentedTensor
 
 __all__ = ["FeedbackOutput", "Feedback", "NoFeedback", "ErrorFeedback", "ScaledErrorFeedback", "Memory", "FEEDBACKS", "make_feedback"]
@@ -75,35 +79,41 @@ class Feedback:
         return compressor.compress(a, context)
 
     def update(self, g: torch.Tensor, memory: SegmentedTensor | None, *, lr: float, compressor: Compressor,
-               context: CompressionContext) -> tuple[FeedbackOutput, SegmentedTensor | None]:
+               context: CompressionContext, value_dtype: str | None = None) -> tuple[FeedbackOutput, SegmentedTensor | None]:
         """Out of place: a fresh accumulated buffer becomes the new memory."""
         self._check_lr(lr)
         buffer = torch.add(memory.flat, g, alpha=self.accumulation_scale(lr))
-        out = self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context)
+        out = self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context, value_dtype=value_dtype)
         return out, SegmentedTensor(memory.layout, buffer)
 
     def step_in_place_(self, memory: SegmentedTensor, g: torch.Tensor | None, *, lr: float, compressor: Compressor,
-                       context: CompressionContext) -> FeedbackOutput:
+                       context: CompressionContext, value_dtype: str | None = None) -> FeedbackOutput:
         """In place: memory <- memory + c g (skipped when ``g`` is None: the engine already formed
         it), s = C(memory), memory <- memory - s. Uses the compressor's fused kernel when it has
-        one for this input (one pass over the memory)."""
+        one for this input (one pass over the memory; when the wire rounds the values, the kept
+        entries then get their rounding error back: memory[S] <- a[S] - sent)."""
         self._check_lr(lr)
         buffer = memory.flat
         if self.fused_allowed:
             fused = compressor.compress_accumulated_(buffer, g, self.accumulation_scale(lr))
             if fused is not None:
-                return FeedbackOutput(fused[0], fused[1])
+                message, accumulated = fused
+                sent = sendable(message, value_dtype)
+                if sent is not message:
+                    sent.scatter_(buffer, accumulated - sent.values)
+                return FeedbackOutput(sent, accumulated)
         if g is not None:
             buffer.add_(g, alpha=self.accumulation_scale(lr))
-        return self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context)
+        return self.compress_accumulated_(buffer, lr=lr, compressor=compressor, context=context, value_dtype=value_dtype)
 
     #: whether a value-preserving fused kernel computes this kind's step (s = C(a) exactly)
     fused_allowed: ClassVar[bool] = True
 
     def compress_accumulated_(self, buffer: torch.Tensor, *, lr: float, compressor: Compressor,
-                              context: CompressionContext) -> FeedbackOutput:
-        """``buffer`` holds a = e + c g; compress it and turn it into a - s (transmitted entries only)."""
-        message = self.compress_as_worker(buffer, lr, compressor, context)
+                              context: CompressionContext, value_dtype: str | None = None) -> FeedbackOutput:
+        """``buffer`` holds a = e + c g; compress it and turn it into a - s (transmitted entries
+        only; s as sent, i.e. rounded to ``value_dtype``)."""
+        message = sendable(self.compress_as_worker(buffer, lr, compressor, context), value_dtype)
         acc = message.gather(buffer)
         message.scatter_(buffer, acc - message.values)
         return FeedbackOutput(message, acc)
@@ -119,12 +129,12 @@ class NoFeedback(Feedback):
     has_memory = False
     fused_allowed = False
 
-    def update(self, g, memory, *, lr, compressor, context):
+    def update(self, g, memory, *, lr, compressor, context, value_dtype=None):
         a = g * lr
-        message = compressor.compress(a, context)
+        message = sendable(compressor.compress(a, context), value_dtype)
         return FeedbackOutput(message, message.gather(a), accumulated=a), None
 
-    def step_in_place_(self, memory, g, *, lr, compressor, context):
+    def step_in_place_(self, memory, g, *, lr, compressor, context, value_dtype=None):
         raise ValueError("error feedback 'none' keeps no memory: there is no in-place step")
 
 

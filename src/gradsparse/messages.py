@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SparseBatch"]
+__all__ = ["SparseBatch", "sendable"]
 
 
 @dataclass
@@ -236,3 +236,15 @@ class SparseBatch:
     def __repr__(self) -> str:
         kind = "dense" if self.dense else ("seeded" if self.seeds is not None else "sparse")
         return f"SparseBatch(n={self.n}, d={self.d}, nnz={self.nnz}, {kind})"
+
+
+def sendable(message: SparseBatch, value_dtype: str | torch.dtype | None) -> SparseBatch:
+    """``message`` with its values as a receiver decodes them from frames carrying
+    ``value_dtype`` (:func:`gradsparse.wire.round_values`); the message itself when nothing
+    changes (``value_dtype`` None, or values already exact in it)."""
+    if value_dtype is None:
+        return message
+    from .wire.format import round_values
+
+    values = round_values(message.values, value_dtype)
+    return message if values is message.values else message.with_values(values)

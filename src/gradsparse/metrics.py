@@ -54,6 +54,7 @@ import math
 import torch
 
 from .compressors import CompressionContext
+from .messages import sendable
 
 METRICS = (
     "step",
@@ -151,7 +152,9 @@ def step_metrics(engine, rec, names) -> dict:
     if names & {"xi", "rho_hat"}:
         denom = (rec.lr * rec.weighted_feedback_input(p)).norm()
         mean_a, mean_s = p.to(a.dtype) @ a, p.to(a.dtype) @ s
-        c_of_mean = alg.feedback.compress_as_worker(mean_a[None], rec.lr, alg.compressor, diagnostic).to_dense()[0]
+        # C applied as the workers apply it, values as sent (rounded to the wire's value dtype)
+        c_of_mean = sendable(alg.feedback.compress_as_worker(mean_a[None], rec.lr, alg.compressor, diagnostic),
+                             alg.value_dtype).to_dense()[0]
         xi = _ratio((scale * (c_of_mean - mean_s)).norm(), denom)
         if "xi" in names:
             out["xi"] = xi
@@ -161,8 +164,8 @@ def step_metrics(engine, rec, names) -> dict:
             else:
                 delta = rec.server_state_before.downlink_memory.flat
                 down = alg.down_compressor
-                lhs = down.compress((delta + scale * mean_a)[None], diagnostic).to_dense()[0]
-                rhs = down.compress((delta + scale * mean_s)[None], diagnostic).to_dense()[0]
+                lhs = sendable(down.compress((delta + scale * mean_a)[None], diagnostic), alg.value_dtype).to_dense()[0]
+                rhs = sendable(down.compress((delta + scale * mean_s)[None], diagnostic), alg.value_dtype).to_dense()[0]
                 out["rho_hat"] = _ratio((lhs - rhs).norm(), denom)
     if names & {"gamma_hat_up", "compression_ratio_up"}:
         num = (s - a).norm(dim=1)

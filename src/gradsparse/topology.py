@@ -13,7 +13,9 @@ apply together with the one downlink message the server sends (or ``None``):
                      compressor must be ``identity`` and the feedback ``none``: checked).
 
 ``init(layout) -> state`` (the downlink memory delta, or ``None``) and
-``downlink(aggregate, update, state, context) -> (applied update, message or None, new state)``.
+``downlink(aggregate, update, state, context, value_dtype) -> (applied update, message or None,
+new state)``. A downlink message's values are what the workers decode (rounded to the wire's
+``value_dtype``): the applied update is built from them, and delta keeps the rounding error.
 
 Byte accounting: a step returns the size of each message it sends (:mod:`gradsparse.wire`);
 :meth:`Topology.synchronous_traffic` is the synchronous engine's rule for how many copies travel:
@@ -28,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from .compressors import CompressionContext, Compressor, Identity
-from .messages import SparseBatch
+from .messages import SparseBatch, sendable
 from .segments import Layout, SegmentedTensor
 
 __all__ = ["Topology", "AllToAll", "ParameterServerUplink", "Bidirectional", "DownlinkOnly", "TOPOLOGIES", "make_topology"]
@@ -40,6 +42,9 @@ class Topology:
     compresses_downlink: ClassVar[bool] = False
     #: whether there is a server message at all
     has_server: ClassVar[bool] = True
+    #: whether the server sends the aggregate A itself (then A is rounded to the wire's value
+    #: dtype before the server step uses it, so server and workers apply the same values)
+    sends_aggregate: ClassVar[bool] = False
 
     down_compressor: Compressor | None = None
 
@@ -49,7 +54,8 @@ class Topology:
     def check_uplink(self, compressor: Compressor, feedback_kind: str) -> None:
         """Reject uplink settings this topology cannot run (raises ValueError naming the key)."""
 
-    def downlink(self, aggregate: torch.Tensor, update: torch.Tensor, state, context: CompressionContext):
+    def downlink(self, aggregate: torch.Tensor, update: torch.Tensor, state, context: CompressionContext,
+                 value_dtype: str = "fp32"):
         raise NotImplementedError
 
     def synchronous_traffic(self, up_nbytes: torch.Tensor, down_nbytes: int, n_workers: int) -> tuple[int, int]:
@@ -66,7 +72,7 @@ class AllToAll(Topology):
     kind = "all_to_all"
     has_server = False
 
-    def downlink(self, aggregate, update, state, context):
+    def downlink(self, aggregate, update, state, context, value_dtype="fp32"):
         return update, None, state
 
     def synchronous_traffic(self, up_nbytes, down_nbytes, n_workers):
@@ -76,8 +82,9 @@ class AllToAll(Topology):
 
 class ParameterServerUplink(Topology):
     kind = "ps_uplink"
+    sends_aggregate = True
 
-    def downlink(self, aggregate, update, state, context):
+    def downlink(self, aggregate, update, state, context, value_dtype="fp32"):
         row = aggregate[None]
         return update, SparseBatch.from_mask(row, row != 0), state
 
@@ -94,9 +101,9 @@ class Bidirectional(Topology):
     def init(self, layout, dtype=torch.float32):
         return SegmentedTensor.zeros(layout, dtype=dtype)
 
-    def downlink(self, aggregate, update, state, context):
+    def downlink(self, aggregate, update, state, context, value_dtype="fp32"):
         G = update + state.flat
-        message = self.down_compressor.compress(G[None], context)
+        message = sendable(self.down_compressor.compress(G[None], context), value_dtype)
         sent = message.to_dense(G.dtype)[0]
         return sent, message, SegmentedTensor(state.layout, G - sent)
 

@@ -238,7 +238,8 @@ class AsyncSimulator(Engine):
             purpose: [torch.Generator().manual_seed(stream_seed(seed, purpose, 0, q)) for q in range(n_workers)]
             for purpose in ("compute", "uplink_delay", "downlink_delay")
         }
-        self.model_nbytes = wire.dense_nbytes(self.d, {"fp32": 4, "fp16": 2, "bf16": 2}[algorithm.value_dtype])
+        #: the model travels dense at its own precision (value_dtype is the messages's dtype)
+        self.model_nbytes = wire.dense_nbytes(self.d, self.w.element_size())
         # server and workers
         self.now = 0.0
         self.server_busy_until = 0.0

@@ -24,6 +24,8 @@ from .format import (
     VERSION,
     FrameHeader,
     WireError,
+    round_values,
+    value_dtype_of,
 )
 from .frames import decode, encode, frame_headers
 from .sizing import (
@@ -49,4 +51,6 @@ __all__ = [
     "DEFAULT_MAX_D",
     "INDEX_ENCODINGS",
     "VALUE_DTYPES",
+    "round_values",
+    "value_dtype_of",
 ]

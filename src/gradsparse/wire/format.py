@@ -11,9 +11,10 @@ Frame layout (version 2, all multi-byte integers little-endian)
 field                   encoding
 ======================  =========================================================================
 magic                   4 bytes ``b"GSPW"``
-version                 u8: 2 when written; the reader accepts 1 and 2 (see the history below)
+version                 u8: the smallest version that can express the frame (2, or 3 for float64
+                        values); the reader accepts 1, 2 and 3 (see the history below)
 index encoding id       u8: 0 raw32, 1 varint, 2 rice, 3 bitmap, 4 seed, 5 dense, 6 packed
-value dtype id          u8: 0 float32, 1 float16, 2 bfloat16
+value dtype id          u8: 0 float32, 1 float16, 2 bfloat16, 3 float64 (since version 3)
 flags                   u8: bit 0 = a seed follows; all other bits must be 0
 ndim                    u8: 1 when written (a row is a vector of d entries)
 shape                   ndim unsigned LEB128 varints; d = their product
@@ -23,7 +24,7 @@ seed                    u64 (fixed 8 bytes so sizes do not depend on the seed), 
 index payload length    unsigned LEB128 varint (bytes)
 value payload length    unsigned LEB128 varint (bytes), always ``k * itemsize``
 index payload           see :mod:`gradsparse.wire.codecs`
-value payload           k values, IEEE float32 / float16, or raw bfloat16 bit patterns (u16)
+value payload           k values, IEEE float32 / float16 / float64, or raw bfloat16 bit patterns (u16)
 CRC32                   u32, ``zlib.crc32`` of every byte of the frame above
 ======================  =========================================================================
 
@@ -95,6 +96,9 @@ read), and the reader states which ids each version may use.
   corrects: a version-1 frame with id 6 is now rejected), and the rule above that ``auto`` may
   send a sparse row dense. Frames of ids 0-5 are laid out exactly as in version 1 (only the
   version byte, hence the CRC, differs); the reader accepts both versions.
+* 3 - adds the value dtype id 3 (float64, 8 bytes per value), so a float64 model or message can
+  travel exactly. Only frames with float64 values are written as version 3; every other frame is
+  still written as version 2, byte for byte as before, so older readers keep reading them.
 """
 
 from __future__ import annotations
@@ -120,9 +124,11 @@ __all__ = [
 
 MAGIC = b"GSPW"
 #: Version written by :func:`~gradsparse.wire.encode`. Bumped whenever an encoding id is added.
-VERSION = 2
+VERSION = 3
 #: Versions the reader accepts.
-READABLE_VERSIONS: tuple[int, ...] = (1, 2)
+READABLE_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: The version written for frames that use nothing newer (see the version history).
+BASE_WRITE_VERSION = 2
 
 ENCODING_IDS = {"raw32": 0, "varint": 1, "rice": 2, "bitmap": 3, "seed": 4, "dense": 5, "packed": 6}
 ENCODING_NAMES = {v: k for k, v in ENCODING_IDS.items()}
@@ -150,15 +156,19 @@ VALUE_DTYPE_TABLE: dict[int, ValueDtype] = {
     0: ValueDtype(torch.float32, "<f4", 4),
     1: ValueDtype(torch.float16, "<f2", 2),
     2: ValueDtype(torch.bfloat16, "<i2", 2),
+    3: ValueDtype(torch.float64, "<f8", 8),
 }
+#: The first version whose frames may carry each value dtype id.
+VALUE_DTYPE_SINCE_VERSION = {0: 1, 1: 1, 2: 1, 3: 3}
 VALUE_DTYPE_IDS = {v.torch: k for k, v in VALUE_DTYPE_TABLE.items()}
 VALUE_DTYPE_ALIASES = {
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp64": torch.float64, "float64": torch.float64, "double": torch.float64,
 }
 #: Value dtypes the wire carries.
-VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+VALUE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 FIXED_HEADER_NBYTES = 9  # magic, version, encoding, dtype, flags, ndim
 CRC_NBYTES = 4
@@ -209,19 +219,45 @@ def resolve_value_dtype(dt) -> int:
     if isinstance(dt, str):
         key = dt.lower()
         if key not in VALUE_DTYPE_ALIASES:
-            raise ValueError(f"unknown value dtype {dt!r}; allowed: fp32, fp16, bf16")
+            raise ValueError(f"unknown value dtype {dt!r}; allowed: fp32, fp16, bf16, fp64")
         dt = VALUE_DTYPE_ALIASES[key]
     if dt not in VALUE_DTYPE_IDS:
         raise ValueError(
-            f"the wire carries float32, float16 or bfloat16 values, not {dt}; "
+            f"the wire carries float32, float16, bfloat16 or float64 values, not {dt}; "
             "pass value_dtype= to cast"
         )
     return VALUE_DTYPE_IDS[dt]
 
 
+def value_dtype_of(dt) -> torch.dtype:
+    """The torch dtype of a wire value dtype given as a name (fp32, fp16, bf16, fp64) or dtype."""
+    return VALUE_DTYPE_TABLE[resolve_value_dtype(dt)].torch
+
+
+def round_values(values: torch.Tensor, value_dtype) -> torch.Tensor:
+    """``values`` as a receiver decodes them from frames carrying ``value_dtype``, in the values'
+    own dtype: rounded to nearest (ties to even) in the wire dtype, and finite values beyond its
+    largest finite value *saturated* to it (so a finite value never arrives as inf; fp16's range
+    is +-65504). NaN and infinities pass unchanged. Returns ``values`` itself when the wire dtype
+    holds every value of the values' dtype exactly (the same dtype, or float32 values on a
+    float64 wire)."""
+    target, source = value_dtype_of(value_dtype), values.dtype
+    if source == target or not source.is_floating_point:
+        return values
+    wide, have = torch.finfo(target), torch.finfo(source)
+    if wide.eps <= have.eps and wide.max >= have.max and wide.smallest_normal <= have.smallest_normal:
+        return values
+    if have.max > wide.max:
+        over = (values.abs() > wide.max) & torch.isfinite(values)
+        if bool(over.any()):  # saturate in float64, where the target's largest value is exact
+            wider = values.to(torch.float64)
+            return torch.where(over, wider.sign() * wide.max, wider).to(target).to(source)
+    return values.to(target).to(source)
+
+
 def check_value_bytes(value_bytes: int) -> int:
-    if value_bytes not in (2, 4):
-        raise ValueError(f"value_bytes must be 4 (fp32) or 2 (fp16/bf16), got {value_bytes!r}")
+    if value_bytes not in (2, 4, 8):
+        raise ValueError(f"value_bytes must be 4 (fp32), 2 (fp16/bf16) or 8 (fp64), got {value_bytes!r}")
     return int(value_bytes)
 
 
@@ -279,9 +315,11 @@ def write_frame(
     d: int, k: int, encoding: str, value_dtype_id: int, parameter: int | None, seed: int | None,
     index_payload: bytes, value_payload: bytes,
 ) -> bytes:
-    """One 1-D frame of the current :data:`VERSION` (header, payloads, CRC)."""
+    """One 1-D frame (header, payloads, CRC), of the smallest version that can express it
+    (:data:`BASE_WRITE_VERSION`, or the version that introduced its value dtype)."""
+    version = max(BASE_WRITE_VERSION, VALUE_DTYPE_SINCE_VERSION[value_dtype_id])
     head = bytearray(MAGIC)
-    head += bytes((VERSION, ENCODING_IDS[encoding], value_dtype_id, FLAG_SEED if seed is not None else 0, 1))
+    head += bytes((version, ENCODING_IDS[encoding], value_dtype_id, FLAG_SEED if seed is not None else 0, 1))
     put_uvarint(head, d)
     put_uvarint(head, k)
     if encoding in PARAMETER_ENCODINGS:
@@ -400,6 +438,11 @@ def read_frame_header(mv: memoryview, start: int, max_d: int) -> FrameHeader:
         )
     if vid not in VALUE_DTYPE_TABLE:
         raise WireError(f"unknown value dtype id {vid}")
+    if version < VALUE_DTYPE_SINCE_VERSION[vid]:
+        raise WireError(
+            f"value dtype id {vid} ({str(VALUE_DTYPE_TABLE[vid].torch).removeprefix('torch.')}) needs wire "
+            f"version >= {VALUE_DTYPE_SINCE_VERSION[vid]}, the frame is version {version}"
+        )
     if flags & ~FLAG_SEED:
         raise WireError(f"unknown flag bits 0x{flags:02x}")
     enc = ENCODING_NAMES[enc_id]

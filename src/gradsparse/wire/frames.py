@@ -79,9 +79,9 @@ def encode(
                     whose sparse frame would be larger than the dense one is sent dense) or one
                     of :data:`~gradsparse.wire.INDEX_ENCODINGS`, applied to every row
                     (``"dense"`` sends every row dense; ``"seed"`` needs ``batch.seeds``).
-    value_dtype:    float32/float16/bfloat16 (a ``torch.dtype`` or ``"fp32"``, ``"fp16"``,
-                    ``"bf16"``); ``None`` keeps ``batch.values.dtype``, which must be one of
-                    them. A finite value outside the target's range (|x| > 65504 for fp16)
+    value_dtype:    float32/float16/bfloat16/float64 (a ``torch.dtype`` or ``"fp32"``, ``"fp16"``,
+                    ``"bf16"``, ``"fp64"``); ``None`` keeps ``batch.values.dtype``, which must be
+                    one of them. A finite value outside the target's range (|x| > 65504 for fp16)
                     raises ``ValueError``.
     verify_seed:    for rows sent with the ``seed`` encoding, check that their columns equal
                     ``random_k_indices(seed, d, count)``.
