@@ -149,7 +149,7 @@ def test_hook_equals_simulator_layerwise(launched, name):
         st = results[name][r]["state"]
         assert st["step"] == T
         # exact wire size of what this rank sent, parameter by parameter
-        assert st["counters"]["uplink_bytes"] == nbytes[r]
+        assert st["ledger"]["uplink_bytes"] == nbytes[r]
         # the memories are this worker's rows of the simulator's memory, by name
         if sim.worker_state.memory is not None:
             mem = torch.cat([st["memory"][n].reshape(-1) for n in sim.layout.names])
@@ -177,7 +177,7 @@ def test_state_dict_loads_under_weights_only_and_round_trips(launched, tmp_path)
     state = gddp.SparsifiedState(model, alg, lr=0.1)
     state.load_state_dict(loaded)
     again = state.state_dict()
-    assert again["step"] == sd["step"] and again["counters"] == sd["counters"]
+    assert again["step"] == sd["step"] and again["counters"] == sd["counters"] and again["ledger"] == sd["ledger"]
     for n in sd["memory"]:
         assert torch.equal(again["memory"][n], sd["memory"][n])
     # pickling drops the process group; a different model is a clear error

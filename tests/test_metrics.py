@@ -100,7 +100,7 @@ def test_xi_denominator_uses_the_gradient_with_weight_decay():
     mean_a = p @ a
     top = torch.zeros_like(mean_a)
     idx = torch.sort(mean_a.abs(), descending=True, stable=True).indices[:3]
-    top[idx] = mean_a[idx]
+    top[idx] = mean_a[idx].float().to(mean_a.dtype)  # top-k's values as sent (the wire's fp32)
     want = float((top - p @ s).norm() / (rec.lr * (p @ g)).norm())
     assert step_metrics(sim, rec, ["xi"])["xi"] == pytest.approx(want, rel=1e-10)
 

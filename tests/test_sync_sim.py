@@ -144,12 +144,13 @@ def test_step_metrics_bounds_on_toy():
         assert m["compression_ratio_up"] <= math.sqrt(1 - 1 / 100) + 1e-9
         assert m["gamma_hat_up"] == pytest.approx(1 - m["compression_ratio_up"])
         assert m["gamma_hat_down"] == pytest.approx(1 - m["compression_ratio_down"])
-        # xi by hand from the record: ||TopK(mean a) - mean TopK(a)|| / ||alpha mean g||
+        # xi by hand from the record: ||TopK(mean a) - mean TopK(a)|| / ||alpha mean g||, both
+        # top-k's values as sent (rounded to the wire's fp32: this toy runs in float64)
         a = rec.accumulated()
         mean_a = a.mean(0)
         top = torch.zeros_like(mean_a)
         i = int(mean_a.abs().argmax())
-        top[i] = mean_a[i]
+        top[i] = mean_a[i].float().double()
         xi = float((top - rec.worker.message.to_dense().mean(0)).norm() / (rec.lr * rec.grads.mean(0)).norm())
         assert m["xi"] == pytest.approx(xi, rel=1e-9)
 

@@ -98,7 +98,19 @@ def test_torch_engine_equals_sync(launched, name):
     exact = ref["w"].dtype == torch.float64
     tol = dict(rtol=1e-9, atol=1e-12) if exact else dict(rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got["w"], ref["w"], **tol)
-    assert got["ledger"] == ref["ledger"] and got["t"] == ref["t"]
+    # the algorithm's messages: the same ledger; what rank 0 handed to its transport: only torch's
+    algorithm_counts = ("uplink_bytes", "downlink_bytes", "uplink_messages", "downlink_messages")
+    assert {k: got["ledger"][k] for k in algorithm_counts} == {k: ref["ledger"][k] for k in algorithm_counts}
+    assert got["t"] == ref["t"] and ref["ledger"]["sent_bytes"] == ref["ledger"]["diagnostic_bytes"] == 0
+    n, steps = CONFIGS[name]["workers"]["count"], got["t"]
+    if name.startswith("ps_"):  # rank 0 is the server: it sent N downlink messages a step, each a
+        # 5-field int64 header and the frames the ledger counts; it receives the diagnostics
+        assert got["ledger"]["sent_bytes"] == got["ledger"]["downlink_bytes"] + steps * n * 5 * 8
+        assert got["ledger"]["diagnostic_bytes"] == 0
+    else:  # every rank sends its frames to the N - 1 others after a 16-byte size record each,
+        # and its diagnostics (gradient, accumulated vector, memory, ...) in all-gathers
+        assert got["ledger"]["sent_bytes"] > steps * (n - 1) * 16
+        assert got["ledger"]["diagnostic_bytes"] > 0
     for part in ("memory", "momentum"):
         a, b = got["algorithm"]["worker"][part], ref["algorithm"]["worker"][part]
         assert (a is None) == (b is None)

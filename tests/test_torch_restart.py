@@ -50,7 +50,7 @@ def test_a_rank_failing_once_restarts_the_job_from_the_common_checkpoint(tmp_pat
     ref = run(load_config({**CONFIG, "engine": "sync"}), tmp_path / "sync", progress=False)
     got = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     want = torch.load(ref / "checkpoint.pt", weights_only=True)
-    assert got["t"] == want["t"] == 12 and got["ledger"] == want["ledger"]
+    assert got["t"] == want["t"] == 12 and _messages(got["ledger"]) == _messages(want["ledger"])
     torch.testing.assert_close(got["w"], want["w"], rtol=1e-9, atol=1e-12)
     for seg, mem in got["algorithm"]["worker"]["memory"].items():
         torch.testing.assert_close(mem, want["algorithm"]["worker"]["memory"][seg], rtol=1e-9, atol=1e-12)
@@ -88,7 +88,7 @@ def test_a_stopped_job_continues_by_hand_with_launch_resume(tmp_path, capsys):
     ref = run(load_config({**CONFIG, "engine": "sync"}), tmp_path / "sync", progress=False)
     got = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     want = torch.load(ref / "checkpoint.pt", weights_only=True)
-    assert got["t"] == want["t"] == 12 and got["ledger"] == want["ledger"]
+    assert got["t"] == want["t"] == 12 and _messages(got["ledger"]) == _messages(want["ledger"])
     torch.testing.assert_close(got["w"], want["w"], rtol=1e-9, atol=1e-12)
     a, b = read_metrics(tmp_path / "out"), read_metrics(ref)
     assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-9)
@@ -156,3 +156,9 @@ def test_a_divergence_seen_by_one_rank_stops_every_rank_after_the_same_step(tmp_
     want = json.loads((ref / "summary.json").read_text())
     assert got["status"] == want["status"] == "diverged"
     assert got["diverged_at_step"] == want["diverged_at_step"]
+
+
+def _messages(ledger: dict) -> dict:
+    """The algorithm's message counts of a ledger (what sync and torch share; torch's ledger also
+    has what its rank handed to the transport)."""
+    return {k: ledger[k] for k in ("uplink_bytes", "downlink_bytes", "uplink_messages", "downlink_messages")}

@@ -1,4 +1,4 @@
-"""A DDP communication hook: top-k / random-k / hard-threshold with error feedback.
+"""A DDP communication hook: top-k / random-k / hard-threshold / a byte budget, with error feedback.
 
 Drop it into any ``DistributedDataParallel`` training script::
 
@@ -13,72 +13,95 @@ Drop it into any ``DistributedDataParallel`` training script::
     model.register_comm_hook(state, gradsparse.ddp.hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)   # plain SGD applies the algorithm's update
 
-What the hook does, per bucket, at step t (all of it in the hook body; the future it returns is
-already complete):
+What the hook does with a bucket at step t (P ranks, rank r):
 
-1. For each parameter of the bucket (found with ``bucket.parameters()`` and named through the
-   name map the state was built with), run the algorithm's worker step on that parameter's
-   gradient as a one-row segment: momentum (if any), ``a = e + c g``, ``s = C(a)``, ``e <- a - s``.
-   This is :meth:`gradsparse.algorithm.Algorithm.worker_step_in_place` (or ``worker_step`` with
-   worker momentum / weight decay) of a per-parameter algorithm whose compressor is the model-wide
-   one restricted to that parameter, so the result equals the simulator's ``scope: layerwise``
-   (top-k: ``k_l`` from the layer-wise rule; hard-threshold: the same lambda). The memories
-   (and momentum, compressor state) are keyed by parameter NAME, so DDP's bucket rebuild after
-   the first iteration loses nothing.
-2. Exchange the messages of all ranks (:func:`gradsparse.distributed.exchange.all_gather_rows`):
-   fixed counts (top-k, random-k) in one fixed-size ``all_gather`` of indices and value bits;
-   varying counts (hard-threshold) with a size exchange then a padded ``all_gather``. Identity
-   messages (dense) go through one ``all_reduce``.
-3. Run the server step on the N gathered rows (weights 1/N; server momentum if configured) and
-   write into the bucket ``U / lr`` for ``ef``/``ef-scaled``/``none`` (the step size is inside
-   the messages) or ``U`` for ``memory``, so ``torch.optim.SGD(lr)`` without momentum or weight
-   decay applies exactly the algorithm's update ``w <- w - U``. (With another optimizer, prefer
-   ``feedback: memory``: the bucket then holds the averaged compressed direction.)
+1. **Worker step, per parameter** (:meth:`~gradsparse.algorithm.Algorithm.worker_step_in_place`,
+   or ``worker_step`` with worker momentum, weight decay or ``on_nonfinite: skip``): the
+   parameter's gradient g is one row of a one-segment algorithm whose compressor is the
+   model-wide one restricted to that parameter (:func:`segment_compressor`), so the result equals
+   the simulator's ``scope: layerwise``: momentum (if any), ``a = e + c g``, ``s = C(a)`` with its
+   values rounded to the algorithm's ``value_dtype`` (what the receivers decode), ``e <- a - s``.
+   Memories, momentum and compressor state are keyed by parameter NAME, so DDP's bucket
+   rebuild after the first iteration loses nothing.
+2. **Frames**: the bucket's messages as wire frames (:func:`gradsparse.wire.encode`, one frame
+   per parameter, concatenated; values in ``value_dtype``), a uint8 tensor of exactly the bytes
+   the algorithm counts.
+3. **Exchange** (:class:`~gradsparse.comm.CollectiveChannel`): a small blocking size exchange
+   (payload bytes and a non-finite flag of every rank), then an *asynchronous*
+   ``all_to_all_single`` of the frames (each rank sends its payload to the P - 1 others).
+   The hook returns at once a future chained on it (``.then``), so this bucket travels while
+   backward computes the next ones.
+4. **Aggregate** (in the future's callback): decode the other ranks' frames, and write into the
+   bucket the server step's update on the P messages (weights 1/P): ``U / lr`` for
+   ``ef``/``ef-scaled``/``none`` (the step size is inside the messages) or ``U`` for ``memory``,
+   so ``torch.optim.SGD(lr)`` without momentum or weight decay applies exactly the algorithm's
+   update ``w <- w - U``. (With another optimizer prefer ``feedback: memory``: the bucket then
+   holds the averaged compressed direction.)
 
-Cost model of the dense fall-back (``dense_fallback=True``): after the sizes are known, an
-all-gather makes every rank receive ``(N - 1) * M * (8 + b)`` bytes (M: the largest per-rank
-entry count of the bucket, b: the value size), a ring all-reduce of the densified messages
-``2 (N - 1) / N * D * b`` (D: the bucket's size). When the first is larger the messages are
-densified locally and all-reduced; the aggregate is the same sum (up to the summation order),
-and the byte counters still count the messages' wire sizes. Only fixed counts use it (they know
-M before any collective); varying counts always go through the size exchange and the padded
-all-gather.
+**Never more than dense** (``dense_fallback``, on by default): after the size exchange every rank
+knows every payload; when the largest costs its rank more than a dense ring all-reduce of the
+bucket would, (P - 1) x max_q |payload_q| > 2 (P - 1) / P x |bucket|, every rank densifies its
+messages into the bucket and the bucket is all-reduced instead (the same sum, up to summation
+order; counted in ``dense_fallbacks``). So a hard-threshold whose memories grow, or a density
+too high for the world size, costs at most what DDP's own all-reduce costs.
+
+**Bytes** (``state.ledger``, a :class:`~gradsparse.comm.ByteLedger`, charged by the channel):
+``sent_bytes`` is what this rank handed to the collectives (its frames once per other rank, the
+size records, all-reduces at 2 (P - 1) / P of the buffer), within a few percent of the kernel's
+TX counter (``tests/test_network.py``); ``uplink_bytes`` its messages' frames (the algorithm's
+count), ``downlink_bytes`` their delivery to the P - 1 others, so the ranks' ledgers add up to
+the simulator's. ``dense_bytes`` is what DDP's all-reduce of the same buckets would have sent.
 
 ``scope: entire`` (one top-k over the concatenation of all parameters, in registration order)
-cannot be decided per bucket: it runs in *whole-model mode* (``whole_model=True``, the default
-for ``TopK(scope="entire")``; also usable for random-k and the others to get the simulator's
-whole-vector compression). Each bucket's gradients are copied into one model-sized buffer and
-its future is left pending; at the last bucket the algorithm runs once on the whole model (one
-message, one exchange) and every pending future gets its own fresh tensor. The cost: no bucket
-communicates before the backward pass has finished (DDP's overlap of communication with
-backward is lost), and one model-sized gradient buffer. Weight decay inside the algorithm and
-stateful compressors are not supported in this mode.
+and ``budget_threshold`` (one byte budget over the whole model) run in *whole-model mode*
+(``whole_model=True``, their default): every bucket's gradients are copied into one model-sized
+buffer and its future is left pending; at the last bucket the algorithm runs once on the whole
+model (one message, one exchange) and every pending future gets its own fresh tensor. This is
+the simulator's result exactly; the cost is that no bucket communicates before the backward
+pass has finished, and one model-sized buffer. With ``whole_model=False`` a
+``budget_threshold`` is split over the parameters instead (parameter l gets T empty frames plus
+its share d_l / d of the rest of the budget: the total never exceeds it) and keeps the overlap.
 
-Other features: ``warmup_steps`` uncompressed steps (a dense ``all_reduce`` of the averaged
+``on_nonfinite`` (the algorithm's): ``stop`` checks each bucket's gradient and messages; if any
+rank finds a NaN or infinity, every rank raises :class:`NonFiniteGradient` at the same bucket
+of the same step (one message naming the ranks, the step and the parameters), before anything
+of that bucket is sent. ``skip`` drops the message of each parameter whose accumulated vector
+is non-finite (an empty frame), restores its memory, and counts it in ``skipped_messages``.
+
+Other features: ``warmup_steps`` uncompressed steps (a dense all-reduce of the averaged
 gradient, no memory change); gradients in fp16/bf16 keep fp32 memories (``memory_dtype``);
-byte counters (``uplink_bytes``: the exact wire size, :func:`gradsparse.wire.encoded_nbytes`, of
-what this rank sent; ``dense_bytes``: what the dense frames of the same parameters would cost;
-``payload_bytes``: the raw bytes this rank put on the collectives, padding excluded).
-:meth:`SparsifiedState.state_dict` holds plain tensors (loads under ``torch.load(weights_only=True)``,
-one file per rank); ``pickle`` drops the process group (``__getstate__``/``__setstate__``).
+:meth:`SparsifiedState.state_dict` holds plain tensors (loads under
+``torch.load(weights_only=True)``, one file per rank); ``pickle`` drops the process group
+(``__getstate__``/``__setstate__``). The step counter advances at the last bucket of an
+iteration (``bucket.is_last()``); under ``no_sync()`` DDP does not call the hook, so accumulated
+gradients are compressed once, at the step that synchronises. Python comm hooks cannot be
+compiled (eager only).
 
-The step counter advances when the last bucket of an iteration is reduced (``bucket.is_last()``).
-Python comm hooks cannot be compiled (eager only).
+With k = d (or the identity compressor) and ``feedback: ef`` the result equals plain DDP up to
+rounding, not bit for bit: the messages carry lr x g (the step size is inside them), the bucket
+receives their average divided by lr, and SGD multiplies by lr again; DDP averages g itself.
 """
 
-
+import math  # no ``from __future__ import annotations``: DDP checks the hook's annotations
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .algorithm import Algorithm, ServerState, WorkerState
-from .compressors import ApproximateTopK, Compressor, RandomK, TopK
-from .distributed.exchange import all_gather_rows
+from . import wire
+from .algorithm import Algorithm, ServerState, WorkerState, WorkerStepOutput
+from .comm import ByteLedger, CollectiveChannel
+from .comm.collective import ring_all_reduce_nbytes
+from .compressors import ApproximateTopK, BudgetThreshold, Compressor, RandomK, TopK
 from .messages import SparseBatch
 from .segments import Layout, SegmentedTensor
 
-__all__ = ["SparsifiedState", "hook", "layout_of", "segment_compressor"]
+__all__ = ["SparsifiedState", "hook", "layout_of", "segment_compressor", "NonFiniteGradient"]
+
+
+class NonFiniteGradient(FloatingPointError):
+    """Raised on every rank when any rank's bucket held a non-finite gradient or message
+    (``on_nonfinite: stop``)."""
 
 
 def _named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -94,15 +117,16 @@ def layout_of(model: torch.nn.Module) -> Layout:
 
 def segment_compressor(compressor: Compressor, layout: Layout, index: int) -> Compressor:
     """The model-wide compressor restricted to segment ``index`` of ``layout``: what the
-    simulator's ``scope: layerwise`` applies to that segment alone."""
+    simulator's ``scope: layerwise`` applies to that segment alone (a byte budget: the segment's
+    share, see the module docstring)."""
     d, d_l = layout.d, layout.sizes[index]
     if isinstance(compressor, TopK):
         if compressor.scope != "layerwise":
             raise ValueError(
                 "the DDP hook compresses each parameter alone: top-k needs scope 'layerwise' "
-                "(scope 'entire' would wait for the last bucket and lose the overlap; not supported)"
+                "(scope 'entire' runs in whole-model mode, whole_model=True)"
             )
-        a, b, k_l = compressor.segment_ks(d)[index]
+        _, _, k_l = compressor.segment_ks(d)[index]
         return TopK(k=k_l)
     if isinstance(compressor, (RandomK, ApproximateTopK)):
         # one random stream per segment: the segment index shifts the seed
@@ -112,7 +136,37 @@ def segment_compressor(compressor: Compressor, layout: Layout, index: int) -> Co
             return RandomK(seed=compressor.seed + 1_000_003 * index, scale=compressor.scale, **amount)
         return ApproximateTopK(sample_fraction=compressor.sample_fraction, exact=compressor.exact,
                                seed=compressor.seed + 1_000_003 * index, **amount)
+    if isinstance(compressor, BudgetThreshold):
+        return _segment_budget(compressor, layout, index)
     return compressor  # identity, hard-threshold and other element-wise compressors
+
+
+def _segment_budget(budget: BudgetThreshold, layout: Layout, index: int) -> BudgetThreshold:
+    """Parameter ``index``'s share of a model-wide budget: T empty frames of its own plus the
+    share d_l / d of what the model's empty frames leave (bytes), or the same density."""
+    if budget.steps is None:
+        raise ValueError("budget_threshold in the DDP hook needs steps (the number of training steps): "
+                         "BudgetThreshold(..., steps=T)")
+    common = dict(steps=budget.steps, threshold=budget.threshold, gain=budget.gain, gain_floor=budget.gain_floor,
+                  burst=budget.burst)
+    if not budget.bytes_mode:
+        share = BudgetThreshold(density=budget.density, **common)
+    else:
+        empties = []
+        for size in layout.sizes:
+            probe = BudgetThreshold(budget_bytes=0, **common)
+            probe.value_bytes = budget.value_bytes
+            empties.append(probe._sizes(size)[0])
+        floor = budget.steps * sum(empties)
+        if budget.budget_bytes < floor:
+            raise ValueError(f"budget_bytes = {budget.budget_bytes} is below the {budget.steps} steps x "
+                             f"{len(empties)} parameters' empty frames ({floor} bytes) that the hook's per-parameter "
+                             "messages cost; raise the budget or use whole_model=True (one message per step)")
+        rest = budget.budget_bytes - floor
+        mine = budget.steps * empties[index] + (rest * layout.sizes[index]) // layout.d
+        share = BudgetThreshold(budget_bytes=mine, **common)
+    share.bind_run(budget.steps, budget.value_dtype)
+    return share
 
 
 @dataclass
@@ -125,45 +179,61 @@ class _Segment:
 
 
 class SparsifiedState:
-    """State of :func:`hook`: the algorithm, the step counter, byte counters, and per parameter
+    """State of :func:`hook`: the algorithm, the step counter, the byte ledger, and per parameter
     name the error-feedback memory, momentum and compressor state.
 
     model:          the DDP model (or its module): trainable parameters give the names
     algorithm:      an :class:`~gradsparse.algorithm.Algorithm` with topology ``all_to_all``
+                    (its ``value_dtype`` is the dtype the values travel in; its ``on_nonfinite``
+                    the policy for NaN and infinities)
     lr:             the step size alpha_t the algorithm uses (a number or ``fn(step) -> float``);
                     ``ef``/``ef-scaled``/``none`` put it inside the messages, give the
                     optimizer the same value
-    warmup_steps:   this many first steps are dense all-reduce (no compression, no memory)
-    dense_fallback: all-reduce densified messages when that costs less (see the module docstring)
+    warmup_steps:   this many first steps are a dense all-reduce (no compression, no memory)
+    dense_fallback: all-reduce the densified bucket when the sparse exchange would send more
+                    (default True; see the module docstring)
     memory_dtype:   dtype of memories and momentum (default: float32 for fp16/bf16 parameters,
                     else the parameter's dtype)
     process_group:  the group to communicate in (default: the world)
+    whole_model:    compress the whole model at the last bucket (default: True for top-k
+                    ``scope: entire`` and for ``budget_threshold``, else False)
+
+    Counters: ``step``, ``ledger`` (``sent_bytes``, ``uplink_bytes``, ...; ``uplink_bytes`` and
+    ``sent_bytes`` are also attributes), ``dense_bytes`` (what DDP's all-reduce of the same
+    buckets would send), ``messages``, ``dense_fallbacks``, ``skipped_messages``.
     """
 
     def __init__(self, model: torch.nn.Module, algorithm: Algorithm, *, lr=1.0, warmup_steps: int = 0,
-                 dense_fallback: bool = False, memory_dtype: torch.dtype | None = None, process_group=None,
+                 dense_fallback: bool = True, memory_dtype: torch.dtype | None = None, process_group=None,
                  whole_model: bool | None = None) -> None:
         if algorithm.topology.kind != "all_to_all":
             raise ValueError(f"the DDP hook runs topology all_to_all, got {algorithm.topology.kind!r} "
-                             "(parameter servers: gradsparse.distributed)")
+                             "(parameter servers: engine 'torch' with one more process)")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if not callable(lr) and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number or a function of the step, got {lr!r}")
         params = _named_parameters(model)
+        if not params:
+            raise ValueError("the model has no trainable parameters")
         self.algorithm = algorithm
         self.layout = Layout.of(params)
         self.lr = lr
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = warmup_steps
         self.dense_fallback = bool(dense_fallback)
         self.memory_dtype = memory_dtype
         self.process_group = process_group
         self.step = 0
-        self.uplink_bytes = 0
+        self.ledger = ByteLedger()
         self.dense_bytes = 0
-        self.payload_bytes = 0
         self.messages = 0
         self.dense_fallbacks = 0
+        self._channel: CollectiveChannel | None = None
         self._bind(params)
         self.segments: dict[str, _Segment] = {}
         c = algorithm.compressor
-        self.whole_model = (isinstance(c, TopK) and c.scope == "entire") if whole_model is None else bool(whole_model)
+        default_whole = (isinstance(c, TopK) and c.scope == "entire") or isinstance(c, BudgetThreshold)
+        self.whole_model = default_whole if whole_model is None else bool(whole_model)
         if not self.whole_model:
             for i, (name, p) in enumerate(params.items()):
                 self.segments[name] = self._new_segment(i, name, p)
@@ -171,12 +241,10 @@ class SparsifiedState:
         # whole-model mode: one state over the layout; each name's entry is a view into it
         first = next(iter(params.values()))
         dtype, device = self._dtype_for(first), first.device
-        self._whole_worker = algorithm.init_worker_state(self.layout, 1, dtype)
-        self._whole_server = algorithm.init_server_state(self.layout, dtype)
         if algorithm.weight_decay:
             raise ValueError("whole-model mode does not apply weight decay inside the algorithm; use the optimizer's")
-        if self._whole_worker.compressor is not None:
-            raise ValueError("whole-model mode does not keep a stateful compressor's state; use layer-wise compression")
+        self._whole_worker = algorithm.init_worker_state(self.layout, 1, dtype)
+        self._whole_server = algorithm.init_server_state(self.layout, dtype)
         for part in (self._whole_worker.memory, self._whole_worker.momentum, self._whole_server.momentum):
             if part is not None:
                 part.flat = part.flat.to(device)
@@ -209,7 +277,7 @@ class SparsifiedState:
         a = self.algorithm
         alg = Algorithm(compressor=segment_compressor(a.compressor, self.layout, index), feedback=a.feedback,
                         momentum=a.momentum, topology="all_to_all", weight_decay=a.weight_decay,
-                        value_dtype=a.value_dtype, staleness=a.staleness)
+                        value_dtype=a.value_dtype, staleness=a.staleness, on_nonfinite=a.on_nonfinite)
         layout = Layout.flat(p.numel(), name)
         dtype = self._dtype_for(p)
         worker = alg.init_worker_state(layout, 1, dtype)
@@ -228,6 +296,12 @@ class SparsifiedState:
     def lr_at(self, step: int) -> float:
         return float(self.lr(step) if callable(self.lr) else self.lr)
 
+    def channel(self, device: torch.device) -> CollectiveChannel:
+        """The collective channel of this state's process group (built on first use)."""
+        if self._channel is None or self._channel.device != device:
+            self._channel = CollectiveChannel(self.process_group, device, ledger=self.ledger)
+        return self._channel
+
     @property
     def rank(self) -> int:
         return dist.get_rank(self.process_group)
@@ -236,6 +310,26 @@ class SparsifiedState:
     def world_size(self) -> int:
         return dist.get_world_size(self.process_group)
 
+    @property
+    def uplink_bytes(self) -> int:
+        """This rank's messages' frames (the algorithm's count)."""
+        return self.ledger.uplink_bytes
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes this rank handed to the collectives."""
+        return self.ledger.sent_bytes
+
+    @property
+    def skipped_messages(self) -> int:
+        """Messages dropped by ``on_nonfinite: skip`` so far."""
+        if self.whole_model:
+            return self.algorithm.skipped_messages
+        return sum(s.alg.skipped_messages for s in self.segments.values())
+
+    def _algorithms(self) -> list[Algorithm]:
+        return [self.algorithm] if self.whole_model else [s.alg for s in self.segments.values()]
+
     # ---- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain tensors and numbers (``torch.load(..., weights_only=True)`` loads it). One per rank:
@@ -243,25 +337,32 @@ class SparsifiedState:
         def part(st):
             return None if st is None else st.flat[..., :].reshape(-1).clone().cpu()
 
+        def compressor(s):
+            state = self._whole_worker.compressor if self.whole_model else s.worker.compressor
+            return None if state is None else {k: v.clone().cpu() for k, v in state.items()}
+
         return {
             "kinds": self.algorithm.kinds(),
             "step": self.step,
             "world_size": self.world_size if dist.is_initialized() else None,
             "rank": self.rank if dist.is_initialized() else None,
-            "counters": {"uplink_bytes": self.uplink_bytes, "dense_bytes": self.dense_bytes,
-                         "payload_bytes": self.payload_bytes, "messages": self.messages,
-                         "dense_fallbacks": self.dense_fallbacks},
+            "whole_model": self.whole_model,
+            "ledger": self.ledger.state_dict(),
+            "counters": {"dense_bytes": self.dense_bytes, "messages": self.messages,
+                         "dense_fallbacks": self.dense_fallbacks, "skipped_messages": self.skipped_messages},
             "segments": self.layout.describe(),
             "memory": {n: part(s.worker.memory) for n, s in self.segments.items()},
             "momentum": {n: part(s.worker.momentum) for n, s in self.segments.items()},
             "server_momentum": {n: part(s.server.momentum) for n, s in self.segments.items()},
-            "compressor": {n: (None if s.worker.compressor is None else {k: v.clone().cpu() for k, v in s.worker.compressor.items()})
-                           for n, s in self.segments.items()},
+            "compressor": ({"__whole_model__": compressor(None)} if self.whole_model else
+                           {n: compressor(s) for n, s in self.segments.items()}),
         }
 
     def load_state_dict(self, sd: dict, *, reset_memory: bool = False) -> None:
-        """Restore :meth:`state_dict`; a different algorithm, parameter set or world size is an
-        error unless ``reset_memory`` (then only the step and counters are restored)."""
+        """Restore :meth:`state_dict`. Everything is checked before anything changes (a refused
+        checkpoint leaves this state as it was): a different algorithm, parameter set, world size
+        or mode, or non-finite memories, are errors unless ``reset_memory`` (then only the step
+        and the counters are restored, the memories start from zero)."""
         if not reset_memory:
             for piece, kind in self.algorithm.kinds().items():
                 if sd["kinds"].get(piece) != kind:
@@ -273,29 +374,52 @@ class SparsifiedState:
             if dist.is_initialized() and sd["world_size"] not in (None, self.world_size):
                 raise ValueError(f"checkpoint was written by a world of {sd['world_size']} ranks, this one has "
                                  f"{self.world_size}; pass reset_memory=True to start the memories from zero")
+            if bool(sd.get("whole_model", self.whole_model)) != self.whole_model:
+                raise ValueError(f"checkpoint was written with whole_model={sd.get('whole_model')}, this state has "
+                                 f"whole_model={self.whole_model}")
+        writes = []  # (destination, source): applied only when every check has passed
+        if not reset_memory:
+            for n, s in self.segments.items():
+                for key, st in (("memory", s.worker.memory), ("momentum", s.worker.momentum),
+                                ("server_momentum", s.server.momentum)):
+                    got = sd[key][n]
+                    if (got is None) != (st is None):
+                        raise ValueError(f"checkpoint {key} of {n!r} is {'missing' if got is None else 'present'}")
+                    if st is None:
+                        continue
+                    if got.numel() != st.flat.numel():
+                        raise ValueError(f"checkpoint {key} of {n!r} has {got.numel()} entries, expected {st.flat.numel()}")
+                    if not bool(torch.isfinite(got).all()):
+                        raise ValueError(f"checkpoint {key} of {n!r} holds non-finite values; "
+                                         "pass reset_memory=True to start the memories from zero")
+                    writes.append((st.flat, got.reshape(st.flat.shape)))
+            mine = {"__whole_model__": self._whole_worker.compressor} if self.whole_model else {
+                n: s.worker.compressor for n, s in self.segments.items()}
+            for n, state in mine.items():
+                comp = sd["compressor"].get(n)
+                if (comp is None) != (state is None):
+                    raise ValueError(f"checkpoint compressor state of {n!r} does not match this compressor")
+                for k, v in (comp or {}).items():
+                    if k not in state or state[k].shape != v.shape:
+                        raise ValueError(f"checkpoint compressor state {n!r}/{k!r} does not match this compressor")
+                    writes.append((state[k], v))
+        counters = {k: int(v) for k, v in sd["counters"].items()}
+        ledger = ByteLedger()
+        ledger.load_state_dict(sd.get("ledger", {}))
+        for dst, src in writes:
+            dst.copy_(src)
         self.step = int(sd["step"])
-        for k, v in sd["counters"].items():
-            setattr(self, k, int(v))
-        if reset_memory:
-            return
-        for n, s in self.segments.items():
-            for key, st in (("memory", s.worker.memory), ("momentum", s.worker.momentum),
-                            ("server_momentum", s.server.momentum)):
-                got = sd[key][n]
-                if (got is None) != (st is None):
-                    raise ValueError(f"checkpoint {key} of {n!r} is {'missing' if got is None else 'present'}")
-                if st is not None:
-                    st.flat.copy_(got.reshape(st.flat.shape))
-            comp = sd["compressor"][n]
-            if (comp is None) != (s.worker.compressor is None):
-                raise ValueError(f"checkpoint compressor state of {n!r} does not match this compressor")
-            if comp is not None:
-                for k, v in comp.items():
-                    s.worker.compressor[k].copy_(v)
+        self.ledger.load_state_dict(ledger.state_dict())
+        self.dense_bytes, self.messages = counters.get("dense_bytes", 0), counters.get("messages", 0)
+        self.dense_fallbacks = counters.get("dense_fallbacks", 0)
+        algorithms = self._algorithms()
+        for i, a in enumerate(algorithms):  # the skipped count lives in the algorithms: put it on one
+            a.skipped_messages = counters.get("skipped_messages", 0) if i == 0 else 0
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["process_group"] = None
+        d["_channel"] = None
         d.pop("_names", None)
         d.pop("_names_by_ptr", None)
         return d
@@ -311,39 +435,105 @@ class SparsifiedState:
             raise ValueError(f"model parameters {list(params)} do not match the state's {list(self.layout.names)}")
         self._bind(params)
         self.process_group = process_group
+        self._channel = None
         return self
 
 
+# ---- the hook ---------------------------------------------------------------------------------
 def _done(t: torch.Tensor) -> torch.futures.Future:
     fut = torch.futures.Future()
     fut.set_result(t)
     return fut
 
 
+def _as_uint8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def _dense_frame_nbytes(numel: int, value_dtype: str) -> int:
+    return wire.dense_nbytes(numel, wire.value_dtype_of(value_dtype).itemsize)
+
+
 def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The communication hook (see the module docstring)."""
     buf = bucket.buffer()
-    group = state.process_group
-    world = dist.get_world_size(group)
+    channel = state.channel(buf.device)
+    world = channel.world
     step = state.step
     params = bucket.parameters()  # the buffer holds their gradients back to back, in this order
+    is_last = bucket.is_last()
+    state.dense_bytes += ring_all_reduce_nbytes(buf.numel() * buf.element_size(), world)
     if step < state.warmup_steps:
         buf.div_(world)
-        dist.all_reduce(buf, group=group)
-        nbytes = sum(_dense_nbytes(p) for p in params)
-        state.uplink_bytes += nbytes
-        state.dense_bytes += nbytes
+        fut = channel.all_reduce(buf, message_nbytes=sum(_dense_frame_nbytes(p.numel(), "fp32") for p in params),
+                                 messages=len(params))
         state.messages += len(params)
-        state.payload_bytes += buf.numel() * buf.element_size()
-        if bucket.is_last():
+        if is_last:
             state.step += 1
-        return _done(buf)
-
+        return fut
     if state.whole_model:
-        return _whole_model_bucket(state, bucket, buf, params, step, world, group)
+        return _whole_model_bucket(state, channel, bucket, buf, params, step, is_last)
     lr = state.lr_at(step)
-    rank_id = torch.tensor([dist.get_rank(group)])
-    segs, messages = [], []
+    segs, outs = compress_bucket(state, params, buf, step, lr, channel.rank)
+    payload = _as_uint8(b"".join(wire.encode(o.message, value_dtype=s.alg.value_dtype) for s, o in zip(segs, outs)))
+    sizes = _exchange_sizes(state, channel, payload.numel(), buf, outs, segs, step)
+    state.messages += len(outs)
+    if is_last:
+        state.step += 1
+    if state.dense_fallback and world > 1 and (world - 1) * max(sizes) > ring_all_reduce_nbytes(
+            buf.numel() * buf.element_size(), world):
+        # the sparse exchange would cost some rank more than DDP's all-reduce: send the bucket dense
+        state.dense_fallbacks += 1
+        off = 0
+        for p, o in zip(params, outs):
+            n = p.numel()
+            buf[off : off + n].copy_(o.message.to_dense()[0].to(buf.dtype))
+            off += n
+        fut = channel.all_reduce(buf, message_nbytes=payload.numel(), messages=len(outs))
+        return fut.then(lambda f: aggregate_bucket(state, segs, [[SparseBatch.from_dense(v[None])] for v in
+                                                                  _slices(f.value(), params)], buf, lr, step, world))
+    fut = channel.send_frames(payload, sizes, messages=len(outs))
+    rank = channel.rank
+
+    def finish(f):
+        rows = decode_bucket(f.value(), rank, outs, max_d=max(p.numel() for p in params))
+        return aggregate_bucket(state, segs, rows, buf, lr, step, world)
+
+    return fut.then(finish)
+
+
+def _slices(flat: torch.Tensor, params) -> list[torch.Tensor]:
+    out, off = [], 0
+    for p in params:
+        out.append(flat[off : off + p.numel()].clone())
+        off += p.numel()
+    return out
+
+
+def _exchange_sizes(state: SparsifiedState, channel: CollectiveChannel, nbytes: int, buf: torch.Tensor,
+                    outs: list[WorkerStepOutput], segs: list[_Segment], step: int) -> list[int]:
+    """The size exchange, carrying this rank's non-finite flag (``on_nonfinite: stop``): when any
+    rank has one, every rank raises :class:`NonFiniteGradient` here, before anything is sent."""
+    flag = 0
+    if state.algorithm.on_nonfinite == "stop":
+        finite = bool(torch.isfinite(buf).all()) and all(bool(torch.isfinite(o.message.values).all()) for o in outs)
+        flag = 0 if finite else 1
+    sizes, flags = channel.exchange_sizes(nbytes, flag)
+    if any(flags):
+        ranks = [r for r, f in enumerate(flags) if f]
+        names = [s.name for s in segs]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise NonFiniteGradient(f"gradsparse hook: a non-finite gradient or message on rank(s) {ranks} at step {step} "
+                                f"(bucket of {shown}); on_nonfinite 'stop': every rank stops at this step")
+    return sizes
+
+
+def compress_bucket(state: SparsifiedState, params, buf: torch.Tensor, step: int, lr: float,
+                    rank: int) -> tuple[list[_Segment], list[WorkerStepOutput]]:
+    """Step 1 of the hook: the worker step of every parameter of the bucket on this rank's
+    gradient (values rounded to the value dtype, memories updated)."""
+    rank_id = torch.tensor([rank])
+    segs, outs = [], []
     start = 0
     for p in params:
         g = buf[start : start + p.numel()]
@@ -357,53 +547,74 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
             w = p.detach().reshape(-1).to(dtype) if seg.alg.weight_decay else None
             out = seg.alg.worker_step(g_row, w, seg.worker, step=step, lr=lr, workers=rank_id)
             seg.worker = out.state
-        state.uplink_bytes += int(out.nbytes.sum())
-        state.dense_bytes += _dense_nbytes(p, seg.alg.value_dtype)
-        state.messages += 1
         segs.append(seg)
-        messages.append(out.message)
+        outs.append(out)
+    return segs, outs
 
-    vb = messages[0].values.element_size()
-    total = sum(m.d for m in messages)
-    if all(m.dense for m in messages):
-        aggregated = _allreduce_dense(messages, group, buf.device)
-    else:
-        fixed = all(m.fixed_k is not None for m in messages)
-        densify = False
-        if state.dense_fallback and fixed:
-            m_max = sum(m.values.numel() for m in messages)
-            densify = (world - 1) * m_max * (8 + vb) > 2 * (world - 1) / world * total * vb
-        if densify:
-            aggregated = _allreduce_dense(messages, group, buf.device)
-            state.dense_fallbacks += 1
+
+def decode_bucket(payloads: list[torch.Tensor], rank: int, outs: list[WorkerStepOutput],
+                  max_d: int) -> list[list[SparseBatch]]:
+    """Every rank's messages of the bucket, per parameter (this rank's own are its messages as
+    sent; the others' decoded from their frames): ``rows[i][r]``."""
+    rows: list[list[SparseBatch]] = [[] for _ in outs]
+    for r, payload in enumerate(payloads):
+        if r == rank:
+            batches = [o.message for o in outs]
         else:
-            ex = all_gather_rows(messages, group=group)
-            state.payload_bytes += ex.payload_bytes
-            aggregated = [(b, torch.full((world,), 1.0 / world, dtype=b.values.dtype, device=b.values.device))
-                          for b in ex.gathered]
+            batches = wire.decode_each(payload.cpu().numpy(), max_d=max_d)
+            if len(batches) != len(outs):
+                raise RuntimeError(f"rank {r} sent {len(batches)} frames for a bucket of {len(outs)} parameters")
+        for i, b in enumerate(batches):
+            rows[i].append(b)
+    return rows
+
+
+def aggregate_bucket(state: SparsifiedState, segs: list[_Segment], rows: list[list[SparseBatch]], buf: torch.Tensor,
+                     lr: float, step: int, world: int) -> torch.Tensor:
+    """Step 4 of the hook: per parameter, the server step on the P messages (``rows[i]``: every
+    rank's message, or one dense row holding their sum) with weights 1/P, written into the bucket
+    as ``U / lr`` (step size inside the messages) or ``U``. Returns the bucket."""
     off = 0
-    for p, seg, (batch, weights) in zip(params, segs, aggregated):
-        n = p.numel()
+    for seg, parts in zip(segs, rows):
+        n = seg.layout.d
         target = buf[off : off + n]
         off += n
-        if _plain_average(seg.alg) and target.dtype == batch.values.dtype:
-            # the server step's update is lr * aggregate and SGD(lr) applies w <- w - lr * grad:
-            # the bucket holds the aggregate, summed straight into it (no server state to keep)
-            batch.weighted_sum(weights, out=target)
+        dtype = seg.worker.memory.flat.dtype if seg.worker.memory is not None else target.dtype
+        weight = 1.0 / world
+        if _plain_average(seg.alg):
+            # U = sum_q p_q s_q (times lr for memory, which SGD(lr) applies): summed straight into
+            # the bucket when it has the messages' dtype
+            scale = weight / lr if seg.alg.lr_inside and lr != 0 else weight
+            acc = target if target.dtype == dtype else torch.zeros(n, dtype=dtype, device=target.device)
+            acc.zero_()
+            for b in parts:
+                values = b.values.to(dtype) * scale
+                if b.dense:
+                    acc.add_(values)
+                else:
+                    acc.index_add_(0, b.indices.to(acc.device), values.to(acc.device))
+            if acc is not target:
+                target.copy_(acc)
             continue
+        batch = SparseBatch.cat([b.with_values(b.values.to(dtype)) for b in parts])
+        weights = torch.full((batch.n,), weight, dtype=dtype)
         srv = seg.alg.server_step(batch, seg.server, step=step, lr=lr, weights=weights)
         seg.server = srv.state
         # U / lr: SGD(lr) then applies w <- w - U (for memory, U = lr * D: the bucket holds D)
-        update = srv.update / lr if lr != 0 else srv.update
+        update = srv.update / lr if seg.alg.lr_inside and lr != 0 else srv.update
         target.copy_(update.reshape(-1).to(buf.dtype))
-    if bucket.is_last():
-        state.step += 1
-    return _done(buf)
+    return buf
 
 
-def _whole_model_bucket(state: SparsifiedState, bucket, buf, params, step: int, world: int, group):
+def _plain_average(alg: Algorithm) -> bool:
+    """Whether the server step's update is exactly the weighted aggregate (times lr for
+    ``memory``): no server momentum, no compressed downlink."""
+    return alg.momentum.side != "server" and not alg.topology.compresses_downlink
+
+
+def _whole_model_bucket(state: SparsifiedState, channel: CollectiveChannel, bucket, buf, params, step: int, is_last: bool):
     """Whole-model mode: keep this bucket's gradients; at the last bucket compress the whole model
-    once and resolve every bucket's future with its own fresh tensor."""
+    once, exchange its frames and resolve every bucket's future with its own fresh tensor."""
     names, start = [], 0
     for p in params:
         name = state.name_of(p)
@@ -413,63 +624,45 @@ def _whole_model_bucket(state: SparsifiedState, bucket, buf, params, step: int, 
         names.append(name)
     fut = torch.futures.Future()
     state._pending.append((names, fut, buf.dtype))
-    if not bucket.is_last():
+    if not is_last:
         return fut
     alg, lr = state.algorithm, state.lr_at(step)
-    rank_id = torch.tensor([dist.get_rank(group)])
-    g = state._grad_full[None]
+    rank, world = channel.rank, channel.world
     worker = state._whole_worker
+    g = state._grad_full[None]
     if alg.supports_in_place:
-        out = alg.worker_step_in_place(g, worker, step=step, lr=lr, workers=rank_id)
+        out = alg.worker_step_in_place(g, worker, step=step, lr=lr, workers=torch.tensor([rank]))
     else:
-        out = alg.worker_step(g, None, worker, step=step, lr=lr, workers=rank_id)
+        out = alg.worker_step(g, None, worker, step=step, lr=lr, workers=torch.tensor([rank]))
         for mine, new in ((worker.memory, out.state.memory), (worker.momentum, out.state.momentum)):
             if mine is not None:
                 mine.flat.copy_(new.flat)  # in place: the per-name views stay current
-    state.uplink_bytes += int(out.nbytes.sum())
-    state.dense_bytes += sum(_dense_nbytes(torch.empty(b - a), alg.value_dtype) for a, b in state._bounds.values())
+        if worker.compressor is not None:
+            for k, v in out.state.compressor.items():
+                worker.compressor[k].copy_(v)
+    payload = _as_uint8(wire.encode(out.message, value_dtype=alg.value_dtype))
+    pending, state._pending = state._pending, []
+    segs = [state.segments[n] for names_, _, _ in pending for n in names_]
+    sizes = _exchange_sizes(state, channel, payload.numel(), state._grad_full, [out], segs, step)
     state.messages += 1
-    if out.message.dense:
-        batch, weights = _allreduce_dense([out.message], group, buf.device)[0]
-    else:
-        ex = all_gather_rows([out.message], group=group)
-        state.payload_bytes += ex.payload_bytes
-        batch = ex.gathered[0]
-        weights = torch.full((world,), 1.0 / world, dtype=batch.values.dtype, device=batch.values.device)
-    srv = alg.server_step(batch, state._whole_server, step=step, lr=lr, weights=weights)
-    if state._whole_server.momentum is not None:
-        state._whole_server.momentum.flat.copy_(srv.state.momentum.flat)
-    update = srv.update / lr if lr != 0 else srv.update
-    for bucket_names, f, dtype in state._pending:  # each future gets its own fresh tensor
-        f.set_result(torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(dtype))
-    state._pending = []
     state.step += 1
-    return fut
+    exchanged = channel.send_frames(payload, sizes, messages=1)
 
+    def finish(f):
+        rows = decode_bucket(f.value(), rank, [out], max_d=state.layout.d)[0]
+        batch = SparseBatch.cat([b.with_values(b.values.to(g.dtype)) for b in rows])
+        weights = torch.full((world,), 1.0 / world, dtype=g.dtype, device=g.device)
+        srv = alg.server_step(batch, state._whole_server, step=step, lr=lr, weights=weights)
+        if state._whole_server.momentum is not None:
+            state._whole_server.momentum.flat.copy_(srv.state.momentum.flat)
+        update = srv.update / lr if alg.lr_inside and lr != 0 else srv.update
+        mine = None
+        for bucket_names, pending_fut, dtype in pending:  # each future gets its own fresh tensor
+            t = torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(dtype)
+            if pending_fut is fut:
+                mine = t
+            else:
+                pending_fut.set_result(t)
+        return mine
 
-def _plain_average(alg: Algorithm) -> bool:
-    """Whether the server step's update is exactly lr times the weighted aggregate (no server
-    momentum, no compressed downlink, the step size outside the feedback)."""
-    return alg.momentum.side != "server" and not alg.lr_inside and not alg.topology.compresses_downlink
-
-
-def _dense_nbytes(p: torch.Tensor, value_dtype: str = "fp32") -> int:
-    """Wire size of one dense frame of ``p``'s size (no allocation: the frame size is arithmetic)."""
-    from . import wire
-    from .wire.format import VALUE_DTYPE_TABLE, resolve_value_dtype
-
-    return wire.dense_nbytes(p.numel(), VALUE_DTYPE_TABLE[resolve_value_dtype(value_dtype)].itemsize)
-
-
-def _allreduce_dense(messages: list[SparseBatch], group, device):
-    """Sum of the densified messages of all ranks in one all_reduce; each segment's aggregate as
-    a one-row dense batch with weight 1/N."""
-    world = dist.get_world_size(group)
-    dense = torch.cat([m.to_dense()[0] for m in messages])
-    dist.all_reduce(dense, group=group)
-    out, off = [], 0
-    for m in messages:
-        row = dense[off : off + m.d][None]
-        off += m.d
-        out.append((SparseBatch.from_dense(row), torch.full((1,), 1.0 / world, dtype=row.dtype, device=row.device)))
-    return out
+    return exchanged.then(finish)

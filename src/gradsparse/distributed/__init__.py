@@ -1,2 +1,4 @@
-"""Real distributed pieces on torch.distributed: message exchange over collectives (``exchange``)
-and the parameter server over point-to-point messages (``server``)."""
+"""Running on torch.distributed: what each torchrun process runs (``worker``), ``gradsparse
+launch`` (``launch``) and restarts (``restart``). How the messages travel is the communication
+seam's (:mod:`gradsparse.comm`: collectives and point-to-point channels); the DDP hook is
+:mod:`gradsparse.ddp`."""

@@ -53,6 +53,7 @@ import torch
 
 from .. import wire
 from ..algorithm import Algorithm, WorkerState, WorkerStepOutput
+from ..comm import VirtualTimeNetwork
 from ..compressors import stream_seed
 from ..messages import SparseBatch
 from ..metrics import METRICS
@@ -238,8 +239,10 @@ class AsyncSimulator(Engine):
             purpose: [torch.Generator().manual_seed(stream_seed(seed, purpose, 0, q)) for q in range(n_workers)]
             for purpose in ("compute", "uplink_delay", "downlink_delay")
         }
-        #: the model travels dense at its own precision (value_dtype is the messages's dtype)
+        #: the model travels dense at its own precision (value_dtype is the messages' dtype)
         self.model_nbytes = wire.dense_nbytes(self.d, self.w.element_size())
+        self.channel = self._make_channel()
+        self.ledger = self.channel.ledger
         # server and workers
         self.now = 0.0
         self.server_busy_until = 0.0
@@ -277,6 +280,12 @@ class AsyncSimulator(Engine):
         return {**config, "task": task, "workers": workers, "algorithm": algorithm,
                 "asynchronous": {"compute": {"kind": "constant", "value": 0.0}, "network": {"offset": 0.0, "rate": None}}}
 
+    def _make_channel(self):
+        """Messages in virtual time (:class:`~gradsparse.comm.VirtualTimeNetwork`): the network
+        law with each worker's own delay streams."""
+        return VirtualTimeNetwork(self.network, self.streams["uplink_delay"], self.streams["downlink_delay"],
+                                  self.model_nbytes)
+
     # ---- events ----------------------------------------------------------------------------
     def _schedule(self, at: float, worker: int, kind: str) -> None:
         heapq.heappush(self.events, _Event(at, worker, self._seq, kind))
@@ -300,6 +309,12 @@ class AsyncSimulator(Engine):
 
     def _compute_done(self, q: int) -> None:
         """Worker q finished its gradient: it forms its message and sends it."""
+        msg = self._form_message(q)
+        self.in_flight[q] = msg
+        self._schedule(self.channel.send_uplink(q, int(msg.output.nbytes[0]), self.now), q, _ARRIVAL)
+
+    def _form_message(self, q: int) -> "InFlight":
+        """Worker q's gradient at the model it holds and its worker step on its own state."""
         grads, samples = self._worker_gradient(q)
         tau = self.worker_versions[q]
         lr = float(self.schedule(tau, self.worker_epochs[q]))
@@ -312,9 +327,7 @@ class AsyncSimulator(Engine):
         else:
             out = self.alg.worker_step(grads, self.worker_models[q], rows, step=tau, lr=lr, workers=ids)
             self._write_rows(q, out.state)
-        self.in_flight[q] = InFlight(q, tau, out, before, samples, grads, self.worker_models[q])
-        self.ledger.add(int(out.nbytes[0]), 0, 1, 0)
-        self._schedule(self.now + self.network.draw(self.streams["uplink_delay"][q], int(out.nbytes[0])), q, _ARRIVAL)
+        return InFlight(q, tau, out, before, samples, grads, self.worker_models[q])
 
     def _write_rows(self, q: int, state: WorkerState) -> None:
         for part in ("memory", "momentum"):
@@ -329,8 +342,7 @@ class AsyncSimulator(Engine):
         self.worker_models[q] = self.w.clone()
         self.worker_versions[q] = self.t
         self.worker_epochs[q] = self.epoch
-        self.ledger.add(0, self.model_nbytes, 0, 1)
-        self._schedule(at + self.network.draw(self.streams["downlink_delay"][q], self.model_nbytes), q, _MODEL_ARRIVAL)
+        self._schedule(self.channel.send_model(q, at), q, _MODEL_ARRIVAL)
 
     def _rejection(self, msg: InFlight, staleness: int) -> str | None:
         if self.staleness_bound is not None and staleness > self.staleness_bound:

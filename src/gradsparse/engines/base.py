@@ -8,7 +8,9 @@ An *engine* runs one :class:`~gradsparse.algorithm.Algorithm` on one task:
 ``metrics``            which metric columns it can record
 ``step()``             one step (a synchronous round, or one server update) -> a record
 ``w``, ``t``           the model (flat ``[d]``, the server's / every worker's) and steps done
-``ledger``             :class:`ByteLedger`: bytes and messages sent each way, summed per message
+``channel``, ``ledger``  how messages travel (:mod:`gradsparse.comm`) and the
+                       :class:`~gradsparse.comm.ByteLedger` it charges: bytes and messages sent
+                       each way, summed per message
 ``worker_state``,      the algorithm's explicit state (:class:`~gradsparse.algorithm.WorkerState`,
 ``server_state``       :class:`~gradsparse.algorithm.ServerState`)
 ``state_dict()``,      everything needed to resume bit-exactly (plain tensors and numbers)
@@ -28,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from ..comm import ByteLedger  # noqa: F401 (re-exported: gradsparse.engines.ByteLedger)
 from ..metrics import ASYNC_METRICS, METRICS
 from ..segments import Layout
 from ..tasks import Task, split_workers
@@ -35,29 +38,6 @@ from ..tasks import Task, split_workers
 
 #: how workers' gradients may be shifted: none, or EF-GD*'s g_i(x) - g_i(x*) (paper 002)
 GRADIENT_SHIFTS = ("none", "optimum")
-
-
-@dataclass
-class ByteLedger:
-    """Bytes and messages sent, summed message by message (each step returns its sizes)."""
-
-    uplink_bytes: int = 0
-    downlink_bytes: int = 0
-    uplink_messages: int = 0
-    downlink_messages: int = 0
-
-    def add(self, uplink_bytes: int, downlink_bytes: int, uplink_messages: int, downlink_messages: int) -> None:
-        self.uplink_bytes += int(uplink_bytes)
-        self.downlink_bytes += int(downlink_bytes)
-        self.uplink_messages += int(uplink_messages)
-        self.downlink_messages += int(downlink_messages)
-
-    def state_dict(self) -> dict:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, sd: dict) -> None:
-        for k in self.__dict__:
-            setattr(self, k, int(sd[k]))
 
 
 class Engine(ABC):
@@ -122,7 +102,6 @@ class Engine(ABC):
         self._grad = torch.func.grad(self._loss_flat)
         self.t = 0
         self.samples_seen = 0
-        self.ledger = ByteLedger()
         self.density_sum = 0.0
         self.total_error = 0.0
         #: accumulate the total error sum_t (1/N) sum_q ||e_q||^2 every step (the runner turns it

@@ -8,7 +8,8 @@ applies the same update. The engines differ only in how the workers' side is com
 call, the loop engine one model copy at a time.
 
 Bytes: each worker step returns each message's size and the server step its message's size; the
-round charges them with the topology's synchronous rule (``Topology.synchronous_traffic``).
+round hands them to the engine's channel (:class:`~gradsparse.comm.SimulatedRounds`), which
+charges the ledger with the topology's synchronous rule (``Topology.synchronous_traffic``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..algorithm import Algorithm, ServerState, ServerStepOutput, WorkerStepOutput
+from ..comm import SimulatedRounds
 from ..schedules import Schedule, StagewiseLearning
 from ..tasks import Task
 from .base import GRADIENT_SHIFTS, Engine  # noqa: F401 (GRADIENT_SHIFTS: the config's table)
@@ -109,8 +111,14 @@ class SynchronousEngine(Engine):
                 raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
             self.weights = torch.tensor(weights, dtype=self.dtype)
         self.worker_ids = torch.arange(n_workers)
+        self.channel = self._make_channel()
+        self.ledger = self.channel.ledger
         self.stagewise = StagewiseLearning(schedule, self.w) if schedule.kind == "stagewise" else None
         self._live = [True]
+
+    def _make_channel(self):
+        """How this engine's messages travel (simulated rounds; real engines override)."""
+        return SimulatedRounds(self.alg.topology, self.n_workers)
 
     def _renew_live_token(self) -> list:
         """Call before the memory buffer is overwritten in place: the previous round's record can
@@ -149,9 +157,7 @@ class SynchronousEngine(Engine):
         server = self.alg.server_step(worker.message, self.server_state, step=t, lr=lr, weights=self.weights)
         self.worker_state, self.server_state = worker.state, server.state
         self.w = w - server.update
-        up, down = self.alg.topology.synchronous_traffic(worker.nbytes, server.nbytes, self.n_workers)
-        down_messages = (self.n_workers - 1) * self.n_workers if not self.alg.topology.has_server else self.n_workers
-        self.ledger.add(up, down, self.n_workers, down_messages)
+        up, down = self.channel.deliver_round(worker.nbytes, server.nbytes)
         self.density_sum += float(worker.message.counts.double().mean()) / self.d
         if self.track_total_error and self.worker_state.memory is not None:
             self.total_error += float(self.worker_state.memory.flat.double().square().sum()) / self.n_workers

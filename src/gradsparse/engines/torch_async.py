@@ -5,24 +5,28 @@ Started with one process more than workers (``gradsparse launch CONFIG --nproc N
 is the server, rank q + 1 is worker q. The protocol is the simulator's (ALGORITHMS.md §6,
 :mod:`gradsparse.engines.async_sim`), in real time instead of virtual time:
 
-1. the server sends every worker the model x_0 (dense, with its version 0 and epoch; not
-   charged in the byte ledger, as the simulator's workers hold x_0 from the start);
+1. the server sends every worker the model x_0 (a dense wire frame at the model's precision,
+   with its version 0 and the samples seen; sent, but not charged as a message of the
+   algorithm, as the simulator's workers hold x_0 from the start);
 2. worker q computes a mini-batch gradient at the model it holds (version tau_q), runs the
    algorithm's worker step on its own state (memory, momentum) at step tau_q, and sends its
-   message (the project's wire format, with a header) followed by diagnostics (its gradient and
-   new memory row, for the server's metrics; not in the byte ledger);
+   message's wire frames (values in the config's value dtype, exactly as the simulator computes
+   them) followed by diagnostics (its gradient and new memory row, for the server's metrics;
+   ``diagnostic_bytes``, not a message of the algorithm);
 3. the server takes messages in the order they arrive (``recv`` from any source), applies each
    at once with the simulator's rules (staleness dampening, ``drop_older_than``, Kardam's filter
    with ``rejected: drop``), records the staleness t - tau_q, and sends the new model back to
-   that worker only;
+   that worker only (a dense frame: the bytes the simulator charges for it);
 4. after the run's last update the server tells every worker to stop, receiving (and counting,
    not applying) the message each still had on its way.
 
-The ``asynchronous.compute`` / ``network`` laws are not used: compute and network times are the
-real ones, so a run with several workers depends on timing (the order of arrivals) and is not
-bitwise repeatable; ``virtual_time`` is wall-clock seconds since the server started. With one
-worker it is sequential SGD and equals ``engine: async`` (and ``sync``) with one worker
-(tests/test_torch_async.py). Worker 0 draws mini-batches from the engine's generator (as the
+Messages travel through a :class:`~gradsparse.comm.PointToPointChannel` (one header, then the
+frames), the same as the parameter server of ``engine: torch``. The ``asynchronous.compute`` /
+``network`` laws are not used: compute and network times are the real ones, so a run with
+several workers depends on timing (the order of arrivals) and is not bitwise repeatable;
+``virtual_time`` is wall-clock seconds since the server started. With one worker it is
+sequential SGD and equals ``engine: async`` (and ``sync``) with one worker, parameters and byte
+ledger alike (tests/test_torch_async.py). Worker 0 draws mini-batches from the engine's generator (as the
 simulator does), worker q > 0 from its own stream seeded by (seed, "data", q).
 Not supported here: ``staleness_bound`` and Kardam's ``rejected: restore`` (both would have the
 server rewrite a worker's state in another process).
@@ -35,18 +39,15 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import wire
 from ..algorithm import WorkerStepOutput
+from ..comm import PointToPointChannel
 from ..compressors import stream_seed
+from ..messages import SparseBatch
 from ..metrics import METRICS
 from .async_sim import AsyncSimulator, InFlight
 from .torch_dist import _init_from_env
 
 __all__ = ["TorchAsyncEngine"]
-
-MAGIC = 0x67736173  # "gsas"
-TAG_UP, TAG_DOWN = 11, 12
-CONTINUE, STOP = 0.0, 1.0
 
 #: metrics the server can record (the per-step compression diagnostics need every worker's
 #: accumulated vector, which stays in the worker's process)
@@ -79,6 +80,8 @@ class TorchAsyncEngine(AsyncSimulator):
         self._started = False
         self._t0 = time.perf_counter()
         self.drained_messages = 0
+        #: what really carries the messages (the simulator's virtual-time channel is not used)
+        self.transport = PointToPointChannel("server" if self.rank == 0 else "worker", ledger=self.ledger)
         if self.rank > 0 and self.rank - 1 > 0:  # worker 0 keeps the engine's generator (as the simulator)
             self.data.generator.manual_seed(stream_seed(int(kw.get("seed", 0)), "data", 0, self.rank - 1))
 
@@ -109,39 +112,28 @@ class TorchAsyncEngine(AsyncSimulator):
                 return record
 
     def _receive(self) -> int:
-        header = torch.zeros(5, dtype=torch.long)
-        src = dist.recv(header, tag=TAG_UP)  # any worker
-        magic, version, size, charged, samples = (int(v) for v in header)
-        if magic != MAGIC:
-            raise RuntimeError(f"engine torch_async: bad message header from rank {src} (magic {magic:#x})")
-        payload = torch.zeros(size, dtype=torch.uint8)
-        if size:
-            dist.recv(payload, src, tag=TAG_UP)
-        batch = wire.decode(payload.numpy().tobytes(), max_d=self.d)
+        src, head, batch = self.transport.recv("uplink", max_d=self.d)  # any worker
+        if batch is None:
+            raise RuntimeError(f"engine torch_async: a message without frames from rank {src}")
         batch = batch.with_values(batch.values.to(self.dtype))
         has_memory = self.worker_state.memory is not None
-        diagnostics = torch.zeros(self.d * (2 if has_memory else 1), dtype=self.dtype)
-        dist.recv(diagnostics, src, tag=TAG_UP)
+        diagnostics = self.transport.recv_tensor(self.d * (2 if has_memory else 1), self.dtype, src)
         q = src - 1
         if has_memory:
             self.worker_state.memory.flat[q].copy_(diagnostics[self.d:])
-        out = WorkerStepOutput(batch, torch.tensor([charged]), None, None)
-        self.in_flight[q] = InFlight(q, version, out, None, samples, diagnostics[: self.d][None], self.worker_models[q])
-        self.ledger.add(charged, 0, 1, 0)
+        out = WorkerStepOutput(batch, torch.tensor([head.nbytes]), None, None)
+        self.in_flight[q] = InFlight(q, head.step, out, None, head.samples, diagnostics[: self.d][None], self.worker_models[q])
         return q
 
     def _send_model(self, q: int, at: float, charge: bool = True) -> None:
-        stop = self.total_steps is not None and self.t >= self.total_steps
-        dist.send(torch.tensor([STOP if stop else CONTINUE, float(self.t), self.epoch], dtype=torch.float64),
-                  q + 1, tag=TAG_DOWN)
-        if stop:
+        if self.total_steps is not None and self.t >= self.total_steps:
+            self.transport.send(q + 1, "stop")
             return
         self.worker_models[q] = self.w.clone()
         self.worker_versions[q] = self.t
         self.worker_epochs[q] = self.epoch
-        dist.send(self.w.contiguous(), q + 1, tag=TAG_DOWN)
-        if charge:
-            self.ledger.add(0, self.model_nbytes, 0, 1)
+        self.transport.send(q + 1, "model", SparseBatch.from_dense(self.w[None]), step=self.t, samples=self.samples_seen,
+                          charge_message=charge)
 
     def _drain(self, except_worker: int) -> None:
         """After the last update: every other worker has one message on its way; receive it
@@ -158,26 +150,19 @@ class TorchAsyncEngine(AsyncSimulator):
         returns the number of messages sent."""
         q, sent = self.rank - 1, 0
         while True:
-            header = torch.zeros(3, dtype=torch.float64)
-            dist.recv(header, 0, tag=TAG_DOWN)
-            if float(header[0]) == STOP:
+            # x_0 is not a message of the algorithm (the simulator's workers hold it from the start)
+            _, head, model = self.transport.recv(("model", "stop"), 0, max_d=self.d, charge_message=sent > 0)
+            if head.kind == "stop":
                 return sent
-            model = torch.zeros(self.d, dtype=self.dtype)
-            dist.recv(model, 0, tag=TAG_DOWN)
-            self.worker_models[q], self.worker_versions[q], self.worker_epochs[q] = model, int(header[1]), float(header[2])
-            self._compute_done(q)  # the simulator's worker computation and step on this worker's state
-            self.events.clear()
-            msg = self.in_flight.pop(q)
-            self._send(msg)
+            self.worker_models[q] = model.to_dense(self.dtype)[0]
+            self.worker_versions[q], self.worker_epochs[q] = head.step, head.samples / max(self.task.n_train, 1)
+            self._send(self._form_message(q))  # the simulator's worker computation and step on its state
             sent += 1
 
     def _send(self, msg: InFlight) -> None:
-        data = wire.encode(msg.output.message.with_values(msg.output.message.values.float()))
-        dist.send(torch.tensor([MAGIC, msg.version, len(data), int(msg.output.nbytes[0]), msg.samples],
-                               dtype=torch.long), 0, tag=TAG_UP)
-        if data:
-            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0, tag=TAG_UP)
+        self.transport.send(0, "uplink", msg.output.message, step=msg.version, samples=msg.samples,
+                          value_dtype=self.alg.value_dtype)
         parts = [msg.grads[0]]
         if self.worker_state.memory is not None:
             parts.append(self.worker_state.memory.flat[msg.worker])
-        dist.send(torch.cat(parts).to(self.dtype).contiguous(), 0, tag=TAG_UP)
+        self.transport.send_tensor(torch.cat(parts).to(self.dtype), 0)

@@ -9,25 +9,34 @@ point-to-point messages are CPU tensors; the nccl path is untested here: no GPU 
 Round t on every rank: draw the step's mini-batches from the shared seed (every rank draws all
 workers' rows, so the random streams stay in step with ``sync``), compute worker q's gradient
 alone, run the algorithm's worker step (n = 1, in place where it applies, as the loop engine
-does) on worker q's state, then exchange the N messages
-(:func:`gradsparse.distributed.exchange.all_gather_rows`: one fixed-size ``all_gather`` for
-fixed counts, a size exchange and a padded ``all_gather`` for varying counts) and their exact
-wire sizes. Every rank then runs the same server step on the same N rows (for the server
-topologies this replicates the server), so the model stays identical on every rank and
-equals ``sync``'s.
+does) on worker q's state, then send its message's wire frames to every other rank through a
+:class:`~gradsparse.comm.CollectiveChannel` (a size exchange, then ``all_to_all_single`` of the
+uint8 frames) and decode theirs. Every rank then runs the same server step on the same N rows
+(for the server topologies this replicates the server), so the model stays identical on every
+rank and equals ``sync``'s.
+
+Bytes: the frames a rank sends are the bytes the algorithm counts (``wire.encode`` of the
+message, values already rounded to ``value_dtype``: their length is checked against the worker
+step's size). The ledger charges the algorithm's rounds with the simulator's rule
+(:class:`~gradsparse.comm.SimulatedRounds`, so ``uplink_bytes``/``downlink_bytes`` equal
+``sync``'s; with a replicated server the downlink message is computed on every rank, not sent)
+and, from the channel, ``sent_bytes``: what this rank handed to the collectives.
 
 Parameter-server mode: for ``ps_uplink``, ``bidirectional`` and ``downlink_only`` started with
 one process more than workers (``--nproc N+1``), rank 0 is a real server and ranks 1..N the
-workers; the round is :mod:`gradsparse.distributed.server`'s (wire-format messages over Gloo
-point-to-point ``send``/``recv``). Rank 0 (the server) writes the run directory; the workers
-send it diagnostics after each message (not in the ledger).
-The diagnostics are each worker's gradient, accumulated vector, feedback input and new
-memory/momentum rows, so every metric is recorded as under ``sync``.
+workers: every worker sends its message's frames to the server, which receives all N (in worker
+order), runs the server step and sends its one downlink message's frames to each worker
+(:class:`~gradsparse.comm.PointToPointChannel`: one header, then the frames, over Gloo
+``send``/``recv``): the aggregate A for ``ps_uplink`` (workers run the same momentum and step
+size on it), C_down(G) for ``bidirectional``/``downlink_only`` (workers apply it as is). Rank
+0's ledger counts every message it receives and sends (the run's whole ledger, equal to
+``sync``'s); a worker's its own share. Rank 0 (the server) writes the run directory.
 
-Diagnostics (replicated mode): the per-worker state (memory, momentum) and the raw gradients of all workers are
-also all-gathered every round (d values per worker, not counted in the byte ledger, which
-holds the messages only), so every metric, the run directory and the checkpoint are the same as
-``sync``'s. Rank 0 writes the run directory (``python -m gradsparse.distributed.worker``).
+Diagnostics, so that every metric, the run directory and the checkpoint are the same as
+``sync``'s: the gradients, accumulated vectors, feedback inputs and new memory/momentum rows of
+all workers reach rank 0 (replicated mode: all-gathered on every rank; parameter-server mode:
+sent to the server after each message). They are not messages of the algorithm: the ledger
+counts them as ``diagnostic_bytes``.
 
 Multi-machine runs: ``torchrun --nnodes M --nproc-per-node P --rdzv-backend c10d
 --rdzv-endpoint HOST:PORT -m gradsparse.distributed.worker CONFIG --out DIR`` on every machine
@@ -41,8 +50,9 @@ import os
 import torch
 import torch.distributed as dist
 
+from .. import wire
 from ..algorithm import ServerStepOutput, WorkerState, WorkerStepOutput
-from ..distributed.exchange import all_gather_rows
+from ..comm import CollectiveChannel, PointToPointChannel
 from ..feedback import FeedbackOutput
 from ..messages import SparseBatch
 from ..segments import SegmentedTensor
@@ -96,6 +106,11 @@ class TorchDistEngine(SynchronousEngine):
             raise ValueError("engine 'torch' with a parameter server does not run stagewise learning")
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        #: what really carries the messages; charges ``sent_bytes`` of the shared ledger
+        if self.parameter_server:
+            self.transport = PointToPointChannel("server" if self.rank == 0 else "worker", ledger=self.ledger)
+        else:
+            self.transport = CollectiveChannel(device=self.device, charge_messages=False, ledger=self.ledger)
 
     def agree_to_stop(self, found, signum: int | None):
         """After every step, every rank learns whether any rank saw a non-finite value or got a
@@ -118,11 +133,20 @@ class TorchDistEngine(SynchronousEngine):
         return None
 
     def _gather_rows(self, row: torch.Tensor) -> torch.Tensor:
-        """[1, m] on every rank -> [N, m] (row q from rank q)."""
-        t = row.reshape(-1).contiguous().to(self.device)
-        out = [torch.empty_like(t) for _ in range(self.n_workers)]
-        dist.all_gather(out, t)
-        return torch.stack(out).cpu()
+        """[1, m] on every rank -> [N, m] (row q from rank q): diagnostics."""
+        return self.transport.gather_diagnostics(row.reshape(-1)).to(row.dtype)
+
+    def _frames(self, out: WorkerStepOutput) -> torch.Tensor:
+        """The wire frames of this rank's message as a uint8 tensor: exactly the bytes the worker
+        step counted (its values are already what a receiver decodes)."""
+        data = wire.encode(out.message, value_dtype=self.alg.value_dtype)
+        if len(data) != int(out.nbytes.sum()):  # pragma: no cover - the wire's own invariant
+            raise AssertionError(f"frames of {len(data)} bytes, the worker step counted {int(out.nbytes.sum())}")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+    def _decoded(self, payload: torch.Tensor) -> SparseBatch:
+        batch = wire.decode(payload.cpu().numpy(), max_d=self.d)
+        return batch.with_values(batch.values.to(self.dtype))
 
     def worker_round(self, w, t, lr):
         q = self.rank
@@ -141,15 +165,12 @@ class TorchDistEngine(SynchronousEngine):
             out = self.alg.worker_step_in_place(fed, state_q, step=t, lr=lr, workers=ids)
         else:
             out = self.alg.worker_step(fed, w, state_q, step=t, lr=lr, workers=ids)
-        ex = all_gather_rows([out.message], device=self.device)
-        message = ex.gathered[0]
-        if self.device.type != "cpu":
-            message.offsets, message.values, message._indices = (message.offsets.cpu(), message.values.cpu(),
-                                                                 message._indices.cpu())
-        if out.message.dense:
-            message.dense, message._indices = True, None
-        nbytes = self._gather_rows(out.nbytes).to(torch.long)
-        # diagnostics: every worker's gradient and new state on every rank (not in the ledger)
+        payload = self._frames(out)
+        sizes, _ = self.transport.exchange_sizes(payload.numel())
+        parts = self.transport.send_frames(payload, sizes).wait()
+        message = SparseBatch.cat([out.message if r == q else self._decoded(parts[r]) for r in range(self.n_workers)])
+        nbytes = torch.tensor(sizes, dtype=torch.long)
+        # diagnostics: every worker's gradient, accumulated vector and new state on every rank
         grads = self._gather_rows(g)
         new = out.state
 
@@ -160,22 +181,18 @@ class TorchDistEngine(SynchronousEngine):
         if new.compressor is not None:
             compressor = {k: self._gather_rows(v) for k, v in new.compressor.items()}
         state = WorkerState(gathered(new.memory), gathered(new.momentum), compressor)
+        accumulated = self._gather_rows(out.accumulated())
         if in_place:  # keep the engine's own buffer (views of it stay current)
-            for mine, full in ((self.worker_state.memory, state.memory),):
-                mine.flat.copy_(full.flat)
+            self.worker_state.memory.flat.copy_(state.memory.flat)
             state.memory = self.worker_state.memory
-        acc_values = all_gather_rows([out.message.with_values(out.feedback.accumulated_values)],
-                                     device=self.device).gathered[0].values.cpu()
-        accumulated = out.feedback.accumulated
-        feedback = FeedbackOutput(message, acc_values, None if accumulated is None else self._gather_rows(accumulated))
+        feedback = FeedbackOutput(message, message.gather(accumulated), accumulated)
         inputs = None if out.feedback_input is None else self._gather_rows(out.feedback_input)
         return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), self._renew_live_token() if in_place else [True]
 
-    # ---- parameter-server mode (gradsparse.distributed.server) ---------------------------------
+    # ---- parameter-server mode ----------------------------------------------------------------
     def step(self):
         if not self.parameter_server:
             return super().step()
-        from ..distributed import server as ps
         from .synchronous import StepRecord
 
         t, n = self.t, self.n_workers
@@ -183,16 +200,18 @@ class TorchDistEngine(SynchronousEngine):
         w = self.w
         idx = self.data.sample()  # every rank draws all workers' rows: the streams stay in step with sync
         self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
-        d = self.d
+        d, vd = self.d, self.alg.value_dtype
         mem, mom = self.worker_state.memory, self.worker_state.momentum
         diag_width = d * (3 + (mem is not None) + (mom is not None))  # g, accumulated, feedback input, memory, momentum
         server_before = self.server_state
+        channel = self.transport
         if self.rank == 0:  # the server
             messages, charged = [], []
             grads, acc, fin = (torch.zeros(n, d, dtype=self.dtype) for _ in range(3))
             for q in range(n):
-                batch, nbytes, _ = ps.recv_message(q + 1, step=t, dtype=self.dtype)
-                diag = ps.recv_tensor(diag_width, self.dtype, q + 1, step=t)
+                _, head, batch = channel.recv("uplink", q + 1, step=t, max_d=d)
+                batch = batch.with_values(batch.values.to(self.dtype))
+                diag = channel.recv_tensor(diag_width, self.dtype, q + 1)
                 grads[q], acc[q], fin[q] = diag[:d], diag[d : 2 * d], diag[2 * d : 3 * d]
                 off = 3 * d
                 for st in (mem, mom):
@@ -200,11 +219,11 @@ class TorchDistEngine(SynchronousEngine):
                         st.flat[q] = diag[off : off + d]
                         off += d
                 messages.append(batch)
-                charged.append(nbytes)
+                charged.append(head.nbytes)
             message = SparseBatch.cat(messages)
             srv = self.alg.server_step(message, self.server_state, step=t, lr=lr, weights=self.weights)
             for q in range(n):
-                ps.send_message(srv.message, q + 1, step=t, charged=srv.nbytes, extra=charged, kind=1)
+                channel.send(q + 1, "downlink", srv.message, step=t, value_dtype=vd)
             update, down_nbytes = srv.update, srv.nbytes
             up_nbytes = torch.tensor(charged, dtype=torch.long)
             self.server_state = srv.state
@@ -227,16 +246,17 @@ class TorchDistEngine(SynchronousEngine):
                 if out.state.compressor is not None:
                     for k, v in out.state.compressor.items():
                         self.worker_state.compressor[k][q] = v[0]
-            ps.send_message(out.message, 0, step=t, charged=int(out.nbytes[0]))
+            channel.send(0, "uplink", out.message, step=t, value_dtype=vd)
             fin_q = out.feedback_input[0] if out.feedback_input is not None else g
             parts = [g, out.accumulated()[0], fin_q] + [st.flat[q] for st in (mem, mom) if st is not None]
-            ps.send_tensor(torch.cat(parts).to(self.dtype), 0, step=t)
-            down, down_nbytes, charged = ps.recv_message(0, step=t, n_extra=n, kind=1, dtype=self.dtype)
-            up_nbytes = torch.tensor(charged, dtype=torch.long)
+            channel.send_tensor(torch.cat(parts).to(self.dtype), 0)
+            _, head, down = channel.recv("downlink", 0, step=t, max_d=d)
+            down = down.with_values(down.values.to(self.dtype))
+            up_nbytes, down_nbytes = out.nbytes, head.nbytes
             if self.alg.topology.compresses_downlink:  # C_down(G): applied as is
                 update = down.to_dense(self.dtype)[0]
                 srv = ServerStepOutput(update, update, update, down, down_nbytes, self.server_state, self.weights)
-            else:  # ps_uplink: the aggregate A; the same momentum and step size as the server
+            else:  # ps_uplink: the aggregate A (as decoded); the same momentum and step size as the server
                 a = down.to_dense(self.dtype)
                 srv = self.alg.server_step(SparseBatch.from_dense(a), self.server_state, step=t, lr=lr,
                                            weights=torch.ones(1, dtype=self.dtype))
@@ -245,7 +265,6 @@ class TorchDistEngine(SynchronousEngine):
             message, grads, acc, fin = out.message, g[None], out.accumulated(), None
         self.w = w - update
         up, down_total = self.alg.topology.synchronous_traffic(up_nbytes, down_nbytes, n)
-        self.ledger.add(up, down_total, n, n)
         if self.rank == 0:
             self.density_sum += float(message.counts.double().mean()) / d
         else:

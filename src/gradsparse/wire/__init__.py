@@ -27,7 +27,7 @@ from .format import (
     round_values,
     value_dtype_of,
 )
-from .frames import decode, encode, frame_headers
+from .frames import decode, decode_each, encode, frame_headers
 from .sizing import (
     dense_nbytes,
     encoded_nbytes,
@@ -38,6 +38,7 @@ from .sizing import (
 __all__ = [
     "encode",
     "decode",
+    "decode_each",
     "encoded_nbytes",
     "dense_nbytes",
     "index_entropy_bits",

@@ -34,7 +34,7 @@ from .format import (
 )
 from .sizing import plan_row, sort_rows
 
-__all__ = ["encode", "decode", "frame_headers"]
+__all__ = ["encode", "decode", "decode_each", "frame_headers"]
 
 
 def _wire_values(values: torch.Tensor, vdt: ValueDtype, overflow: str = "raise") -> np.ndarray:
@@ -256,3 +256,22 @@ def decode(
     indices = None if dense else torch.from_numpy(np.concatenate(cols) if len(cols) > 1 else cols[0])
     values = torch.cat(vals) if len(vals) > 1 else vals[0]
     return SparseBatch(d, offsets, values, indices, seeds, dense, True, ks.pop() if len(ks) == 1 else None)
+
+
+def decode_each(data, *, max_d: int = DEFAULT_MAX_D, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[SparseBatch]:
+    """The frames of ``data`` as one one-row batch each, in order, where the frames may have
+    different row lengths and value dtypes (e.g. one frame per model parameter, as a DDP hook
+    sends a bucket). Each frame is checked and decoded as :func:`decode` does; ``max_d`` bounds
+    each frame's d and ``max_elements`` the entries of all frames together."""
+    mv = as_byte_view(data)
+    if len(mv) == 0:
+        return []
+    out, pos, elements = [], 0, 0
+    while pos < len(mv):
+        h = read_frame_header(mv, pos, max_d)
+        elements += h.count
+        if elements > max_elements:
+            raise WireError(f"frames claim {elements} entries, above the decoder's bound max_elements = {max_elements}")
+        out.append(decode(mv[h.start : h.end], max_d=max_d, max_elements=max_elements))
+        pos = h.end
+    return out
