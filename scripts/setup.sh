@@ -15,6 +15,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet torch==2.13.0
   .venv/bin/python -m pip install --quiet -e '.[dev]'
+  # optional extras (TensorBoard output, the Lightning / Accelerate recipes): their tests skip
+  # without them; gradsparse's torch==2.13.0 pin keeps the resolver from replacing torch
+  .venv/bin/python -m pip install --quiet -e '.[dev,tensorboard,frameworks]' \
+    || echo "setup: optional extras (tensorboard, pytorch-lightning, accelerate) not installed; their tests skip" >&2
+  .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '2.13.0' else 'setup: torch is ' + torch.__version__ + ', not 2.13.0')"
   echo "$want" > "$stamp"
 fi
 # iproute2 (ip, tc) for benchmarks/bench_network.py; optional: skipped cleanly without root/apt

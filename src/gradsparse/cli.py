@@ -65,9 +65,9 @@ def cmd_run(args) -> int:
     progress = False if args.no_progress else None
     try:
         if args.resume is not None:
-            if args.config is not None or args.set or args.out is not None or args.overwrite:
-                return _error("--resume RUN_DIR takes no config, --set, --out or --overwrite: it continues the run "
-                              "with the config saved in RUN_DIR")
+            if args.config is not None or args.set or args.out is not None or args.overwrite or args.tensorboard:
+                return _error("--resume RUN_DIR takes no config, --set, --out, --overwrite or --tensorboard: it "
+                              "continues the run with the config saved in RUN_DIR")
             out = resume(args.resume, progress=progress)
         else:
             if args.config is None:
@@ -75,6 +75,8 @@ def cmd_run(args) -> int:
             overrides = list(args.set)
             if args.no_memory_check:
                 overrides.append("memory_check=false")
+            if args.tensorboard:
+                overrides.append("metrics.tensorboard=true")
             cfg = load_config(_resolve_config(args.config), overrides)
             out = run(cfg, args.out, progress=progress, overwrite=args.overwrite)
     except ConfigError as exc:
@@ -162,8 +164,9 @@ def cmd_sweep(args) -> int:
     from .experiments.sweep import SweepInterrupted, sweep
 
     try:
+        overrides = [*args.set, *(["metrics.tensorboard=true"] if args.tensorboard else [])]
         out = sweep(_resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
-                    overrides=args.set, progress=not args.no_progress)
+                    overrides=overrides, progress=not args.no_progress)
     except ConfigError as exc:
         return _error(exc)
     except SweepInterrupted as exc:
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-memory-check", action="store_true",
                    help="skip the up-front memory estimate (same as --set memory_check=false)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard event files into the run directory (metrics.tensorboard=true)")
     r.set_defaults(fn=cmd_run)
     dm = sub.add_parser("demo", help="run the embedded default examples and write plots")
     dm.add_argument("--out", default="runs/demo")
@@ -287,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     sw.add_argument("--out", required=True, help="output folder (new or empty)")
     sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--tensorboard", action="store_true",
+                    help="TensorBoard event files in every run directory (tensorboard --logdir OUT/runs)")
     sw.set_defaults(fn=cmd_sweep)
     rp = sub.add_parser("reproduce", help="reproduce a paper's claims: gradsparse reproduce NAME|all [--scale small|full]")
     rp.add_argument("name", nargs="?", default=None, help="a reproduction (see --list) or 'all'")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -82,8 +83,32 @@ def _options_of(cls) -> dict[str, inspect.Parameter]:
 
 
 class TaskConfig(_Strict):
+    """``name``: a built-in task (:data:`gradsparse.tasks.TASKS`) or the user's own,
+    ``my_pkg.my_module:make_task`` or ``path/to/file.py:make_task`` (:mod:`gradsparse.tasks.user`;
+    a relative file path is made absolute here, against the current directory, so the resolved
+    config names the file that ran). Only the form is checked here; the import and the task's
+    shape are checked when the task is built, before anything is written."""
+
     name: str = "toy_quadratic"
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name):
+        from .tasks import TASKS, is_user_task_name, unknown_task_message
+        from .tasks.user import UserTaskError, parse_user_task_name
+
+        if name in TASKS:
+            return name
+        if not is_user_task_name(name):
+            raise ValueError(unknown_task_message(name))
+        try:
+            where, function, is_file = parse_user_task_name(name)
+        except UserTaskError as exc:
+            raise ValueError(str(exc)) from None
+        if is_file:
+            return f"{os.path.abspath(os.path.expanduser(where))}:{function}"
+        return name
 
     @field_validator("options")
     @classmethod
@@ -293,6 +318,9 @@ class MetricsConfig(_Strict):
     residual_ratio: ResidualRatioConfig = Field(default_factory=ResidualRatioConfig)
     #: also write each worker's ||e_q|| at every recorded row to worker_error_norms.csv
     per_worker_error_norms: bool = False
+    #: also write TensorBoard event files into the run directory (every column vs step and vs
+    #: uplink bytes, staleness histograms, the config as text; needs the tensorboard package)
+    tensorboard: bool = False
 
     @model_validator(mode="after")
     def _check(self):

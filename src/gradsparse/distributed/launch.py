@@ -7,6 +7,12 @@ run``. The rendezvous is torchrun's standalone one on localhost; Gloo is told to
 loopback interface (``GLOO_SOCKET_IFNAME=lo`` unless already set). ``--dry-run`` prints the
 command. For several machines run torchrun yourself (see :mod:`gradsparse.engines.torch_dist`).
 
+Nothing starts before every config has been built as rank 0 would build it (the task, user
+tasks included, the algorithm, the data split, the engine's own refusals: stagewise learning on
+a parameter server, ``staleness_bound``, Kardam's ``rejected: restore`` and ``update_cosine`` on
+``torch_async``), with a stand-in engine that needs no process group: a config the ranks would
+refuse is one ``gradsparse: error:`` line and exit status 2, and no process is started.
+
 ``gradsparse launch --resume OUT`` continues a stopped run (a failed rank, SIGINT/SIGTERM, a lost
 machine) from its restart checkpoints (config ``checkpoint_every``): the config and the number
 of processes come from the restart manifest, and the run ends as the uninterrupted one would.
@@ -34,11 +40,82 @@ def build_command(configs: list[str], nproc: int, out: str | None = None, sets: 
     return cmd
 
 
+def _preflight_classes():
+    """Stand-ins for the two engines the ranks run, built in the launcher's own process: the same
+    construction as a rank's engine (task, algorithm, schedule, data, state; every check of
+    :func:`gradsparse.experiments.runner.build_engine`) without a process group, plus the
+    refusals the real engines make in their constructors."""
+    from ..engines.async_sim import AsyncSimulator
+    from ..engines.synchronous import SynchronousEngine
+    from ..engines.torch_async import TorchAsyncEngine
+    from ..engines.torch_dist import TorchDistEngine
+
+    class TorchPreflight(SynchronousEngine):
+        name, topologies, metrics = TorchDistEngine.name, TorchDistEngine.topologies, TorchDistEngine.metrics
+
+        def worker_round(self, w, t, lr):  # pragma: no cover - never stepped
+            raise RuntimeError("a launch preflight engine is not stepped")
+
+    class TorchAsyncPreflight(AsyncSimulator):
+        name, topologies, metrics = TorchAsyncEngine.name, TorchAsyncEngine.topologies, TorchAsyncEngine.metrics
+
+        def __init__(self, task, algorithm, schedule, **kw) -> None:
+            why = torch_async_refusal(kw)
+            if why is not None:
+                raise ValueError(why)
+            super().__init__(task, algorithm, schedule, **kw)
+
+    return {"torch": TorchPreflight, "torch_async": TorchAsyncPreflight}
+
+
+def torch_async_refusal(kw: dict) -> str | None:
+    """What engine 'torch_async' refuses in its constructor (the same rules and words as
+    :class:`gradsparse.engines.torch_async.TorchAsyncEngine`), given its keyword arguments."""
+    if kw.get("staleness_bound") is not None:
+        return ("engine 'torch_async' does not run staleness_bound (the server would have to restore a "
+                "worker's state in another process); use drop_older_than, or engine 'async'")
+    kardam = kw.get("kardam")
+    if kardam is not None and kardam.enabled and kardam.rejected == "restore":
+        return "engine 'torch_async' runs Kardam's filter with rejected: drop only"
+    if kw.get("update_cosine"):
+        return "engine 'torch_async' does not record update_cosine (it needs worker data on the server)"
+    return None
+
+
+def rank_engine(engine: str) -> str:
+    """The engine a rank runs for a config's ``engine`` (:mod:`gradsparse.distributed.worker`)."""
+    return "torch_async" if engine in ("async", "torch_async") else "torch"
+
+
+def check_as_a_rank(path: str, sets: list[str], nproc: int) -> None:
+    """Build config ``path`` as rank 0 would (with ``engine`` set as the worker sets it), with
+    the stand-in engine: raises ConfigError with what a rank would refuse (an unknown task or
+    one that does not load, the algorithm, the data split, the memory estimate, metrics the
+    engine does not record, TensorBoard without the package, stagewise learning on a
+    parameter server, torch_async's unsupported rules)."""
+    from ..config import ConfigError, load_config
+    from ..experiments.runner import build_engine, check_outputs
+    from ..topology import TOPOLOGIES
+
+    cfg = load_config(path, sets)
+    engine = rank_engine(cfg.engine)
+    cfg = load_config(path, [*sets, f"engine={engine}"])
+    n = cfg.workers.count
+    if engine == "torch":
+        parameter_server = TOPOLOGIES[cfg.algorithm.topology.kind].has_server and nproc == n + 1
+        if parameter_server and cfg.schedule.kind == "stagewise":
+            raise ConfigError("config key 'schedule.kind': engine 'torch' with a parameter server (rank 0 serving, "
+                              f"--nproc {nproc}) does not run stagewise learning; use --nproc {n} (every rank runs the "
+                              "server step) or engine sync")
+    built = build_engine(cfg, engine_class=_preflight_classes()[engine])
+    check_outputs(cfg, built)
+
+
 def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out: str | None,
                            check_out: bool = True) -> str | None:
-    """Why these configs cannot run as ``nproc`` processes (validation, the process count and,
-    with ``check_out``, the run directory as the worker would place it), before torchrun starts
-    anything; None when they can."""
+    """Why these configs cannot run as ``nproc`` processes (validation, the process count,
+    everything a rank would refuse when it builds its engine, and, with ``check_out``, the run
+    directory as the worker would place it), before torchrun starts anything; None when they can."""
     from pathlib import Path
 
     from ..config import ConfigError, load_config
@@ -67,6 +144,12 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out:
                 check_out_dir(where)
             except ConfigError as exc:
                 return str(exc)
+        try:
+            check_as_a_rank(path, sets, nproc)
+        except ConfigError as exc:
+            return str(exc)
+        except MemoryError as exc:
+            return f"building config {path!r} ran out of memory ({exc}); make the task or workers.count smaller"
     return None
 
 
@@ -84,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue a stopped run from its restart checkpoints (config and world size from them)")
     ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
+    ap.add_argument("--tensorboard", action="store_true",
+                    help="rank 0 writes TensorBoard event files into the run directory (metrics.tensorboard=true)")
     try:
         args = ap.parse_args(argv)
     except UsageError as exc:
@@ -114,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return error("launch needs --nproc N (one process per worker)")
     if args.nproc < 1:
         return error("--nproc must be >= 1")
+    if args.tensorboard:
+        if args.resume is not None:
+            return error("--resume RUN_DIR takes no --tensorboard: it continues with the saved config")
+        args.set.append("metrics.tensorboard=true")
     configs = [str(_resolve_config(c)) for c in args.config]
     why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None)
     if why is not None:

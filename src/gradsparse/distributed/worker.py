@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # metrics would repeat rank 0's; a parameter-server worker does not hold every worker's state)
     quiet = [] if int(os.environ.get("RANK", "0")) == 0 else [
         "metrics.names=[step, epoch]", "metrics.residual_ratio.steps=[]", "metrics.per_worker_error_norms=false",
-        "plots=false"]
+        "metrics.tensorboard=false", "plots=false"]
     try:
         # an asynchronous config runs the asynchronous protocol over processes, any other engine torch
         cfgs = [load_config(c, [*args.set, *quiet]) for c in args.config]

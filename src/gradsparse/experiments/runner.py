@@ -38,13 +38,16 @@ from ..resources import machine_memory
 from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
-from ..tasks import make_task
+from ..tasks import UserTaskError, make_task
 from .asynchronous import target_reached
 
 
 def build_task(cfg: RunConfig):
+    """The config's task (built-in or the user's own); any problem is one ConfigError line."""
     try:
         return make_task(cfg.task.name, seed=cfg.seed, **cfg.task.options)
+    except UserTaskError as exc:
+        raise ConfigError(f"config key 'task.name': {exc}") from None
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise ConfigError(f"config key 'task': {exc}") from None
     except MemoryError as exc:  # e.g. linreg with a huge n_features: the data alone cannot be allocated
@@ -114,8 +117,12 @@ def asynchronous_options(cfg: RunConfig) -> dict:
         raise ConfigError(f"config key 'asynchronous': {exc}") from None
 
 
-def build_engine(cfg: RunConfig):
-    """Everything that can reject the config happens here, before any file is written."""
+def build_engine(cfg: RunConfig, engine_class=None):
+    """Everything that can reject the config happens here, before any file is written.
+
+    ``engine_class`` (default ``ENGINES[cfg.engine]``) lets ``gradsparse launch`` build, in its
+    own process and without a process group, a stand-in that runs every check a rank of the
+    torch engines would run (:mod:`gradsparse.distributed.launch`)."""
     task = build_task(cfg)
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(cfg.seed)))
     sched = build_schedule(cfg, task)
@@ -132,7 +139,7 @@ def build_engine(cfg: RunConfig):
     if cfg.engine in ("async", "torch_async"):
         kwargs.update(asynchronous_options(cfg))
     try:
-        engine = ENGINES[cfg.engine](task, alg, sched, **kwargs)
+        engine = (engine_class or ENGINES[cfg.engine])(task, alg, sched, **kwargs)
     except ValueError as exc:
         key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
         if cfg.engine in ("async", "torch_async"):
@@ -481,23 +488,39 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
     return _execute(cfg, run_dir, progress=progress, resume=sd)
 
 
-def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None,
-             on_checkpoint=None, on_step=None) -> Path:
-    engine = build_engine(cfg)
+def metric_names(cfg: RunConfig) -> list[str]:
+    return list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
+
+
+def check_outputs(cfg: RunConfig, engine) -> None:
+    """What the run records must suit the engine and the run's length (ConfigError), and
+    TensorBoard output needs the ``tensorboard`` package; checked before anything is written."""
     steps = total_steps(cfg, engine)
-    names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
-    engine.track_total_error = "total_error" in names
-    columns = [m for m in METRICS if m in names]
-    # per-step metrics the running maxima need are computed at every step
-    tracked = {RUNNING_MAXIMA[m] for m in names if m in RUNNING_MAXIMA}
-    rr = cfg.metrics.residual_ratio
-    bad = [s for s in rr.steps if not 1 <= s <= steps]
+    names = metric_names(cfg)
+    bad = [s for s in cfg.metrics.residual_ratio.steps if not 1 <= s <= steps]
     if bad:
         raise ConfigError(f"config key 'metrics.residual_ratio.steps': steps {bad} outside 1..{steps}")
     unsupported = [m for m in names if m not in engine.metrics]
     if unsupported:
         raise ConfigError(f"config key 'metrics.names': engine {engine.name!r} does not record {unsupported} "
                           f"(it records: {', '.join(m for m in METRICS if m in engine.metrics)})")
+    if cfg.metrics.tensorboard:
+        from .tensorboard import require_tensorboard
+
+        require_tensorboard("config key 'metrics.tensorboard'")
+
+
+def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None,
+             on_checkpoint=None, on_step=None) -> Path:
+    engine = build_engine(cfg)
+    check_outputs(cfg, engine)
+    steps = total_steps(cfg, engine)
+    names = metric_names(cfg)
+    engine.track_total_error = "total_error" in names
+    columns = [m for m in METRICS if m in names]
+    # per-step metrics the running maxima need are computed at every step
+    tracked = {RUNNING_MAXIMA[m] for m in names if m in RUNNING_MAXIMA}
+    rr = cfg.metrics.residual_ratio
     state = _RunState(columns)
     state.maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
     if resume is not None:
@@ -541,6 +564,23 @@ def _install(tmp: Path, final: Path) -> None:
 
 def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
           on_checkpoint=None, on_step=None) -> Path:
+    board = None
+    if cfg.metrics.tensorboard:
+        from .tensorboard import RunWriter
+
+        board = RunWriter(tmp, dump_config(cfg))
+        for old in state.rows:  # a resumed run's rows go into the fresh event file first
+            board.row(old, old.get("uplink_bytes") if old.get("uplink_bytes", "") != "" else None)
+    try:
+        return _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp,
+                          progress, on_checkpoint, on_step, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
+               on_checkpoint, on_step, board) -> Path:
     (tmp / "config.yaml").write_text(dump_config(cfg))
     show = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
@@ -557,6 +597,8 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
         writer.writerow(full)
         f.flush()
         state.rows.append(full)
+        if board is not None:
+            board.row(full, engine.ledger.uplink_bytes)
         if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
             norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
             state.worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
@@ -572,6 +614,10 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
 
     def finish(status: str, extra: dict | None = None) -> None:
         f.close()
+        if board is not None:
+            if async_stats is not None:
+                board.staleness("all_updates", engine.staleness_histogram(), engine.t)
+            board.close()
         state.wall = wall0 + time.perf_counter() - t0
         state.skipped = engine.alg.skipped_messages
         _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
@@ -617,6 +663,8 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
                 if bad is None and (done % cfg.metrics.every == 0 or done == steps):
                     row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
                     if async_stats is not None:
+                        if board is not None:
+                            board.staleness("since_previous_row", async_stats.staleness, done)
                         row.update(async_stats.row())
                     for name in maxima:
                         row[name] = maxima[name] if maxima[name] > -math.inf else math.nan

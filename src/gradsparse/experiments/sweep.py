@@ -60,7 +60,16 @@ def plan(config: str, grid: dict[str, list], seeds: int, base_overrides: list[st
         for seed in range(seeds):
             overrides = [*base_overrides, *(_override(k, v) for k, v in point.items()), f"seed={seed}",
                          "progress=false"]
-            load_config(config, overrides)  # raises ConfigError for a bad grid value
+            cfg = load_config(config, overrides)  # raises ConfigError for a bad grid value
+            if not runs:  # the task of the first run is built once: a user task that does not
+                # import or has the wrong shape is one line before anything is written
+                from .runner import build_task
+
+                build_task(cfg)
+                if cfg.metrics.tensorboard:
+                    from .tensorboard import require_tensorboard
+
+                    require_tensorboard("config key 'metrics.tensorboard'")
             runs.append({"point": point, "seed": seed, "overrides": overrides})
     return runs
 

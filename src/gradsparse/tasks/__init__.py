@@ -5,7 +5,8 @@
     parts = split_workers(task.n_train, task.train_y, 20, "iid", generator=torch.Generator().manual_seed(0))
 
 Every builder in :data:`TASKS` takes keyword options with defaults and ``seed: int = 0``; the
-task is a deterministic function of its options. Tensors are float32 (convex tasks accept
+task is a deterministic function of its options. A name of the form ``module.path:function`` or
+``path/to/file.py:function`` builds a task from the user's own code (:mod:`.user`). Tensors are float32 (convex tasks accept
 ``dtype="float64"``); class labels are int64, regression targets float32, logistic-regression
 training labels +-1.
 """
@@ -19,6 +20,7 @@ from .base import Task
 from .convex import linreg, logreg, solve_logreg, toy_quadratic
 from .idx import default_data_dir, find_idx_files, load_idx_dataset, read_idx
 from .splits import SPLITS, split_workers
+from .user import UserTaskError, is_user_task_name, make_user_task, task_from
 from .vision import (
     digits_cnn,
     digits_lenet,
@@ -68,17 +70,26 @@ def task_options(name: str) -> dict[str, Any]:
     return {p.name: p.default for p in inspect.signature(builder).parameters.values()}
 
 
+def unknown_task_message(name: str) -> str:
+    return (f"unknown task {name!r}; allowed: {', '.join(sorted(TASKS))}, or your own as "
+            "'my_pkg.my_module:make_task' or 'path/to/file.py:make_task'")
+
+
 def _builder(name: str) -> Callable[..., Task]:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}")
+        raise ValueError(unknown_task_message(name))
     return TASKS[name]
 
 
 def make_task(name: str, **options: Any) -> Task:
-    """Build task ``name`` with keyword ``options``.
+    """Build task ``name`` with keyword ``options``: a built-in task of :data:`TASKS`, or a user
+    task ``module.path:function`` / ``path/to/file.py:function`` (:func:`.user.make_user_task`).
 
     Raises ValueError for an unknown name (listing the allowed names), for an unknown option
-    (listing the task's options) and, from the builder, for bad option values."""
+    (listing the task's options) and, from the builder, for bad option values
+    (:class:`~.user.UserTaskError`, a ValueError, for user tasks)."""
+    if is_user_task_name(name):
+        return make_user_task(name, **options)
     builder = _builder(name)
     allowed = task_options(name)
     unknown = sorted(set(options) - set(allowed))
@@ -93,6 +104,10 @@ __all__ = [
     "SPLITS",
     "make_task",
     "task_options",
+    "task_from",
+    "make_user_task",
+    "is_user_task_name",
+    "UserTaskError",
     "split_workers",
     "toy_quadratic",
     "linreg",
