@@ -4,7 +4,11 @@ processes (gloo on CPU, 127.0.0.1).
 Every scenario runs once in one launch of 2 ranks (tests/_ddp_worker.py). Each rank gets the
 mini-batches the simulator drew for its worker, so the hook with ``scope: layerwise`` must end
 at the simulator's parameters (fp32 tolerance) and count, per parameter, the wire size of the
-simulator's message restricted to that parameter.
+simulator's message restricted to that parameter. The scenarios also cover PyTorch's own
+comm-hook situations (bucket rebuild, gradient_as_bucket_view, static_graph,
+find_unused_parameters, no_sync() accumulation, join() with uneven inputs, bf16 parameters,
+resume under weights_only, a checkpoint of another world size) and the hook's own rules (dense
+fallback, byte budgets, on_nonfinite stop and skip, what a rank sends).
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ _spec.loader.exec_module(worker_mod)
 
 SIZES = (8, 16, 4)
 T, B, N = 6, 4, 2
+TOPK = {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}}
+BUDGET_BYTES = 2400  # per rank over the T steps: tight enough that the thresholds bind
 
 SCENARIOS = {
     "identity": {"model": "mlp", "algorithm": {"compressor": {"kind": "identity"}}, "lr": 0.1, "plain": True},
-    "topk_ef": {"model": "mlp", "algorithm": {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}},
-                "lr": 0.1},
+    "topk_ef": {"model": "mlp", "algorithm": TOPK, "lr": 0.1},
     "threshold_ef_scaled": {"model": "mlp", "lr": 0.1,
                             "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.05},
                                           "feedback": "ef-scaled"}},
@@ -49,9 +54,36 @@ SCENARIOS = {
     # scope entire: whole-model mode (pending futures resolved at the last of several buckets)
     "topk_entire_tiny_buckets": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
                                  "algorithm": {"compressor": {"kind": "topk", "density": 0.05}}},
-    "topk_ef_resumed": {"model": "mlp", "resume_at": 3, "lr": 0.1,
-                        "algorithm": {"compressor": {"kind": "topk", "density": 0.1, "scope": "layerwise"}}},
+    "topk_ef_resumed": {"model": "mlp", "resume_at": 3, "lr": 0.1, "algorithm": TOPK},
+    # PyTorch's comm-hook situations
+    "topk_bucket_view": {"model": "mlp", "lr": 0.1, "algorithm": TOPK, "ddp": {"gradient_as_bucket_view": True}},
+    "topk_static_graph": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1, "algorithm": TOPK,
+                          "ddp": {"static_graph": True}},
+    "topk_unused_parameters": {"model": "unused", "lr": 0.1, "algorithm": TOPK,
+                               "ddp": {"find_unused_parameters": True}},
+    "topk_no_sync_accumulation": {"model": "mlp", "lr": 0.1, "algorithm": TOPK, "micro_batches": 2},
+    "topk_fp16_values": {"model": "mlp", "lr": 0.1, "algorithm": {**TOPK, "value_dtype": "fp16"}},
+    # lambda 0 sends every entry: the sparse frames cost more than the dense all-reduce
+    "threshold_dense_fallback": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
+                                 "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.0}}},
+    "budget_whole_model": {"model": "mlp", "lr": 0.1, "algorithm": {
+        "compressor": {"kind": "budget_threshold", "budget_bytes": BUDGET_BYTES, "steps": T}, "feedback": "ef-scaled"}},
+    "budget_per_parameter": {"model": "mlp", "lr": 0.1, "compare": False, "state": {"whole_model": False},
+                             "algorithm": {"compressor": {"kind": "budget_threshold", "budget_bytes": BUDGET_BYTES,
+                                                          "steps": T}, "feedback": "ef-scaled"}},
+    "bf16_model": {"model": "mlp", "lr": 0.1, "compare": False, "dtype": "bfloat16", "algorithm": TOPK},
+    "join_uneven_inputs": {"model": "mlp", "lr": 0.1, "compare": False, "algorithm": TOPK, "join_steps": {1: T - 2}},
+    "nan_skip": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3),
+                 "algorithm": {**TOPK, "on_nonfinite": "skip"}},
+    "nan_stop": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3), "algorithm": TOPK},
 }
+COMPARED = sorted(n for n, s in SCENARIOS.items() if s.get("compare", True))
+
+
+def _whole_model(spec: dict) -> bool:
+    c = spec["algorithm"]["compressor"]
+    default = (c["kind"] == "topk" and c.get("scope", "entire") == "entire") or c["kind"] == "budget_threshold"
+    return spec.get("state", {}).get("whole_model", default)
 
 
 def _free_port() -> int:
@@ -65,14 +97,15 @@ def _reference(name: str, spec: dict):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, SIZES[0], generator=g)
     y = torch.randint(0, SIZES[2], (64,), generator=g)
-    module = MLP(SIZES[0], [SIZES[1]], SIZES[2]) if spec["model"] == "mlp" else worker_mod.Reordered(*SIZES)
+    module = worker_mod.build_model({"sizes": SIZES, "model": spec["model"]})
     task = module_task("ddp_test", module, x, y, None, None)
     from gradsparse.segments import Layout
 
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
     a = spec["algorithm"]
     comp = make_compressor(a["compressor"]["kind"], layout, **{k: v for k, v in a["compressor"].items() if k != "kind"})
-    alg = Algorithm(compressor=comp, feedback=a.get("feedback", "ef"))
+    value_dtype = a.get("value_dtype", "fp32")
+    alg = Algorithm(compressor=comp, feedback=a.get("feedback", "ef"), value_dtype=value_dtype)
     sim = SyncSimulator(task, alg, Schedule(lr=spec["lr"]), n_workers=N, batch_size=B, seed=0)
     init = {n: v.clone() for n, v in sim.layout.unflatten(sim.w.clone()).items()}
     drawn = []
@@ -89,7 +122,7 @@ def _reference(name: str, spec: dict):
         rec = sim.step()
         msg = rec.worker.message
         for q in range(N):  # the wire size of worker q's message restricted to each parameter
-            if a["compressor"].get("scope", "entire") == "entire" and a["compressor"]["kind"] == "topk":
+            if _whole_model(spec):
                 bytes_per_param[q] += int(rec.worker.nbytes[q])  # whole-model mode: one message
                 continue
             row = msg.row(q)
@@ -98,7 +131,7 @@ def _reference(name: str, spec: dict):
                 keep = (cols >= lo) & (cols < hi)
                 part = SparseBatch(hi - lo, torch.tensor([0, int(keep.sum())]), vals[keep], cols[keep] - lo,
                                    dense=row.dense and True, sorted_rows=True)
-                bytes_per_param[q] += int(wire.encoded_nbytes(part, value_dtype="fp32")[0])
+                bytes_per_param[q] += int(wire.encoded_nbytes(part, value_dtype=value_dtype)[0])
     idx = torch.stack(drawn)  # [T, N, B]
     scenario = {**spec, "name": name, "sizes": SIZES, "init": init,
                 "x": [x[idx[:, q]] for q in range(N)], "y": [y[idx[:, q]] for q in range(N)]}
@@ -139,7 +172,7 @@ def _flat(params: dict, names) -> torch.Tensor:
     return torch.cat([params[n].reshape(-1) for n in names])
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("name", COMPARED)
 def test_hook_equals_simulator_layerwise(launched, name):
     refs, results, _ = launched
     sim, nbytes = refs[name]
@@ -148,12 +181,115 @@ def test_hook_equals_simulator_layerwise(launched, name):
         torch.testing.assert_close(got, sim.w, rtol=1e-5, atol=1e-6)
         st = results[name][r]["state"]
         assert st["step"] == T
-        # exact wire size of what this rank sent, parameter by parameter
+        # exact wire size of what this rank's messages are, parameter by parameter (whole-model
+        # mode: one message)
         assert st["ledger"]["uplink_bytes"] == nbytes[r]
+        assert st["ledger"]["downlink_bytes"] == (N - 1) * nbytes[r]
         # the memories are this worker's rows of the simulator's memory, by name
         if sim.worker_state.memory is not None:
             mem = torch.cat([st["memory"][n].reshape(-1) for n in sim.layout.names])
             torch.testing.assert_close(mem, sim.worker_state.memory.flat[r], rtol=1e-5, atol=1e-6)
+
+
+DENSE = ("identity", "threshold_dense_fallback")
+
+
+@pytest.mark.parametrize("name", sorted(n for n in COMPARED if n not in DENSE))
+def test_what_a_rank_sends_is_its_frames_to_each_other_rank_and_the_size_records(launched, name):
+    """sent_bytes = (P - 1) x the frames counted as uplink + (P - 1) x 16 bytes per size record
+    (one record per bucket exchange)."""
+    _, results, _ = launched
+    for r in range(N):
+        ledger = results[name][r]["state"]["ledger"]
+        overhead = ledger["sent_bytes"] - (N - 1) * ledger["uplink_bytes"]
+        assert overhead > 0 and overhead % ((N - 1) * 16) == 0
+        assert results[name][r]["state"]["counters"]["dense_fallbacks"] == 0
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_fallback_never_sends_more_than_dense(launched, name):
+    """Identity, and hard-threshold with lambda 0, keep every entry: each frame is larger than the
+    dense bucket, so every bucket goes as DDP's all-reduce would: sent bytes = the ring
+    all-reduce's and the size records, never the frames."""
+    refs, results, _ = launched
+    for r in range(N):
+        st = results[name][r]["state"]
+        buckets = st["counters"]["dense_fallbacks"]
+        assert buckets >= T
+        assert st["ledger"]["sent_bytes"] == st["counters"]["dense_bytes"] + buckets * (N - 1) * 16
+    # without the fallback the same run would send more (its frames) than dense: the fallback is what bounds it
+    assert (N - 1) * refs[name][1][0] > results[name][0]["state"]["counters"]["dense_bytes"]
+
+
+def test_resume_under_weights_only_is_bit_identical(launched):
+    _, results, _ = launched
+    for r in range(N):
+        a, b = results["topk_ef"][r], results["topk_ef_resumed"][r]
+        for n in a["params"]:
+            assert torch.equal(a["params"][n], b["params"][n]), n
+        for n in a["state"]["memory"]:
+            assert torch.equal(a["state"]["memory"][n], b["state"]["memory"][n]), n
+        assert a["state"]["ledger"] == b["state"]["ledger"]
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_atomically(launched):
+    _, results, _ = launched
+    first = next(iter(SCENARIOS))
+    assert all(results[first][r]["other_world_refused"] for r in range(N))
+
+
+def test_budget_per_parameter_never_exceeds_the_budget(launched):
+    _, results, _ = launched
+    whole = [results["budget_whole_model"][r]["state"]["ledger"]["uplink_bytes"] for r in range(N)]
+    split = [results["budget_per_parameter"][r]["state"]["ledger"]["uplink_bytes"] for r in range(N)]
+    for r in range(N):
+        assert 0.8 * BUDGET_BYTES <= whole[r] <= BUDGET_BYTES
+        assert 0.5 * BUDGET_BYTES <= split[r] <= BUDGET_BYTES
+
+
+def test_bf16_parameters_keep_fp32_memories(launched):
+    _, results, _ = launched
+    a, b = results["bf16_model"]
+    assert a["memory_dtypes"] == ["torch.float32"] and a["error"] is None
+    for n in a["params"]:
+        assert a["params"][n].dtype == torch.bfloat16 and torch.equal(a["params"][n], b["params"][n])
+        assert bool(torch.isfinite(a["params"][n].float()).all())
+    assert a["state"]["step"] == T and a["state"]["ledger"]["uplink_bytes"] > 0
+
+
+def test_join_with_uneven_inputs_finishes_on_every_rank(launched):
+    """Rank 1 runs out of inputs two steps early; under model.join() it runs the hook on zero
+    gradients for the missing steps (its memory keeps draining), so every rank counts T steps and
+    ends with the same parameters."""
+    _, results, _ = launched
+    a, b = results["join_uneven_inputs"]
+    assert a["error"] is None and b["error"] is None
+    assert a["state"]["step"] == b["state"]["step"] == T
+    for n in a["params"]:
+        assert torch.equal(a["params"][n], b["params"][n])
+    assert b["state"]["ledger"]["uplink_bytes"] > 0
+
+
+def test_nonfinite_skip_drops_the_message_and_training_goes_on(launched):
+    _, results, _ = launched
+    a, b = results["nan_skip"]
+    assert a["error"] is None and b["error"] is None
+    assert b["state"]["counters"]["skipped_messages"] >= 1 and a["state"]["counters"]["skipped_messages"] == 0
+    for n in a["params"]:
+        assert bool(torch.isfinite(a["params"][n]).all()) and torch.equal(a["params"][n], b["params"][n])
+    for mem in b["state"]["memory"].values():
+        assert bool(torch.isfinite(mem).all())
+
+
+def test_nonfinite_stop_stops_every_rank_at_the_same_step(launched):
+    _, results, _ = launched
+    errors = [results["nan_stop"][r]["error"] for r in range(N)]
+    assert all(e is not None and "NonFiniteGradient" in e for e in errors), errors
+    assert all("rank(s) [1] at step 3" in e for e in errors), errors
+    assert [results["nan_stop"][r]["state"]["step"] for r in range(N)] == [3, 3]
+    for r in range(N):
+        for n, p in results["nan_stop"][r]["params"].items():
+            assert bool(torch.isfinite(p).all()), n
 
 
 def test_identity_hook_equals_plain_ddp_allreduce(launched):
