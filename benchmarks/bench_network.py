@@ -1,36 +1,40 @@
 """Bandwidth benchmark on a real, rate-limited network: network namespaces, veth pairs, a
-bridge and ``tc tbf``; one DDP rank per namespace; Gloo over the veths.
+bridge and ``tc tbf`` (benchmarks/netns.py); one DDP rank per namespace; Gloo over the veths.
 
-    sudo python benchmarks/bench_network.py [--ranks 4] [--rates 100mbit,1gbit,none]
-        [--params 11000000] [--steps 3] [--methods dense,powersgd,topk0.1,topk1,threshold,ps0.1]
+    sudo python benchmarks/bench_network.py [--ranks 4] [--rates 100mbit,1gbit] [--params 11000000]
+        [--steps 3] [--methods dense,fp16,powersgd1,powersgd4,topk0.1,topk1,threshold,budget,ps0.1]
         [--out benchmarks/results/network]
 
-Topology: a hub namespace holds a bridge; each rank's namespace holds ``eth0`` (10.213.0.R+1/24),
-the other end of its veth is a bridge port in the hub. ``tc qdisc replace dev eth0 root tbf``
-limits each rank's egress (``none``: unshaped). Every name it creates starts with
-``gsbn<pid>-``; it deletes exactly those (namespaces; the veths and the bridge go with them) when
-it ends, also on errors. Without root, ``ip netns`` or ``tc`` it prints why and exits 0.
+Each method trains the same model (Linear 1024x1024 layers, about ``--params`` parameters,
+random data, batch 16, torch pinned to 1 thread per rank):
 
-Each method runs the same model (Linear layers, about ``--params`` parameters, random data):
-``dense`` (DDP's default allreduce), ``powersgd`` (PyTorch's PowerSGD hook, rank 1, one bucket:
-Gloo aborts it with several), and gradsparse's hook with layer-wise top-k at 0.1% and 1% and
-hard-threshold (lambda chosen from the first gradient for about 1% density), all with ``ef``;
-and ``ps0.1``, gradsparse's parameter server (rank 0 serves, the other ranks are workers:
-bidirectional layer-wise top-k at 0.1% with error feedback on both sides, wire-format messages
-over Gloo send/recv; its bytes per step are the mean over all ranks, server included).
+* ``dense``: DDP's default all-reduce; ``fp16``: PyTorch's ``fp16_compress_hook``;
+  ``powersgd1`` / ``powersgd4``: PyTorch's PowerSGD hook, rank 1 / 4 (one bucket: Gloo aborts it
+  with several), start iteration 2;
+* gradsparse's hook with ``ef``: ``topk0.1`` / ``topk1`` (layer-wise top-k at 0.1% / 1%),
+  ``threshold`` (hard-threshold, lambda set for about 1% of the first gradient; with error
+  feedback the memories grow and more passes later: the dense fall-back bounds it), ``budget``
+  (``budget_threshold`` at an average density of 1% planned over 1,000 steps, split per
+  parameter so buckets overlap);
+* ``ps0.1``: gradsparse's parameter server (rank 0 serves the other ranks: bidirectional
+  layer-wise top-k at 0.1% with error feedback on both sides, over point-to-point messages).
+
 Per method: median step time over ``--steps`` timed steps (after 2 untimed: bucket rebuild,
-PowerSGD's start iteration), bytes per step and rank from the kernel's TX counter of ``eth0``
-(what really crossed the shaped link, headers included), and for the hook the time of its own
-compute (worker step on this rank's own gradient + densifying the gathered messages into the
-bucket, no communication) measured alone, as a fraction of the step.
-Prints ratios against dense measured in the same run; writes ``network.csv`` and
-``network.png``.
+PowerSGD's start iteration); per rank, the kernel's TX counter of its ``eth0`` over the timed
+steps (what crossed the shaped link, headers included) and, for gradsparse, the bytes the hook
+reports as sent (``state.sent_bytes``) over the same steps; their ratio; and for the hook, on
+rank 0, the time of its own compute per step (the worker steps of every parameter, encoding
+the frames, decoding P - 1 other ranks' frames and summing them into the bucket: everything but
+the communication), measured alone, as a fraction of the step. Prints ratios against dense
+measured in the same run; writes ``network.csv`` and ``network.png``. Without root, ``ip`` or
+``tc`` it prints why and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -40,66 +44,12 @@ import sys
 import time
 from pathlib import Path
 
-PREFIX = f"gsbn{os.getpid() % 100000}-"
-SUBNET = "10.213.0"
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("gradsparse_netns", HERE / "netns.py")
+netns = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(netns)
 
-
-def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
-
-
-# ---- network ------------------------------------------------------------------------------------
-class Net:
-    def __init__(self, ranks: int) -> None:
-        self.ranks = ranks
-        self.hub = PREFIX + "hub"
-        self.ns = [f"{PREFIX}r{r}" for r in range(ranks)]
-        self.made: list[str] = []
-
-    def up(self) -> None:
-        sh("ip", "netns", "add", self.hub)
-        self.made.append(self.hub)
-        sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.hub, "link", "set", "br0", "up")
-        for r, ns in enumerate(self.ns):
-            sh("ip", "netns", "add", ns)
-            self.made.append(ns)
-            sh("ip", "-n", self.hub, "link", "add", f"v{r}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "-n", self.hub, "link", "set", f"v{r}", "master", "br0")
-            sh("ip", "-n", self.hub, "link", "set", f"v{r}", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{SUBNET}.{r + 1}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-    def shape(self, rate: str) -> None:
-        for ns in self.ns:
-            sh("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
-            if rate != "none":
-                sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
-                   "rate", rate, "burst", "512kb", "latency", "200ms")
-
-    def tx_bytes(self, r: int) -> int:
-        out = sh("ip", "-n", self.ns[r], "-s", "-j", "link", "show", "eth0").stdout
-        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
-
-    def down(self) -> None:
-        for ns in reversed(self.made):  # only what this run created, by name
-            sh("ip", "netns", "del", ns, check=False)
-        self.made.clear()
-
-
-def can_run() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and tc)"
-    for tool in ("ip", "tc"):
-        if shutil.which(tool) is None:
-            return f"needs the '{tool}' command (iproute2)"
-    probe = PREFIX + "probe"
-    r = sh("ip", "netns", "add", probe, check=False)
-    if r.returncode != 0:
-        return f"cannot create a network namespace: {r.stderr.strip()}"
-    sh("ip", "netns", "del", probe, check=False)
-    return None
+METHODS = "dense,fp16,powersgd1,powersgd4,topk0.1,topk1,threshold,budget,ps0.1"
 
 
 # ---- one rank -----------------------------------------------------------------------------------
@@ -113,20 +63,19 @@ def build_model(n_params: int):
     return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())]), width
 
 
-def parameter_server(args, net, width) -> None:
+def parameter_server(args, net, width) -> dict:
     """Method ``ps<density>``: rank 0 is a parameter server, ranks 1..R-1 workers (bidirectional
     top-k at ``density`` with error feedback on both sides, layer-wise). A round: every worker
-    computes its gradient, runs the worker step and sends its wire-format message (header +
-    frame, :mod:`gradsparse.distributed.server`); the server receives all, runs the server step
-    and sends C_down(G) back to every worker, which applies it. Rank 0 times the rounds."""
+    computes its gradient, runs the worker step and sends its message's frames; the server
+    receives all, runs the server step and sends C_down(G) back to every worker, which applies it."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
     import gradsparse.ddp as gddp
     from gradsparse.algorithm import Algorithm
+    from gradsparse.comm import PointToPointChannel
     from gradsparse.compressors import TopK
-    from gradsparse.distributed.server import recv_message, send_message
     from gradsparse.messages import SparseBatch
     from gradsparse.topology import Bidirectional
 
@@ -134,43 +83,71 @@ def parameter_server(args, net, width) -> None:
     density = float(args.method[2:]) / 100
     alg = Algorithm(compressor=TopK(density=density, scope="layerwise", layout=layout), feedback="ef",
                     topology=Bidirectional(TopK(density=density, scope="layerwise", layout=layout)))
+    channel = PointToPointChannel("server" if args.rank == 0 else "worker")
     workers = args.world - 1
     params = list(net.parameters())
     g = torch.Generator().manual_seed(args.rank)
     x, y = torch.randn(16, width, generator=g), torch.randn(16, width, generator=g)
     wstate, sstate = alg.init_worker_state(layout, 1), alg.init_server_state(layout)
     weights = torch.full((workers,), 1.0 / workers)
-    times, sent = [], 0
+    times = []
     for it in range(2 + args.steps):
         if it == 2:
             dist.barrier()
-            Path(args.ready).write_text("timed")
+            time.sleep(0.3)
+            tx0, sent0 = netns.own_tx_bytes(), channel.ledger.sent_bytes
         t0 = time.perf_counter()
         if args.rank == 0:
-            msgs = [recv_message(q, step=it)[0] for q in range(1, args.world)]
+            msgs = [channel.recv("uplink", q, step=it)[2] for q in range(1, args.world)]
             srv = alg.server_step(SparseBatch.cat(msgs), sstate, step=it, lr=0.01, weights=weights)
             sstate = srv.state
             for q in range(1, args.world):
-                sent += send_message(srv.message, q, step=it, charged=srv.nbytes)
+                channel.send(q, "downlink", srv.message, step=it)
         else:
             for p in params:
                 p.grad = None
             F.mse_loss(net(x), y).backward()
             grad = torch.cat([p.grad.reshape(-1) for p in params])[None]
             out = alg.worker_step_in_place(grad, wstate, step=it, lr=0.01)
-            sent += send_message(out.message, 0, step=it, charged=int(out.nbytes[0]))
-            down = recv_message(0, step=it)[0].to_dense()[0]
+            channel.send(0, "uplink", out.message, step=it)
+            down = channel.recv("downlink", 0, step=it)[2].to_dense()[0]
             with torch.no_grad():
                 offset = 0
                 for p in params:
                     p -= down[offset:offset + p.numel()].view_as(p)
                     offset += p.numel()
         times.append(time.perf_counter() - t0)
-    dist.barrier()
-    res = {"d": layout.d, "step_s": statistics.median(times[2:]), "compute_s": None,
-           "wire_bytes_per_step": sent / (2 + args.steps)}
-    Path(args.result).write_text(json.dumps(res))
-    dist.destroy_process_group()
+    time.sleep(0.3)
+    return {"d": layout.d, "step_s": statistics.median(times[2:]), "compute_s": None,
+            "tx": netns.own_tx_bytes() - tx0, "sent": channel.ledger.sent_bytes - sent0}
+
+
+def hook_compute_seconds(model, state, x, y, world: int) -> float:
+    """The hook's own work for one step on this rank's real gradient, without communication:
+    worker steps, frames, decoding P - 1 payloads (this rank's, standing in for the others') and
+    the aggregate written into a bucket. On a copy of the state (the run's memories stay put)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    import gradsparse.ddp as gddp
+    from gradsparse import wire
+
+    model.zero_grad()
+    with model.no_sync():  # this rank's own gradient, not the aggregate
+        F.mse_loss(model(x), y).backward()
+    params = [p for p in model.module.parameters() if p.requires_grad]
+    bucket = torch.cat([p.grad.reshape(-1) for p in params])
+    twin = copy.deepcopy(state)
+    twin._bind({n: p for n, p in model.module.named_parameters()})
+    t0 = time.perf_counter()
+    segs, outs = gddp.compress_bucket(twin, params, bucket, twin.step, 0.01, 0)
+    payload = torch.frombuffer(bytearray(b"".join(wire.encode(o.message, value_dtype=s.alg.value_dtype)
+                                                  for s, o in zip(segs, outs))), dtype=torch.uint8)
+    rows = gddp.decode_bucket([payload] * world, 0, outs, max_d=max(p.numel() for p in params))
+    gddp.aggregate_bucket(twin, segs, rows, bucket, 0.01, twin.step, world)
+    return time.perf_counter() - t0
 
 
 def worker(args) -> None:
@@ -180,30 +157,43 @@ def worker(args) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://{SUBNET}.1:{args.port}", rank=args.rank, world_size=args.world)
+    dist.init_process_group("gloo", init_method=f"tcp://{netns.SUBNET}.1:{args.port}", rank=args.rank, world_size=args.world)
     net, width = build_model(args.params)
     if args.method.startswith("ps"):
-        return parameter_server(args, net, width)
+        res = parameter_server(args, net, width)
+        Path(args.result).write_text(json.dumps(res))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     d = sum(p.numel() for p in net.parameters())
     method = args.method
-    model = DDP(net, bucket_cap_mb=100_000 if method == "powersgd" else 25)
+    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else 25)
     state = None
-    if method == "powersgd":
+    if method.startswith("powersgd"):
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
 
-        model.register_comm_hook(P.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+        model.register_comm_hook(P.PowerSGDState(process_group=None, matrix_approximation_rank=int(method[8:]),
                                                  start_powerSGD_iter=2), P.powerSGD_hook)
+    elif method == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif method != "dense":
         import gradsparse.ddp as gddp
         from gradsparse.algorithm import Algorithm
-        from gradsparse.compressors import HardThreshold, TopK
+        from gradsparse.compressors import BudgetThreshold, HardThreshold, TopK
 
         layout = gddp.layout_of(net)
+        whole = None
         if method.startswith("topk"):
             comp = TopK(density=float(method[4:]) / 100, scope="layerwise", layout=layout)
+        elif method == "budget":
+            # planned over a long run (1,000 steps), of which a few are timed: the steady state
+            comp, whole = BudgetThreshold(density=0.01, steps=1000, scope="layerwise", layout=layout), False
         else:
             comp = HardThreshold(args.threshold)
-        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback="ef"), lr=0.01)
+        feedback = "ef-scaled" if method == "budget" else "ef"
+        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback=feedback), lr=0.01, whole_model=whole)
         model.register_comm_hook(state, gddp.hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(args.rank)
@@ -213,33 +203,22 @@ def worker(args) -> None:
     for it in range(2 + args.steps):
         if it == 2:
             dist.barrier()
-            Path(args.ready).write_text("timed")
+            time.sleep(0.3)  # the barrier's packets and acknowledgements are out
+            tx0, sent0 = netns.own_tx_bytes(), (state.sent_bytes if state is not None else 0)
         t0 = time.perf_counter()
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         opt.step()
         times.append(time.perf_counter() - t0)
+    time.sleep(0.3)  # delayed acknowledgements of the last step
+    tx = netns.own_tx_bytes() - tx0
+    sent = None if state is None else state.sent_bytes - sent0
     dist.barrier()
     compute = None
-    if state is not None and args.rank == 0:  # the hook's own compute, alone, on a real gradient
-        import copy
-
-        from gradsparse.messages import SparseBatch
-
-        opt.zero_grad()
-        with model.no_sync():  # this rank's own gradient, not the aggregate
-            F.mse_loss(model(x), y).backward()
-        grads = {n: p.grad.detach().reshape(1, -1).clone() for n, p in model.module.named_parameters()}
-        segments = copy.deepcopy(state.segments)  # the timing must not move the run's memories
-        weights = torch.full((args.world,), 1.0 / args.world)
-        t0 = time.perf_counter()
-        for name, seg in segments.items():
-            out = seg.alg.worker_step_in_place(grads[name], seg.worker, step=state.step, lr=0.01)
-            batch = SparseBatch.cat([out.message] * args.world)  # the all-gathered messages
-            batch.weighted_sum(weights, out=grads[name][0])  # densify into the bucket
-        compute = time.perf_counter() - t0
-    res = {"d": d, "step_s": statistics.median(times[2:]), "compute_s": compute,
-           "wire_bytes_per_step": (state.uplink_bytes / state.step) if state is not None and state.step else None}
+    if state is not None and args.rank == 0:
+        compute = hook_compute_seconds(model, state, x, y, args.world)
+    res = {"d": d, "step_s": statistics.median(times[2:]), "compute_s": compute, "tx": tx, "sent": sent,
+           "dense_fallbacks": None if state is None else state.dense_fallbacks}
     Path(args.result).write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -257,27 +236,22 @@ def choose_threshold(n_params: int, density: float = 0.01) -> float:
     return float(torch.quantile(a[torch.randperm(a.numel())[:1_000_000]], 1 - density))
 
 
-def run_method(net: Net, method: str, args, tmp: Path, threshold: float) -> dict:
-    port = 29500 + (os.getpid() + hash(method)) % 2000
+def run_method(net, method: str, args, tmp: Path, threshold: float) -> dict:
+    port = 29500 + (os.getpid() + sum(map(ord, method))) % 2000
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    procs, results, ready = [], [], []
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])}
+    procs, results = [], []
     for r in range(args.ranks):
-        res, rd = tmp / f"{method}.{r}.json", tmp / f"{method}.{r}.ready"
-        for f in (res, rd):
-            f.unlink(missing_ok=True)
+        res = tmp / f"{method}.{r}.json"
+        res.unlink(missing_ok=True)
         results.append(res)
-        ready.append(rd)
         procs.append(subprocess.Popen(
-            ["ip", "netns", "exec", net.ns[r], sys.executable, __file__, "--worker", "--rank", str(r), "--world",
-             str(args.ranks), "--port", str(port), "--method", method, "--params", str(args.params), "--steps",
-             str(args.steps), "--threshold", str(threshold), "--result", str(res), "--ready", str(rd),
-             "--tx-file", "-"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            net.exec_prefix(r) + [sys.executable, __file__, "--worker", "--rank", str(r), "--world", str(args.ranks),
+                                  "--port", str(port), "--method", method, "--params", str(args.params), "--steps",
+                                  str(args.steps), "--threshold", str(threshold), "--result", str(res)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     deadline = time.time() + args.timeout
-    tx0 = None
     while any(p.poll() is None for p in procs) and time.time() < deadline:
-        if tx0 is None and all(rd.exists() for rd in ready):
-            tx0 = [net.tx_bytes(r) for r in range(args.ranks)]
         time.sleep(0.05)
     if any(p.poll() is None for p in procs):
         for p in procs:
@@ -286,35 +260,38 @@ def run_method(net: Net, method: str, args, tmp: Path, threshold: float) -> dict
     if any(p.returncode != 0 for p in procs):
         out = procs[0].stdout.read().decode(errors="replace")[-400:]
         return {"method": method, "error": f"rank failed: {out.strip().splitlines()[-1] if out.strip() else '?'}"}
-    tx1 = [net.tx_bytes(r) for r in range(args.ranks)]
-    r0 = json.loads(results[0].read_text())
-    # TX from the first timed step to the end: timed steps plus the final barrier (small)
-    tx = statistics.mean((b - a) / args.steps for a, b in zip(tx0 or tx1, tx1))
-    return {"method": method, "step_s": r0["step_s"], "tx_bytes_per_step": tx, "d": r0["d"],
+    ranks = [json.loads(res.read_text()) for res in results]
+    r0 = ranks[0]
+    tx = statistics.mean(r["tx"] / args.steps for r in ranks)
+    sent = None if r0["sent"] is None else statistics.mean(r["sent"] / args.steps for r in ranks)
+    ratios = None if r0["sent"] is None else [r["sent"] / r["tx"] for r in ranks]
+    return {"method": method, "step_s": r0["step_s"], "tx_bytes_per_step": tx, "reported_bytes_per_step": sent,
+            "reported_over_tx_min": None if ratios is None else min(ratios),
+            "reported_over_tx_max": None if ratios is None else max(ratios), "d": r0["d"],
             "compute_fraction": None if r0["compute_s"] is None else r0["compute_s"] / r0["step_s"],
-            "wire_bytes_per_step": r0["wire_bytes_per_step"]}
+            "dense_fallbacks": r0.get("dense_fallbacks")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--rates", default="100mbit,1gbit,none")
+    ap.add_argument("--rates", default="100mbit,1gbit")
     ap.add_argument("--params", type=int, default=11_000_000)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--methods", default="dense,powersgd,topk0.1,topk1,threshold,ps0.1")
-    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--timeout", type=float, default=400)
     ap.add_argument("--out", default="benchmarks/results/network")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
         ap.add_argument(a, type=int, help=argparse.SUPPRESS)
-    for a in ("--method", "--result", "--ready", "--tx-file"):
+    for a in ("--method", "--result"):
         ap.add_argument(a, help=argparse.SUPPRESS)
     ap.add_argument("--threshold", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    why = can_run()
+    why = netns.can_run()
     if why:
         print(f"bench_network: skipped: {why}")
         return 0
@@ -324,7 +301,7 @@ def main(argv=None) -> int:
     tmp.mkdir(exist_ok=True)
     methods = args.methods.split(",")
     threshold = choose_threshold(args.params) if "threshold" in methods else 0.0
-    net = Net(args.ranks)
+    net = netns.Net(args.ranks)
     rows = []
     try:
         net.up()
@@ -337,13 +314,16 @@ def main(argv=None) -> int:
     finally:
         net.down()
         shutil.rmtree(tmp, ignore_errors=True)
-    fields = ["rate", "ranks", "method", "d", "step_s", "tx_bytes_per_step", "wire_bytes_per_step", "compute_fraction", "error"]
+    fields = ["rate", "ranks", "method", "d", "step_s", "tx_bytes_per_step", "reported_bytes_per_step",
+              "reported_over_tx_min", "reported_over_tx_max", "compute_fraction", "dense_fallbacks", "error"]
     with open(out / "network.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
-    print(f"\n{'rate':>8} {'method':>10} {'step s':>9} {'MB/step/rank':>13} {'speedup':>8} {'bytes/dense':>12} {'compute':>8}")
+    print(f"\n{args.ranks} ranks, torch 1 thread per rank; per rank and step")
+    print(f"{'rate':>8} {'method':>10} {'step s':>8} {'speed-up':>9} {'TX KB':>10} {'reported KB':>12} "
+          f"{'rep/TX':>12} {'TX/dense':>9} {'compute':>8}")
     for rate in args.rates.split(","):
         dense = next((r for r in rows if r["rate"] == rate and r["method"] == "dense" and "error" not in r), None)
         for r in (r for r in rows if r["rate"] == rate):
@@ -352,24 +332,31 @@ def main(argv=None) -> int:
                 continue
             sp = dense["step_s"] / r["step_s"] if dense else float("nan")
             br = r["tx_bytes_per_step"] / dense["tx_bytes_per_step"] if dense else float("nan")
+            rep = "" if r["reported_bytes_per_step"] is None else f"{r['reported_bytes_per_step'] / 1e3:.1f}"
+            ratio = "" if r["reported_over_tx_min"] is None else f"{r['reported_over_tx_min']:.3f}-{r['reported_over_tx_max']:.3f}"
             cf = "" if r["compute_fraction"] is None else f"{r['compute_fraction']:.1%}"
-            print(f"{rate:>8} {r['method']:>10} {r['step_s']:>9.3f} {r['tx_bytes_per_step'] / 1e6:>13.3f} {sp:>7.1f}x {br:>12.4f} {cf:>8}")
+            print(f"{rate:>8} {r['method']:>10} {r['step_s']:>8.3f} {sp:>8.1f}x {r['tx_bytes_per_step'] / 1e3:>10.1f} "
+                  f"{rep:>12} {ratio:>12} {br:>9.4f} {cf:>8}")
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         rates = args.rates.split(",")
+        width = 0.8 / max(1, len(methods))
         for i, m in enumerate(methods):
-            vals = [next((r["step_s"] for r in rows if r["rate"] == rt and r["method"] == m and "error" not in r), float("nan"))
-                    for rt in rates]
-            ax.bar([j + i * 0.15 for j in range(len(rates))], vals, width=0.15, label=m)
-        ax.set_xticks([j + 0.3 for j in range(len(rates))], rates)
-        ax.set_ylabel("seconds per step")
-        ax.set_yscale("log")
-        ax.legend()
+            for ax, key in zip(axes, ("step_s", "tx_bytes_per_step")):
+                vals = [next((r[key] for r in rows if r["rate"] == rt and r["method"] == m and "error" not in r), float("nan"))
+                        for rt in rates]
+                ax.bar([j + i * width for j in range(len(rates))], vals, width=width, label=m)
+        for ax, label in zip(axes, ("seconds per step", "bytes sent per rank and step (kernel TX)")):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rates))], rates)
+            ax.set_ylabel(label)
+            ax.set_yscale("log")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{args.ranks} ranks, {rows[0].get('d', '?')} parameters")
         fig.tight_layout()
         fig.savefig(out / "network.png", dpi=120)
     except Exception as exc:  # the CSV is the result; the plot is a convenience

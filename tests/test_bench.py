@@ -34,7 +34,7 @@ def test_target_verdicts_use_the_worst_row_at_the_largest_size():
     # targets of benchmarks that did not run are left out
     assert not any(t.startswith("Rice") for t in v)
     assert len(check_targets({})) == 0
-    assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator", "async"}
+    assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator", "async", "hook"}
 
 
 def test_quick_bench_writes_rows_and_a_target_table(tmp_path, capsys):
@@ -49,3 +49,13 @@ def test_quick_bench_writes_rows_and_a_target_table(tmp_path, capsys):
     assert float(byte_aligned["measured"]) <= 1.35 and byte_aligned["met"] == "True"
     assert (tmp_path / "wire.csv").exists()
     assert main(["--only", "nope"]) == 2
+
+
+def test_hook_targets_read_the_encode_decode_share_per_density():
+    rows = {"hook": [dict(case="hook step, top-k 0.1% layer-wise, 4 ranks", density=0.001, encdec_fraction=0.5),
+                     dict(case="hook step, top-k 1.0% layer-wise, 4 ranks", density=0.01, encdec_fraction=0.25)]}
+    v = _by_target(check_targets(rows))
+    assert v["DDP hook, top-k 0.1% layer-wise: encode + decode <= 40% of the hook's compute"]["met"] is False
+    assert v["DDP hook, top-k 1.0% layer-wise: encode + decode <= 40% of the hook's compute"] == {
+        "target": "DDP hook, top-k 1.0% layer-wise: encode + decode <= 40% of the hook's compute",
+        "measured": 0.25, "met": True}

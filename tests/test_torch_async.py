@@ -63,6 +63,24 @@ def test_one_worker_over_processes_equals_the_simulator(tmp_path):
     assert s["engine"] == "torch_async" and s["staleness_histogram"] == {"0": 30} and s["drained_messages"] == 0
 
 
+def test_one_worker_of_a_float64_task_equals_the_simulator_bitwise(tmp_path):
+    """Values travel as fp32 frames (the default value_dtype) in both engines, rounded the same
+    way; the model goes down as a dense float64 frame: parameters and bytes agree exactly."""
+    cfg = {**CONFIG, "task": {"name": "linreg", "options": {"n_samples": 200, "n_features": 30, "dtype": "float64"}},
+           "steps": 12, "metrics": {"every": 4, "names": ["step", "loss", "uplink_bytes", "downlink_bytes"]}}
+    out = _launch(tmp_path, cfg, nproc=2)
+    ref = run(load_config(cfg), tmp_path / "sim", progress=False)
+    a = torch.load(out / "checkpoint.pt", weights_only=True)
+    b = torch.load(ref / "checkpoint.pt", weights_only=True)
+    assert a["w"].dtype == torch.float64 and torch.equal(a["w"], b["w"])
+    got, want = read_metrics(out), read_metrics(ref)
+    assert got["loss"] == want["loss"] and got["uplink_bytes"] == want["uplink_bytes"]
+    # the simulator also charges the model it sends after the last update: one dense frame of 30
+    # float64 values (fixed header 9, d 1, count 1, index length 1, value length 2, CRC 4)
+    model_bytes = 30 * 8 + 9 + 1 + 1 + 1 + 2 + 4
+    assert want["downlink_bytes"][-1] - got["downlink_bytes"][-1] == model_bytes
+
+
 def test_three_workers_follow_the_protocol(tmp_path):
     cfg = {**CONFIG, "workers": {"count": 3, "batch_size": 8}, "steps": 60,
            "asynchronous": {"drop_older_than": 1}}

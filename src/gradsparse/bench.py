@@ -13,7 +13,7 @@ import csv
 import importlib.util
 from pathlib import Path
 
-BENCHES = ("topk", "wire", "simulator", "async")
+BENCHES = ("topk", "wire", "simulator", "async", "hook")
 
 
 def _bench_dir() -> Path:
@@ -80,6 +80,11 @@ TARGETS: tuple = (
      dict(case_prefix="sync step [grouped+in-place]"), "speedup_vs_loop", ">=", 5.0),
     ("async", "asynchronous engine, LeNet batch 64, top-k 10% memory: <= 1.3x a plain SGD step per update",
      dict(case_prefix="async engine"), "overhead_vs_plain_sgd", "<=", 1.3),
+    *(
+        ("hook", f"DDP hook, top-k {rho:.1%} layer-wise: encode + decode <= 40% of the hook's compute",
+         dict(case_prefix="hook step", density=rho), "encdec_fraction", "<=", 0.4)
+        for rho in (0.001, 0.01)
+    ),
 )
 
 

@@ -761,6 +761,9 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "downlink_bytes": engine.ledger.downlink_bytes,
         "uplink_messages": engine.ledger.uplink_messages,
         "downlink_messages": engine.ledger.downlink_messages,
+        # what this process (rank 0 of a real run) handed to its transport; 0 in the simulators
+        "sent_bytes": engine.ledger.sent_bytes,
+        "diagnostic_bytes": engine.ledger.diagnostic_bytes,
         "avg_density": engine.density_sum / max(engine.t, 1),
         "total_error": engine.total_error if engine.track_total_error else None,
         "on_nonfinite": cfg.on_nonfinite,
