@@ -450,10 +450,6 @@ def _as_uint8(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
-def _dense_frame_nbytes(numel: int, value_dtype: str) -> int:
-    return wire.dense_nbytes(numel, wire.value_dtype_of(value_dtype).itemsize)
-
-
 def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The communication hook (see the module docstring)."""
     buf = bucket.buffer()
@@ -465,7 +461,7 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
     state.dense_bytes += ring_all_reduce_nbytes(buf.numel() * buf.element_size(), world)
     if step < state.warmup_steps:
         buf.div_(world)
-        fut = channel.all_reduce(buf, message_nbytes=sum(_dense_frame_nbytes(p.numel(), "fp32") for p in params),
+        fut = channel.all_reduce(buf, message_nbytes=sum(wire.dense_nbytes(p.numel(), buf.element_size()) for p in params),
                                  messages=len(params))
         state.messages += len(params)
         if is_last:
