@@ -485,9 +485,13 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
             n = p.numel()
             buf[off : off + n].copy_(o.message.to_dense()[0].to(buf.dtype))
             off += n
-        fut = channel.all_reduce(buf, message_nbytes=payload.numel(), messages=len(outs))
-        return fut.then(lambda f: aggregate_bucket(state, segs, [[SparseBatch.from_dense(v[None])] for v in
-                                                                  _slices(f.value(), params)], buf, lr, step, world))
+        summed = channel.all_reduce(buf, message_nbytes=payload.numel(), messages=len(outs))
+
+        def finish_dense(f):  # per parameter one dense row: the sum of the P messages
+            rows = [[SparseBatch.from_dense(v[None])] for v in _slices(f.value(), params)]
+            return aggregate_bucket(state, segs, rows, buf, lr, step, world)
+
+        return summed.then(finish_dense)
     fut = channel.send_frames(payload, sizes, messages=len(outs))
     rank = channel.rank
 
