@@ -16,13 +16,17 @@ A run directory holds:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +44,7 @@ from ..segments import Layout
 from ..staleness import StalenessDampening
 from ..tasks import make_task
 from .asynchronous import target_reached
+from .rundir import RunLock, StorageError, atomic_save, atomic_write_text, clean_leftovers, storage
 
 
 def build_task(cfg: RunConfig):
@@ -229,6 +234,16 @@ class RunDiverged(RunEnded, FloatingPointError):
     exit_code = 3
 
 
+class RunFailed(RunEnded):
+    """A write of the run directory failed (disk full, I/O error, read-only file system): one line
+    (CLI exit 4). The run directory, when the run had written a checkpoint, is installed with
+    status ``failed`` and that checkpoint (continue with ``--resume`` once there is space); a
+    resumed run's previous checkpoint is kept."""
+
+    status = "failed"
+    exit_code = 4
+
+
 class RunInterrupted(RunEnded):
     """SIGINT / SIGTERM: the step finished, a checkpoint and the summary (status
     ``interrupted``) were written (CLI exit 128 + signal: 130 / 143)."""
@@ -318,16 +333,8 @@ def _strict_json(x):
     return v if math.isfinite(v) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_atomic_write_text = atomic_write_text
+_atomic_save = atomic_save
 
 
 class _Signals:
@@ -398,7 +405,10 @@ def check_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> None:
 
 
 class _RunState:
-    """What the runner itself must carry across a resume (the engine has its own state_dict)."""
+    """What the runner itself must carry across a resume (the engine has its own state_dict):
+    the metric rows, running maxima, skipped messages, wall time, and who the run is: its run id
+    (drawn when the run starts; also in config.yaml and summary.json), the resolved config the
+    checkpoint was written with, and the config changes allowed on resume."""
 
     def __init__(self, columns) -> None:
         self.columns = list(columns)
@@ -408,10 +418,14 @@ class _RunState:
         self.maxima: dict = {}
         self.skipped = 0
         self.wall = 0.0
+        self.run_id: str = uuid.uuid4().hex
+        self.config: str | None = None
+        self.config_changes: list[dict] = []
 
     def state_dict(self) -> dict:
         return {"columns": self.columns, "rows": self.rows, "rr_rows": self.rr_rows, "worker_rows": self.worker_rows,
-                "maxima": dict(self.maxima), "skipped_messages": self.skipped, "wall_seconds": self.wall}
+                "maxima": dict(self.maxima), "skipped_messages": self.skipped, "wall_seconds": self.wall,
+                "run_id": self.run_id, "config": self.config, "config_changes": list(self.config_changes)}
 
     def load_state_dict(self, sd: dict) -> None:
         if list(sd["columns"]) != self.columns:
@@ -419,16 +433,57 @@ class _RunState:
         self.rows, self.rr_rows, self.worker_rows = list(sd["rows"]), list(sd["rr_rows"]), list(sd["worker_rows"])
         self.maxima = dict(sd["maxima"])
         self.skipped, self.wall = int(sd["skipped_messages"]), float(sd["wall_seconds"])
+        if sd.get("run_id"):
+            self.run_id = str(sd["run_id"])
+        self.config_changes = list(sd.get("config_changes") or [])
+
+
+#: the first line of a run directory's config.yaml (a YAML comment: the file still loads as a config)
+_CONFIG_HEADER = "# gradsparse run {run_id}: the resolved config of this run (gradsparse run --resume refuses " \
+                 "an edited copy unless --allow-config-change)\n"
+_RUN_ID_LINE = re.compile(r"^# gradsparse run ([0-9a-f]{32})\b")
+
+
+def run_id_of_config(text: str) -> str | None:
+    """The run id in a run directory's config.yaml (its first line), or None."""
+    m = _RUN_ID_LINE.match(text)
+    return m.group(1) if m else None
+
+
+def config_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_differences(before: str, after: str) -> dict[str, list]:
+    """The dotted keys whose values differ between two resolved configs: key -> [before, after]."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict) and node:
+            out = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: node}
+
+    a, b = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
+    return {k: [a.get(k), b.get(k)] for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)}
+
+
+def _describe_changes(changes: dict[str, list]) -> str:
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None,
         overwrite: bool = False, resume_state: dict | None = None,
         on_checkpoint: Callable[[int, dict], None] | None = None,
-        on_step: Callable[[int], None] | None = None) -> Path:
+        on_step: Callable[[int], None] | None = None, allow_config_change: bool = False) -> Path:
     """Run ``cfg``; returns the run directory (status ``completed``). Raises ConfigError before
-    anything is written, :class:`RunDiverged` / :class:`RunInterrupted` after writing the run
-    directory with that status. The directory is written into a temporary sibling and renamed
-    into place, so it is whole or absent.
+    anything is written (:class:`~gradsparse.experiments.rundir.RunDirectoryBusy` when another
+    process writes the same directory), :class:`RunDiverged` / :class:`RunInterrupted` after
+    writing the run directory with that status, :class:`RunFailed` when a write failed. The
+    directory is written into a temporary sibling and renamed into place, so it is whole or
+    absent; the run holds the directory's lock throughout (one writer).
 
     For the torch.distributed worker (:mod:`gradsparse.distributed.restart`): ``resume_state``
     (a ``checkpoint.pt`` dict) starts the run from that state; ``on_checkpoint(step, state)`` is
@@ -437,12 +492,28 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         raise ConfigError("--out '': an empty path; give a directory for the run")
     final = Path(out) if out is not None else default_out(cfg)
     check_out_dir(final, overwrite=overwrite)
-    return _execute(cfg, final, progress=progress, resume=resume_state, on_checkpoint=on_checkpoint, on_step=on_step)
+    if final.is_symlink() and final.is_dir():  # write where the link points (the link stays)
+        final = Path(os.path.realpath(final))
+    lock = RunLock(final).acquire()
+    try:
+        clean_leftovers(final)
+        check_out_dir(final, overwrite=overwrite)  # again, under the lock: another run may have ended meanwhile
+        return _execute(cfg, final, progress=progress, resume=resume_state, on_checkpoint=on_checkpoint,
+                        on_step=on_step, allow_config_change=allow_config_change, lock=lock)
+    finally:
+        lock.release()
 
 
-def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
+def resume(run_dir: str | Path, *, progress: bool | None = None, allow_config_change: bool = False) -> Path:
     """Continue the run in ``run_dir`` from its checkpoint: the same metrics.csv and final state
-    as the uninterrupted run, bitwise."""
+    as the uninterrupted run, bitwise.
+
+    Refused (ConfigError) when the checkpoint belongs to another run (its run id differs from the
+    one in config.yaml or summary.json), when config.yaml differs from the config the checkpoint
+    was written with (each changed key named) unless ``allow_config_change`` (the changes are then
+    recorded in summary.json's ``config_changes``), when ``steps`` is below the checkpoint's step,
+    and when the run already completed. The directory's checkpoint stays until a newer one is
+    written (a resumed run that diverges again before its next checkpoint keeps it)."""
     from ..config import load_config
 
     run_dir = Path(run_dir)
@@ -453,36 +524,66 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
             raise ConfigError(f"--resume {str(run_dir)!r}: a stopped engine 'torch' run (only its restart checkpoints "
                               f"exist): continue it with gradsparse launch --resume {run_dir}")
         raise ConfigError(f"--resume {str(run_dir)!r}: not a directory")
+    if run_dir.is_symlink():
+        run_dir = Path(os.path.realpath(run_dir))
+    lock = RunLock(run_dir, key="--resume").acquire()
+    try:
+        clean_leftovers(run_dir)
+        return _resume_locked(run_dir, progress, allow_config_change, lock, load_config)
+    finally:
+        lock.release()
+
+
+def _resume_locked(run_dir: Path, progress, allow_config_change: bool, lock, load_config) -> Path:
+    where = f"--resume {str(run_dir)!r}"
     for f in ("config.yaml", "checkpoint.pt"):
         if not (run_dir / f).is_file():
-            raise ConfigError(f"--resume {str(run_dir)!r}: no {f} (is it a run directory with a checkpoint?)")
-    status = None
+            raise ConfigError(f"{where}: no {f} (is it a run directory with a checkpoint?)")
+    summary = {}
     if (run_dir / "summary.json").is_file():
         try:
-            status = json.loads((run_dir / "summary.json").read_text()).get("status")
-        except (ValueError, OSError, AttributeError):
-            status = None
-    if status == "completed":
-        raise ConfigError(f"--resume {str(run_dir)!r}: the run is already completed")
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (ValueError, OSError):
+            summary = {}
+        summary = summary if isinstance(summary, dict) else {}
+    if summary.get("status") == "completed":
+        raise ConfigError(f"{where}: the run is already completed")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.engine == "torch":
-        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch' run continues under torchrun from its "
+        raise ConfigError(f"{where}: an engine 'torch' run continues under torchrun from its "
                           f"per-rank restart checkpoints: gradsparse launch --resume {run_dir}")
     if cfg.engine == "torch_async":
-        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch_async' run keeps no restart checkpoints "
+        raise ConfigError(f"{where}: an engine 'torch_async' run keeps no restart checkpoints "
                           "(real timing makes it unrepeatable); start it again")
     check_out_dir(run_dir, overwrite=True, key="--resume")
     try:
         sd = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(sd, dict) or "runner" not in sd:
-        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt holds no runner state (written by an older version?)")
-    return _execute(cfg, run_dir, progress=progress, resume=sd)
+        raise ConfigError(f"{where}: checkpoint.pt cannot be read ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("runner"), dict):
+        raise ConfigError(f"{where}: checkpoint.pt holds no runner state (written by an older version?)")
+    runner_sd = sd["runner"]
+    ours = runner_sd.get("run_id")
+    if not ours:
+        if not allow_config_change:
+            raise ConfigError(f"{where}: checkpoint.pt carries no run id (written by an older gradsparse), so it "
+                              "cannot be checked to belong to this run and config; continue anyway with "
+                              "--allow-config-change")
+    else:
+        text = (run_dir / "config.yaml").read_text()
+        for name, theirs in (("config.yaml", run_id_of_config(text)), ("summary.json", summary.get("run_id"))):
+            if theirs is not None and theirs != ours:
+                raise ConfigError(f"{where}: checkpoint.pt belongs to run {ours}, but {name} to run {theirs}: the "
+                                  "checkpoint comes from another run directory; put back this run's checkpoint.pt "
+                                  "(or start a new run)")
+    return _execute(cfg, run_dir, progress=progress, resume=sd, carry_checkpoint=run_dir / "checkpoint.pt",
+                    allow_config_change=allow_config_change, resume_key=where, lock=lock)
 
 
 def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None,
-             on_checkpoint=None, on_step=None) -> Path:
+             on_checkpoint=None, on_step=None, carry_checkpoint: Path | None = None,
+             allow_config_change: bool = False, resume_key: str | None = None, lock=None) -> Path:
     engine = build_engine(cfg)
     steps = total_steps(cfg, engine)
     names = list(dict.fromkeys(["step", "epoch", *cfg.metrics.names]))
@@ -500,13 +601,33 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
                           f"(it records: {', '.join(m for m in METRICS if m in engine.metrics)})")
     state = _RunState(columns)
     state.maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
+    state.config = dump_config(cfg)
     if resume is not None:
+        where = resume_key or f"--resume {str(final)!r}"
+        runner_sd = resume["runner"]
+        written_with = runner_sd.get("config")
+        if written_with is not None and written_with != state.config:
+            changes = config_differences(written_with, state.config)
+            if not allow_config_change:
+                raise ConfigError(f"{where}: the config differs from the one the checkpoint was written with: "
+                                  f"{_describe_changes(changes)}; restore it, or pass --allow-config-change to "
+                                  "continue with the changed config (recorded in summary.json)")
+        else:
+            changes = {}
+        at = int(resume.get("t", 0))
+        if steps < at:
+            raise ConfigError(f"config key 'steps': the run is to end at step {steps}, below the checkpoint's step "
+                              f"{at}; a resumed run continues from its checkpoint, so give steps >= {at}")
         try:
             engine.load_state_dict({k: v for k, v in resume.items() if k != "runner"})
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise ConfigError(f"--resume {str(final)!r}: checkpoint does not fit the run's config: {exc}") from None
-        state.load_state_dict(resume["runner"])
+            raise ConfigError(f"{where}: checkpoint does not fit the run's config: {exc}") from None
+        state.load_state_dict(runner_sd)
         engine.alg.skipped_messages = state.skipped
+        if changes:
+            state.config_changes.append({"at_step": at, "changes": changes})
+            print(f"gradsparse: note: resuming {final} at step {at} with a changed config (--allow-config-change): "
+                  f"{_describe_changes(changes)}", file=sys.stderr)
     is_async = hasattr(engine, "staleness_histogram")
     async_stats = None
     if is_async:
@@ -515,47 +636,71 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
         async_stats = AsyncRowStats(engine, names)
 
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    with storage("the run directory", tmp):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if lock is not None:
+        lock.keep_created()
     try:
+        if carry_checkpoint is not None:
+            # the checkpoint being resumed stays in the new directory until a newer one replaces it
+            _carry(carry_checkpoint, tmp / "checkpoint.pt")
         return _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
                      on_checkpoint, on_step)
+    except RunFailed:
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _carry(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link when the file system allows: no bytes copied;
+    checkpoints are replaced by rename, never written in place, so the link never changes ``src``)."""
+    with storage("the checkpoint", dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
 def _install(tmp: Path, final: Path) -> None:
     """Rename the finished temporary directory into place (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    with storage("the run directory", final):
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
 
 
 def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
           on_checkpoint=None, on_step=None) -> Path:
-    (tmp / "config.yaml").write_text(dump_config(cfg))
     show = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
     wall0 = state.wall
-    f = open(tmp / "metrics.csv", "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(state.rows)
+    with storage("config.yaml in", tmp):
+        (tmp / "config.yaml").write_text(_CONFIG_HEADER.format(run_id=state.run_id) + state.config)
+        f = open(tmp / "metrics.csv", "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(state.rows)
 
     def record(row: dict) -> None:
         if "skipped_messages" in columns:
             row["skipped_messages"] = engine.alg.skipped_messages
         full = {c: row.get(c, "") for c in columns}
-        writer.writerow(full)
-        f.flush()
+        with storage("metrics.csv in", tmp):
+            writer.writerow(full)
+            f.flush()
         state.rows.append(full)
         if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
             norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
@@ -571,11 +716,51 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
             on_checkpoint(engine.t, sd)
 
     def finish(status: str, extra: dict | None = None) -> None:
-        f.close()
+        with storage("metrics.csv in", tmp):
+            f.close()
         state.wall = wall0 + time.perf_counter() - t0
         state.skipped = engine.alg.skipped_messages
-        _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
+        with storage("the outputs in", tmp):
+            _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
 
+    try:
+        return _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show,
+                      record=record, checkpoint=checkpoint, finish=finish, on_step=on_step)
+    except StorageError as exc:
+        raise _failed(exc, cfg, engine, tmp, final, finish, f) from None
+
+
+def _failed(exc: StorageError, cfg, engine, tmp: Path, final: Path, finish, metrics_file) -> "RunFailed":
+    """A write failed mid-run: keep what can be kept. When the temporary directory holds a
+    checkpoint (the last one written whole), it becomes the run directory with status
+    ``failed`` (continue with --resume once the disk has room); otherwise it is removed and an
+    existing run directory (a resumed run's) stays as it was."""
+    message = f"{exc.strerror or exc}; the run stopped after step {engine.t}"
+    at = _checkpoint_step(tmp)
+    if at is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f"; {final} keeps its previous checkpoint" if (final / "checkpoint.pt").is_file() else \
+            "; nothing was kept (no checkpoint had been written)"
+        return RunFailed(message + where, final if final.is_dir() else None)
+    try:
+        metrics_file.close()
+    except OSError:
+        pass
+    try:
+        finish("failed", {"failed_at_step": engine.t, "checkpoint_step": at, "message": message})
+    except (StorageError, OSError):
+        pass  # the summary is best effort on a full disk; the checkpoint is what matters
+    try:
+        _install(tmp, final)
+    except StorageError:
+        return RunFailed(f"{message}; its last checkpoint (step {at}) is in {tmp}", tmp)
+    return RunFailed(f"{message}; the run directory keeps the checkpoint of step {at} (continue with "
+                     f"gradsparse run --resume {final} once there is room)", final)
+
+
+def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show, *,
+           record, checkpoint, finish, on_step) -> Path:
+    """The step loop of :func:`_loop` (recording rows, checkpoints, the stop rules)."""
     if not state.rows:
         record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
     bar = None
@@ -666,7 +851,8 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
     if cfg.plots:
         from .plots import plot_run
 
-        plot_run(tmp)
+        with storage("the plots in", tmp):
+            plot_run(tmp)
     _install(tmp, final)
     return final
 
@@ -699,6 +885,8 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
     summary = {
         "name": cfg.name,
         "status": status,
+        "run_id": state.run_id,
+        "config_sha256": config_sha256(state.config) if state.config is not None else None,
         "engine": engine.name,
         "algorithm": engine.alg.describe(),
         "task": engine.task.name,
@@ -722,6 +910,7 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "stages": stages or None,
         "f_star": engine.task.f_star,
         "final": final,
+        **({"config_changes": state.config_changes} if state.config_changes else {}),
         **extra,
     }
     if async_stats is not None:
