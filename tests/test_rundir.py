@@ -79,11 +79,10 @@ def test_two_concurrent_runs_into_one_directory_lose_nothing(tmp_path):
                              "--set", "seed=1"], capture_output=True, text=True, env=ENV)
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
-    if second.returncode == 0:
-        pytest.skip("the first run ended before the second started")
-    assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1
-    assert f"process {first.pid}" in second.stderr and "run directory" not in second.stdout
+    # refused either way: while the first runs (busy, naming it) or after it ended (X exists)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and "run directory:" not in second.stdout
+    assert f"process {first.pid}" in second.stderr or "existing run directory" in second.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3000
     assert load_config(out / "config.yaml").seed == 3  # the first run's result (the second had seed 1), whole
