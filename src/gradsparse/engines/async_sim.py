@@ -88,6 +88,16 @@ class ComputeLaw:
                 raise ValueError(f"compute law {name} must be a finite number >= 0, got {v!r}")
         if self.kind == "uniform" and self.low > self.high:
             raise ValueError(f"compute law uniform needs low <= high, got [{self.low}, {self.high}]")
+        for q, v in enumerate(self.speeds or []):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
+                raise ValueError(f"compute law speeds[{q}] must be a finite number >= 0 (a factor on the "
+                                 f"worker's compute time), got {v!r}")
+
+    def longest(self) -> float:
+        """A bound on one computation's time: the law's largest value (for ``exponential``, 50
+        means: exceeded with probability e^-50) times the largest speed factor."""
+        base = {"constant": self.value, "uniform": self.high, "exponential": 50.0 * self.value}[self.kind]
+        return base * max(self.speeds or [1.0])
 
     def draw(self, gen: torch.Generator, worker: int) -> float:
         speed = 1.0 if self.speeds is None else float(self.speeds[worker])
@@ -118,6 +128,14 @@ class NetworkLaw:
             raise ValueError(f"network rate (lambda) must be a finite number > 0 or null, got {self.rate!r}")
         if self.bandwidth is not None and not (0 < self.bandwidth < math.inf):
             raise ValueError(f"network bandwidth must be a finite number > 0 or null, got {self.bandwidth!r}")
+
+    def longest(self, nbytes: int) -> float:
+        """A bound on one message's time (the exponential part: 50 means, exceeded with
+        probability e^-50)."""
+        t = self.offset + (50.0 / self.rate if self.rate is not None else 0.0)
+        if self.bandwidth is not None:
+            t += self.latency + nbytes / self.bandwidth
+        return t
 
     def draw(self, gen: torch.Generator, nbytes: int) -> float:
         t = self.offset
@@ -229,6 +247,10 @@ class AsyncSimulator(Engine):
         self.server_time = float(server_time)
         self.staleness_bound, self.drop_older_than = staleness_bound, drop_older_than
         self.kardam = kardam or KardamFilter()
+        if self.kardam.enabled and not 0 <= self.kardam.byzantine < n_workers:
+            raise ValueError(f"kardam byzantine f = {self.kardam.byzantine} must be < workers.count = {n_workers} "
+                             "(the filter keeps the (N - f)/N quantile of the workers' coefficients; f >= N leaves "
+                             "no honest worker)")
         self.update_cosine = bool(update_cosine)
 
         # module tasks: gradients by autograd on one model copy (the workers compute one at a time)
@@ -256,6 +278,24 @@ class AsyncSimulator(Engine):
         self.kardam_previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.trace: list[tuple[float, int, str]] = []
         self.record_trace = False
+
+    #: the largest virtual time a run may reach (a float with room to add one more delay)
+    MAX_VIRTUAL_TIME = 1e300
+
+    def check_horizon(self, steps: int) -> None:
+        """Raise ValueError when ``steps`` server updates could take the virtual clock to
+        infinity (or near it, where adding a delay no longer changes it): at most every update
+        waits for one computation, two messages (the largest model or message: dense) and the
+        server, each at the bound of its law (:meth:`ComputeLaw.longest`, :meth:`NetworkLaw.longest`)."""
+        dense = max(self.model_nbytes, wire.dense_nbytes(self.d, 4))
+        per_update = self.compute.longest() + 2 * self.network.longest(dense) + self.server_time
+        horizon = (steps + self.n_workers) * per_update
+        if not horizon < self.MAX_VIRTUAL_TIME:
+            raise ValueError(
+                f"the compute / network laws make {steps} updates last up to {horizon:.3g} units of virtual time "
+                f"(one update: compute {self.compute.longest():.3g} + 2 x network {self.network.longest(dense):.3g} + "
+                f"server {self.server_time:.3g}), beyond {self.MAX_VIRTUAL_TIME:g}: the clock would reach infinity; "
+                "use smaller times (offset, latency, 1/rate, bytes/bandwidth, compute value/high x speeds)")
 
     @classmethod
     def synchronous_equivalent(cls, config: dict) -> dict | None:

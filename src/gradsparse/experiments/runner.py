@@ -147,6 +147,11 @@ def build_engine(cfg: RunConfig):
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
     if hasattr(engine, "bind_total_steps"):  # torch_async: the server stops the workers after the last update
         engine.bind_total_steps(total_steps(cfg, engine))
+    if cfg.engine == "async":  # a virtual clock that stays finite
+        try:
+            engine.check_horizon(total_steps(cfg, engine))
+        except ValueError as exc:
+            raise ConfigError(f"config key 'asynchronous': {exc}") from None
     # a compressor that plans over the run (budget_threshold) learns the run's length here
     if alg.down_compressor is not None and hasattr(alg.down_compressor, "bind_run"):
         raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
