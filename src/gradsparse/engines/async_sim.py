@@ -297,6 +297,69 @@ class AsyncSimulator(Engine):
                 f"server {self.server_time:.3g}), beyond {self.MAX_VIRTUAL_TIME:g}: the clock would reach infinity; "
                 "use smaller times (offset, latency, 1/rate, bytes/bandwidth, compute value/high x speeds)")
 
+    def planned_messages(self, steps: int, message_nbytes: int | None = None) -> list[int]:
+        """How many messages each worker forms (and keeps: a message undone by the staleness
+        bound does not count) until the server's ``steps``-th update, by replaying the event
+        trace from the current state without computing anything (the same draws, in the same
+        order, from copies of the engine's generators).
+
+        Exact when the trace does not depend on the messages: no Kardam filter (it rejects by
+        content) and no size-dependent network term (``bandwidth``); with ``bandwidth`` every
+        message is taken to be ``message_nbytes`` long (default: the dense frame), an estimate.
+        A compressor that plans a budget per worker (``budget_threshold``) plans over these."""
+        if self.kardam.enabled:
+            raise ValueError("the Kardam filter rejects messages by their content, so the messages each worker "
+                             "sends cannot be planned from the event trace")
+        streams = {}
+        for purpose, gens in self.streams.items():
+            streams[purpose] = []
+            for g in gens:
+                copy = torch.Generator()
+                copy.set_state(g.get_state())
+                streams[purpose].append(copy)
+        events = [_Event(e.time, e.worker, e.seq, e.kind) for e in self.events]
+        heapq.heapify(events)
+        seq = self._seq
+        t, busy = self.t, self.server_busy_until
+        versions = list(self.worker_versions)
+        sent_at = {q: f.version for q, f in self.in_flight.items()}
+        kept = [0] * self.n_workers
+        uplink = self.model_nbytes if message_nbytes is None else int(message_nbytes)
+
+        def push(at: float, q: int, kind: str) -> None:
+            nonlocal seq
+            heapq.heappush(events, _Event(at, q, seq, kind))
+            seq += 1
+
+        while t < steps:
+            if not events:
+                break
+            ev = heapq.heappop(events)
+            now, q = ev.time, ev.worker
+            if ev.kind == _COMPUTE_DONE:
+                kept[q] += 1
+                sent_at[q] = versions[q]
+                push(now + self.network.draw(streams["uplink_delay"][q], uplink), q, _ARRIVAL)
+            elif ev.kind == _MODEL_ARRIVAL:
+                push(now + self.compute.draw(streams["compute"][q], q), q, _COMPUTE_DONE)
+            else:
+                start = max(now, busy)
+                if start > now:
+                    push(start, q, _ARRIVAL)
+                    continue
+                staleness = t - sent_at.pop(q)
+                end = now + self.server_time
+                busy = end
+                if self.staleness_bound is not None and staleness > self.staleness_bound:
+                    kept[q] -= 1  # the worker's state (its budget's spend) is restored
+                elif self.drop_older_than is not None and staleness > self.drop_older_than:
+                    pass
+                else:
+                    t += 1
+                versions[q] = t
+                push(end + self.network.draw(streams["downlink_delay"][q], self.model_nbytes), q, _MODEL_ARRIVAL)
+        return kept
+
     @classmethod
     def synchronous_equivalent(cls, config: dict) -> dict | None:
         """One worker, zero delays, a parameter server: then every message is applied at once

@@ -158,8 +158,19 @@ def build_engine(cfg: RunConfig):
         raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
                           "state and is an uplink compressor (algorithm.compressor)")
     if hasattr(alg.compressor, "bind_run"):
+        worker_steps = reserve = None
+        if cfg.engine == "async":  # steps counts server updates: each worker plans over its own messages
+            try:
+                worker_steps = engine.planned_messages(total_steps(cfg, engine), _planned_message_nbytes(cfg, engine))
+            except ValueError as exc:
+                raise ConfigError(f"config key 'algorithm.compressor': {alg.compressor.kind} on engine async plans "
+                                  f"each worker's budget over its messages, but {exc}") from None
+            # with bandwidth the plan assumed the messages' sizes: keep an empty frame back for a
+            # few more messages per worker (2% + 1), so the budget holds if the trace differs
+            reserve = [math.ceil(0.02 * t) + 1 for t in worker_steps] if engine.network.bandwidth is not None else None
         try:
-            alg.compressor.bind_run(total_steps(cfg, engine), cfg.value_dtype)
+            alg.compressor.bind_run(total_steps(cfg, engine), cfg.value_dtype, worker_steps=worker_steps,
+                                    reserve_messages=reserve if worker_steps is not None else None)
         except ValueError as exc:
             raise ConfigError(f"config key 'algorithm.compressor': {exc}") from None
     # dry run of the compressors on the real dimension (e.g. k > d is caught here)
@@ -184,6 +195,20 @@ def build_engine(cfg: RunConfig):
                 "use feedback ef or a schedule that stays positive"
             )
     return engine
+
+
+def _planned_message_nbytes(cfg: RunConfig, engine) -> int | None:
+    """The message size the asynchronous plan assumes when the network time depends on it
+    (``bandwidth``): an even share of the budget over a worker's share of the updates."""
+    if engine.network.bandwidth is None:
+        return None
+    comp = engine.alg.compressor
+    empty, dense = comp._sizes(engine.d)
+    if comp.bytes_mode:
+        share = comp.budget_bytes * engine.n_workers / max(total_steps(cfg, engine), 1)
+    else:
+        share = empty + comp.density * engine.d * (4 + comp.value_bytes)
+    return int(min(max(share, empty), dense))
 
 
 def total_steps(cfg: RunConfig, engine) -> int:
