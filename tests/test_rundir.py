@@ -324,3 +324,14 @@ def test_a_read_only_parent_is_one_line(tmp_path, monkeypatch, capsys):
     rc = main(["run", str(cfg), "--out", str(tmp_path / "r")])
     _one_line(capsys, rc, 4, "Read-only file system (EROFS)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_file_system_without_locks_runs_unguarded_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    out = runner.run(load_config(TOY), tmp_path / "r")
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+    assert "does not support file locks" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]

@@ -189,6 +189,13 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                    # a file system without locks (some network mounts): run, but say it is unguarded
+                    print(f"gradsparse: note: {self.path.parent} does not support file locks "
+                          f"({storage_reason(exc)}): a second writer of {self.run_dir.name} would not be refused",
+                          file=sys.stderr)
+                    self.fd = fd
+                    return
                 os.close(fd)
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise StorageError(exc.errno, f"cannot lock {str(self.path)!r}: {storage_reason(exc)}") from None
