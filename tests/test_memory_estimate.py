@@ -72,11 +72,9 @@ eval_metrics(engine, ["loss", "test_accuracy"])
 print(json.dumps({"estimate": need, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 '''
 CASES = {
-    "sparse linreg d=1e5, 400 x 16": {"task": {"name": "linreg", "options": {"n_samples": 5000, "n_features": 100000,
+    "sparse linreg d=1e5, 200 x 16": {"task": {"name": "linreg", "options": {"n_samples": 5000, "n_features": 100000,
                                                                            "feature_density": 0.01}},
-                                      "workers": {"count": 400, "batch_size": 16}},
-    "dense linreg d=1024, 4000 x 1": {"task": {"name": "linreg", "options": {"n_samples": 8000, "n_features": 1024}},
-                                      "workers": {"count": 4000, "batch_size": 1}},
+                                      "workers": {"count": 200, "batch_size": 16}},
     "mnist5k MLP, 500 x 4, momentum": {"task": {"name": "mnist5k_mlp"}, "workers": {"count": 500, "batch_size": 4},
                                        "algorithm": {"compressor": {"kind": "topk", "density": 0.01},
                                                      "momentum": {"kind": "update"}}},

@@ -139,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     locks = []
     try:
         if args.resume is not None:  # the run directory is locked before the saved config is written out
-            locks.append(RunLock(args.resume, key="--resume").acquire())
+            where = Path(args.resume)
+            where = Path(os.path.realpath(where)) if where.is_symlink() and where.is_dir() else where
+            locks.append(RunLock(where, key="--resume").acquire())
             atomic_write_text(Path(args.config[0]), manifest["config"])
         configs = [str(_resolve_config(c)) for c in args.config]
         why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None,
