@@ -123,7 +123,8 @@ def test_run_directory_round_trip_reproduces_metrics(tmp_path):
     assert [{k: v for k, v in r.items() if k not in drop} for r in ra] == rb
     sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
     sa.pop("wall_seconds"), sb.pop("wall_seconds"), sa.pop("name"), sb.pop("name")
-    assert sa == sb
+    assert sa.pop("run_id") != sb.pop("run_id")  # a run started from a run directory's config is a new run
+    assert sa == sb  # config_sha256 included: the same resolved config
     assert [int(r["step"]) for r in ra] == [0, 5, 10, 15, 20]
     assert sa["steps"] == 20
 

@@ -34,10 +34,11 @@ def left_behind(tmp_path, *keep):
 @pytest.mark.parametrize("override, needle", [
     # true/false is not a number (pydantic alone reads steps: true as 1, weights [true, false] as 1/0)
     ("steps=true", "config key 'steps': invalid value True: true/false is not allowed here"),
-    # a union says every allowed form; list positions are [i]; 1e8 is text to YAML 1.1
+    # a union says every allowed form; list positions are [i]; 1e8 (text to YAML 1.1) is read as a number
     ("workers.batch_size=fulll", "config key 'workers.batch_size': invalid value 'fulll': Input should be a valid integer, "
      "unable to parse string as an integer or Input should be 'full'"),
-    ("workers.batch_size=1e8", "(YAML reads 1e8 as text: write it with a dot, e.g. 1.0e+08, or as digits)"),
+    ("workers.batch_size=1e8", "config key 'workers.batch_size': invalid value 100000000: batch_size must be an "
+     "integer in 1..1000000"),
     ("workers.weights=[1,abc,1]", "config key 'workers.weights[1]': invalid value 'abc'"),
     ("schedule.lr=1/M", "Input should be '1/L'"),
     # the task's seed is the run's; a hard-threshold needs its lambda

@@ -260,6 +260,7 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
     s = json.loads((part / "summary.json").read_text())
     assert s["status"] == "interrupted" and s["steps"] == 17
     monkeypatch.setattr(runner, "find_nonfinite", real_step)
+    run_id = s["run_id"]
     runner.resume(part)
     assert _files(part) == _files(full)
     a = torch.load(full / "checkpoint.pt", weights_only=True)
@@ -270,6 +271,8 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
     for s_ in (sa, sb):
         s_.pop("wall_seconds")
+    # a resumed run keeps the run id it started with; two runs have two ids
+    assert sb.pop("run_id") == run_id != sa.pop("run_id")
     assert sa == sb and sb["status"] == "completed"
     with pytest.raises(runner.ConfigError, match="already completed"):
         runner.resume(part)

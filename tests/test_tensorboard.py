@@ -74,7 +74,9 @@ def test_every_column_against_step_and_uplink_bytes_and_the_config(tmp_path):
             assert [s for s, _ in by_bytes] == [int(r["uplink_bytes"]) for r in recorded], column
     assert int(rows[-1]["uplink_bytes"]) > int(rows[1]["uplink_bytes"]) > 0
     text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert (out / "config.yaml").read_text() in text and "tensorboard: true" in text
+    config_text = (out / "config.yaml").read_text()
+    assert config_text.startswith("# gradsparse run ")  # the run-id header line is the file's own, not the config's
+    assert config_text.split("\n", 1)[1] in text and "tensorboard: true" in text
     assert not acc.Tags()["histograms"]  # no staleness for a synchronous run
 
 

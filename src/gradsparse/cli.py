@@ -53,23 +53,27 @@ def _error(message: str, code: int = 2) -> int:
 def _ended(exc) -> int:
     """A run that ended early: one line, its run directory, the exit code (3 diverged, 130/143
     interrupted)."""
-    where = f"; run directory {exc.run_dir}" if exc.run_dir is not None else ""
+    where = f"; run directory {exc.run_dir}" if exc.run_dir is not None and str(exc.run_dir) not in str(exc) else ""
     hint = f" (continue with: gradsparse run --resume {exc.run_dir})" if exc.status == "interrupted" else ""
     print(f"gradsparse: {exc.status}: {exc}{where}{hint}", file=sys.stderr)
     return exc.exit_code
 
 
 def cmd_run(args) -> int:
-    from .experiments.runner import RunEnded, resume, run
+    from .experiments.rundir import StorageError
+    from .experiments.runner import RunEnded, RunFailed, resume, run
 
     progress = False if args.no_progress else None
     try:
         if args.resume is not None:
             if args.config is not None or args.set or args.out is not None or args.overwrite or args.tensorboard:
                 return _error("--resume RUN_DIR takes no config, --set, --out, --overwrite or --tensorboard: it "
-                              "continues the run with the config saved in RUN_DIR")
-            out = resume(args.resume, progress=progress)
+                              "continues the run with the config saved in RUN_DIR (edit RUN_DIR/config.yaml and "
+                              "pass --allow-config-change to change it)")
+            out = resume(args.resume, progress=progress, allow_config_change=args.allow_config_change)
         else:
+            if args.allow_config_change:
+                return _error("--allow-config-change goes with --resume RUN_DIR (a new run takes any config)")
             if args.config is None:
                 return _error("run needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
             overrides = list(args.set)
@@ -83,8 +87,11 @@ def cmd_run(args) -> int:
         return _error(exc)
     except RunEnded as exc:
         return _ended(exc)
+    except StorageError as exc:  # before the first step (the run's folder, its lock)
+        print(f"gradsparse: failed: {' '.join(str(exc.strerror or exc).split())}", file=sys.stderr)
+        return RunFailed.exit_code
     except OSError as exc:
-        return _error(f"cannot write the run directory: {exc}", 1)
+        return _error(f"cannot write the run directory: {exc}", RunFailed.exit_code)
     except MemoryError as exc:
         return _error(f"out of memory ({exc}); lower workers.count, the model or the batch "
                       "(the up-front estimate did not foresee it)", 1)
@@ -100,7 +107,8 @@ def cmd_demo(args) -> int:
     from .experiments.plots import compare_runs
     from .experiments.runner import run
 
-    from .experiments.runner import RunEnded, check_out_dir
+    from .experiments.rundir import StorageError
+    from .experiments.runner import RunEnded, RunFailed, check_out_dir
 
     out = Path(args.out)
     try:  # every config and path is checked before the first run writes anything
@@ -119,6 +127,9 @@ def cmd_demo(args) -> int:
         return _error(exc)
     except RunEnded as exc:
         return _ended(exc)
+    except StorageError as exc:
+        print(f"gradsparse: failed: {' '.join(str(exc.strerror or exc).split())}", file=sys.stderr)
+        return RunFailed.exit_code
     fig = compare_runs(dirs[:3], out / "toy_topologies.png")
     print(f"comparison plot: {fig}")
     return 0
@@ -161,6 +172,7 @@ def cmd_budget_compare(args) -> int:
 
 def cmd_sweep(args) -> int:
     """A grid of runs in parallel processes, with a table and a plot."""
+    from .experiments.runner import RunEnded
     from .experiments.sweep import SweepInterrupted, sweep
 
     try:
@@ -172,6 +184,8 @@ def cmd_sweep(args) -> int:
     except SweepInterrupted as exc:
         print(f"gradsparse: {exc}", file=sys.stderr)
         return exc.exit_code
+    except RunEnded as exc:  # a run of the grid could not be written (RunFailed)
+        return _ended(exc)
     print((out / "table.md").read_text(), end="")
     print(f"runs: {out / 'runs'}, table: {out / 'table.csv'}, plot: {out / 'sweep.png'}")
     return 0
@@ -261,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="run directory (default runs/<name>); must not be an existing run")
     r.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --out")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although RUN_DIR/config.yaml was edited since the checkpoint "
+                   "(each changed key is named and recorded in summary.json)")
     r.add_argument("--no-memory-check", action="store_true",
                    help="skip the up-front memory estimate (same as --set memory_check=false)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -701,25 +701,48 @@ class BudgetThreshold(Compressor):
         self.gain, self.gain_floor = float(gain), float(gain_floor)
         self.burst = None if burst is None else float(burst)
         self.value_bytes, self.value_dtype = self._BOUND_VALUE_BYTES, "fp32"
+        #: each worker's own number of steps (messages), when it differs from ``steps``: the
+        #: asynchronous engine, where ``steps`` counts server updates (see :meth:`bind_run`)
+        self.worker_steps: list[int] | None = None
+        #: per worker: messages beyond ``worker_steps`` it may still have to send (a plan that is
+        #: an estimate); an empty frame is kept back for each, so the budget holds even then
+        self.reserve_messages: list[int] | None = None
 
     @classmethod
     def from_config(cls, options, layout, base_lr=None):
         return cls(layout=layout, **options)
 
-    def bind_run(self, steps: int, value_dtype: str | None = None) -> None:
+    def bind_run(self, steps: int, value_dtype: str | None = None, worker_steps: list[int] | None = None,
+                 reserve_messages: list[int] | None = None) -> None:
         """Called by the runner with the run's number of steps (and the wire's value dtype, which
         tightens the worst-case frame). Fills in ``steps`` when not given; rejects fewer steps than
-        the run has (the extra steps' empty frames would not fit the budget)."""
+        the run has (the extra steps' empty frames would not fit the budget).
+
+        ``worker_steps``: how many messages each worker will send, when that is not ``steps``
+        (the asynchronous engine: ``steps`` server updates, of which each worker computes its
+        share, planned from the event trace by
+        :meth:`gradsparse.engines.async_sim.AsyncSimulator.planned_messages`). Each worker then
+        spreads its budget over its own messages (``density``: ``floor(rho d T_q)`` entries),
+        instead of over ``steps`` (which spent about 1/N of it). ``reserve_messages``: when the
+        plan is an estimate, how many more messages each worker may send; an empty frame is
+        kept back for each (messages past the plan are empty)."""
         if self.steps is None:
             self.steps = int(steps)
         elif self.steps < steps:
             raise ValueError(f"budget_threshold steps = {self.steps} is fewer than the run's {steps} steps "
                              "(leave it out to use the run's length)")
+        if worker_steps is not None:
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in worker_steps):
+                raise ValueError(f"budget_threshold worker_steps must be integers >= 0, got {worker_steps!r}")
+            self.worker_steps = [int(t) for t in worker_steps]
+        if reserve_messages is not None:
+            self.reserve_messages = [max(0, int(m)) for m in reserve_messages]
         if value_dtype is not None:
             self.value_bytes = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}[value_dtype]
             self.value_dtype = value_dtype
         if self.layout is not None and self.layout.d < (1 << 40):  # d known: check the budget now
-            self._plan(self.init_state(self.layout, 1), self.layout.d)
+            ids = None if self.worker_steps is None else list(range(len(self.worker_steps)))
+            self._plan(self.init_state(self.layout, 1 if ids is None else len(ids)), self.layout.d, ids)
 
     # ---- sizes ------------------------------------------------------------------------------
     @property
@@ -785,25 +808,42 @@ class BudgetThreshold(Compressor):
             "bytes_per_entry": torch.full((n,), math.nan, dtype=torch.float64),
         }
 
-    def _plan(self, state: dict[str, torch.Tensor], d: int) -> dict:
+    def steps_of(self, worker: int | None) -> int:
+        """The steps worker ``worker`` plans over: its own (``worker_steps``) or the run's."""
+        if self.worker_steps is not None and worker is not None:
+            if not 0 <= worker < len(self.worker_steps):
+                raise ValueError(f"budget_threshold has a plan for {len(self.worker_steps)} workers, not worker {worker}")
+            return self.worker_steps[worker]
+        return self.steps
+
+    def _total(self, d: int, steps: int) -> int:
+        return self.budget_bytes if self.bytes_mode else math.floor(self.density * d * steps)
+
+    def _plan(self, state: dict[str, torch.Tensor], d: int, workers: list[int] | None = None) -> dict:
         """Per row: share, the entries it buys (K), whether the step sends everything, the cap,
-        and the thresholds (see the class docstring)."""
+        and the thresholds (see the class docstring). ``workers``: the rows' worker ids (for
+        ``worker_steps``; None: rows 0..n-1)."""
         if self.steps is None:
             raise ValueError("budget_threshold needs steps (the run's number of steps): pass steps=, "
                              "or run it from a config, where the runner fills it in")
         n = state["spent"].shape[0]
+        ids = list(range(n)) if workers is None else workers
         empty, dense = self._sizes(d) if self.bytes_mode else (0, d)
-        total = self.budget_bytes if self.bytes_mode else math.floor(self.density * d * self.steps)
-        if total < self.steps * empty:
-            raise ValueError(f"budget_bytes = {total} is below the empty frames of the run's {self.steps} steps "
-                             f"({self.steps} x {empty} bytes): every step sends at least an empty frame")
         b0 = float(4 + self._BOUND_VALUE_BYTES) if self.bytes_mode else 1.0
         shares, ks, send_all, limits, hards, avails, floors = [], [], [], [], [], [], []
         for q in range(n):
+            worker = ids[q] if self.worker_steps is not None else None
+            steps = self.steps_of(worker)
+            reserve = self.reserve_messages[worker] if self.reserve_messages is not None and worker is not None else 0
+            total = self._total(d, steps) - reserve * empty
+            if total < steps * empty:
+                who = f"worker {ids[q]}'s {steps} messages" if self.worker_steps is not None else f"the run's {steps} steps"
+                raise ValueError(f"budget_bytes = {total} is below the empty frames of {who} "
+                                 f"({steps} x {empty} bytes): every step sends at least an empty frame")
             spent, t = int(state["spent"][q]), int(state["steps_done"][q])
             b = float(state["bytes_per_entry"][q])
             b = b0 if math.isnan(b) or not self.bytes_mode else b
-            left, r = total - spent, self.steps - t
+            left, r = total - spent, steps - t
             if r <= 0:  # past the planned steps: nothing more
                 shares.append(0.0), ks.append(0.0), send_all.append(False)
                 limits.append(0), hards.append(0), avails.append(None), floors.append(0)
@@ -853,14 +893,22 @@ class BudgetThreshold(Compressor):
         d = self.layout.d if self.layout is not None else None
         if d is None:
             raise ValueError("budget_threshold needs the model's layout (built from a config, or pass layout=)")
-        step = self._step(self._plan(state, d), d)
+        step = self._step(self._plan(state, d, self._ids(state, context)), d)
         # the step that measures a first lambda hands it to the observe of the same worker step
         self._measuring = step if any(f is not None for f in step.first) else None
         return step
 
+    def _ids(self, state, context) -> list[int] | None:
+        """The rows' worker ids when the plan is per worker (None otherwise)."""
+        if self.worker_steps is None:
+            return None
+        n = state["spent"].shape[0]
+        return context.worker_ids(n) if context is not None else list(range(n))
+
     def observe(self, state, message, nbytes, context):
         d = message.d
-        plan = self._plan(state, d)
+        ids = self._ids(state, context)
+        plan = self._plan(state, d, ids)
         sizes = self._segments(d)
         n = message.n
         counts = message.counts.to(torch.long)
@@ -887,7 +935,7 @@ class BudgetThreshold(Compressor):
                 else:
                     fill = got[~torch.isnan(got)].min()
                     log_lam[q] = torch.log(torch.where(torch.isnan(got), fill, got))
-            elif not plan["send_all"][q] and t < self.steps - 1:
+            elif not plan["send_all"][q] and t < self.steps_of(None if ids is None else ids[q]) - 1:
                 eta = max(self.gain_floor, self.gain / math.sqrt(1.0 + t))
                 target = plan["k"][q] * frac
                 u = torch.log((seg_counts[q] + 1.0) / (target + 1.0)).clamp(-math.log(8.0), math.log(8.0))
@@ -911,28 +959,36 @@ class BudgetThreshold(Compressor):
 
     def thresholds(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """[n, segments] the lambda each worker's next step uses (0 where it sends everything)."""
-        return self._plan(state, self.layout.d)["lam"]
+        ids = None if self.worker_steps is None else list(range(state["spent"].shape[0]))
+        return self._plan(state, self.layout.d, ids)["lam"]
 
-    def budget_for(self, d: int) -> int:
-        """The per-worker budget in its unit (bytes, or entries in density mode)."""
+    def budget_for(self, d: int, worker: int | None = None) -> int:
+        """The budget of worker ``worker`` (any worker when the plan is not per worker) in its
+        unit (bytes, or entries in density mode)."""
         if self.bytes_mode:
             return self.budget_bytes
         if self.steps is None:
             raise ValueError("budget_threshold needs steps")
-        return math.floor(self.density * d * self.steps)
+        return self._total(d, self.steps_of(worker))
 
     def budget_summary(self, engine) -> dict:
         """What a run's ``summary.json`` records under ``uplink_budget``: the budget per worker and
-        in total, what each worker spent (same unit), and the thresholds its next step would use."""
+        in total, what each worker spent (same unit), and the thresholds its next step would use;
+        with a per-worker plan (engine async) also each worker's planned messages."""
         state = engine.worker_state.compressor
         unit = "bytes" if self.bytes_mode else "entries"
-        per_worker = self.budget_for(engine.d)
-        return {
-            "unit": unit, "per_worker": per_worker, "total": per_worker * int(state["spent"].numel()),
+        n = int(state["spent"].numel())
+        budgets = [self.budget_for(engine.d, q) for q in range(n)]
+        out = {
+            "unit": unit, "per_worker": budgets[0] if len(set(budgets)) == 1 else budgets, "total": sum(budgets),
             "spent_per_worker": state["spent"].tolist(), "spent_total": int(state["spent"].sum()),
             "steps": self.steps, "scope": self.scope,
             "final_thresholds": torch.exp(state["log_threshold"]).tolist(),
         }
+        if self.worker_steps is not None:
+            out["planned_messages_per_worker"] = list(self.worker_steps)
+            out["messages_per_worker"] = state["steps_done"].tolist()
+        return out
 
     def describe(self):
         amount = f"budget_bytes={self.budget_bytes}" if self.bytes_mode else f"density={self.density:g}"

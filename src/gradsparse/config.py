@@ -67,8 +67,61 @@ class _Strict(BaseModel):
 
 #: integers in a config must fit in a signed 64-bit integer (seeds, counts, steps)
 INT_MAX = 2**63 - 1
-#: what a run name may be: one path component under runs/, no leading dot
+#: what a run name may be: one path component under runs/, no leading dot (ASCII form; any
+#: Unicode letter, mark or digit is allowed where this allows a letter: see :func:`check_run_name`)
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$"
+#: a run name is at most this many bytes in UTF-8 (a directory name, with room for .NAME.partial-PID)
+NAME_MAX_BYTES = 200
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component: letters, marks and digits of any script, ``_``, and
+    ``.``, ``+``, ``-`` after the first character (so no ``/``, no leading dot, no ``..``), at
+    most :data:`NAME_MAX_BYTES` bytes in UTF-8."""
+    import unicodedata
+
+    def word(c: str) -> bool:
+        return c == "_" or unicodedata.category(c)[0] in "LN" or (unicodedata.category(c)[0] == "M")
+
+    if not name:
+        raise ValueError("a run name cannot be empty")
+    if not (word(name[0]) and unicodedata.category(name[0])[0] != "M"):
+        raise ValueError(f"a run name starts with a letter, digit or '_' (got {name[0]!r}): it is a folder name, "
+                         "and no leading '.' or '-'")
+    bad = [c for c in name if not (word(c) or c in ".+-")]
+    if bad:
+        raise ValueError(f"a run name is one folder name of letters, digits, '_', '.', '+', '-' (any script); "
+                         f"{bad[0]!r} is not allowed")
+    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        raise ValueError(f"a run name is at most {NAME_MAX_BYTES} bytes in UTF-8, got {len(name.encode('utf-8'))}")
+    return name
+
+
+#: a number in exponent form that YAML 1.1 (what PyYAML reads) takes for text: 1e-2, 1E3, 1.0e5,
+#: 5.e3 (YAML 1.1 wants a dot and a signed exponent, e.g. 1.0e-2; YAML 1.2 and JSON read these as numbers)
+EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+#: option names whose values are text even when they look like numbers (names, paths)
+_TEXT_OPTION = re.compile(r"(^name$|path$|dir$|file$|dataset$)")
+
+
+def numbers_in_exponent_form(node: Any, key: str = "") -> Any:
+    """The raw config with every value written as a number in exponent form (``1e-2``, ``1E3``,
+    ``1.0e5``) made a number, as YAML 1.2 reads it: an int when it is whole, written without a
+    dot and fits in 64 bits (``1e4`` -> 10000), else a float. Names and paths stay text."""
+    if isinstance(node, dict):
+        return {k: numbers_in_exponent_form(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [numbers_in_exponent_form(v, key) for v in node]
+    if isinstance(node, str) and not _TEXT_OPTION.search(key) and EXPONENT_NUMBER.fullmatch(node.strip()):
+        text = node.strip()
+        value = float(text)
+        mantissa, exponent = re.split("[eE]", text)
+        if "." not in mantissa and int(exponent) >= 0 and math.isfinite(value):
+            whole = int(mantissa) * 10 ** int(exponent)
+            if -INT_MAX - 1 <= whole <= INT_MAX:
+                return whole
+        return value
+    return node
 
 
 def _choices(table) -> Any:
@@ -378,7 +431,7 @@ class AsynchronousConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", pattern=NAME_PATTERN)
+    name: str = "run"
     seed: int = Field(0, ge=0, le=INT_MAX)
     engine: _choices(ENGINES) = "sync"
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -402,6 +455,11 @@ class RunConfig(_Strict):
     #: memory from /proc/meminfo and the cgroup limit); memory_check: false turns the check off
     memory_limit_gb: float | None = Field(None, gt=0)
     memory_check: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, v):
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _check(self):
@@ -571,6 +629,8 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, not {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
+    check_numbers(raw)  # first: it bounds the depth and size that the next walk visits
+    raw = numbers_in_exponent_form(raw)
     check_numbers(raw)
     try:
         return RunConfig.model_validate(raw)

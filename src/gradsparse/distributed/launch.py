@@ -25,18 +25,21 @@ import shlex
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 __all__ = ["build_command", "main"]
 
 
 def build_command(configs: list[str], nproc: int, out: str | None = None, sets: list[str] | None = None,
-                  max_restarts: int = 0) -> list[str]:
+                  max_restarts: int = 0, overwrite: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            f"--max-restarts={max_restarts}", "-m", "gradsparse.distributed.worker", *map(str, configs)]
     if out is not None:
         cmd += ["--out", str(out)]
     for s in sets or []:
         cmd += ["--set", s]
+    if overwrite:
+        cmd += ["--overwrite"]
     return cmd
 
 
@@ -111,8 +114,23 @@ def check_as_a_rank(path: str, sets: list[str], nproc: int) -> None:
     check_outputs(cfg, built)
 
 
+def run_dirs(configs: list[str], sets: list[str], out: str | None) -> list[Path]:
+    """Where the worker will write each config's run directory (a link followed to its folder)."""
+    from ..config import load_config
+    from ..experiments.runner import default_out
+
+    dirs = []
+    for path in configs:
+        where = default_out(load_config(path, sets)) if out is None else Path(out) if len(configs) == 1 \
+            else Path(out) / Path(path).stem
+        if where.is_symlink() and where.is_dir():
+            where = Path(os.path.realpath(where))
+        dirs.append(where)
+    return dirs
+
+
 def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out: str | None,
-                           check_out: bool = True) -> str | None:
+                           check_out: bool = True, overwrite: bool = False) -> str | None:
     """Why these configs cannot run as ``nproc`` processes (validation, the process count,
     everything a rank would refuse when it builds its engine, and, with ``check_out``, the run
     directory as the worker would place it), before torchrun starts anything; None when they can."""
@@ -141,7 +159,7 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out:
         if check_out:
             where = default_out(cfg) if out is None else Path(out) if len(configs) == 1 else Path(out) / Path(path).stem
             try:
-                check_out_dir(where)
+                check_out_dir(where, overwrite=overwrite)
             except ConfigError as exc:
                 return str(exc)
         try:
@@ -166,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-restarts", type=int, default=0)
     ap.add_argument("--resume", default=None, metavar="RUN_DIR",
                     help="continue a stopped run from its restart checkpoints (config and world size from them)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory at --out "
+                    "(and its restart checkpoints) instead of refusing")
     ap.add_argument("--dry-run", action="store_true", help="print the torchrun command only")
     ap.add_argument("--tensorboard", action="store_true",
                     help="rank 0 writes TensorBoard event files into the run directory (metrics.tensorboard=true)")
@@ -179,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         from .restart import read_manifest, restart_dir
 
-        if args.config or args.set or args.out is not None:
-            return error("--resume RUN_DIR takes no config, --set or --out: it continues the run with the config "
-                         "saved in its restart checkpoints")
+        if args.config or args.set or args.out is not None or args.overwrite:
+            return error("--resume RUN_DIR takes no config, --set, --out or --overwrite: it continues the run with "
+                         "the config saved in its restart checkpoints")
         try:
             manifest = read_manifest(args.resume)
         except ValueError as exc:
@@ -191,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                          "(its memories belong to those workers)")
         args.nproc = manifest["world_size"]
         saved = restart_dir(args.resume) / "config.yaml"
-        saved.write_text(manifest["config"])
         args.config, args.out = [str(saved)], str(args.resume)
     if not args.config:
         return error("launch needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
@@ -203,39 +222,81 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is not None:
             return error("--resume RUN_DIR takes no --tensorboard: it continues with the saved config")
         args.set.append("metrics.tensorboard=true")
-    configs = [str(_resolve_config(c)) for c in args.config]
-    why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None)
-    if why is not None:
-        return error(why)
-    cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts)
-    if args.dry_run:
-        print(shlex.join(cmd))
-        return 0
-    env = dict(os.environ)
-    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return run_torchrun(cmd, env)
+    from ..config import ConfigError
+    from ..experiments.rundir import LOCK_ENV, RunLock, StorageError, atomic_write_text
+
+    locks = []
+    try:
+        if args.resume is not None:  # the run directory is locked before the saved config is written out
+            where = Path(args.resume)
+            where = Path(os.path.realpath(where)) if where.is_symlink() and where.is_dir() else where
+            locks.append(RunLock(where, key="--resume").acquire())
+            atomic_write_text(Path(args.config[0]), manifest["config"])
+        configs = [str(_resolve_config(c)) for c in args.config]
+        why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None,
+                                     overwrite=args.overwrite)
+        if why is not None:
+            return error(why)
+        cmd = build_command(configs, args.nproc, args.out, list(args.set), args.max_restarts, args.overwrite)
+        if args.dry_run:
+            print(shlex.join(cmd))
+            return 0
+        if args.resume is None:
+            # one writer per run directory: this launcher holds the lock for its ranks (rank 0 writes)
+            for where in run_dirs(configs, list(args.set), args.out):
+                locks.append(RunLock(where).acquire())
+        env = dict(os.environ)
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env[LOCK_ENV] = str(os.getpid())
+        return run_torchrun(cmd, env)
+    except ConfigError as exc:
+        return error(str(exc))
+    except StorageError as exc:
+        print(f"gradsparse: failed: {' '.join(str(exc.strerror or exc).split())}", file=sys.stderr)
+        return 4
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): the kernel sends it SIGTERM when its parent, the
+    launcher, dies, even by SIGKILL; torchrun then stops its ranks as on ``kill -TERM``."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the launcher's own handlers are all there is
+        return
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_torchrun(cmd: list[str], env: dict) -> int:
     """Run torchrun in its own session and wait. SIGINT / SIGTERM to this process are passed to
     torchrun once (it passes them to the ranks, which finish the step, checkpoint and stop), and
-    the exit status is then 130 / 143. torchrun's own Python traceback (its ChildFailedError or
-    SignalException after a rank failed or was stopped: the ranks have already said why) is left
-    out of stderr; everything else, the ranks' output included, passes through."""
+    the exit status is then 130 / 143; SIGHUP (the terminal closed) is passed on as SIGTERM (exit
+    129). torchrun's lifetime is tied to the launcher's: if the launcher dies (even by SIGKILL),
+    the kernel sends torchrun SIGTERM (Linux ``PR_SET_PDEATHSIG``), so nothing runs on
+    unattended. torchrun's own Python traceback (its ChildFailedError or SignalException after a
+    rank failed or was stopped: the ranks have already said why) is left out of stderr;
+    everything else, the ranks' output included, passes through."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     got: dict = {"signum": None}
 
     def forward(signum, frame):
         if got["signum"] is None:
             got["signum"] = signum
             try:
-                proc.send_signal(signum)
+                proc.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
             except ProcessLookupError:
                 pass
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for line in without_launcher_tracebacks(proc.stderr):
             sys.stderr.write(line)

@@ -33,13 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
     from ..config import ConfigError, load_config
-    from ..experiments.runner import RunDiverged, RunInterrupted, default_out
+    from ..experiments.rundir import LOCK_ENV, StorageError
+    from ..experiments.runner import RunDiverged, RunFailed, RunInterrupted, default_out
 
     ap = argparse.ArgumentParser(prog="python -m gradsparse.distributed.worker")
     ap.add_argument("config", nargs="+", help="one or more configs, run one after the other "
                     "(several: each in OUT/<config stem>)")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing run directory (and its "
+                    "restart checkpoints) instead of refusing")
     args = ap.parse_args(argv)
     # ranks other than 0 write nothing that is kept: they record only step and epoch (their
     # metrics would repeat rank 0's; a parameter-server worker does not hold every worker's state)
@@ -59,16 +62,29 @@ def main(argv: list[str] | None = None) -> int:
     from ..engines.torch_dist import _init_from_env
 
     _init_from_env()
+    where = args.out if args.out is not None else "RUN_DIR"
+    # under gradsparse launch the same command is refused (the run directory exists): say --resume
+    again = (f"gradsparse launch --resume {where}" if os.environ.get(LOCK_ENV) else
+             f"the same torchrun command, or gradsparse launch --resume {where}")
     try:
         for cfg, out_dir in zip(cfgs, outs):
-            run_one(cfg, Path(out_dir) if out_dir is not None else default_out(cfg))
-    except (ConfigError, ValueError) as exc:
-        print(f"gradsparse: error: {exc}", file=sys.stderr)
+            run_one(cfg, Path(out_dir) if out_dir is not None else default_out(cfg), overwrite=args.overwrite)
+    except QuietOnOtherRanks as exc:
+        if dist.get_rank() == 0:
+            print(f"gradsparse: error: {exc}", file=sys.stderr)
         return 2
+    except (ConfigError, ValueError) as exc:
+        print(f"gradsparse: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:  # a write failed (disk full, ...): the rank says which; exit 4
+        print(f"gradsparse: rank {dist.get_rank()}: failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except StorageError as exc:
+        print(f"gradsparse: rank {dist.get_rank()}: failed: {' '.join(str(exc.strerror or exc).split())}",
+              file=sys.stderr)
+        return RunFailed.exit_code
     except RunInterrupted as exc:  # every rank stops after the same step (see restart.py)
-        where = args.out if args.out is not None else "RUN_DIR"
-        print(f"gradsparse: rank {dist.get_rank()}: {exc}; continue with: gradsparse launch --resume {where} "
-              "(or the same command)", file=sys.stderr)
+        print(f"gradsparse: rank {dist.get_rank()}: {exc}; continue with: {again}", file=sys.stderr)
         return 128 + exc.signum
     except RunDiverged as exc:  # every rank stops after the same step with the same report: rank 0 says it
         if dist.get_rank() == 0:
@@ -77,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         if not any(s in str(exc) for s in _PEER_LOST):
             raise
-        where = args.out if args.out is not None else "RUN_DIR"
         print(f"gradsparse: rank {dist.get_rank()}: another rank stopped mid-step (its own message says why); "
-              f"continue with: gradsparse launch --resume {where}", file=sys.stderr)
+              f"continue with: {again}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()
@@ -99,7 +114,11 @@ def run_asynchronous(cfg, out_dir: Path) -> None:
     dist.barrier()
 
 
-def run_one(cfg, out_dir: Path) -> None:
+class QuietOnOtherRanks(ValueError):
+    """An error every rank raises alike: rank 0 says it, the others exit with the same status."""
+
+
+def run_one(cfg, out_dir: Path, overwrite: bool = False) -> None:
     """Run one config on this rank, continuing from the ranks' newest common restart checkpoint
     when there is one (:mod:`gradsparse.distributed.restart`); rank 0 writes ``out_dir``."""
     from ..config import dump_config
@@ -113,18 +132,33 @@ def run_one(cfg, out_dir: Path) -> None:
     text = [dump_config(cfg) if rank == 0 else None]
     dist.broadcast_object_list(text, src=0)
     restart = RestartCheckpoints(out_dir, rank, world, text[0])
-    restart.check_manifest()
-    step = restart.common_step()
+    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if overwrite and restart_count == 0 and rank == 0:  # a fresh run: the old run's restart points go too
+        restart.clear()
+    # rank 0 checks the folder (and writes its manifest before any rank can save); every rank
+    # gets its verdict, so all stop with the same error or all go on
+    verdict: list = [None]
+    if rank == 0:
+        try:
+            restart.check_manifest()
+            if cfg.checkpoint_every:
+                restart.write_manifest()
+        except ValueError as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise QuietOnOtherRanks(verdict[0])
+    restart.clean_temporaries()
+    step = restart.common_readable_step()
     state = None
     if step is not None:
         state = restart.load(step)
         print(f"rank {rank}: resuming from the restart checkpoint of step {step} in {restart.dir}", flush=True)
-    restart_count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     on_step = injected_failure(os.environ.get("GRADSPARSE_FAIL_ONCE_AT"), rank, restart_count)
     kwargs = dict(progress=False, resume_state=state, on_checkpoint=restart.save, on_step=on_step)
     if rank == 0:
         # a restarted job replaces what its failed attempt left (e.g. an "interrupted" run directory)
-        out = run(cfg, out_dir, overwrite=state is not None or restart_count > 0, **kwargs)
+        out = run(cfg, out_dir, overwrite=overwrite or state is not None or restart_count > 0, **kwargs)
         print(f"run directory: {out}")
     else:
         tmp = tempfile.mkdtemp(prefix=f"gradsparse-rank{rank}-")

@@ -89,6 +89,16 @@ class ComputeLaw:
                 raise ValueError(f"compute law {name} must be a finite number >= 0, got {v!r}")
         if self.kind == "uniform" and self.low > self.high:
             raise ValueError(f"compute law uniform needs low <= high, got [{self.low}, {self.high}]")
+        for q, v in enumerate(self.speeds or []):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
+                raise ValueError(f"compute law speeds[{q}] must be a finite number >= 0 (a factor on the "
+                                 f"worker's compute time), got {v!r}")
+
+    def longest(self) -> float:
+        """A bound on one computation's time: the law's largest value (for ``exponential``, 50
+        means: exceeded with probability e^-50) times the largest speed factor."""
+        base = {"constant": self.value, "uniform": self.high, "exponential": 50.0 * self.value}[self.kind]
+        return base * max(self.speeds or [1.0])
 
     def draw(self, gen: torch.Generator, worker: int) -> float:
         speed = 1.0 if self.speeds is None else float(self.speeds[worker])
@@ -119,6 +129,14 @@ class NetworkLaw:
             raise ValueError(f"network rate (lambda) must be a finite number > 0 or null, got {self.rate!r}")
         if self.bandwidth is not None and not (0 < self.bandwidth < math.inf):
             raise ValueError(f"network bandwidth must be a finite number > 0 or null, got {self.bandwidth!r}")
+
+    def longest(self, nbytes: int) -> float:
+        """A bound on one message's time (the exponential part: 50 means, exceeded with
+        probability e^-50)."""
+        t = self.offset + (50.0 / self.rate if self.rate is not None else 0.0)
+        if self.bandwidth is not None:
+            t += self.latency + nbytes / self.bandwidth
+        return t
 
     def draw(self, gen: torch.Generator, nbytes: int) -> float:
         t = self.offset
@@ -230,6 +248,10 @@ class AsyncSimulator(Engine):
         self.server_time = float(server_time)
         self.staleness_bound, self.drop_older_than = staleness_bound, drop_older_than
         self.kardam = kardam or KardamFilter()
+        if self.kardam.enabled and not 0 <= self.kardam.byzantine < n_workers:
+            raise ValueError(f"kardam byzantine f = {self.kardam.byzantine} must be < workers.count = {n_workers} "
+                             "(the filter keeps the (N - f)/N quantile of the workers' coefficients; f >= N leaves "
+                             "no honest worker)")
         self.update_cosine = bool(update_cosine)
 
         # module tasks: gradients by autograd on one model copy (the workers compute one at a time)
@@ -260,6 +282,87 @@ class AsyncSimulator(Engine):
         self.kardam_previous: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.trace: list[tuple[float, int, str]] = []
         self.record_trace = False
+
+    #: the largest virtual time a run may reach (a float with room to add one more delay)
+    MAX_VIRTUAL_TIME = 1e300
+
+    def check_horizon(self, steps: int) -> None:
+        """Raise ValueError when ``steps`` server updates could take the virtual clock to
+        infinity (or near it, where adding a delay no longer changes it): at most every update
+        waits for one computation, two messages (the largest model or message: dense) and the
+        server, each at the bound of its law (:meth:`ComputeLaw.longest`, :meth:`NetworkLaw.longest`)."""
+        dense = max(self.model_nbytes, wire.dense_nbytes(self.d, 4))
+        per_update = self.compute.longest() + 2 * self.network.longest(dense) + self.server_time
+        horizon = (steps + self.n_workers) * per_update
+        if not horizon < self.MAX_VIRTUAL_TIME:
+            raise ValueError(
+                f"the compute / network laws make {steps} updates last up to {horizon:.3g} units of virtual time "
+                f"(one update: compute {self.compute.longest():.3g} + 2 x network {self.network.longest(dense):.3g} + "
+                f"server {self.server_time:.3g}), beyond {self.MAX_VIRTUAL_TIME:g}: the clock would reach infinity; "
+                "use smaller times (offset, latency, 1/rate, bytes/bandwidth, compute value/high x speeds)")
+
+    def planned_messages(self, steps: int, message_nbytes: int | None = None) -> list[int]:
+        """How many messages each worker forms (and keeps: a message undone by the staleness
+        bound does not count) until the server's ``steps``-th update, by replaying the event
+        trace from the current state without computing anything (the same draws, in the same
+        order, from copies of the engine's generators).
+
+        Exact when the trace does not depend on the messages: no Kardam filter (it rejects by
+        content) and no size-dependent network term (``bandwidth``); with ``bandwidth`` every
+        message is taken to be ``message_nbytes`` long (default: the dense frame), an estimate.
+        A compressor that plans a budget per worker (``budget_threshold``) plans over these."""
+        if self.kardam.enabled:
+            raise ValueError("the Kardam filter rejects messages by their content, so the messages each worker "
+                             "sends cannot be planned from the event trace")
+        streams = {}
+        for purpose, gens in self.streams.items():
+            streams[purpose] = []
+            for g in gens:
+                copy = torch.Generator()
+                copy.set_state(g.get_state())
+                streams[purpose].append(copy)
+        events = [_Event(e.time, e.worker, e.seq, e.kind) for e in self.events]
+        heapq.heapify(events)
+        seq = self._seq
+        t, busy = self.t, self.server_busy_until
+        versions = list(self.worker_versions)
+        sent_at = {q: f.version for q, f in self.in_flight.items()}
+        kept = [0] * self.n_workers
+        uplink = self.model_nbytes if message_nbytes is None else int(message_nbytes)
+
+        def push(at: float, q: int, kind: str) -> None:
+            nonlocal seq
+            heapq.heappush(events, _Event(at, q, seq, kind))
+            seq += 1
+
+        while t < steps:
+            if not events:
+                break
+            ev = heapq.heappop(events)
+            now, q = ev.time, ev.worker
+            if ev.kind == _COMPUTE_DONE:
+                kept[q] += 1
+                sent_at[q] = versions[q]
+                push(now + self.network.draw(streams["uplink_delay"][q], uplink), q, _ARRIVAL)
+            elif ev.kind == _MODEL_ARRIVAL:
+                push(now + self.compute.draw(streams["compute"][q], q), q, _COMPUTE_DONE)
+            else:
+                start = max(now, busy)
+                if start > now:
+                    push(start, q, _ARRIVAL)
+                    continue
+                staleness = t - sent_at.pop(q)
+                end = now + self.server_time
+                busy = end
+                if self.staleness_bound is not None and staleness > self.staleness_bound:
+                    kept[q] -= 1  # the worker's state (its budget's spend) is restored
+                elif self.drop_older_than is not None and staleness > self.drop_older_than:
+                    pass
+                else:
+                    t += 1
+                versions[q] = t
+                push(end + self.network.draw(streams["downlink_delay"][q], self.model_nbytes), q, _MODEL_ARRIVAL)
+        return kept
 
     @classmethod
     def synchronous_equivalent(cls, config: dict) -> dict | None:

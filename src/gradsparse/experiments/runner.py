@@ -16,13 +16,17 @@ A run directory holds:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -34,12 +38,13 @@ from ..config import ConfigError, RunConfig, dump_config
 from ..divergence import NonFinite, find_nonfinite
 from ..engines import ENGINES
 from ..metrics import METRICS, RUNNING_MAXIMA, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
-from ..resources import machine_memory
+from ..resources import machine_memory, process_memory, task_dimension
 from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
 from ..tasks import UserTaskError, make_task
 from .asynchronous import target_reached
+from .rundir import RunLock, StorageError, atomic_save, atomic_write_text, clean_leftovers, storage
 
 
 def build_task(cfg: RunConfig):
@@ -123,6 +128,7 @@ def build_engine(cfg: RunConfig, engine_class=None):
     ``engine_class`` (default ``ENGINES[cfg.engine]``) lets ``gradsparse launch`` build, in its
     own process and without a process group, a stand-in that runs every check a rank of the
     torch engines would run (:mod:`gradsparse.distributed.launch`)."""
+    check_memory_before_task(cfg)  # a run too large for the machine is refused before its task is built
     task = build_task(cfg)
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(cfg.seed)))
     sched = build_schedule(cfg, task)
@@ -149,13 +155,29 @@ def build_engine(cfg: RunConfig, engine_class=None):
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
     if hasattr(engine, "bind_total_steps"):  # torch_async: the server stops the workers after the last update
         engine.bind_total_steps(total_steps(cfg, engine))
+    if cfg.engine == "async":  # a virtual clock that stays finite
+        try:
+            engine.check_horizon(total_steps(cfg, engine))
+        except ValueError as exc:
+            raise ConfigError(f"config key 'asynchronous': {exc}") from None
     # a compressor that plans over the run (budget_threshold) learns the run's length here
     if alg.down_compressor is not None and hasattr(alg.down_compressor, "bind_run"):
         raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
                           "state and is an uplink compressor (algorithm.compressor)")
     if hasattr(alg.compressor, "bind_run"):
+        worker_steps = reserve = None
+        if cfg.engine == "async":  # steps counts server updates: each worker plans over its own messages
+            try:
+                worker_steps = engine.planned_messages(total_steps(cfg, engine), _planned_message_nbytes(cfg, engine))
+            except ValueError as exc:
+                raise ConfigError(f"config key 'algorithm.compressor': {alg.compressor.kind} on engine async plans "
+                                  f"each worker's budget over its messages, but {exc}") from None
+            # with bandwidth the plan assumed the messages' sizes: keep an empty frame back for a
+            # few more messages per worker (2% + 1), so the budget holds if the trace differs
+            reserve = [math.ceil(0.02 * t) + 1 for t in worker_steps] if engine.network.bandwidth is not None else None
         try:
-            alg.compressor.bind_run(total_steps(cfg, engine), cfg.value_dtype)
+            alg.compressor.bind_run(total_steps(cfg, engine), cfg.value_dtype, worker_steps=worker_steps,
+                                    reserve_messages=reserve if worker_steps is not None else None)
         except ValueError as exc:
             raise ConfigError(f"config key 'algorithm.compressor': {exc}") from None
     # dry run of the compressors on the real dimension (e.g. k > d is caught here)
@@ -180,6 +202,20 @@ def build_engine(cfg: RunConfig, engine_class=None):
                 "use feedback ef or a schedule that stays positive"
             )
     return engine
+
+
+def _planned_message_nbytes(cfg: RunConfig, engine) -> int | None:
+    """The message size the asynchronous plan assumes when the network time depends on it
+    (``bandwidth``): an even share of the budget over a worker's share of the updates."""
+    if engine.network.bandwidth is None:
+        return None
+    comp = engine.alg.compressor
+    empty, dense = comp._sizes(engine.d)
+    if comp.bytes_mode:
+        share = comp.budget_bytes * engine.n_workers / max(total_steps(cfg, engine), 1)
+    else:
+        share = empty + comp.density * engine.d * (4 + comp.value_bytes)
+    return int(min(max(share, empty), dense))
 
 
 def total_steps(cfg: RunConfig, engine) -> int:
@@ -234,6 +270,16 @@ class RunDiverged(RunEnded, FloatingPointError):
 
     status = "diverged"
     exit_code = 3
+
+
+class RunFailed(RunEnded):
+    """A write of the run directory failed (disk full, I/O error, read-only file system): one line
+    (CLI exit 4). The run directory, when the run had written a checkpoint, is installed with
+    status ``failed`` and that checkpoint (continue with ``--resume`` once there is space); a
+    resumed run's previous checkpoint is kept."""
+
+    status = "failed"
+    exit_code = 4
 
 
 class RunInterrupted(RunEnded):
@@ -325,16 +371,8 @@ def _strict_json(x):
     return v if math.isfinite(v) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_atomic_write_text = atomic_write_text
+_atomic_save = atomic_save
 
 
 class _Signals:
@@ -358,54 +396,191 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def estimate_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> tuple[int, str]:
-    """Bytes a run needs, roughly: N x d x bytes x state tensors (gradients, accumulated buffer,
-    memory, momentum) + the data set + the batches; and how it was computed."""
+#: what a run allocates besides its [N, d] tensors and batches: the first step's libraries,
+#: allocator slack, buffers of the metrics (measured: 0.1 - 0.2 GiB)
+RUN_OVERHEAD_BYTES = 150 << 20
+
+
+def state_tensors(cfg: RunConfig) -> tuple[float, str]:
+    """How many [N, d] tensors of the task's dtype a step holds at its peak, and which: the
+    per-worker gradients, the accumulated buffer and the compressor's per-step temporaries
+    (measured: 5 with identity and no memory), one memory (ef, ef-scaled, memory), two for
+    worker momentum (buffer and its update), two for ef-scaled (p / gamma and its image), the
+    workers' model copies of the loop (3) and asynchronous (1) engines, and 5 for top-k when the
+    compiled kernel is missing (``torch.topk``'s buffers). Measured against peak
+    RSS (README "Memory estimate"), on the vectorized and loop engines, for identity, top-k,
+    hard-threshold, ef / memory / ef-scaled and momentum."""
+    a = cfg.algorithm
+    parts = [(5.0, "gradients + step buffers")]
+    if a.feedback != "none":
+        parts.append((1.0, "memory"))
+    if a.momentum.kind == "update":
+        parts.append((2.0, "momentum"))
+    if a.feedback == "ef-scaled":
+        parts.append((2.0, "ef-scaled buffers"))
+    if cfg.engine == "loop":
+        parts.append((3.0, "model copies"))
+    elif cfg.engine in ("async", "torch_async"):
+        parts.append((1.0, "worker models"))
+    from ..kernels import has_extension
+
+    if a.compressor.kind == "topk" and not has_extension():
+        parts.append((5.0, "pure-torch top-k"))  # no compiled kernel: torch.topk's buffers
+    return sum(c for c, _ in parts), " + ".join(f"{c:g} {what}" for c, what in parts)
+
+
+def _samples_per_step(cfg: RunConfig, n_train: int | None) -> int:
     w = cfg.workers
-    n, d = w.count, layout.d
+    if w.batch_size == "full":
+        return n_train if n_train is not None else 0
+    return w.count * int(w.batch_size)
+
+
+def estimate_memory_before_task(cfg: RunConfig) -> tuple[int, str] | None:
+    """A lower bound of :func:`estimate_memory` from the config alone, for the tasks whose d
+    their options fix (:func:`gradsparse.resources.task_dimension`): this process's memory now
+    plus the run's [N, d] tensors (no data, no batches). None when d is not known yet. It lets a
+    run that cannot fit be refused before its task is built (which can take minutes and GiBs)."""
+    dim = task_dimension(cfg.task.name, cfg.task.options)
+    if dim is None:
+        return None
+    d, elem = dim
+    n = cfg.workers.count
+    tensors, which = state_tensors(cfg)
+    now, _ = process_memory()
+    state = int(n * d * elem * tensors)
+    how = (f"{n} workers x d = {d} x {elem} bytes x {tensors:g} tensors ({which}) = {_gib(state)} + this process "
+           f"{_gib(now)} + {_gib(RUN_OVERHEAD_BYTES)} overhead; the data not counted yet")
+    return now + state + RUN_OVERHEAD_BYTES, how
+
+
+def _intermediate_values(task, rows: int) -> int:
+    """Values the task's loss creates on ``rows`` training rows (outputs of every torch call that
+    are new tensors, not views of an input), counted under a TorchFunctionMode."""
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        total = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = set()
+
+            def storages(x, into):
+                if isinstance(x, torch.Tensor):
+                    try:
+                        into.add(x.untyped_storage().data_ptr())
+                    except (RuntimeError, NotImplementedError):
+                        pass
+                elif isinstance(x, (list, tuple)):
+                    for y in x:
+                        storages(y, into)
+                elif isinstance(x, dict):
+                    for y in x.values():
+                        storages(y, into)
+
+            storages(args, inputs)
+            storages(kwargs or {}, inputs)
+            outs = [out] if isinstance(out, torch.Tensor) else [o for o in out if isinstance(o, torch.Tensor)] \
+                if isinstance(out, (list, tuple)) else []
+            for o in outs:
+                mine: set = set()
+                storages(o, mine)
+                if not mine & inputs:
+                    Count.total += o.numel()
+            return out
+
+    params = task.init_params(torch.Generator().manual_seed(0))
+    with torch.no_grad(), Count():
+        task.loss(params, task.train_x[:rows], task.train_y[:rows])
+    return Count.total
+
+
+def _values_per_sample(task) -> int:
+    """What one more training row adds to the loss's intermediate values (the difference between
+    two rows and one: parameter-sized work that does not grow with the batch is not counted);
+    0 when the probe fails (the estimate then counts the rows themselves only)."""
+    if task.n_train < 2:
+        return 0
+    try:
+        return max(0, _intermediate_values(task, 2) - _intermediate_values(task, 1))
+    except Exception:  # a probe only
+        return 0
+
+
+def estimate_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> tuple[int, str]:
+    """Peak memory (bytes) a run needs, and how it was computed: this process's memory now (its
+    libraries and the task's data, already built) plus [N, d] tensors x :func:`state_tensors`,
+    the batches (per sample of a step: twice the gathered row and twice the intermediate values
+    one more row adds to the loss, :func:`_values_per_sample`, for the values and their
+    gradients; or an evaluation chunk of up to 4,096 rows, without gradients, when larger) and a
+    fixed overhead; at least the process's peak so far (building the task). Within 2x of the
+    measured peak RSS on the cases of README "Memory estimate"."""
+    n, d = cfg.workers.count, layout.d
     elem = torch.empty(0, dtype=next(iter(task.init_params(torch.Generator().manual_seed(0)).values())).dtype).element_size()
-    tensors = 2 + int(alg.feedback.has_memory) + 2 * int(alg.momentum.side == "worker")
-    state = n * d * elem * tensors
-    data = 0
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        x = getattr(task, name, None)
-        if isinstance(x, torch.Tensor):
-            data += x.numel() * x.element_size()
-    n_train = max(task.n_train, 1)
-    row = (task.train_x.numel() * task.train_x.element_size() + task.train_y.numel() * task.train_y.element_size()) // n_train
-    per_step = n_train if w.batch_size == "full" else n * int(w.batch_size)
-    # gathered rows and their indices, plus per-sample intermediates of up to d values
-    batch = per_step * (2 * row + 16 + d * elem)
-    total = state + data + batch
-    how = (f"{n} workers x d = {d} x {elem} bytes x {tensors} state tensors = {_gib(state)} + data {_gib(data)} "
-           f"+ batches of {per_step} rows x (row + d values) {_gib(batch)}")
-    return total, how
+    tensors, which = state_tensors(cfg)
+    state = int(n * d * elem * tensors)
+    row = int(task.train_x[:1].numel())
+    values = _values_per_sample(task)
+    per_step = _samples_per_step(cfg, task.n_train)
+    # a step: the gathered rows, the loss's intermediate values and their gradients (2 x each);
+    # an evaluation chunk (no gradients): rows and values once
+    batches = max(per_step * 2 * (row + values), min(4096, max(task.n_train, 1)) * (row + values)) * elem
+    per_sample = 2 * (row + values)
+    now, peak = process_memory()
+    need = max(peak, now + state + batches + RUN_OVERHEAD_BYTES)
+    how = (f"{n} workers x d = {d} x {elem} bytes x {tensors:g} tensors ({which}) = {_gib(state)} + batches of "
+           f"{per_step} samples x {per_sample} values {_gib(batches)} + this process with its data {_gib(now)} + "
+           f"{_gib(RUN_OVERHEAD_BYTES)} overhead")
+    return need, how
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
 
 
+def _memory_limit(cfg: RunConfig) -> tuple[int | None, str]:
+    if cfg.memory_limit_gb is not None:
+        return int(cfg.memory_limit_gb * 2**30), "memory_limit_gb"
+    return machine_memory()
+
+
+def _refuse(cfg: RunConfig, need: int, how: str, limit: int, source: str, batches_dominate: bool) -> None:
+    key = "workers.batch_size" if batches_dominate else "workers.count"
+    raise ConfigError(
+        f"config key '{key}': the run needs an estimated {_gib(need)} ({how}), more than the limit "
+        f"{_gib(limit)} ({source}); use fewer workers or a smaller model/batch, or override with "
+        "memory_limit_gb: <GiB> or memory_check: false (--no-memory-check)"
+    )
+
+
+def check_memory_before_task(cfg: RunConfig) -> None:
+    """Refuse, before the task is built, a run whose [N, d] tensors alone exceed the limit."""
+    if not cfg.memory_check:
+        return
+    up_front = estimate_memory_before_task(cfg)
+    limit, source = _memory_limit(cfg)
+    if up_front is not None and limit is not None and up_front[0] > limit:
+        _refuse(cfg, up_front[0], up_front[1], limit, source, False)
+
+
 def check_memory(cfg: RunConfig, task, layout: Layout, alg: Algorithm) -> None:
     if not cfg.memory_check:
         return
     need, how = estimate_memory(cfg, task, layout, alg)
-    if cfg.memory_limit_gb is not None:
-        limit, source = int(cfg.memory_limit_gb * 2**30), "memory_limit_gb"
-    else:
-        limit, source = machine_memory()
+    limit, source = _memory_limit(cfg)
     if limit is not None and need > limit:
-        key = "workers.batch_size" if "batches" in how and cfg.workers.batch_size != "full" and \
-            cfg.workers.count * int(cfg.workers.batch_size) > 10 * max(task.n_train, 1) else "workers.count"
-        raise ConfigError(
-            f"config key '{key}': the run needs an estimated {_gib(need)} ({how}), more than the limit "
-            f"{_gib(limit)} ({source}); use fewer workers or a smaller model/batch, or override with "
-            "memory_limit_gb: <GiB> or memory_check: false (--no-memory-check)"
-        )
+        tensors, _ = state_tensors(cfg)
+        state = cfg.workers.count * layout.d * tensors
+        batches = _samples_per_step(cfg, task.n_train) * 2 * (int(task.train_x[:1].numel()) + _values_per_sample(task))
+        _refuse(cfg, need, how, limit, source, batches > state and cfg.workers.batch_size != "full")
 
 
 class _RunState:
-    """What the runner itself must carry across a resume (the engine has its own state_dict)."""
+    """What the runner itself must carry across a resume (the engine has its own state_dict):
+    the metric rows, running maxima, skipped messages, wall time, and who the run is: its run id
+    (drawn when the run starts; also in config.yaml and summary.json), the resolved config the
+    checkpoint was written with, and the config changes allowed on resume."""
 
     def __init__(self, columns) -> None:
         self.columns = list(columns)
@@ -415,10 +590,14 @@ class _RunState:
         self.maxima: dict = {}
         self.skipped = 0
         self.wall = 0.0
+        self.run_id: str = uuid.uuid4().hex
+        self.config: str | None = None
+        self.config_changes: list[dict] = []
 
     def state_dict(self) -> dict:
         return {"columns": self.columns, "rows": self.rows, "rr_rows": self.rr_rows, "worker_rows": self.worker_rows,
-                "maxima": dict(self.maxima), "skipped_messages": self.skipped, "wall_seconds": self.wall}
+                "maxima": dict(self.maxima), "skipped_messages": self.skipped, "wall_seconds": self.wall,
+                "run_id": self.run_id, "config": self.config, "config_changes": list(self.config_changes)}
 
     def load_state_dict(self, sd: dict) -> None:
         if list(sd["columns"]) != self.columns:
@@ -426,16 +605,57 @@ class _RunState:
         self.rows, self.rr_rows, self.worker_rows = list(sd["rows"]), list(sd["rr_rows"]), list(sd["worker_rows"])
         self.maxima = dict(sd["maxima"])
         self.skipped, self.wall = int(sd["skipped_messages"]), float(sd["wall_seconds"])
+        if sd.get("run_id"):
+            self.run_id = str(sd["run_id"])
+        self.config_changes = list(sd.get("config_changes") or [])
+
+
+#: the first line of a run directory's config.yaml (a YAML comment: the file still loads as a config)
+_CONFIG_HEADER = "# gradsparse run {run_id}: the resolved config of this run (gradsparse run --resume refuses " \
+                 "an edited copy unless --allow-config-change)\n"
+_RUN_ID_LINE = re.compile(r"^# gradsparse run ([0-9a-f]{32})\b")
+
+
+def run_id_of_config(text: str) -> str | None:
+    """The run id in a run directory's config.yaml (its first line), or None."""
+    m = _RUN_ID_LINE.match(text)
+    return m.group(1) if m else None
+
+
+def config_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_differences(before: str, after: str) -> dict[str, list]:
+    """The dotted keys whose values differ between two resolved configs: key -> [before, after]."""
+    import yaml
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict) and node:
+            out = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+            return out
+        return {prefix: node}
+
+    a, b = flat(yaml.safe_load(before) or {}), flat(yaml.safe_load(after) or {})
+    return {k: [a.get(k), b.get(k)] for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)}
+
+
+def _describe_changes(changes: dict[str, list]) -> str:
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
 
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None,
         overwrite: bool = False, resume_state: dict | None = None,
         on_checkpoint: Callable[[int, dict], None] | None = None,
-        on_step: Callable[[int], None] | None = None) -> Path:
+        on_step: Callable[[int], None] | None = None, allow_config_change: bool = False) -> Path:
     """Run ``cfg``; returns the run directory (status ``completed``). Raises ConfigError before
-    anything is written, :class:`RunDiverged` / :class:`RunInterrupted` after writing the run
-    directory with that status. The directory is written into a temporary sibling and renamed
-    into place, so it is whole or absent.
+    anything is written (:class:`~gradsparse.experiments.rundir.RunDirectoryBusy` when another
+    process writes the same directory), :class:`RunDiverged` / :class:`RunInterrupted` after
+    writing the run directory with that status, :class:`RunFailed` when a write failed. The
+    directory is written into a temporary sibling and renamed into place, so it is whole or
+    absent; the run holds the directory's lock throughout (one writer).
 
     For the torch.distributed worker (:mod:`gradsparse.distributed.restart`): ``resume_state``
     (a ``checkpoint.pt`` dict) starts the run from that state; ``on_checkpoint(step, state)`` is
@@ -444,12 +664,28 @@ def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None 
         raise ConfigError("--out '': an empty path; give a directory for the run")
     final = Path(out) if out is not None else default_out(cfg)
     check_out_dir(final, overwrite=overwrite)
-    return _execute(cfg, final, progress=progress, resume=resume_state, on_checkpoint=on_checkpoint, on_step=on_step)
+    if final.is_symlink() and final.is_dir():  # write where the link points (the link stays)
+        final = Path(os.path.realpath(final))
+    lock = RunLock(final).acquire()
+    try:
+        clean_leftovers(final)
+        check_out_dir(final, overwrite=overwrite)  # again, under the lock: another run may have ended meanwhile
+        return _execute(cfg, final, progress=progress, resume=resume_state, on_checkpoint=on_checkpoint,
+                        on_step=on_step, allow_config_change=allow_config_change, lock=lock)
+    finally:
+        lock.release()
 
 
-def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
+def resume(run_dir: str | Path, *, progress: bool | None = None, allow_config_change: bool = False) -> Path:
     """Continue the run in ``run_dir`` from its checkpoint: the same metrics.csv and final state
-    as the uninterrupted run, bitwise."""
+    as the uninterrupted run, bitwise.
+
+    Refused (ConfigError) when the checkpoint belongs to another run (its run id differs from the
+    one in config.yaml or summary.json), when config.yaml differs from the config the checkpoint
+    was written with (each changed key named) unless ``allow_config_change`` (the changes are then
+    recorded in summary.json's ``config_changes``), when ``steps`` is below the checkpoint's step,
+    and when the run already completed. The directory's checkpoint stays until a newer one is
+    written (a resumed run that diverges again before its next checkpoint keeps it)."""
     from ..config import load_config
 
     run_dir = Path(run_dir)
@@ -460,32 +696,61 @@ def resume(run_dir: str | Path, *, progress: bool | None = None) -> Path:
             raise ConfigError(f"--resume {str(run_dir)!r}: a stopped engine 'torch' run (only its restart checkpoints "
                               f"exist): continue it with gradsparse launch --resume {run_dir}")
         raise ConfigError(f"--resume {str(run_dir)!r}: not a directory")
+    if run_dir.is_symlink():
+        run_dir = Path(os.path.realpath(run_dir))
+    lock = RunLock(run_dir, key="--resume").acquire()
+    try:
+        clean_leftovers(run_dir)
+        return _resume_locked(run_dir, progress, allow_config_change, lock, load_config)
+    finally:
+        lock.release()
+
+
+def _resume_locked(run_dir: Path, progress, allow_config_change: bool, lock, load_config) -> Path:
+    where = f"--resume {str(run_dir)!r}"
     for f in ("config.yaml", "checkpoint.pt"):
         if not (run_dir / f).is_file():
-            raise ConfigError(f"--resume {str(run_dir)!r}: no {f} (is it a run directory with a checkpoint?)")
-    status = None
+            raise ConfigError(f"{where}: no {f} (is it a run directory with a checkpoint?)")
+    summary = {}
     if (run_dir / "summary.json").is_file():
         try:
-            status = json.loads((run_dir / "summary.json").read_text()).get("status")
-        except (ValueError, OSError, AttributeError):
-            status = None
-    if status == "completed":
-        raise ConfigError(f"--resume {str(run_dir)!r}: the run is already completed")
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (ValueError, OSError):
+            summary = {}
+        summary = summary if isinstance(summary, dict) else {}
+    if summary.get("status") == "completed":
+        raise ConfigError(f"{where}: the run is already completed")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.engine == "torch":
-        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch' run continues under torchrun from its "
+        raise ConfigError(f"{where}: an engine 'torch' run continues under torchrun from its "
                           f"per-rank restart checkpoints: gradsparse launch --resume {run_dir}")
     if cfg.engine == "torch_async":
-        raise ConfigError(f"--resume {str(run_dir)!r}: an engine 'torch_async' run keeps no restart checkpoints "
+        raise ConfigError(f"{where}: an engine 'torch_async' run keeps no restart checkpoints "
                           "(real timing makes it unrepeatable); start it again")
     check_out_dir(run_dir, overwrite=True, key="--resume")
     try:
         sd = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(sd, dict) or "runner" not in sd:
-        raise ConfigError(f"--resume {str(run_dir)!r}: checkpoint.pt holds no runner state (written by an older version?)")
-    return _execute(cfg, run_dir, progress=progress, resume=sd)
+        raise ConfigError(f"{where}: checkpoint.pt cannot be read ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(sd, dict) or not isinstance(sd.get("runner"), dict):
+        raise ConfigError(f"{where}: checkpoint.pt holds no runner state (written by an older version?)")
+    runner_sd = sd["runner"]
+    ours = runner_sd.get("run_id")
+    if not ours:
+        if not allow_config_change:
+            raise ConfigError(f"{where}: checkpoint.pt carries no run id (written by an older gradsparse), so it "
+                              "cannot be checked to belong to this run and config; continue anyway with "
+                              "--allow-config-change")
+    else:
+        text = (run_dir / "config.yaml").read_text()
+        for name, theirs in (("config.yaml", run_id_of_config(text)), ("summary.json", summary.get("run_id"))):
+            if theirs is not None and theirs != ours:
+                raise ConfigError(f"{where}: checkpoint.pt belongs to run {ours}, but {name} to run {theirs}: the "
+                                  "checkpoint comes from another run directory; put back this run's checkpoint.pt "
+                                  "(or start a new run)")
+    return _execute(cfg, run_dir, progress=progress, resume=sd, carry_checkpoint=run_dir / "checkpoint.pt",
+                    allow_config_change=allow_config_change, resume_key=where, lock=lock)
 
 
 def metric_names(cfg: RunConfig) -> list[str]:
@@ -511,7 +776,8 @@ def check_outputs(cfg: RunConfig, engine) -> None:
 
 
 def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict | None,
-             on_checkpoint=None, on_step=None) -> Path:
+             on_checkpoint=None, on_step=None, carry_checkpoint: Path | None = None,
+             allow_config_change: bool = False, resume_key: str | None = None, lock=None) -> Path:
     engine = build_engine(cfg)
     check_outputs(cfg, engine)
     steps = total_steps(cfg, engine)
@@ -523,13 +789,33 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
     rr = cfg.metrics.residual_ratio
     state = _RunState(columns)
     state.maxima = {m: -math.inf for m in names if m in RUNNING_MAXIMA}
+    state.config = dump_config(cfg)
     if resume is not None:
+        where = resume_key or f"--resume {str(final)!r}"
+        runner_sd = resume["runner"]
+        written_with = runner_sd.get("config")
+        if written_with is not None and written_with != state.config:
+            changes = config_differences(written_with, state.config)
+            if not allow_config_change:
+                raise ConfigError(f"{where}: the config differs from the one the checkpoint was written with: "
+                                  f"{_describe_changes(changes)}; restore it, or pass --allow-config-change to "
+                                  "continue with the changed config (recorded in summary.json)")
+        else:
+            changes = {}
+        at = int(resume.get("t", 0))
+        if steps < at:
+            raise ConfigError(f"config key 'steps': the run is to end at step {steps}, below the checkpoint's step "
+                              f"{at}; a resumed run continues from its checkpoint, so give steps >= {at}")
         try:
             engine.load_state_dict({k: v for k, v in resume.items() if k != "runner"})
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise ConfigError(f"--resume {str(final)!r}: checkpoint does not fit the run's config: {exc}") from None
-        state.load_state_dict(resume["runner"])
+            raise ConfigError(f"{where}: checkpoint does not fit the run's config: {exc}") from None
+        state.load_state_dict(runner_sd)
         engine.alg.skipped_messages = state.skipped
+        if changes:
+            state.config_changes.append({"at_step": at, "changes": changes})
+            print(f"gradsparse: note: resuming {final} at step {at} with a changed config (--allow-config-change): "
+                  f"{_describe_changes(changes)}", file=sys.stderr)
     is_async = hasattr(engine, "staleness_histogram")
     async_stats = None
     if is_async:
@@ -538,28 +824,50 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
         async_stats = AsyncRowStats(engine, names)
 
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    with storage("the run directory", tmp):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if lock is not None:
+        lock.keep_created()
     try:
+        if carry_checkpoint is not None:
+            # the checkpoint being resumed stays in the new directory until a newer one replaces it
+            _carry(carry_checkpoint, tmp / "checkpoint.pt")
         return _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
                      on_checkpoint, on_step)
+    except RunFailed:
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _carry(src: Path, dst: Path) -> None:
+    """``dst`` becomes a copy of ``src`` (a hard link when the file system allows: no bytes copied;
+    checkpoints are replaced by rename, never written in place, so the link never changes ``src``)."""
+    with storage("the checkpoint", dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
 def _install(tmp: Path, final: Path) -> None:
     """Rename the finished temporary directory into place (replacing an older one)."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    with storage("the run directory", final):
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
 
 
 def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
@@ -568,34 +876,26 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
     if cfg.metrics.tensorboard:
         from .tensorboard import RunWriter
 
-        board = RunWriter(tmp, dump_config(cfg))
+        board = RunWriter(tmp, state.config)
         for old in state.rows:  # a resumed run's rows go into the fresh event file first
             board.row(old, old.get("uplink_bytes") if old.get("uplink_bytes", "") != "" else None)
-    try:
-        return _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp,
-                          progress, on_checkpoint, on_step, board)
-    finally:
-        if board is not None:
-            board.close()
-
-
-def _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, progress,
-               on_checkpoint, on_step, board) -> Path:
-    (tmp / "config.yaml").write_text(dump_config(cfg))
     show = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
     wall0 = state.wall
-    f = open(tmp / "metrics.csv", "w", newline="")
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(state.rows)
+    with storage("config.yaml in", tmp):
+        (tmp / "config.yaml").write_text(_CONFIG_HEADER.format(run_id=state.run_id) + state.config)
+        f = open(tmp / "metrics.csv", "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(state.rows)
 
     def record(row: dict) -> None:
         if "skipped_messages" in columns:
             row["skipped_messages"] = engine.alg.skipped_messages
         full = {c: row.get(c, "") for c in columns}
-        writer.writerow(full)
-        f.flush()
+        with storage("metrics.csv in", tmp):
+            writer.writerow(full)
+            f.flush()
         state.rows.append(full)
         if board is not None:
             board.row(full, engine.ledger.uplink_bytes)
@@ -613,15 +913,58 @@ def _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_sta
             on_checkpoint(engine.t, sd)
 
     def finish(status: str, extra: dict | None = None) -> None:
-        f.close()
+        with storage("metrics.csv in", tmp):
+            f.close()
         if board is not None:
             if async_stats is not None:
                 board.staleness("all_updates", engine.staleness_histogram(), engine.t)
             board.close()
         state.wall = wall0 + time.perf_counter() - t0
         state.skipped = engine.alg.skipped_messages
-        _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
+        with storage("the outputs in", tmp):
+            _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
 
+    try:
+        return _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show,
+                      record=record, checkpoint=checkpoint, finish=finish, on_step=on_step, board=board)
+    except StorageError as exc:
+        raise _failed(exc, cfg, engine, tmp, final, finish, f) from None
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _failed(exc: StorageError, cfg, engine, tmp: Path, final: Path, finish, metrics_file) -> "RunFailed":
+    """A write failed mid-run: keep what can be kept. When the temporary directory holds a
+    checkpoint (the last one written whole), it becomes the run directory with status
+    ``failed`` (continue with --resume once the disk has room); otherwise it is removed and an
+    existing run directory (a resumed run's) stays as it was."""
+    message = f"{exc.strerror or exc}; the run stopped after step {engine.t}"
+    at = _checkpoint_step(tmp)
+    if at is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f"; {final} keeps its previous checkpoint" if (final / "checkpoint.pt").is_file() else \
+            "; nothing was kept (no checkpoint had been written)"
+        return RunFailed(message + where, final if final.is_dir() else None)
+    try:
+        metrics_file.close()
+    except OSError:
+        pass
+    try:
+        finish("failed", {"failed_at_step": engine.t, "checkpoint_step": at, "message": message})
+    except (StorageError, OSError):
+        pass  # the summary is best effort on a full disk; the checkpoint is what matters
+    try:
+        _install(tmp, final)
+    except StorageError:
+        return RunFailed(f"{message}; its last checkpoint (step {at}) is in {tmp}", tmp)
+    return RunFailed(f"{message}; the run directory keeps the checkpoint of step {at} (continue with "
+                     f"gradsparse run --resume {final} once there is room)", final)
+
+
+def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show, *,
+           record, checkpoint, finish, on_step, board=None) -> Path:
+    """The step loop of :func:`_loop` (recording rows, checkpoints, the stop rules)."""
     if not state.rows:
         record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
     bar = None
@@ -714,7 +1057,8 @@ def _loop_body(cfg, engine, steps, names, columns, tracked, rr, state, async_sta
     if cfg.plots:
         from .plots import plot_run
 
-        plot_run(tmp)
+        with storage("the plots in", tmp):
+            plot_run(tmp)
     _install(tmp, final)
     return final
 
@@ -747,6 +1091,8 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
     summary = {
         "name": cfg.name,
         "status": status,
+        "run_id": state.run_id,
+        "config_sha256": config_sha256(state.config) if state.config is not None else None,
         "engine": engine.name,
         "algorithm": engine.alg.describe(),
         "task": engine.task.name,
@@ -773,6 +1119,7 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "stages": stages or None,
         "f_star": engine.task.f_star,
         "final": final,
+        **({"config_changes": state.config_changes} if state.config_changes else {}),
         **extra,
     }
     if async_stats is not None:

@@ -363,6 +363,29 @@ class FrameHeader(NamedTuple):
         return self.value_start - self.index_start
 
 
+_FIXED_HEADER = struct.Struct("<4s5B")
+
+
+def _uvarint_at(mv: memoryview, pos: int, end: int, what: str) -> tuple[int, int]:
+    """The canonical unsigned LEB128 varint at ``pos`` (at most 10 bytes, < 2**64) and the
+    position after it (what :meth:`_Reader.uvarint` reads, without its per-byte calls)."""
+    x = shift = 0
+    for i in range(10):
+        if pos >= end:
+            raise WireError(f"frame truncated while reading {what}")
+        b = mv[pos]
+        pos += 1
+        x |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            if i and b == 0:
+                raise WireError(f"non-canonical varint in {what}")
+            if x >= (1 << 64):
+                raise WireError(f"{what} overflows 64 bits")
+            return x, pos
+    raise WireError(f"varint in {what} longer than 10 bytes")
+
+
 class _Reader:
     def __init__(self, mv: memoryview, end: int, pos: int):
         self.mv, self.end, self.pos = mv, end, pos
@@ -421,12 +444,11 @@ def read_frame_header(mv: memoryview, start: int, max_d: int) -> FrameHeader:
         raise WireError(
             f"frame at byte {start} has {n - start} bytes, fewer than the smallest valid frame"
         )
-    if bytes(mv[start : start + 4]) != MAGIC:
+    magic, version, enc_id, vid, flags, ndim = _FIXED_HEADER.unpack_from(mv, start)
+    if magic != MAGIC:
         raise WireError(
-            f"bad magic {bytes(mv[start:start + 4])!r} at byte {start} (expected {MAGIC!r}): "
-            "not a gradsparse frame"
+            f"bad magic {magic!r} at byte {start} (expected {MAGIC!r}): not a gradsparse frame"
         )
-    version, enc_id, vid, flags, ndim = (mv[start + i] for i in range(4, 9))
     if version not in READABLE_VERSIONS:
         raise WireError(f"unsupported wire version {version} (this build reads {READABLE_VERSIONS})")
     if enc_id not in ENCODING_NAMES:
@@ -447,21 +469,26 @@ def read_frame_header(mv: memoryview, start: int, max_d: int) -> FrameHeader:
         raise WireError(f"unknown flag bits 0x{flags:02x}")
     enc = ENCODING_NAMES[enc_id]
 
-    rd = _Reader(mv, n, start + FIXED_HEADER_NBYTES)
-    shape = tuple(rd.uvarint("shape") for _ in range(ndim))
+    pos = start + FIXED_HEADER_NBYTES
     d = 1
-    for s in shape:
+    shape = []
+    for _ in range(ndim):
+        s, pos = _uvarint_at(mv, pos, n, "shape")
+        shape.append(s)
         d *= s
         if d >= MAX_D:
-            raise WireError(f"shape {shape} too large")
+            raise WireError(f"shape {tuple(shape)} too large")
     if d > max_d:
         raise WireError(f"frame claims d = {d}, above the decoder's bound max_d = {max_d}")
-    k = rd.uvarint("count")
+    k, pos = _uvarint_at(mv, pos, n, "count")
+    rd = _Reader(mv, n, pos)
     param = rd.u8(f"{enc} parameter") if enc in PARAMETER_ENCODINGS else None
     seed = rd.u64("seed") if flags & FLAG_SEED else None
-    ib = rd.uvarint("index payload length")
-    vb = rd.uvarint("value payload length")
-    index_start = rd.pos
+    if seed is not None and seed >= (1 << 63):
+        raise WireError(f"seed {seed} is >= 2**63 (seeds lie in [0, 2**63): a SparseBatch holds them as int64)")
+    ib, pos = _uvarint_at(mv, rd.pos, n, "index payload length")
+    vb, pos = _uvarint_at(mv, pos, n, "value payload length")
+    index_start = pos
     end = index_start + ib + vb + CRC_NBYTES
     if end > n:
         raise WireError(f"frame truncated: its header describes {end - start} bytes, {n - start} remain")

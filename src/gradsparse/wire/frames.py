@@ -146,14 +146,6 @@ def encode(
     return b"".join(frames)
 
 
-def _frame_values(mv: memoryview, h: FrameHeader) -> torch.Tensor:
-    vdt = VALUE_DTYPE_TABLE[VALUE_DTYPE_IDS[h.value_dtype]]
-    raw = np.frombuffer(mv[h.value_start : h.end - CRC_NBYTES], dtype=vdt.numpy)
-    if vdt.torch == torch.bfloat16:
-        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)  # raw bit patterns
-    return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="), copy=True))
-
-
 def _check_limit(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -218,7 +210,8 @@ def decode(
     :class:`~gradsparse.messages.SparseBatch`, one row per frame.
 
     regenerate: ``(seed, d, k) -> sorted columns`` for ``seed`` frames; defaults to
-                :func:`gradsparse.compressors.random_k_indices`.
+                :func:`gradsparse.compressors.random_k_indices` (then the supports of all
+                seeded frames of one count are regenerated in one vectorized call).
     max_d:      the largest row length a frame may claim (default ``2**31 - 1``), checked before
                 anything is allocated, so a short frame cannot make ``to_dense()`` of the result
                 allocate an arbitrary d. Raise it to read longer rows (the format allows
@@ -231,31 +224,122 @@ def decode(
     row has the same count, ``seeds`` when every frame carries a seed, and ``dense=True`` when
     every frame is dense-encoded (a sparse row sent dense comes back as a full row, zeros off its
     support). All frames must share d, the value dtype and seededness (a mix is a
-    :class:`WireError`). Frames of older writers with ``ndim != 1`` are flattened (see
+    :class:`WireError`). A seed flag on a frame with explicit columns (``raw32``, ``varint``,
+    ``rice``, ``packed``, ``bitmap``) says the row is a random-k row: its columns must be the
+    support its seed regenerates (otherwise re-encoding the row, which sends the seed alone,
+    would change its support). Frames of older writers with ``ndim != 1`` are flattened (see
     :mod:`gradsparse.wire.format`). An empty buffer is a :class:`WireError` (no frame gives d).
     Raises :class:`WireError` on any invalid input.
+
+    Cost: linear in the buffer's size. Each frame costs a fixed few microseconds of Python
+    (index payloads of at most :data:`~gradsparse.wire.codecs.SMALL_PAYLOAD` bytes are decoded
+    without numpy), larger payloads run vectorized, and a seed frame regenerates its support
+    over at most ``16 k`` columns (``k <= d / 16``: about ``1.1 k`` draws), i.e. at most 8
+    columns per byte of its values; README "Wire format" gives the measured bytes-per-second
+    floor.
     """
     mv = as_byte_view(data)
     headers = _headers(mv, max_d, max_elements, max_bytes)
     d = headers[0].d
-    cols, vals = [], []
-    for h in headers:
-        payload = np.frombuffer(mv[h.index_start : h.value_start], dtype=np.uint8)
-        cols.append(codecs.decode_index_payload(h.encoding, payload, h.count, d, h.parameter, h.seed, regenerate))
-        vals.append(_frame_values(mv, h))
+    seeded = headers[0].seed is not None
+    if seeded and any(h.seed >= (1 << 63) for h in headers):  # read_frame_header refuses them too
+        raise WireError("a frame's seed is >= 2**63: it does not fit a SparseBatch's int64 seeds")
+    parts: list = []  # numpy arrays of columns, or None for a seed frame filled in below
+    small: list[int] = []  # columns of consecutive small frames, turned into one array
+    explicit_seeded: list[tuple[int, np.ndarray | list]] = []  # (frame, columns) to check against the seed
+
+    def flush() -> None:
+        if small:
+            parts.append(np.array(small, dtype=np.int64))
+            small.clear()
+
+    for i, h in enumerate(headers):
+        enc = h.encoding
+        if enc == "seed":
+            flush()
+            parts.append(None)
+            continue
+        if enc == "dense":
+            flush()
+            parts.append(np.arange(d, dtype=np.int64))
+            continue
+        nbytes = h.value_start - h.index_start
+        if nbytes <= codecs.SMALL_PAYLOAD and h.count <= 8 * codecs.SMALL_PAYLOAD:
+            got = codecs.decode_small_index_payload(enc, bytes(mv[h.index_start : h.value_start]), h.count, d,
+                                                    h.parameter)
+            small.extend(got)
+        else:
+            flush()
+            payload = np.frombuffer(mv[h.index_start : h.value_start], dtype=np.uint8)
+            got = codecs.decode_index_payload(enc, payload, h.count, d, h.parameter, None, None)
+            parts.append(got)
+        if seeded:
+            explicit_seeded.append((i, got))
+    flush()
+    if seeded:
+        supports = _regenerated_supports(headers, d, regenerate)
+        for i, got in explicit_seeded:
+            if not np.array_equal(np.asarray(got, dtype=np.int64), supports[i]):
+                raise WireError(f"frame {i} carries seed {headers[i].seed} but its {headers[i].encoding} columns "
+                                "are not the support that seed regenerates")
+        it = iter(supports[i] for i, h in enumerate(headers) if h.encoding == "seed")
+        parts = [next(it) if p is None else p for p in parts]
     counts = torch.tensor([h.count for h in headers], dtype=torch.long)
     offsets = torch.zeros(len(headers) + 1, dtype=torch.long)
     torch.cumsum(counts, 0, out=offsets[1:])
-    seeds = None
-    if headers[0].seed is not None:
-        if any(h.seed >= (1 << 63) for h in headers):
-            raise WireError("a frame's seed is >= 2**63: it does not fit a SparseBatch's int64 seeds")
-        seeds = torch.tensor([h.seed for h in headers], dtype=torch.long)
+    seeds = torch.tensor([h.seed for h in headers], dtype=torch.long) if seeded else None
     dense = all(h.encoding == "dense" for h in headers)
     ks = {h.count for h in headers}
-    indices = None if dense else torch.from_numpy(np.concatenate(cols) if len(cols) > 1 else cols[0])
-    values = torch.cat(vals) if len(vals) > 1 else vals[0]
-    return SparseBatch(d, offsets, values, indices, seeds, dense, True, ks.pop() if len(ks) == 1 else None)
+    indices = None
+    if not dense:
+        indices = torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0] if parts
+                                   else np.zeros(0, dtype=np.int64))
+    return SparseBatch(d, offsets, _all_values(mv, headers), indices, seeds, dense, True,
+                       ks.pop() if len(ks) == 1 else None)
+
+
+def _all_values(mv: memoryview, headers: list[FrameHeader]) -> torch.Tensor:
+    """Every frame's value payload, in frame order, as one tensor of the wire dtype (one copy)."""
+    vdt = VALUE_DTYPE_TABLE[VALUE_DTYPE_IDS[headers[0].value_dtype]]
+    if len(headers) == 1:
+        h = headers[0]
+        raw = np.frombuffer(mv[h.value_start : h.end - CRC_NBYTES], dtype=vdt.numpy)
+    else:
+        raw = np.frombuffer(b"".join(mv[h.value_start : h.end - CRC_NBYTES] for h in headers), dtype=vdt.numpy)
+    if vdt.torch == torch.bfloat16:
+        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16)  # raw bit patterns
+    return torch.from_numpy(raw.astype(raw.dtype.newbyteorder("="), copy=True))
+
+
+#: regenerated columns held at once while regenerating many seeded rows (bounds the memory)
+_REGENERATE_CHUNK = 1 << 22
+
+
+def _regenerated_supports(headers: list[FrameHeader], d: int, regenerate) -> dict[int, np.ndarray]:
+    """The support each seeded non-dense frame's seed regenerates (frame index -> columns). With
+    the default regenerator, the rows of one count are drawn together
+    (:func:`gradsparse.compressors.random_k_indices_rows`, vectorized over rows), in chunks of
+    about :data:`_REGENERATE_CHUNK` columns."""
+    todo = [(i, h) for i, h in enumerate(headers) if h.encoding != "dense"]
+    out: dict[int, np.ndarray] = {}
+    if regenerate is not None:
+        for i, h in todo:
+            out[i] = codecs.seed_decode(h.seed, h.count, d, regenerate)
+        return out
+    from ..compressors import random_k_indices_rows  # lazy: compressors must not import wire
+
+    by_count: dict[int, list[int]] = {}
+    for i, h in todo:
+        by_count.setdefault(h.count, []).append(i)
+    for k, frames in by_count.items():
+        per_row = max(1, d if 16 * k > d else k + k // 8 + 16)
+        step = max(1, _REGENERATE_CHUNK // per_row)
+        for a in range(0, len(frames), step):
+            chunk = frames[a : a + step]
+            rows = random_k_indices_rows([headers[i].seed for i in chunk], d, k).numpy()
+            for i, row in zip(chunk, rows):
+                out[i] = row
+    return out
 
 
 def decode_each(data, *, max_d: int = DEFAULT_MAX_D, max_elements: int = DEFAULT_MAX_ELEMENTS) -> list[SparseBatch]:
