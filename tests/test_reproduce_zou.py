@@ -84,6 +84,8 @@ def test_configs_follow_the_paper():
     assert set(zou.FULL_PLAN.tasks) == {"mnist_mlp", "mnist_cnn_paper003", "fashion_mnist_mlp_paper003",
                                         "fashion_mnist_cnn_paper003"}
     assert zou.SMALL_PLAN.epochs == 100.0 and zou.SMALL_PLAN.steps is None  # 100 epochs, as the thesis
+    # a row every 2 epochs at small scale: 4,000 rows / (20 workers x batch 10) = 20 steps an epoch
+    assert zou.nn_config(zou.SMALL_PLAN, "mnist5k_mlp", "iid", 20, "uplink-only", 0.1, 0)["metrics"]["every"] == 40
     assert zou.nn_expected_runs("full", 1) == 4 * 3 * 2 * 6
 
 

@@ -463,7 +463,8 @@ class Reproduction:
     scale needs (checked before anything runs); ``settings`` describes, per scale, what is run,
     for the report and ``--list``. ``claims`` are the claims it judges, as data (a run must
     return exactly these, in this order); ``seeds`` is the number of seeds it runs when the
-    command line does not say (5 where a verdict rests on an ordering over seeds)."""
+    command line does not say (5 where a verdict rests on an ordering over seeds); ``cpu_minutes``
+    the CPU time it took per scale (for scheduling ``reproduce all``)."""
 
     name: str
     paper: str
@@ -474,6 +475,8 @@ class Reproduction:
     expected_runs: Callable[[str, int], int] | None = None
     claims: tuple[ClaimSpec, ...] = ()
     seeds: int = 3
+    #: measured CPU minutes per scale at the default seeds (``reproduce all`` starts the longest first)
+    cpu_minutes: dict[str, float] = field(default_factory=dict)
 
 
 def missing_data(names: Sequence[str], data_dir: str | os.PathLike | None = None) -> list[str]:

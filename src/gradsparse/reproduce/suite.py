@@ -37,8 +37,10 @@ def run_all(names: list[str], scale: str, seeds: int | None, out: Path, *, proce
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reps = [get(n) for n in names]
-    # longest first, so the last process to finish is not the one that started the longest job
-    reps.sort(key=lambda r: -(r.expected_runs(scale, seeds or r.seeds) if r.expected_runs else 0))
+    # longest first (by measured CPU minutes where known, else by the number of runs), so the last
+    # process to finish is not the one that started the longest job
+    reps.sort(key=lambda r: (-r.cpu_minutes.get(scale, 0.0) * (seeds or r.seeds) / r.seeds,
+                             -(r.expected_runs(scale, seeds or r.seeds) if r.expected_runs else 0)))
     expected = sum(r.expected_runs(scale, seeds or r.seeds) if r.expected_runs else 1 for r in reps)
     processes = max(1, min(processes or os.cpu_count() or 1, len(reps)))
     bar = None
