@@ -176,4 +176,6 @@ def test_stagewise_equals_eq_15_16_by_hand(engine):
     assert len(sim.stagewise.averages) == 2
     for got, want in zip(sim.stagewise.averages, averages):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the output w~_3: the mean of the last stage's iterates, formed at the end
+    torch.testing.assert_close(sim.stagewise.output(), averages[2], rtol=1e-12, atol=1e-12)
     assert sched(3) == pytest.approx(0.1) and sched(7) == pytest.approx(0.2 / 3)

@@ -9,7 +9,7 @@ import pytest
 
 from gradsparse import cli, reproduce
 from gradsparse.reproduce import base, suite
-from gradsparse.reproduce.base import Claim, Context, Reproduction, example_config
+from gradsparse.reproduce.base import Claim, ClaimSpec, Context, Reproduction, RunResult, example_config
 
 INF = math.inf
 
@@ -121,16 +121,21 @@ def test_run_many_in_parallel_processes_gives_the_serial_result(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def _fake(name: str, verdict_from_run: bool = True) -> Reproduction:
+FALLS = ClaimSpec("falls", "F - F* falls", "paper: it falls", "holds when below the start", ("F - F*",),
+                  "a run that does not move")
+
+
+def _fake(name: str, verdict_from_run: bool = True, declared=(FALLS,)) -> Reproduction:
     def run(ctx: Context) -> list[Claim]:
         res = ctx.run_many({"up": _toy(steps=10)})["up"]
         value = res.final("suboptimality")
         ctx.note("a note for the report")
-        return [Claim("falls", "F - F* falls", "paper: it falls", {"F-F* final": value},
-                      "holds when below the start", base.threshold_verdict(value, res.metrics["suboptimality"][0]))]
+        start = res.metrics["suboptimality"][0]
+        return [FALLS.judge(base.threshold_verdict(value, start), {"F-F* final": value},
+                            margin=base.margin_text("F-F*", value, start), agreed="1/1 seeds")]
 
     return Reproduction(name=name, paper="003", title="fake", run=run, settings={"small": "tiny toy"},
-                        full_data=("mnist",), expected_runs=lambda scale, seeds: 1)
+                        full_data=("mnist",), expected_runs=lambda scale, seeds: 1, claims=declared, seeds=4)
 
 
 def test_execute_writes_summary_and_report(tmp_path):
@@ -138,11 +143,62 @@ def test_execute_writes_summary_and_report(tmp_path):
     written = json.loads((tmp_path / "fake" / "summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert written["seeds"] == 2 and written["runs"] == 1 and written["status"] == "completed"
+    assert written["cpu_seconds"] > 0
     (claim,) = written["claims"]
     assert claim["verdict"] == "holds" and claim["rule"] == "holds when below the start"
+    assert claim["agreed"] == "1/1 seeds" and claim["margin"].startswith("F-F* ") and "(+" in claim["margin"]
+    assert claim["falsified_by"] == "a run that does not move" and claim["reads"] == ["F - F*"]
     report = (tmp_path / "fake" / "report.md").read_text()
-    assert "| **falls**: F - F* falls | paper: it falls |" in report
-    assert "**holds**" in report and "a note for the report" in report and "2 seed(s) (0, 1)" in report
+    assert "| **falls** | **holds** | F-F* " in report and "| 1/1 seeds | holds when below the start |" in report
+    assert "*Falsification test*: a run that does not move" in report
+    assert "a note for the report" in report and "2 seed(s) (0, 1)" in report
+
+
+def test_execute_uses_the_reproductions_own_seeds_and_checks_its_declared_claims(tmp_path):
+    assert base.execute(_fake("fake"), "small", None, tmp_path / "a")["seeds"] == 4
+    other = ClaimSpec("rises", "s", "p", "r", ("x",), "f")
+    with pytest.raises(RuntimeError, match="declared \\['rises'\\]"):
+        base.execute(_fake("fake", declared=(other,)), "small", 1, tmp_path / "b")
+
+
+def test_a_diverged_run_never_supports_a_claim():
+    c = FALLS.judge("holds", {}, diverged=["run_s1"])
+    assert c.verdict == "inconclusive" and "run_s1" in c.explanation and c.diverged == ("run_s1",)
+    assert FALLS.judge("does not hold", {}, diverged=["x"]).verdict == "does not hold"
+
+
+def _series_run(values, status="completed"):
+    return RunResult("r", tmp_dir(), {}, {"status": status}, {"step": [0.0, 1.0, 2.0], "loss": values})
+
+
+def tmp_dir():
+    from pathlib import Path
+
+    return Path(".")
+
+
+def test_ended_worse_compares_the_last_value_with_the_first():
+    assert base.ended_worse(_series_run([0.44, 1.0, 1.5]), "loss")
+    assert not base.ended_worse(_series_run([2.0, 1.0, 0.5]), "loss")
+    assert base.ended_worse(_series_run([0.9, 0.5, 0.2]), "loss", higher_is_better=True)
+    assert base.ended_worse(_series_run([2.0, 1.0, math.nan]), "loss")
+    assert base.ended_worse(_series_run([2.0, 1.0, 0.5], status="diverged"), "loss")
+    assert base.diverged_runs([_series_run([1.0, 2.0, 3.0])], "loss") == ["r"]
+
+
+def test_slack_margins_and_volume_matching():
+    assert base.slack(0.8, 1.0) == pytest.approx(0.2) and base.slack(1.1, 1.0) == pytest.approx(-0.1)
+    assert base.slack(3.0, 2.0, below=False) == pytest.approx(0.5) and base.slack(None, 1.0) == -INF
+    assert base.margin_text("ratio", 1.2, 1.5) == "ratio 1.2 vs ≤ 1.5 (+20%)"
+    assert base.worst([1.0, None, 2.0]) == INF and base.worst([1.0, 3.0]) == 3.0
+    assert base.worst([1.0, 3.0], largest=False) == 1.0
+    assert base.agreement([True, False, True]) == "2/3 seeds"
+    assert base.volumes_matched([100, 100, 100], [104, 94, 100]) == [True, False, True]  # 4% and 6% gaps
+    assert base.volume_gap(100, 95) == pytest.approx(0.05)
+
+
+def test_paired_outcomes_count_ties_and_missing_values():
+    assert base.paired_outcomes([1, 2, 2, None, INF], [2, 1, 2, 1, INF]) == [True, False, False, None, None]
 
 
 def test_full_scale_without_its_data_says_what_is_missing(tmp_path, monkeypatch):
@@ -210,3 +266,34 @@ def test_zou_toy_end_to_end(tmp_path, capsys):
     for fig in summary["figures"]:
         assert (tmp_path / fig).stat().st_size > 10_000
     assert "holds" in capsys.readouterr().out
+
+
+def test_seed_band_averages_on_a_common_interpolated_axis():
+    from gradsparse.experiments.plots import seed_band
+
+    # two seeds logged at different byte counts: y = x and y = 2x; the common grid is their overlap [1, 3]
+    a = ([0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0])
+    b = ([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0])
+    xs, centre, lo, hi = seed_band([a, b], points=5)
+    assert list(xs) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert list(centre) == pytest.approx([1.5 * x for x in xs])  # the mean of x and 2x at the same x
+    assert list(hi - centre) == pytest.approx([0.5 * x for x in xs]) and list(centre - lo) == list(hi - centre)
+    # on a log y axis the centre is the geometric mean and the band a factor: 1 and 100 -> 10, band [1, 100]
+    xs, centre, lo, hi = seed_band([([1.0, 2.0], [1.0, 1.0]), ([1.0, 2.0], [100.0, 100.0])], logy=True)
+    assert list(xs) == [1.0, 2.0] and list(centre) == pytest.approx([10.0, 10.0])
+    assert list(lo) == pytest.approx([1.0, 1.0]) and list(hi) == pytest.approx([100.0, 100.0])
+    # curves that share no x range give no band; a repeated x keeps its last logged y
+    assert seed_band([([0.0, 1.0], [1.0, 1.0]), ([2.0, 3.0], [1.0, 1.0])]) is None
+    xs, centre, _, _ = seed_band([([0.0, 1.0, 1.0, 2.0], [5.0, 4.0, 3.0, 2.0])])
+    assert list(xs) == [0.0, 1.0, 2.0] and list(centre) == [5.0, 3.0, 2.0]
+
+
+def test_a_run_stops_at_its_target(tmp_path):
+    """asynchronous.target.stop ends the run at the first logged row reaching the target."""
+    from gradsparse.reproduce import candela
+
+    s = {**candela.SMALL, "task": {"name": "digits_lenet"}, "steps": 60, "every": 10, "target": 0.12}
+    res = Context("t", "small", [0], tmp_path).run_many({"a": candela.run_config("ASGD", 1.0, 0, s)})["a"]
+    assert res.summary["stopped_at_target"] is True and res.summary["status"] == "completed"
+    assert res.summary["steps"] == res.summary["steps_to_target"] < 60
+    assert res.metrics["step"][-1] == res.summary["steps"]

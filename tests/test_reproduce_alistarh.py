@@ -35,24 +35,48 @@ def test_half_norm_density_interpolates_and_ratio_at():
     assert A.half_norm_density(uniform) == pytest.approx(0.75, abs=0.01)
 
 
-def test_residual_claim_flips_between_concentrated_and_uniform_gradients():
+def test_residual_claim_flips_between_concentrated_and_noise_like_gradients():
     fast = {10: [(0.0, 1.0), (0.05, 0.5), (1.0, 0.0)]}
     uniform = {10: [(x / 100, math.sqrt(1 - x / 100)) for x in range(101)]}
     assert A.residual_claim({"t": [fast, fast]}).verdict == "holds"
     assert A.residual_claim({"t": [fast, uniform]}).verdict == "does not hold"
-    middle = {10: [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]}
+    # between half a Gaussian's share (0.135) and 3/4 of it (0.203): neither
+    middle = {10: [(0.0, 1.0), (0.17, 0.5), (1.0, 0.0)]}
     assert A.residual_claim({"t": [middle]}).verdict == "inconclusive"
+    # per task: one noise-like task makes the claim fail, and the report names it
+    claim = A.residual_claim({"mlp": [fast], "linreg": [uniform]})
+    assert claim.verdict == "does not hold" and claim.measured["linreg verdict"] == "does not hold"
 
 
-def test_sweep_claims_flip_with_the_ratios_to_sgd():
+def test_gaussian_reference_is_the_closed_form():
+    assert A.gaussian_residual_ratio(0.0) == 1.0 and A.gaussian_residual_ratio(1.0) == 0.0
+    # half the norm at k/d = 0.2707 (|x| >= 1.1 holds 75% of the squared norm of a standard normal)
+    assert A.gaussian_residual_ratio(A.GAUSSIAN_HALF) == pytest.approx(0.5, abs=2e-3)
+
+
+def test_sweep_claims_flip_with_the_ratios_and_slowdowns():
     ratios = A.ratio_to_sgd({"sgd": [1.0, 2.0], "0.1": [1.1, 2.2], "0.01": [2.0, 4.0], "0.001": [3.0, None]})
     assert ratios["0.1"] == pytest.approx([1.1, 1.1]) and ratios["0.001"][1] == math.inf
-    close, slow = A.sweep_claims({"t": ratios})
+    close, slow = A.sweep_claims({"t": ratios}, {"t": {"0.01": [1.5, 2.0], "0.001": [3.0, 7.5]}})
     assert close.verdict == "holds" and slow.verdict == "holds"
-    no_gap = {"0.1": [1.0, 1.0], "0.01": [1.0, 1.0], "0.001": [1.05, 1.0]}
-    far = {"0.1": [3.0, 2.0], "0.01": [4.0, 4.0], "0.001": [9.0, 9.0]}
-    close, slow = A.sweep_claims({"t": no_gap, "u": far})
-    assert close.verdict == "does not hold" and slow.verdict == "does not hold"
+    close, slow = A.sweep_claims({"t": {"0.1": [3.0, 2.0]}}, {"t": {"0.01": [1.0, 1.05], "0.001": [1.5, 2.0]}})
+    assert close.verdict == "does not hold" and slow.verdict == "does not hold"  # 1% shows no slowdown
+    _, slow = A.sweep_claims({"t": {"0.1": [1.0]}}, {"t": {"0.01": [2.0], "0.001": [math.inf]}})
+    assert slow.verdict == "does not hold"  # never reaches SGD's level: not converging
+    _, slow = A.sweep_claims({"t": {"0.1": [1.0, 1.0]}}, {"t": {"0.01": [2.0, 2.0], "0.001": [2.0, 12.0]}})
+    assert slow.verdict == "inconclusive"
+
+
+def test_slowdown_reads_steps_to_sgds_level():
+    from pathlib import Path
+
+    from gradsparse.reproduce.base import RunResult
+
+    steps = [0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0]
+    sgd = RunResult("s", Path("."), {}, {}, {"step": steps, "loss": [8, 4, 2, 1, 0.5, 0.4, 0.3, 0.2, 0.1]})
+    slow = RunResult("t", Path("."), {}, {}, {"step": steps, "loss": [8, 6, 5, 4, 3, 2, 1.5, 1.2, 0.9]})
+    # SGD's objective at 1/8 of the run (step 10) is 4: SGD needed 10 steps, the slow run 30
+    assert A.slowdown(sgd, slow, "loss") == pytest.approx(3.0)
 
 
 def test_best_lr_ignores_diverged_runs():

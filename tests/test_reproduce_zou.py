@@ -80,6 +80,12 @@ def test_configs_follow_the_paper():
     assert full["metrics"]["every"] == 60 and full["algorithm"]["topology"] == {"kind": "ps_uplink"}
     assert zou.nn_config(zou.FULL_PLAN, "mnist_mlp", "iid", 20, "uplink-only", 0.1, 0)["task"]["options"] == {}
     assert zou.nn_expected_runs("small", 3) == 3 * 2 * (4 + 2)
+    # full scale runs the thesis's models: the MNIST MLP 784-64-10 and paper 003's CNN / Fashion models
+    assert set(zou.FULL_PLAN.tasks) == {"mnist_mlp", "mnist_cnn_paper003", "fashion_mnist_mlp_paper003",
+                                        "fashion_mnist_cnn_paper003"}
+    assert zou.SMALL_PLAN.epochs == 100.0 and zou.SMALL_PLAN.steps is None  # 100 epochs, as the thesis
+    # a row every 2 epochs at small scale: 4,000 rows / (20 workers x batch 10) = 20 steps an epoch
+    assert zou.nn_config(zou.SMALL_PLAN, "mnist5k_mlp", "iid", 20, "uplink-only", 0.1, 0)["metrics"]["every"] == 40
     assert zou.nn_expected_runs("full", 1) == 4 * 3 * 2 * 6
 
 

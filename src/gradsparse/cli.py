@@ -203,7 +203,7 @@ def cmd_reproduce(args) -> int:
             for scale in ("small", "full"):
                 print(f"{'':24s}   {scale}: {rep.settings.get(scale, '')}")
         return 0
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         return _error(f"--seeds must be >= 1, got {args.seeds}")
     if args.name == "all":
         from .reproduce.suite import run_all
@@ -222,7 +222,7 @@ def cmd_reproduce(args) -> int:
         from tqdm.auto import tqdm
 
         rep = table[args.name]
-        total = rep.expected_runs(args.scale, args.seeds) if rep.expected_runs else None
+        total = rep.expected_runs(args.scale, args.seeds or rep.seeds) if rep.expected_runs else None
         bar = tqdm(total=total, desc=args.name, unit="run", dynamic_ncols=True)
     try:
         summary = reproduce.execute(table[args.name], args.scale, args.seeds, out,
@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--list", action="store_true", help="list the reproductions and their settings")
     rp.add_argument("--scale", choices=["small", "full"], default="small",
                     help="small: offline data, minutes; full: the papers' data sets and settings")
-    rp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 for every compared method")
+    rp.add_argument("--seeds", type=int, default=None,
+                    help="seeds 0..N-1 for every compared method (default: each reproduction's own, 5 where a "
+                         "verdict rests on an ordering over seeds; see --list)")
     rp.add_argument("--out", default=None, help="output folder (default reproductions/SCALE[/NAME])")
     rp.add_argument("--processes", type=int, default=None, help="parallel processes (default: the number of cores)")
     rp.add_argument("--no-progress", action="store_true")

@@ -414,6 +414,9 @@ class KardamConfig(_Strict):
 class TargetConfig(_Strict):
     metric: Literal["test_accuracy", "loss", "suboptimality"] = "test_accuracy"
     value: float = Field(allow_inf_nan=False)
+    #: end the run at the first recorded row that reaches the target (status "completed",
+    #: summary.json "stopped_at_target": true); runs that never reach it run all their steps
+    stop: bool = False
 
 
 class AsynchronousConfig(_Strict):

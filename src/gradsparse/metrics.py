@@ -22,6 +22,10 @@ Column names (one name per idea, used in configs, CSVs, plots and docs):
                              downlink ||C_down(delta + sum p a) - C_down(delta + sum p C(a))|| /
                              ||alpha sum p g||
 ``rho_hat_max``              maximum of ``rho_hat`` over every step since the previous row
+``rho_hat_numerator``        the numerator of ``rho_hat`` (its norm of a difference of compressions)
+``rho_hat_denominator``      its denominator ||alpha sum p g|| (paper 003 plots the two apart)
+``downlink_memory_norm``     ||delta||, the server's downlink memory before this step's aggregate
+                             (0 without a compressed downlink)
 ``gamma_hat_up``             1 - ``compression_ratio_up``
 ``compression_ratio_up``     max_q ||C(a_q) - a_q|| / ||a_q|| (what paper 003 plots; 1 - gamma^)
 ``compression_ratio_up_max`` maximum of ``compression_ratio_up`` over every step since the last row
@@ -74,6 +78,9 @@ METRICS = (
     "xi",
     "rho_hat",
     "rho_hat_max",
+    "rho_hat_numerator",
+    "rho_hat_denominator",
+    "downlink_memory_norm",
     "gamma_hat_up",
     "compression_ratio_up",
     "compression_ratio_up_max",
@@ -146,27 +153,36 @@ def step_metrics(engine, rec, names) -> dict:
     diagnostic = CompressionContext(rec.step, None, "diagnostic")
     if "density" in names:
         out["density"] = float(rec.nnz.double().mean()) / engine.d
-    if names & {"xi", "rho_hat", "gamma_hat_up", "compression_ratio_up"}:
+    if names & {"xi", "rho_hat", "rho_hat_numerator", "rho_hat_denominator", "gamma_hat_up", "compression_ratio_up"}:
         a = rec.accumulated()
         s = rec.worker.message.to_dense(a.dtype)
-    if names & {"xi", "rho_hat"}:
+    if names & {"xi", "rho_hat", "rho_hat_numerator", "rho_hat_denominator"}:
         denom = (rec.lr * rec.weighted_feedback_input(p)).norm()
         mean_a, mean_s = p.to(a.dtype) @ a, p.to(a.dtype) @ s
         # C applied as the workers apply it, values as sent (rounded to the wire's value dtype)
         c_of_mean = sendable(alg.feedback.compress_as_worker(mean_a[None], rec.lr, alg.compressor, diagnostic),
                              alg.value_dtype).to_dense()[0]
-        xi = _ratio((scale * (c_of_mean - mean_s)).norm(), denom)
+        numerator = (scale * (c_of_mean - mean_s)).norm()
+        xi = _ratio(numerator, denom)
         if "xi" in names:
             out["xi"] = xi
-        if "rho_hat" in names:
-            if not alg.topology.compresses_downlink:
-                out["rho_hat"] = xi
-            else:
+        if names & {"rho_hat", "rho_hat_numerator", "rho_hat_denominator"}:
+            if alg.topology.compresses_downlink:
                 delta = rec.server_state_before.downlink_memory.flat
                 down = alg.down_compressor
                 lhs = sendable(down.compress((delta + scale * mean_a)[None], diagnostic), alg.value_dtype).to_dense()[0]
                 rhs = sendable(down.compress((delta + scale * mean_s)[None], diagnostic), alg.value_dtype).to_dense()[0]
-                out["rho_hat"] = _ratio((lhs - rhs).norm(), denom)
+                numerator = (lhs - rhs).norm()
+            if "rho_hat" in names:
+                out["rho_hat"] = _ratio(numerator, denom)
+            if "rho_hat_numerator" in names:
+                out["rho_hat_numerator"] = float(numerator)
+            if "rho_hat_denominator" in names:
+                out["rho_hat_denominator"] = float(denom)
+    if "downlink_memory_norm" in names:
+        state = getattr(rec, "server_state_before", None)
+        memory = getattr(state, "downlink_memory", None) if state is not None else None
+        out["downlink_memory_norm"] = float(memory.flat.norm()) if memory is not None else 0.0
     if names & {"gamma_hat_up", "compression_ratio_up"}:
         num = (s - a).norm(dim=1)
         den = a.norm(dim=1)

@@ -106,6 +106,8 @@ class StagewiseLearning:
     gradient (w - w~_s)/gamma to every worker's gradient), and
     w~_{s+1} = (1/T_s) sum_{t=0}^{T_s-1} w_{s,t}: the mean of the iterates the stage's steps were
     taken at (w_{s,0} included, the stage's last update excluded). ``averages`` lists w~_1, w~_2, ...
+    as each stage ends at the start of the next; :meth:`output` forms the last stage's average
+    w~_S, the algorithm's output (the runner reports it as the run's final value).
     """
 
     def __init__(self, schedule: Schedule, w0: torch.Tensor) -> None:
@@ -129,6 +131,13 @@ class StagewiseLearning:
         self.stage_sum += w
         self.stage_count += 1
         return restart
+
+    def output(self) -> torch.Tensor | None:
+        """w~_S: the mean of the iterates the current (last) stage's steps were taken at, i.e. the
+        stage average that would start the next stage; None before the first step."""
+        if self.stage_count == 0:
+            return None
+        return self.stage_sum / self.stage_count
 
     def proximal_gradient(self, w: torch.Tensor) -> torch.Tensor:
         return (w - self.anchor) / self.schedule.prox_gamma

@@ -26,6 +26,67 @@ def read_metrics(run_dir: str | Path) -> dict[str, list[float]]:
     return cols
 
 
+def seed_band(curves, *, logx: bool = False, logy: bool = False, points: int = 200):
+    """Average several runs' (x, y) curves (one per seed) on a common x axis.
+
+    Each curve is interpolated onto one grid: the x values themselves when every curve was logged
+    at the same x (e.g. steps), else ``points`` values spanning the range all curves cover (the
+    overlap; geometric when ``logx``). Interpolation and averaging happen on the plotted scale:
+    log10 x when ``logx``, log10 y when ``logy`` (so the centre is the geometric mean and the band
+    a factor, not an arithmetic band that spans orders of magnitude). Returns
+    ``(grid, centre, low, high)`` as NumPy arrays, ``low``/``high`` = centre -/+ one standard
+    deviation over the curves on that scale (equal to the centre for a single curve), or None when
+    the curves share no x range. Curves are cut at their first non-finite value; values <= 0 are
+    dropped on a log scale."""
+    import numpy as np
+
+    prepared = []
+    for xs, ys in curves:
+        x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        keep = np.isfinite(x) & np.isfinite(y)
+        if logx:
+            keep &= x > 0
+        if logy:
+            keep &= y > 0
+        x, y = x[keep], y[keep]
+        if len(x) == 0:
+            continue
+        order = np.argsort(x, kind="stable")
+        x, y = x[order], y[order]
+        x, last = np.unique(x[::-1], return_index=True)  # a repeated x keeps its last logged y
+        y = y[::-1][last]
+        prepared.append((np.log10(x) if logx else x, np.log10(y) if logy else y))
+    if not prepared:
+        return None
+    same = all(len(c[0]) == len(prepared[0][0]) and np.array_equal(c[0], prepared[0][0]) for c in prepared)
+    if same:
+        grid = prepared[0][0]
+    else:
+        lo, hi = max(c[0][0] for c in prepared), min(c[0][-1] for c in prepared)
+        if lo > hi:
+            return None
+        grid = np.linspace(lo, hi, points) if hi > lo else np.asarray([lo])
+    values = np.asarray([np.interp(grid, cx, cy) for cx, cy in prepared])
+    centre, spread = values.mean(axis=0), values.std(axis=0)
+    back_x = (lambda v: 10.0 ** v) if logx else (lambda v: v)
+    back_y = (lambda v: 10.0 ** v) if logy else (lambda v: v)
+    return back_x(grid), back_y(centre), back_y(centre - spread), back_y(centre + spread)
+
+
+def readable_axis(ax, axis: str, quantity: str | None) -> None:
+    """Tick labels that do not overlap: bytes in engineering notation (kB, MB, ...) on a linear
+    axis, at most 6 ticks; a log axis keeps matplotlib's powers of ten."""
+    from matplotlib.ticker import EngFormatter, MaxNLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    scale = ax.get_xscale() if axis == "x" else ax.get_yscale()
+    if scale == "log":
+        return
+    target.set_major_locator(MaxNLocator(nbins=6))
+    if quantity is not None and "bytes" in quantity:
+        target.set_major_formatter(EngFormatter(unit="B"))
+
+
 def _series(cols, x, y):
     pts = [(a, b) for a, b in zip(cols[x], cols[y]) if not (math.isnan(a) or math.isnan(b))]
     return [p[0] for p in pts], [p[1] for p in pts]

@@ -978,6 +978,9 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
     # non-finite value seen by any rank), so every rank stops after the same step
     agree = getattr(engine, "agree_to_stop", None)
     agreed_signum = None
+    # asynchronous.target.stop: end at the first recorded row that reaches the target
+    stop_target = cfg.asynchronous.target if (cfg.asynchronous.target is not None and cfg.asynchronous.target.stop) else None
+    stopped_at_target = False
     with _Signals() as signals:
         try:
             while engine.t < steps:
@@ -1017,6 +1020,8 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
                         bad = NonFinite("loss", done, value=loss)
                     else:
                         record(row)
+                        if stop_target is not None and target_reached([row], stop_target)["steps_to_target"] is not None:
+                            stopped_at_target = True
                     if bar is not None and bad is None:
                         post = {}
                         if "loss" in row:
@@ -1027,6 +1032,8 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
                     bar.update(1)
                 if agree is not None:
                     bad, agreed_signum = agree(bad, signals.signum)
+                if stopped_at_target and bad is None:
+                    break
                 if bad is not None:
                     if bar is not None:
                         bar.close()
@@ -1053,7 +1060,7 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
             _install(tmp, final)
             raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signum)
     checkpoint()
-    finish("completed")
+    finish("completed", {"stopped_at_target": True} if stopped_at_target else None)
     if cfg.plots:
         from .plots import plot_run
 
@@ -1078,9 +1085,12 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         _write_csv(run_dir / "residual_ratio.csv", state.rr_rows)
     if state.worker_rows:
         _write_csv(run_dir / "worker_error_norms.csv", state.worker_rows)
-    stages = []
+    stages, output = [], None
     if getattr(engine, "stagewise", None) is not None and status == "completed":
-        for s, avg in enumerate(engine.stagewise.averages, start=1):
+        # w~_1 .. w~_{S-1} started stages; the last stage's average w~_S is the algorithm's output
+        output = engine.stagewise.output()
+        averages = list(engine.stagewise.averages) + ([output] if output is not None else [])
+        for s, avg in enumerate(averages, start=1):
             stages.append({"stage": s, "loss_at_average": engine.full_loss(avg)})
         if stages:
             _write_csv(run_dir / "stages.csv", stages)
@@ -1088,6 +1098,14 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
     for c in columns:
         vals = [r[c] for r in state.rows if r[c] != ""]
         final[c] = vals[-1] if vals else None
+    final_last_iterate = None
+    if output is not None:  # a stagewise run's final values are those of w~_S, not of the last iterate
+        final_last_iterate = dict(final)
+        final["loss"] = stages[-1]["loss_at_average"]
+        if "suboptimality" in final and engine.task.f_star is not None:
+            final["suboptimality"] = final["loss"] - engine.task.f_star
+        if "test_accuracy" in final:
+            final["test_accuracy"] = engine.test_accuracy(output)
     summary = {
         "name": cfg.name,
         "status": status,
@@ -1117,6 +1135,8 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "hard_threshold": getattr(engine.alg.compressor, "threshold", None),
         "uplink_budget": getattr(engine.alg.compressor, "budget_summary", lambda e: None)(engine),
         "stages": stages or None,
+        "final_is": "stage_average" if output is not None else "last_iterate",
+        **({"final_last_iterate": final_last_iterate} if final_last_iterate is not None else {}),
         "f_star": engine.task.f_star,
         "final": final,
         **({"config_changes": state.config_changes} if state.config_changes else {}),

@@ -24,7 +24,6 @@ import os
 import re
 import statistics
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +49,14 @@ class DataMissing(Exception):
 class Claim:
     """One claim of a paper, judged on our measurements.
 
-    ``statement``: the claim in our words; ``paper``: the paper's own numbers or setting;
+    ``statement``: the claim in our words; ``paper``: the paper's own statement and numbers;
     ``measured``: the figures we measured (plain numbers, strings, lists); ``rule``: the rule, in
     words, that turned ``measured`` into ``verdict``; ``explanation``: optional, what was seen
-    when the claim does not hold or is inconclusive."""
+    when the claim does not hold or is inconclusive. ``reads``: the measurements the rule reads;
+    ``margin``: by how much each of the rule's tests passed or failed (the closest case);
+    ``agreed``: how many seeds (or settings) satisfied the rule; ``falsified_by``: the broken
+    experiment or violating measurements on which the tests check that the rule does not say
+    "holds"; ``diverged``: runs that ended worse than they started (they never support a claim)."""
 
     id: str
     statement: str
@@ -62,6 +65,11 @@ class Claim:
     rule: str
     verdict: str
     explanation: str = ""
+    reads: tuple[str, ...] = ()
+    margin: str = ""
+    agreed: str = ""
+    falsified_by: str = ""
+    diverged: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.verdict not in VERDICTS:
@@ -69,7 +77,40 @@ class Claim:
 
     def to_dict(self) -> dict:
         return {"id": self.id, "statement": self.statement, "paper": self.paper, "verdict": self.verdict,
-                "rule": self.rule, "measured": self.measured, "explanation": self.explanation}
+                "rule": self.rule, "reads": list(self.reads), "margin": self.margin, "agreed": self.agreed,
+                "measured": self.measured, "explanation": self.explanation, "falsified_by": self.falsified_by,
+                "diverged": list(self.diverged)}
+
+
+@dataclass(frozen=True)
+class ClaimSpec:
+    """A claim as data, fixed before any run: its ``id``, our ``statement`` of it, the paper's
+    statement and numbers (``paper``), the ``rule`` that decides it, the measurements the rule
+    ``reads``, and what ``falsified_by`` -- the deliberately broken experiment or the measurements
+    violating the paper's statement on which a test checks that the rule does not say "holds".
+
+    :meth:`judge` turns a verdict computed by the rule into a :class:`Claim`. A claim that a
+    diverged run (one that ended worse than its start) would support is never "holds": its
+    verdict is lowered to "inconclusive" and the explanation says which runs diverged."""
+
+    id: str
+    statement: str
+    paper: str
+    rule: str
+    reads: tuple[str, ...]
+    falsified_by: str
+
+    def judge(self, verdict: str, measured: dict[str, Any], *, margin: str = "", agreed: str = "",
+              explanation: str = "", diverged: Sequence[str] = ()) -> Claim:
+        diverged = tuple(diverged)
+        if diverged:
+            note = (f"{len(diverged)} run(s) ended worse than they started (diverged): {', '.join(diverged)}; "
+                    "a diverged run never supports a claim.")
+            if verdict == "holds":
+                verdict = "inconclusive"
+            explanation = (note + " " + explanation).strip()
+        return Claim(self.id, self.statement, self.paper, measured, self.rule, verdict, explanation, reads=self.reads,
+                     margin=margin, agreed=agreed, falsified_by=self.falsified_by, diverged=diverged)
 
 
 def verdict_of(holds: bool, contradicted: bool) -> str:
@@ -92,6 +133,23 @@ def threshold_verdict(value: float | None, bound: float, *, below: bool = True, 
     return verdict_of(value >= bound, value < bound - slack)
 
 
+def paired_outcomes(better: Sequence[float | None], worse: Sequence[float | None], *,
+                    lower_is_better: bool = True) -> list[bool | None]:
+    """Per seed: True when method A (``better``) strictly beats method B (``worse``), False when
+    it does not (a tie is not a win), None when there is no comparison (a value missing or nan,
+    or both +inf: neither reached its target)."""
+    if len(better) != len(worse) or not better:
+        raise ValueError(f"paired comparison needs equal, non-empty lists; got {len(better)} and {len(worse)}")
+    sign = 1.0 if lower_is_better else -1.0
+    out: list[bool | None] = []
+    for a, b in zip(better, worse):
+        if a is None or b is None or math.isnan(a) or math.isnan(b) or (math.isinf(a) and a == b):
+            out.append(None)
+        else:
+            out.append(a != b and sign * (a - b) < 0)
+    return out
+
+
 def paired_verdict(better: Sequence[float | None], worse: Sequence[float | None], *,
                    lower_is_better: bool = True) -> str:
     """Is method A (``better``) better than method B (``worse``) on every seed?  Values are
@@ -99,22 +157,13 @@ def paired_verdict(better: Sequence[float | None], worse: Sequence[float | None]
     A on every seed, "inconclusive" when the seeds disagree or a value is missing / not finite
     (a run that never reached its target counts as +inf when lower is better, which is a
     valid comparison against one that did; two that both never did are no comparison)."""
-    if len(better) != len(worse) or not better:
-        raise ValueError(f"paired_verdict needs equal, non-empty lists; got {len(better)} and {len(worse)}")
-    sign = 1.0 if lower_is_better else -1.0
-    wins = losses = 0
-    for a, b in zip(better, worse):
-        if a is None or b is None or math.isnan(a) or math.isnan(b):
-            return "inconclusive"
-        if math.isinf(a) and a == b:  # neither reached its target on this seed: no comparison
-            return "inconclusive"
-        if a == b:
-            losses += 1
-        elif sign * (a - b) < 0:
-            wins += 1
-        else:
-            losses += 1
-    return verdict_of(wins == len(better), losses == len(better))
+    try:
+        outcomes = paired_outcomes(better, worse, lower_is_better=lower_is_better)
+    except ValueError as exc:
+        raise ValueError(f"paired_verdict needs equal, non-empty lists; got {len(better)} and {len(worse)}") from exc
+    if any(o is None for o in outcomes):
+        return "inconclusive"
+    return verdict_of(all(outcomes), not any(outcomes))
 
 
 def all_verdicts(verdicts: Iterable[str]) -> str:
@@ -157,6 +206,81 @@ def fmt(value: Any, digits: int = 4) -> str:
 def fmt_mean_std(values: Sequence[float | None], digits: int = 4) -> str:
     m, s = mean_std(values)
     return f"{fmt(m, digits)} ± {fmt(s, 2)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# margins, agreement, divergence, equal volumes
+# ------------------------------------------------------------------------------------------------
+
+
+def slack(value: float | None, bound: float, *, below: bool = True) -> float:
+    """How far ``value`` lies on the passing side of ``bound``, relative to |bound|: +0.2 means
+    it passed with 20% to spare, -0.1 that it missed by 10% (``below``: the rule wants value <=
+    bound; else value >= bound). -inf for a missing or non-finite value."""
+    if value is None or not math.isfinite(value):
+        return -math.inf
+    if bound == 0:
+        diff = -value if below else value
+        return math.inf if diff > 0 else (0.0 if diff == 0 else -math.inf)
+    return ((bound - value) if below else (value - bound)) / abs(bound)
+
+
+def margin_text(name: str, value: float | None, bound: float, *, below: bool = True) -> str:
+    """``name value vs <= bound (+20%)``: one test of a rule and the slack by which it passed."""
+    sl = slack(value, bound, below=below)
+    pct = "n/a" if not math.isfinite(sl) else f"{sl:+.0%}"
+    return f"{name} {fmt(value, 3)} vs {'≤' if below else '≥'} {fmt(bound, 3)} ({pct})"
+
+
+def worst(values: Sequence[float | None], *, largest: bool = True) -> float:
+    """The worst case of per-seed values for a rule: the largest for an upper bound (``largest``),
+    else the smallest; a missing or nan value counts as the worst of all (+-inf)."""
+    bad = math.inf if largest else -math.inf
+    xs = [bad if (v is None or math.isnan(v)) else float(v) for v in values]
+    if not xs:
+        return math.nan
+    return max(xs) if largest else min(xs)
+
+
+def agreement(flags: Sequence[bool], unit: str = "seeds") -> str:
+    """"k/n seeds": how many of the per-seed (or per-setting) tests passed."""
+    return f"{sum(bool(f) for f in flags)}/{len(flags)} {unit}"
+
+
+def ended_worse(run: "RunResult", metric: str, *, higher_is_better: bool = False) -> bool:
+    """A run that diverged (status "diverged", a non-finite final value) or whose last logged
+    ``metric`` is worse than its first (step 0): it ended worse than it started."""
+    if run.status == "diverged":
+        return True
+    raw = run.metrics.get(metric, [])
+    if raw and not math.isfinite(raw[-1]):
+        return True
+    _, ys = run.series("step", metric)
+    if not ys:
+        return False
+    first, last = ys[0], ys[-1]
+    if not math.isfinite(last):
+        return True
+    return last < first if higher_is_better else last > first
+
+
+def diverged_runs(runs: Iterable["RunResult"], metric: str, *, higher_is_better: bool = False) -> list[str]:
+    """The keys of ``runs`` that ended worse than they started (see :func:`ended_worse`)."""
+    return [r.key for r in runs if ended_worse(r, metric, higher_is_better=higher_is_better)]
+
+
+VOLUME_TOLERANCE = 0.05  #: equal-volume comparisons need volumes within 5% of each other
+
+
+def volume_gap(a: float, b: float) -> float:
+    """|a - b| / max(a, b): the relative gap between two data volumes (0 when equal)."""
+    top = max(abs(a), abs(b))
+    return abs(a - b) / top if top > 0 else 0.0
+
+
+def volumes_matched(a: Sequence[float], b: Sequence[float], tolerance: float = VOLUME_TOLERANCE) -> list[bool]:
+    """Per seed: are the two volumes within ``tolerance`` of each other (relative gap)?"""
+    return [math.isfinite(x) and math.isfinite(y) and volume_gap(x, y) <= tolerance for x, y in zip(a, b)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +461,10 @@ class Reproduction:
 
     ``run(ctx) -> list[Claim]`` does the work. ``full_data`` names the data sets the ``full``
     scale needs (checked before anything runs); ``settings`` describes, per scale, what is run,
-    for the report and ``--list``."""
+    for the report and ``--list``. ``claims`` are the claims it judges, as data (a run must
+    return exactly these, in this order); ``seeds`` is the number of seeds it runs when the
+    command line does not say (5 where a verdict rests on an ordering over seeds); ``cpu_minutes``
+    the CPU time it took per scale (for scheduling ``reproduce all``)."""
 
     name: str
     paper: str
@@ -346,6 +473,10 @@ class Reproduction:
     settings: dict[str, str]
     full_data: tuple[str, ...] = ()
     expected_runs: Callable[[str, int], int] | None = None
+    claims: tuple[ClaimSpec, ...] = ()
+    seeds: int = 3
+    #: measured CPU minutes per scale at the default seeds (``reproduce all`` starts the longest first)
+    cpu_minutes: dict[str, float] = field(default_factory=dict)
 
 
 def missing_data(names: Sequence[str], data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -360,9 +491,21 @@ def missing_data(names: Sequence[str], data_dir: str | os.PathLike | None = None
     return lines
 
 
-def execute(rep: Reproduction, scale: str, seeds: int, out: Path, *, processes: int = 1,
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes (the worker
+    processes of ``run_many``), in seconds."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def execute(rep: Reproduction, scale: str, seeds: int | None, out: Path, *, processes: int = 1,
             on_run: Callable[[str], None] | None = None) -> dict:
-    """Run reproduction ``rep`` into ``out`` and write its report; returns its summary dict."""
+    """Run reproduction ``rep`` into ``out`` and write its report; returns its summary dict.
+    ``seeds`` None: the reproduction's own default (:attr:`Reproduction.seeds`)."""
+    if seeds is None:
+        seeds = rep.seeds
     if scale not in SCALES:
         raise ValueError(f"--scale {scale!r}; allowed: {list(SCALES)}")
     if seeds < 1:
@@ -381,8 +524,12 @@ def execute(rep: Reproduction, scale: str, seeds: int, out: Path, *, processes: 
             raise DataMissing(f"{rep.name} --scale full needs data that is not on disk:\n  " + "\n  ".join(missing))
     ctx = Context(rep.name, scale, list(range(seeds)), out, processes=processes, on_run=on_run)
     start = time.perf_counter()
+    cpu0 = cpu_seconds()
     claims = rep.run(ctx)
     wall = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu0
+    if rep.claims and [c.id for c in claims] != [c.id for c in rep.claims]:
+        raise RuntimeError(f"{rep.name} returned claims {[c.id for c in claims]}, declared {[c.id for c in rep.claims]}")
     summary = {
         "name": rep.name,
         "paper": rep.paper,
@@ -393,76 +540,88 @@ def execute(rep: Reproduction, scale: str, seeds: int, out: Path, *, processes: 
         "settings": rep.settings.get(scale, ""),
         "runs": ctx.runs_done,
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "claims": [c.to_dict() for c in claims],
         "figures": [f for f, _ in ctx.figures],
     }
     from ..experiments.runner import _strict_json
 
     (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2, allow_nan=False))
-    (out / "report.md").write_text(report_markdown(rep, ctx, claims, wall))
+    (out / "report.md").write_text(report_markdown(rep, ctx, claims, wall, cpu))
     return summary
 
 
-def report_markdown(rep: Reproduction, ctx: Context, claims: list[Claim], wall: float) -> str:
+def report_markdown(rep: Reproduction, ctx: Context, claims: list[Claim], wall: float, cpu: float | None = None) -> str:
+    cpu_text = "" if cpu is None else f", {cpu:.0f} s CPU (user + system)"
     lines = [f"# {rep.name}: {rep.title}", "",
              f"Paper {rep.paper}. Scale **{ctx.scale}**, {len(ctx.seeds)} seed(s) "
-             f"({', '.join(map(str, ctx.seeds))}); {ctx.runs_done} runs in {wall:.0f} s.", "",
+             f"({', '.join(map(str, ctx.seeds))}); {ctx.runs_done} runs in {wall:.0f} s{cpu_text}.", "",
              f"Settings: {rep.settings.get(ctx.scale, '')}", ""]
     for n in ctx.notes:
         lines += [n, ""]
-    lines += ["| claim | paper | measured | rule | verdict |", "|---|---|---|---|---|"]
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines += ["| claim | verdict | margin (closest case) | agreeing | rule |", "|---|---|---|---|---|"]
     for c in claims:
-        measured = "; ".join(f"{k} = {fmt(v)}" for k, v in c.measured.items())
-        cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| **{cell(c.id)}**: {cell(c.statement)} | {cell(c.paper)} | {cell(measured)} | "
-                     f"{cell(c.rule)} | **{c.verdict}** |")
+        lines.append(f"| **{cell(c.id)}** | **{c.verdict}** | {cell(c.margin)} | {cell(c.agreed)} | {cell(c.rule)} |")
     lines.append("")
     for c in claims:
+        measured = "; ".join(f"{k} = {fmt(v)}" for k, v in c.measured.items())
+        lines += [f"## {c.id}: {c.verdict}", "", f"*Claim*: {c.statement}", "", f"*Paper*: {c.paper}", "",
+                  f"*Rule*: {c.rule} (reads: {', '.join(c.reads) or 'see measured'})", "",
+                  f"*Measured*: {measured}", ""]
+        if c.margin:
+            lines += [f"*Margin*: {c.margin}; *agreeing*: {c.agreed or 'n/a'}", ""]
         if c.explanation:
-            lines += [f"**{c.id}** ({c.verdict}): {c.explanation}", ""]
+            lines += [f"*Explanation*: {c.explanation}", ""]
+        if c.falsified_by:
+            lines += [f"*Falsification test*: {c.falsified_by}", ""]
     for filename, caption in ctx.figures:
         lines += [f"![{caption}]({filename})", "", f"*{caption}*", ""]
     return "\n".join(lines)
 
 
-def plot_curves(ctx: Context, groups: dict[str, Sequence[RunResult]], x: str, y: str, filename: str,
-                caption: str, *, logy: bool = False, logx: bool = False, xlabel: str | None = None,
-                ylabel: str | None = None, title: str | None = None) -> Path:
-    """One line per group (the mean over its runs, at the logged points of the first run) with
-    a ± std band when a group holds several runs (seeds); saved through :meth:`Context.figure`."""
-    import matplotlib
+def draw_groups(ax, groups: dict[str, Sequence[RunResult]], x: str, y: str, *, logx: bool = False,
+                logy: bool = False) -> None:
+    """On ``ax``: one line per group, the mean over its runs (seeds) on a common x axis with a
+    ± 1 std band (:func:`gradsparse.experiments.plots.seed_band`: interpolated on the plotted
+    scale, so on a log axis the centre is a geometric mean and the band a factor)."""
+    from ..experiments.plots import readable_axis, seed_band
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     for label, runs in groups.items():
-        curves = [r.series(x, y) for r in runs if r.metrics]
-        curves = [c for c in curves if c[0]]
-        if not curves:
+        curves = [c for c in (r.series(x, y) for r in runs if r.metrics) if c[0]]
+        band = seed_band(curves, logx=logx, logy=logy) if curves else None
+        if band is None:
             continue
-        n = min(len(c[0]) for c in curves)
-        xs = np.asarray(curves[0][0][:n])
-        ys = np.asarray([c[1][:n] for c in curves])
-        if logy:
-            ys = np.where(ys > 0, ys, np.nan)
-        with warnings.catch_warnings():  # columns that are nan in every run (e.g. rho-hat at step 0)
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(ys, axis=0)
-            std = np.nanstd(ys, axis=0)
-        (line,) = ax.plot(xs, mean, label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
+        xs, centre, lo, hi = band
+        (line,) = ax.plot(xs, centre, label=label + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""))
         if len(curves) > 1:
-            lo = np.clip(mean - std, np.nanmin(ys) if logy else -np.inf, None) if logy else mean - std
-            ax.fill_between(xs, lo, mean + std, color=line.get_color(), alpha=0.2)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     if logy:
         ax.set_yscale("log")
     if logx:
         ax.set_xscale("log")
+    readable_axis(ax, "x", x)
+    readable_axis(ax, "y", y)
+    ax.grid(alpha=0.3)
+
+
+def plot_curves(ctx: Context, groups: dict[str, Sequence[RunResult]], x: str, y: str, filename: str,
+                caption: str, *, logy: bool = False, logx: bool = False, xlabel: str | None = None,
+                ylabel: str | None = None, title: str | None = None) -> Path:
+    """One line per group (the mean over its runs on a common, interpolated x axis; see
+    :func:`draw_groups`) with a ± std band when a group holds several runs (seeds); saved
+    through :meth:`Context.figure`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    draw_groups(ax, groups, x, y, logx=logx, logy=logy)
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     if title:
         ax.set_title(title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return ctx.figure(fig, filename, caption)
+    return ctx.figure(fig, filename, caption + (" (mean over seeds on a common interpolated x axis, ± 1 std band"
+                                                + ("; geometric on the log axis)" if logy else ")")))

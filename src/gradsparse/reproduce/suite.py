@@ -14,7 +14,7 @@ from pathlib import Path
 from .base import DataMissing, execute
 
 
-def _one(name: str, scale: str, seeds: int, out: str, queue) -> dict:
+def _one(name: str, scale: str, seeds: int | None, out: str, queue) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -27,18 +27,21 @@ def _one(name: str, scale: str, seeds: int, out: str, queue) -> dict:
         return {"name": name, "status": "missing data", "message": str(exc), "claims": []}
 
 
-def run_all(names: list[str], scale: str, seeds: int, out: Path, *, processes: int | None = None,
+def run_all(names: list[str], scale: str, seeds: int | None, out: Path, *, processes: int | None = None,
             progress: bool = True) -> dict:
     """Run the reproductions ``names`` into ``out/NAME`` with up to ``processes`` at a time
-    (default: the number of cores); returns name -> summary and writes the index."""
+    (default: the number of cores); returns name -> summary and writes the index. ``seeds``
+    None: each reproduction's own default."""
     from . import get
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reps = [get(n) for n in names]
-    # longest first, so the last process to finish is not the one that started the longest job
-    reps.sort(key=lambda r: -(r.expected_runs(scale, seeds) if r.expected_runs else 0))
-    expected = sum(r.expected_runs(scale, seeds) if r.expected_runs else 1 for r in reps)
+    # longest first (by measured CPU minutes where known, else by the number of runs), so the last
+    # process to finish is not the one that started the longest job
+    reps.sort(key=lambda r: (-r.cpu_minutes.get(scale, 0.0) * (seeds or r.seeds) / r.seeds,
+                             -(r.expected_runs(scale, seeds or r.seeds) if r.expected_runs else 0)))
+    expected = sum(r.expected_runs(scale, seeds or r.seeds) if r.expected_runs else 1 for r in reps)
     processes = max(1, min(processes or os.cpu_count() or 1, len(reps)))
     bar = None
     if progress:
@@ -85,18 +88,21 @@ def _counts(summary: dict) -> dict[str, int]:
     return counts
 
 
-def write_index(summaries: dict[str, dict], out: Path, scale: str, seeds: int, wall: float) -> None:
+def write_index(summaries: dict[str, dict], out: Path, scale: str, seeds: int | None, wall: float) -> None:
     """``index.md`` and ``index.html``: one section per reproduction with its verdicts and
     figures, and ``index.json`` (name -> status and verdict counts)."""
-    md = [f"# gradsparse paper reproductions (scale {scale}, {seeds} seed(s), {wall / 60:.1f} min)", "",
-          "| reproduction | paper | status | holds | does not hold | inconclusive | minutes |", "|---|---|---|---|---|---|---|"]
+    seeds_text = f"{seeds} seed(s)" if seeds else "each reproduction's default seeds"
+    md = [f"# gradsparse paper reproductions (scale {scale}, {seeds_text}, {wall / 60:.1f} min)", "",
+          "| reproduction | paper | status | seeds | holds | does not hold | inconclusive | wall min | CPU min |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summaries.items():
         c = _counts(s)
         mins = f"{s['wall_seconds'] / 60:.1f}" if "wall_seconds" in s else ""
-        md.append(f"| [{name}]({name}/report.md) | {s.get('paper', '')} | {s['status']} | {c['holds']} | "
-                  f"{c['does not hold']} | {c['inconclusive']} | {mins} |")
+        cpu = f"{s['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in s else ""
+        md.append(f"| [{name}]({name}/report.md) | {s.get('paper', '')} | {s['status']} | {s.get('seeds', '')} | "
+                  f"{c['holds']} | {c['does not hold']} | {c['inconclusive']} | {mins} | {cpu} |")
     md.append("")
-    body = [f"<h1>gradsparse paper reproductions</h1><p>scale {html.escape(scale)}, {seeds} seed(s), "
+    body = [f"<h1>gradsparse paper reproductions</h1><p>scale {html.escape(scale)}, {html.escape(seeds_text)}, "
             f"{wall / 60:.1f} min</p>"]
     for name, s in summaries.items():
         md += [f"## {name}: {s.get('title', '')}", ""]
@@ -106,7 +112,8 @@ def write_index(summaries: dict[str, dict], out: Path, scale: str, seeds: int, w
             body.append(f"<p>{html.escape(s['status'])}: {html.escape(s.get('message', ''))}</p>")
         body.append("<ul>")
         for c in s.get("claims", []):
-            md.append(f"- **{c['verdict']}** — {c['id']}: {c['statement']}")
+            margin = f" (margin: {c['margin']}; {c['agreed']})" if c.get("margin") else ""
+            md.append(f"- **{c['verdict']}** — {c['id']}: {c['statement']}{margin}")
             body.append(f"<li><b>{html.escape(c['verdict'])}</b> — {html.escape(c['id'])}: {html.escape(c['statement'])}</li>")
         body.append("</ul>")
         md.append("")

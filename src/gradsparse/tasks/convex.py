@@ -406,6 +406,7 @@ def logreg(
     test_fraction: float | None = None,
     standardize: bool | None = None,
     solve: bool = True,
+    start_shift: float | None = None,
     dtype: str = "float32",
     seed: int = 0,
 ) -> Task:
@@ -445,6 +446,11 @@ def logreg(
     ``argmax(predict) == test_y`` as for the other classification tasks. ``train_y`` stays +-1.
 
     ``solve=False`` skips the precise solver (f_star/x_star = None), e.g. for huge files.
+    ``start_shift`` s starts at w = x* + s 1 instead of 0 (paper 002's official code starts its
+    convex runs there: s = 1e-4 on raw madelon, 0.005 on gisette); it needs the solver.
+    ``info`` also holds ``L_average`` = mean_i ||a_i||^2 / 4 + mu and ``L_max`` = max_i ||a_i||^2 / 4
+    + mu, the smoothness of the one-row losses (a step 1/L with batch 1 is stable only when
+    L_average is close to L, as on raw madelon where the shared feature mean dominates).
     """
     check_int("seed", seed)
     tdtype = resolve_dtype(dtype)
@@ -460,6 +466,10 @@ def logreg(
             raise ValueError(f"{name} must be true or false{' (or null: the data set default)' if name == 'standardize' else ''}, got {flag!r}")
     if libsvm_path is None:
         check_choice("dataset", dataset, LOGREG_DATASETS)
+    if start_shift is not None:
+        start_shift = check_float("start_shift", start_shift)
+        if not solve:
+            raise ValueError("start_shift needs the optimum x*: leave solve true")
 
     Xte = yte = None
     if libsvm_path is not None:
@@ -544,14 +554,19 @@ def logreg(
     L = mu + lam / (4 * n)
 
     f_star = x_star = None
+    row_sq = (A64 * A64).sum(axis=1)
     info = {"L": L, "mu": mu, "step": 1.0 / L, "lambda_max_AtA": lam, "d": d, "n_train": n,
-            "n_test": int(Xte.shape[0]), "source": source, "n_classes": 2}
+            "n_test": int(Xte.shape[0]), "source": source, "n_classes": 2,
+            "L_average": float(row_sq.mean()) / 4 + mu, "L_max": float(row_sq.max()) / 4 + mu,
+            "start_shift": start_shift}
     if solve:
         w_star, f_star, gn, iters = solve_logreg(A64, b64, mu)
         x_star = {"w": torch.as_tensor(w_star).to(tdtype)}
         info.update(fstar_grad_norm=gn, newton_iterations=iters)
 
     def init_params(generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        if start_shift is not None:
+            return {"w": x_star["w"].clone() + start_shift}
         return {"w": torch.zeros(d, dtype=tdtype)}
 
     def loss(params, x, y):
