@@ -227,6 +227,16 @@ class CollectiveChannel(Channel):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(int(t.item()))
 
+    def which_ranks(self, flag: int) -> list[int]:
+        """Blocking all-gather of every rank's ``flag`` (after :meth:`any_flag` said one is set:
+        the ranks to name in the error)."""
+        world = self.world
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(world)]
+        self.ledger.add_sent((world - 1) * 8)
+        dist.all_gather(out, t, group=self.group)
+        return [int(x.item()) for x in out]
+
     def sum_over_ranks(self, value: int) -> int:
         """Blocking sum of one integer over ranks: bookkeeping (e.g. the ranks' sent bytes for
         ``all_ranks_sent_bytes``), charged as ``diagnostic_bytes``."""
