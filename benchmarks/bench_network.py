@@ -14,8 +14,8 @@ random data, batch 16, torch pinned to 1 thread per rank):
 * gradsparse's hook with ``ef``: ``topk0.1`` / ``topk1`` (layer-wise top-k at 0.1% / 1%),
   ``threshold`` (hard-threshold, lambda set for about 1% of the first gradient; with error
   feedback the memories grow and more passes later: the dense fall-back bounds it), ``budget``
-  (``budget_threshold`` at an average density of 1% planned over 1,000 steps, split per
-  parameter so buckets overlap);
+  (``budget_threshold`` at an average density of 1% planned over 1,000 steps, burst 1, split
+  per parameter so buckets overlap);
 * ``ps0.1``: gradsparse's parameter server (rank 0 serves the other ranks: bidirectional
   layer-wise top-k at 0.1% with error feedback on both sides, over point-to-point messages).
 
@@ -188,8 +188,9 @@ def worker(args) -> None:
         if method.startswith("topk"):
             comp = TopK(density=float(method[4:]) / 100, scope="layerwise", layout=layout)
         elif method == "budget":
-            # planned over a long run (1,000 steps), of which a few are timed: the steady state
-            comp, whole = BudgetThreshold(density=0.01, steps=1000, scope="layerwise", layout=layout), False
+            # planned over a long run (1,000 steps), of which a few are timed; burst 1: no step
+            # spends more than its share (the first steps keep exactly their top 1%)
+            comp, whole = BudgetThreshold(density=0.01, steps=1000, burst=1.0, scope="layerwise", layout=layout), False
         else:
             comp = HardThreshold(args.threshold)
         feedback = "ef-scaled" if method == "budget" else "ef"

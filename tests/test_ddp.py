@@ -72,6 +72,8 @@ SCENARIOS = {
     "budget_per_parameter": {"model": "mlp", "lr": 0.1, "compare": False, "state": {"whole_model": False},
                              "algorithm": {"compressor": {"kind": "budget_threshold", "budget_bytes": BUDGET_BYTES,
                                                           "steps": T}, "feedback": "ef-scaled"}},
+    "warmup_is_plain_ddp": {"model": "mlp", "lr": 0.1, "compare": False, "plain": True, "algorithm": TOPK,
+                            "state": {"warmup_steps": T}},
     "bf16_model": {"model": "mlp", "lr": 0.1, "compare": False, "dtype": "bfloat16", "algorithm": TOPK},
     "join_uneven_inputs": {"model": "mlp", "lr": 0.1, "compare": False, "algorithm": TOPK, "join_steps": {1: T - 2}},
     "nan_skip": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3),
@@ -379,6 +381,19 @@ def test_budget_per_parameter_never_exceeds_the_budget(launched):
     for r in range(N):
         assert 0.8 * BUDGET_BYTES <= whole[r] <= BUDGET_BYTES
         assert 0.5 * BUDGET_BYTES <= split[r] <= BUDGET_BYTES
+
+
+def test_warmup_steps_are_plain_ddp_bit_for_bit(launched):
+    """Warm-up steps average the gradients exactly as DDP's own all-reduce does (divide, then
+    sum), so T warm-up steps give plain DDP's parameters bit for bit, and no memory changes."""
+    _, results, _ = launched
+    for r in range(N):
+        res = results["warmup_is_plain_ddp"][r]
+        for n, p in res["plain"].items():
+            assert torch.equal(res["params"][n], p), n
+        assert all(float(m.abs().max()) == 0.0 for m in res["state"]["memory"].values())
+        ledger = res["state"]["ledger"]
+        assert ledger["sent_bytes"] == res["state"]["counters"]["dense_bytes"]  # ring all-reduces only
 
 
 def test_bf16_parameters_keep_fp32_memories(launched):

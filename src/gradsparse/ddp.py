@@ -533,10 +533,6 @@ def _as_uint8(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 
-def _dense_frame_nbytes(numel: int, value_dtype: str) -> int:
-    return wire.dense_nbytes(numel, wire.value_dtype_of(value_dtype).itemsize)
-
-
 def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """The communication hook (see the module docstring)."""
     buf = bucket.buffer()
@@ -548,7 +544,7 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
     state.dense_bytes += ring_all_reduce_nbytes(buf.numel() * buf.element_size(), world)
     if step < state.warmup_steps:
         buf.div_(world)
-        fut = channel.all_reduce(buf, message_nbytes=sum(_dense_frame_nbytes(p.numel(), "fp32") for p in params),
+        fut = channel.all_reduce(buf, message_nbytes=sum(wire.dense_nbytes(p.numel(), buf.element_size()) for p in params),
                                  messages=len(params))
         state.messages += len(params)
         if is_last:
@@ -574,9 +570,13 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
             n = p.numel()
             buf[off : off + n].copy_(o.message.to_dense()[0].to(buf.dtype))
             off += n
-        fut = channel.all_reduce(buf, message_nbytes=payload.numel(), messages=len(outs))
-        return fut.then(lambda f: aggregate_bucket(state, segs, [[SparseBatch.from_dense(v[None])] for v in
-                                                                  _slices(f.value(), params)], buf, lr, step, world))
+        summed = channel.all_reduce(buf, message_nbytes=payload.numel(), messages=len(outs))
+
+        def finish_dense(f):  # per parameter one dense row: the sum of the P messages
+            rows = [[SparseBatch.from_dense(v[None])] for v in _slices(f.value(), params)]
+            return aggregate_bucket(state, segs, rows, buf, lr, step, world)
+
+        return summed.then(finish_dense)
     fut = channel.send_frames(payload, sizes, messages=len(outs))
     rank = channel.rank
 
