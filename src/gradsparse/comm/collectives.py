@@ -170,14 +170,27 @@ def _row(d: int, indices: torch.Tensor, values: torch.Tensor) -> SparseBatch:
 
 def part_frames(plan: ShardPlan, message: SparseBatch, value_dtype: str) -> list[list[int]]:
     """``push[q][o]``: the frame bytes of row q's part for owner o (0 when the part is empty:
-    nothing is sent for it)."""
-    push = []
-    for q in range(message.n):
-        row = message.row(q)
-        parts = plan.split(row.indices, row.values)
-        push.append([int(wire.encoded_nbytes(_row(plan.owner_sizes[o], i, v), value_dtype=value_dtype)[0])
-                     if i.numel() else 0 for o, (i, v) in enumerate(parts)])
-    return push
+    nothing is sent for it). Vectorised: the entries are grouped by (owner, row) once, and each
+    owner's N parts are sized in one call (P calls, not N x P)."""
+    n, world = message.n, plan.world
+    owner, local = plan.owner_of(message.indices)
+    rows = message.row_ids()
+    order = torch.sort(owner * n + rows, stable=True).indices  # rows stay sorted within an owner
+    owner, local, rows = owner[order], local[order], rows[order]
+    values = message.values[order]
+    per_owner = torch.bincount(owner, minlength=world).tolist()
+    push = torch.zeros(n, world, dtype=torch.int64)
+    start = 0
+    for o, count in enumerate(per_owner):
+        if count:
+            sel = slice(start, start + count)
+            counts = torch.bincount(rows[sel], minlength=n)
+            offsets = torch.zeros(n + 1, dtype=torch.long)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            part = SparseBatch(plan.owner_sizes[o], offsets, values[sel], local[sel], sorted_rows=True)
+            push[:, o] = torch.where(counts > 0, wire.encoded_nbytes(part, value_dtype=value_dtype), 0)
+        start += count
+    return push.tolist()
 
 
 def union_shards(plan: ShardPlan, message: SparseBatch) -> list[torch.Tensor]:
