@@ -700,6 +700,7 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
     world, rank = channel.world, channel.rank
     alg, vd = state.algorithm, state.algorithm.value_dtype
     plan = coll.ShardPlan(sizes, world)
+    indices, values = indices.cpu(), values.cpu()  # the owner's bookkeeping runs on the CPU
     parts = plan.split(indices, values)
     frames = [coll.encode_part(plan.owner_sizes[o], i, v, vd) for o, (i, v) in enumerate(parts)]
     received, flags, totals = channel.exchange_split_sizes([len(f) for f in frames], flag)
@@ -765,14 +766,14 @@ def _allreduce_exchange(state: SparsifiedState, channel: CollectiveChannel,
     for compressor, m, n in pieces:
         cols = coll.shared_support(compressor, step, n)
         supports.append(cols)
-        chunks.append(m.values.to(vt) if m.nnz else torch.zeros(cols.numel(), dtype=vt))
+        chunks.append(m.values.cpu().to(vt) if m.nnz else torch.zeros(cols.numel(), dtype=vt))
     values = torch.cat(chunks) if chunks else torch.zeros(0, dtype=vt)
     fut = channel.all_reduce_values(values)
     scale = _bucket_units(state, lr, False) / world
     dtype = torch.float32 if vt in (torch.float16, torch.bfloat16) else vt
 
     def assemble(f):
-        summed = f.value().to(dtype) * scale
+        summed = f.value().cpu().to(dtype) * scale
         total = torch.zeros(sum(sizes), dtype=dtype)
         at, pos = 0, 0
         for cols, n in zip(supports, sizes):
@@ -934,7 +935,8 @@ def _resolve_pending(state: SparsifiedState, pending: list, fut: torch.futures.F
     model-sized ``update`` (bucket units); returns the last bucket's."""
     mine = None
     for bucket_names, pending_fut, dtype in pending:
-        t = torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(dtype)
+        t = torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(
+            device=state._grad_full.device, dtype=dtype)
         if pending_fut is fut:
             mine = t
         else:
