@@ -1,9 +1,15 @@
 """Bandwidth benchmark on a real, rate-limited network: network namespaces, veth pairs, a
 bridge and ``tc tbf`` (benchmarks/netns.py); one DDP rank per namespace; Gloo over the veths.
 
-    sudo python benchmarks/bench_network.py [--ranks 4] [--rates 100mbit,1gbit] [--params 11000000]
-        [--steps 3] [--methods dense,fp16,powersgd1,powersgd4,topk0.1,topk1,threshold,budget,ps0.1]
+    sudo python benchmarks/bench_network.py [--ranks 4 | --ranks 4,8,16] [--rates 100mbit,1gbit]
+        [--params 11000000] [--steps 3]
+        [--methods dense,fp16,powersgd1,powersgd4,topk0.1,topk1,threshold,budget,ps0.1]
         [--out benchmarks/results/network]
+
+The collectives' scaling (issue 21), on the same machine, one command:
+
+    sudo python benchmarks/bench_network.py --ranks 4,8,16 --params 2000000 --steps 3 \
+        --methods dense,powersgd1,topk0.1,topk1,topk0.1_sharded,topk1_sharded,topk1_sharded_bidir,randomk1_allreduce
 
 Each method trains the same model (Linear 1024x1024 layers, about ``--params`` parameters,
 random data, batch 16, torch pinned to 1 thread per rank):
@@ -17,7 +23,12 @@ random data, batch 16, torch pinned to 1 thread per rank):
   (``budget_threshold`` at an average density of 1% planned over 1,000 steps, burst 1, split
   per parameter so buckets overlap);
 * ``ps0.1``: gradsparse's parameter server (rank 0 serves the other ranks: bidirectional
-  layer-wise top-k at 0.1% with error feedback on both sides, over point-to-point messages).
+  layer-wise top-k at 0.1% with error feedback on both sides, over point-to-point messages);
+* a collective as a suffix (:mod:`gradsparse.comm.collectives`): ``topk1_sharded`` (the owners'
+  push and pull), ``topk1_sharded_bidir`` (each owner sends top-k at the same density of its
+  slices, with its own downlink memory), ``randomk1_allreduce`` (random-k at 1% with one support
+  shared by every rank, summed by one all_reduce of the k values); ``randomk1`` alone is random-k
+  with each rank's own support, all-gathered.
 
 Per method: median step time over ``--steps`` timed steps (after 2 untimed: bucket rebuild,
 PowerSGD's start iteration); per rank, the kernel's TX counter of its ``eth0`` over the timed
@@ -26,8 +37,12 @@ reports as sent (``state.sent_bytes``) over the same steps; their ratio; and for
 rank 0, the time of its own compute per step (the worker steps of every parameter, encoding
 the frames, decoding P - 1 other ranks' frames and summing them into the bucket: everything but
 the communication), measured alone, as a fraction of the step. Prints ratios against dense
-measured in the same run; writes ``network.csv`` and ``network.png``. Without root, ``ip`` or
-``tc`` it prints why and exits 0.
+measured in the same run. For gradsparse's methods also the simulator's prediction
+(``sim/TX``): after the timed steps every rank's messages go to rank 0, which charges them with
+the rule of :class:`gradsparse.comm.SimulatedRounds` for the method's collective (what the
+simulator's ``all_ranks_sent_bytes`` is), per rank and step, against the measured TX. Writes
+``network.csv`` and ``network.png`` (one rank count) or ``network_scaling.png`` (several: TX
+per rank and step time against P). Without root, ``ip`` or ``tc`` it prints why and exits 0.
 """
 
 from __future__ import annotations
@@ -181,12 +196,19 @@ def worker(args) -> None:
     elif method != "dense":
         import gradsparse.ddp as gddp
         from gradsparse.algorithm import Algorithm
-        from gradsparse.compressors import BudgetThreshold, HardThreshold, TopK
+        from gradsparse.compressors import BudgetThreshold, HardThreshold, RandomK, TopK
 
         layout = gddp.layout_of(net)
         whole = None
-        if method.startswith("topk"):
-            comp = TopK(density=float(method[4:]) / 100, scope="layerwise", layout=layout)
+        base, collective, bidirectional = parse_method(method)
+        topology = {}
+        if base.startswith("topk"):
+            density = float(base[4:]) / 100
+            comp = TopK(density=density, scope="layerwise", layout=layout)
+            if bidirectional:  # each owner sends top-k at the same density of its slices
+                topology = dict(topology="bidirectional", down_compressor=TopK(density=density))
+        elif base.startswith("randomk"):
+            comp = RandomK(density=float(base[7:]) / 100, shared_support=collective == "allreduce")
         elif method == "budget":
             # planned over a long run (1,000 steps), of which a few are timed; burst 1: no step
             # spends more than its share (the first steps keep exactly their top 1%)
@@ -194,8 +216,10 @@ def worker(args) -> None:
         else:
             comp = HardThreshold(args.threshold)
         feedback = "ef-scaled" if method == "budget" else "ef"
-        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback=feedback), lr=0.01, whole_model=whole)
+        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback=feedback, **topology), lr=0.01,
+                                     whole_model=whole, collective=collective)
         model.register_comm_hook(state, gddp.hook)
+        records = record_messages(gddp)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(args.rank)
     x = torch.randn(16, width, generator=g)
@@ -215,13 +239,97 @@ def worker(args) -> None:
     tx = netns.own_tx_bytes() - tx0
     sent = None if state is None else state.sent_bytes - sent0
     dist.barrier()
-    compute = None
-    if state is not None and args.rank == 0:
+    compute = predicted = None
+    if state is not None:  # the simulator's rule on every rank's messages of the run (after the timing)
+        gathered = [None] * args.world if args.rank == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        if args.rank == 0:
+            predicted = predict_sent(gathered, net, parse_method(method), args.steps)
+    if state is not None and args.rank == 0 and state.collective == "allgather":
         compute = hook_compute_seconds(model, state, x, y, args.world)
     res = {"d": d, "step_s": statistics.median(times[2:]), "compute_s": compute, "tx": tx, "sent": sent,
-           "dense_fallbacks": None if state is None else state.dense_fallbacks}
+           "dense_fallbacks": None if state is None else state.dense_fallbacks, "predicted": predicted}
     Path(args.result).write_text(json.dumps(res))
     dist.destroy_process_group()
+
+
+def parse_method(method: str) -> tuple[str, str, bool]:
+    """``topk1_sharded_bidir`` -> ("topk1", "sharded", True): the compressor, the collective and
+    whether the owners compress their slices (sharded, topology bidirectional)."""
+    parts = method.split("_")
+    collective = "sharded" if "sharded" in parts else "allreduce" if "allreduce" in parts else "allgather"
+    return parts[0], collective, "bidir" in parts
+
+
+def record_messages(gddp) -> list:
+    """Keep every message the hook's worker steps produce, by step: ``records[t][name] =
+    (indices, values)`` (the hook looks ``compress_bucket`` up in its module at each call)."""
+    records: list[dict] = []
+    compress = gddp.compress_bucket
+
+    def recording(state, params, buf, step, lr, rank):
+        segs, outs = compress(state, params, buf, step, lr, rank)
+        while len(records) <= step:
+            records.append({})
+        for seg, out in zip(segs, outs):
+            m = out.message
+            records[step][seg.name] = (m.indices.clone(), m.values.clone())
+        return segs, outs
+
+    gddp.compress_bucket = recording
+    return records
+
+
+def predict_sent(gathered: list, net, method: tuple[str, str, bool], timed: int) -> float:
+    """What the simulator's channel (:class:`gradsparse.comm.SimulatedRounds`, the rule it charges
+    ``all_ranks_sent_bytes`` with) predicts one rank sends per step, on the messages the ranks
+    really produced: per step, the P whole-model rows (every parameter's message at its offset in
+    the layout); with a per-owner downlink, the server steps replayed from step 0 (the owners'
+    memories). Mean over the ``timed`` last steps and the ranks. One exchange a step: the hook's
+    per-bucket frame headers and size records are not in it."""
+    import torch
+
+    import gradsparse.ddp as gddp
+    from gradsparse import wire
+    from gradsparse.algorithm import Algorithm
+    from gradsparse.comm import SimulatedRounds
+    from gradsparse.comm.collectives import ShardPlan
+    from gradsparse.compressors import TopK
+    from gradsparse.engines.synchronous import configure_collective
+    from gradsparse.messages import SparseBatch
+
+    base, collective, bidirectional = method
+    layout = gddp.layout_of(net)
+    world, steps = len(gathered), min(len(r) for r in gathered)
+    plan = ShardPlan.of_layout(layout, world) if collective == "sharded" else None
+    alg = None
+    if bidirectional:
+        density = float(base[4:]) / 100
+        alg = Algorithm(compressor=TopK(density=density), topology="bidirectional", down_compressor=TopK(density=density))
+        configure_collective(alg, "sharded", layout, world)
+        server = alg.init_server_state(layout)
+    bounds = {n: a for n, a, _ in layout.bounds()}
+    total = 0
+    for t in range(steps):
+        idx, vals, offsets = [], [], [0]
+        for rec in gathered:
+            row_i = torch.cat([rec[t][n][0] + bounds[n] for n in layout.names])
+            idx.append(row_i)
+            vals.append(torch.cat([rec[t][n][1] for n in layout.names]))
+            offsets.append(offsets[-1] + row_i.numel())
+        message = SparseBatch(layout.d, torch.tensor(offsets), torch.cat(vals), torch.cat(idx), sorted_rows=True)
+        down = None
+        if alg is not None:
+            srv = alg.server_step(message, server, step=t, lr=0.01, weights=torch.full((world,), 1.0 / world))
+            server, down = srv.state, srv.message
+        if t < steps - timed:
+            continue
+        k = int(message.counts.max())
+        channel = SimulatedRounds(alg.topology if alg else Algorithm().topology, world, collective=collective,
+                                  plan=plan, values_per_rank=k)
+        channel.deliver_round(wire.encoded_nbytes(message), 0, message, down)
+        total += channel.ledger.all_ranks_sent_bytes
+    return total / (timed * world)
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -266,16 +374,18 @@ def run_method(net, method: str, args, tmp: Path, threshold: float) -> dict:
     tx = statistics.mean(r["tx"] / args.steps for r in ranks)
     sent = None if r0["sent"] is None else statistics.mean(r["sent"] / args.steps for r in ranks)
     ratios = None if r0["sent"] is None else [r["sent"] / r["tx"] for r in ranks]
+    predicted = r0.get("predicted")
     return {"method": method, "step_s": r0["step_s"], "tx_bytes_per_step": tx, "reported_bytes_per_step": sent,
             "reported_over_tx_min": None if ratios is None else min(ratios),
             "reported_over_tx_max": None if ratios is None else max(ratios), "d": r0["d"],
+            "predicted_bytes_per_step": predicted, "predicted_over_tx": None if predicted is None else predicted / tx,
             "compute_fraction": None if r0["compute_s"] is None else r0["compute_s"] / r0["step_s"],
             "dense_fallbacks": r0.get("dense_fallbacks")}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--ranks", default="4", help="one rank count or several: 4,8,16")
     ap.add_argument("--rates", default="100mbit,1gbit")
     ap.add_argument("--params", type=int, default=11_000_000)
     ap.add_argument("--steps", type=int, default=3)
@@ -292,6 +402,12 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    try:
+        rank_counts = [int(r) for r in str(args.ranks).split(",")]
+    except ValueError:
+        ap.error(f"--ranks must be rank counts separated by commas (e.g. 4,8,16), got {args.ranks!r}")
+    if any(r < 2 for r in rank_counts):
+        ap.error(f"--ranks: every rank count must be >= 2, got {args.ranks!r}")
     why = netns.can_run()
     if why:
         print(f"bench_network: skipped: {why}")
@@ -301,69 +417,112 @@ def main(argv=None) -> int:
     tmp = out / "tmp"
     tmp.mkdir(exist_ok=True)
     methods = args.methods.split(",")
+    rates = args.rates.split(",")
     threshold = choose_threshold(args.params) if "threshold" in methods else 0.0
-    net = netns.Net(args.ranks)
     rows = []
     try:
-        net.up()
-        for rate in args.rates.split(","):
-            net.shape(rate)
-            for m in methods:
-                row = {"rate": rate, "ranks": args.ranks, **run_method(net, m, args, tmp, threshold)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        for ranks in rank_counts:
+            args.ranks = ranks
+            net = netns.Net(ranks)
+            try:
+                net.up()
+                for rate in rates:
+                    net.shape(rate)
+                    for m in methods:
+                        row = {"rate": rate, "ranks": ranks, **run_method(net, m, args, tmp, threshold)}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+            finally:
+                net.down()
     finally:
-        net.down()
         shutil.rmtree(tmp, ignore_errors=True)
     fields = ["rate", "ranks", "method", "d", "step_s", "tx_bytes_per_step", "reported_bytes_per_step",
-              "reported_over_tx_min", "reported_over_tx_max", "compute_fraction", "dense_fallbacks", "error"]
+              "reported_over_tx_min", "reported_over_tx_max", "predicted_bytes_per_step", "predicted_over_tx",
+              "compute_fraction", "dense_fallbacks", "error"]
     with open(out / "network.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k) for k in fields})
-    print(f"\n{args.ranks} ranks, torch 1 thread per rank; per rank and step")
-    print(f"{'rate':>8} {'method':>10} {'step s':>8} {'speed-up':>9} {'TX KB':>10} {'reported KB':>12} "
-          f"{'rep/TX':>12} {'TX/dense':>9} {'compute':>8}")
-    for rate in args.rates.split(","):
-        dense = next((r for r in rows if r["rate"] == rate and r["method"] == "dense" and "error" not in r), None)
-        for r in (r for r in rows if r["rate"] == rate):
-            if "error" in r:
-                print(f"{rate:>8} {r['method']:>10}  {r['error']}")
-                continue
-            sp = dense["step_s"] / r["step_s"] if dense else float("nan")
-            br = r["tx_bytes_per_step"] / dense["tx_bytes_per_step"] if dense else float("nan")
-            rep = "" if r["reported_bytes_per_step"] is None else f"{r['reported_bytes_per_step'] / 1e3:.1f}"
-            ratio = "" if r["reported_over_tx_min"] is None else f"{r['reported_over_tx_min']:.3f}-{r['reported_over_tx_max']:.3f}"
-            cf = "" if r["compute_fraction"] is None else f"{r['compute_fraction']:.1%}"
-            print(f"{rate:>8} {r['method']:>10} {r['step_s']:>8.3f} {sp:>8.1f}x {r['tx_bytes_per_step'] / 1e3:>10.1f} "
-                  f"{rep:>12} {ratio:>12} {br:>9.4f} {cf:>8}")
+    print_table(rows, rank_counts, rates)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        rates = args.rates.split(",")
-        width = 0.8 / max(1, len(methods))
-        for i, m in enumerate(methods):
-            for ax, key in zip(axes, ("step_s", "tx_bytes_per_step")):
-                vals = [next((r[key] for r in rows if r["rate"] == rt and r["method"] == m and "error" not in r), float("nan"))
-                        for rt in rates]
-                ax.bar([j + i * width for j in range(len(rates))], vals, width=width, label=m)
-        for ax, label in zip(axes, ("seconds per step", "bytes sent per rank and step (kernel TX)")):
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rates))], rates)
-            ax.set_ylabel(label)
-            ax.set_yscale("log")
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"{args.ranks} ranks, {rows[0].get('d', '?')} parameters")
-        fig.tight_layout()
-        fig.savefig(out / "network.png", dpi=120)
+        plot(rows, rank_counts, rates, methods, out)
     except Exception as exc:  # the CSV is the result; the plot is a convenience
         print(f"bench_network: no plot ({exc})")
     print(f"wrote {out / 'network.csv'}")
     return 0
+
+
+def print_table(rows: list[dict], rank_counts: list[int], rates: list[str]) -> None:
+    for ranks in rank_counts:
+        print(f"\n{ranks} ranks, torch 1 thread per rank; per rank and step")
+        print(f"{'rate':>8} {'method':>20} {'step s':>8} {'speed-up':>9} {'TX KB':>10} {'reported KB':>12} "
+              f"{'rep/TX':>12} {'sim/TX':>7} {'TX/dense':>9} {'compute':>8}")
+        for rate in rates:
+            mine = [r for r in rows if r["rate"] == rate and r["ranks"] == ranks]
+            dense = next((r for r in mine if r["method"] == "dense" and "error" not in r), None)
+            for r in mine:
+                if "error" in r:
+                    print(f"{rate:>8} {r['method']:>20}  {r['error']}")
+                    continue
+                sp = dense["step_s"] / r["step_s"] if dense else float("nan")
+                br = r["tx_bytes_per_step"] / dense["tx_bytes_per_step"] if dense else float("nan")
+                rep = "" if r["reported_bytes_per_step"] is None else f"{r['reported_bytes_per_step'] / 1e3:.1f}"
+                ratio = "" if r["reported_over_tx_min"] is None else f"{r['reported_over_tx_min']:.3f}-{r['reported_over_tx_max']:.3f}"
+                sim = "" if r.get("predicted_over_tx") is None else f"{r['predicted_over_tx']:.3f}"
+                cf = "" if r["compute_fraction"] is None else f"{r['compute_fraction']:.1%}"
+                print(f"{rate:>8} {r['method']:>20} {r['step_s']:>8.3f} {sp:>8.2f}x {r['tx_bytes_per_step'] / 1e3:>10.1f} "
+                      f"{rep:>12} {ratio:>12} {sim:>7} {br:>9.4f} {cf:>8}")
+
+
+def plot(rows: list[dict], rank_counts: list[int], rates: list[str], methods: list[str], out: Path) -> None:
+    """One rank count: bars per rate. Several: kernel TX per rank and step against P (the first
+    rate; TX does not depend on the rate) and seconds per step against P for each rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    d = ok[0].get("d", "?") if ok else "?"
+    if len(rank_counts) > 1:
+        fig, axes = plt.subplots(1, 1 + len(rates), figsize=(5 * (1 + len(rates)), 4.2))
+        for m in methods:
+            pts = [(r["ranks"], r["tx_bytes_per_step"]) for r in ok if r["method"] == m and r["rate"] == rates[0]]
+            if pts:
+                axes[0].plot(*zip(*pts), marker="o", label=m)
+            for ax, rate in zip(axes[1:], rates):
+                pts = [(r["ranks"], r["step_s"]) for r in ok if r["method"] == m and r["rate"] == rate]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+        axes[0].set_ylabel("bytes sent per rank and step (kernel TX)")
+        for ax, title in zip(axes, ["TX per rank"] + [f"step time at {rt}" for rt in rates]):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(rank_counts, [str(p) for p in rank_counts])
+            ax.set_xlabel("ranks P")
+            ax.set_title(title)
+        for ax in axes[1:]:
+            ax.set_ylabel("seconds per step (median)")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{d} parameters, one torch thread per rank")
+        fig.tight_layout()
+        fig.savefig(out / "network_scaling.png", dpi=120)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        for ax, key in zip(axes, ("step_s", "tx_bytes_per_step")):
+            vals = [next((r[key] for r in ok if r["rate"] == rt and r["method"] == m), float("nan")) for rt in rates]
+            ax.bar([j + i * width for j in range(len(rates))], vals, width=width, label=m)
+    for ax, label in zip(axes, ("seconds per step", "bytes sent per rank and step (kernel TX)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rates))], rates)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{rank_counts[0]} ranks, {d} parameters")
+    fig.tight_layout()
+    fig.savefig(out / "network.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ x [T, b, f] and y [T, b], and options:
 
   bucket_cap_mb, ddp (DistributedDataParallel keyword arguments: gradient_as_bucket_view,
   static_graph, find_unused_parameters), state (SparsifiedState keyword arguments:
-  whole_model, dense_fallback, warmup_steps), plain (also run DDP without a hook), resume_at
+  whole_model, dense_fallback, warmup_steps, collective), plain (also run DDP without a hook), resume_at
   (stop there, reload everything from per-rank files under weights_only, continue),
   micro_batches (split each step's batch and accumulate under no_sync()), dtype (the model's
   parameter dtype), nan_at ([rank, step]: that rank's gradient gets a NaN at that step),
@@ -60,16 +60,22 @@ def build_model(spec: dict) -> nn.Module:
             "unused": lambda: WithUnused(f, h, c)}[spec["model"]]()
 
 
-def build_algorithm(spec: dict, model: nn.Module):
+def build_algorithm(spec: dict, model: nn.Module, layout=None):
     from gradsparse.algorithm import Algorithm
     from gradsparse.compressors import make_compressor
     from gradsparse.ddp import layout_of
 
     a = spec["algorithm"]
-    comp = make_compressor(a["compressor"]["kind"], layout_of(model),
-                           **{k: v for k, v in a["compressor"].items() if k != "kind"})
-    return Algorithm(compressor=comp, feedback=a.get("feedback", "ef"), value_dtype=a.get("value_dtype", "fp32"),
-                     on_nonfinite=a.get("on_nonfinite", "stop"))
+    layout = layout if layout is not None else layout_of(model)
+
+    def compressor(section):
+        return make_compressor(section["kind"], layout, **{k: v for k, v in section.items() if k != "kind"})
+
+    topology = a.get("topology", {"kind": "all_to_all"})
+    down = compressor(topology["down_compressor"]) if "down_compressor" in topology else None
+    return Algorithm(compressor=compressor(a["compressor"]), feedback=a.get("feedback", "ef"),
+                     value_dtype=a.get("value_dtype", "fp32"), on_nonfinite=a.get("on_nonfinite", "stop"),
+                     topology=topology["kind"], down_compressor=down)
 
 
 def run(spec: dict, rank: int, world: int, out_dir: str, first: bool) -> None:

@@ -26,6 +26,11 @@ METHODS = {
     "topk1_fp16": dict(compressor=("topk", dict(density=0.02, scope="layerwise")), value_dtype="fp16"),
     "hard_threshold": dict(compressor=("hard_threshold", dict(threshold=3e-5))),
     "identity": dict(compressor=("identity", {})),
+    # collectives (gradsparse.comm.collectives)
+    "topk1_sharded": dict(compressor=("topk", dict(density=0.02, scope="layerwise")), collective="sharded"),
+    "topk1_sharded_bidirectional": dict(compressor=("topk", dict(density=0.02, scope="layerwise")), collective="sharded",
+                                        down=("topk", dict(density=0.02))),
+    "randomk_allreduce": dict(compressor=("randomk", dict(density=0.02, shared_support=True)), collective="allreduce"),
 }
 
 
@@ -50,9 +55,12 @@ def main() -> None:
         net = nn.Linear(1024, 1024)
         model = DDP(net)
         kind, options = spec["compressor"]
+        topology = {}
+        if "down" in spec:
+            topology = dict(topology="bidirectional", down_compressor=make_compressor(spec["down"][0], **spec["down"][1]))
         alg = Algorithm(compressor=make_compressor(kind, gddp.layout_of(net), **options), feedback="ef",
-                        value_dtype=spec.get("value_dtype", "fp32"))
-        state = gddp.SparsifiedState(model, alg, lr=0.01)
+                        value_dtype=spec.get("value_dtype", "fp32"), **topology)
+        state = gddp.SparsifiedState(model, alg, lr=0.01, collective=spec.get("collective", "allgather"))
         model.register_comm_hook(state, gddp.hook)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
 

@@ -68,6 +68,18 @@ def write(tmp_path, cfg, name="c.yaml"):
           "schedule": {"lr": 0.01, "warmup_epochs": 1.0, "warmup_start": 0.0}}, "ef-scaled divides by the step size"),
         ({"algorithm": {"compressor": {"kind": "topk", "k": 1}, "momentum": {"kind": "gradient", "masking": True}}},
          "masking applies to momentum 'update' only"),
+        # collectives (gradsparse.comm.collectives)
+        ({"collective": "ring"}, "config key 'collective'"),
+        ({"collective": "sharded"}, "collective 'sharded' runs topology all_to_all or bidirectional, not 'ps_uplink'"),
+        ({"collective": "allreduce", "algorithm": {"compressor": {"kind": "randomk", "k": 1}, "topology": {"kind": "all_to_all"}}},
+         "needs algorithm.compressor {kind: randomk, shared_support: true}, got kind 'randomk' with shared_support false"),
+        ({"collective": "allreduce", "algorithm": {"compressor": {"kind": "topk", "k": 1}, "topology": {"kind": "all_to_all"}}},
+         "got kind 'topk'"),
+        ({"collective": "sharded", "algorithm": {"compressor": {"kind": "topk", "k": 1}, "topology": {
+            "kind": "bidirectional", "down_compressor": {"kind": "topk", "k": 1}}}},
+         "down_compressor must be {kind: topk, density: RHO}"),
+        ({"collective": "sharded", "engine": "async"}, "engine 'async' runs an asynchronous parameter server"),
+        ({"algorithm": {"compressor": {"kind": "randomk", "k": 1, "shared_support": "yes"}}}, "shared_support must be true or false"),
     ],
 )
 def test_malformed_configs_give_one_clear_line_and_no_run_dir(tmp_path, capsys, patch, needle):

@@ -26,6 +26,7 @@ import torch
 
 from gradsparse import wire
 from gradsparse.algorithm import Algorithm
+from gradsparse.comm.collective import ring_all_reduce_nbytes
 from gradsparse.compressors import make_compressor
 from gradsparse.engines import SyncSimulator
 from gradsparse.messages import SparseBatch
@@ -78,8 +79,44 @@ SCENARIOS = {
     "nan_skip": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3),
                  "algorithm": {**TOPK, "on_nonfinite": "skip"}},
     "nan_stop": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3), "algorithm": TOPK},
+    # whole-model mode with the step size outside the messages: the bucket holds U / lr
+    "topk_entire_memory": {"model": "mlp", "lr": 0.1, "algorithm": {"compressor": {"kind": "topk", "density": 0.05},
+                                                                    "feedback": "memory"}},
+    # collectives (gradsparse.comm.collectives): compared with the simulator run by the same collective
+    "topk_sharded": {"model": "mlp", "lr": 0.1, "algorithm": TOPK, "state": {"collective": "sharded"}},
+    "topk_sharded_fp16": {"model": "mlp", "lr": 0.1, "algorithm": {**TOPK, "value_dtype": "fp16"},
+                          "state": {"collective": "sharded"}},
+    "topk_sharded_tiny_buckets_memory": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1, "state": {
+        "collective": "sharded"}, "algorithm": {"compressor": {"kind": "topk", "k": 20, "scope": "layerwise"},
+                                                "feedback": "memory"}},
+    "topk_entire_sharded": {"model": "mlp", "lr": 0.1, "algorithm": {"compressor": {"kind": "topk", "density": 0.05}},
+                            "state": {"collective": "sharded"}},
+    "topk_sharded_bidirectional": {"model": "mlp", "lr": 0.1, "state": {"collective": "sharded"}, "algorithm": {
+        **TOPK, "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": 0.05}}}},
+    "threshold_sharded_dense_fallback": {"model": "reordered", "bucket_cap_mb": 0.0005, "lr": 0.1,
+                                         "state": {"collective": "sharded"},
+                                         "algorithm": {"compressor": {"kind": "hard_threshold", "threshold": 0.0}}},
+    "randomk_allreduce_whole_model": {"model": "mlp", "lr": 0.1, "state": {"collective": "allreduce", "whole_model": True},
+                                      "algorithm": {"compressor": {"kind": "randomk", "density": 0.1,
+                                                                   "shared_support": True}}},
+    # per parameter (the hook's own random streams): allreduce against allgather of the same messages
+    "randomk_shared_allgather": {"model": "mlp", "lr": 0.1, "compare": False, "algorithm": {
+        "compressor": {"kind": "randomk", "density": 0.1, "shared_support": True}}},
+    "randomk_shared_allreduce": {"model": "mlp", "lr": 0.1, "compare": False, "state": {"collective": "allreduce"},
+                                 "algorithm": {"compressor": {"kind": "randomk", "density": 0.1, "shared_support": True}}},
+    "nan_stop_sharded": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3), "algorithm": TOPK,
+                         "state": {"collective": "sharded"}},
+    "nan_stop_allreduce": {"model": "mlp", "lr": 0.1, "compare": False, "nan_at": (1, 3), "state": {"collective": "allreduce"},
+                           "algorithm": {"compressor": {"kind": "randomk", "density": 0.1, "shared_support": True}}},
 }
-COMPARED = sorted(n for n, s in SCENARIOS.items() if s.get("compare", True))
+
+
+def _collective(spec: dict) -> str:
+    return spec.get("state", {}).get("collective", "allgather")
+
+
+COMPARED = sorted(n for n, s in SCENARIOS.items() if s.get("compare", True) and _collective(s) == "allgather")
+COLLECTIVE = sorted(n for n, s in SCENARIOS.items() if s.get("compare", True) and _collective(s) != "allgather")
 
 
 def _whole_model(spec: dict) -> bool:
@@ -105,10 +142,10 @@ def _reference(name: str, spec: dict):
 
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
     a = spec["algorithm"]
-    comp = make_compressor(a["compressor"]["kind"], layout, **{k: v for k, v in a["compressor"].items() if k != "kind"})
     value_dtype = a.get("value_dtype", "fp32")
-    alg = Algorithm(compressor=comp, feedback=a.get("feedback", "ef"), value_dtype=value_dtype)
-    sim = SyncSimulator(task, alg, Schedule(lr=spec["lr"]), n_workers=N, batch_size=B, seed=0)
+    alg = worker_mod.build_algorithm(spec, None, layout)
+    sim = SyncSimulator(task, alg, Schedule(lr=spec["lr"]), n_workers=N, batch_size=B, seed=0,
+                        collective=_collective(spec))
     init = {n: v.clone() for n, v in sim.layout.unflatten(sim.w.clone()).items()}
     drawn = []
     sample = sim.data.sample
@@ -223,6 +260,103 @@ def test_dense_fallback_never_sends_more_than_dense(launched, name):
     assert (N - 1) * refs[name][1][0] > results[name][0]["state"]["counters"]["dense_bytes"]
 
 
+def _assert_params_and_memories(results, name, sim, tol):
+    for r in range(N):
+        got = _flat(results[name][r]["params"], sim.layout.names)
+        torch.testing.assert_close(got, sim.w, **tol)
+        st = results[name][r]["state"]
+        assert st["step"] == T
+        if sim.worker_state.memory is not None:
+            mem = torch.cat([st["memory"][n].reshape(-1) for n in sim.layout.names])
+            torch.testing.assert_close(mem, sim.worker_state.memory.flat[r], **tol)
+
+
+ONE_BUCKET = ("topk_sharded", "topk_sharded_fp16", "topk_entire_sharded", "topk_sharded_bidirectional",
+              "randomk_allreduce_whole_model")
+
+
+@pytest.mark.parametrize("name", COLLECTIVE)
+def test_collective_hook_equals_the_simulator_by_the_same_collective(launched, name):
+    """Parameters and memories equal the simulator run with the same ``collective``; with the
+    whole model in one exchange a step (one bucket, or whole-model mode) the ranks' ledgers add
+    up to the simulator's: the owners' parts and shards (sharded), the k values (allreduce), and
+    what all ranks handed to the collectives equals the simulator's prediction
+    ``all_ranks_sent_bytes`` (allreduce: plus the hook's 8-byte non-finite check per step)."""
+    refs, results, _ = launched
+    sim, _ = refs[name]
+    _assert_params_and_memories(results, name, sim, dict(rtol=1e-5, atol=1e-6))
+    ledgers = [results[name][r]["state"]["ledger"] for r in range(N)]
+    if name in ONE_BUCKET:
+        for key in ("uplink_bytes", "downlink_bytes", "uplink_messages", "downlink_messages"):
+            assert sum(lg[key] for lg in ledgers) == getattr(sim.ledger, key), key
+        checks = N * T * ring_all_reduce_nbytes(8, N) if _collective(SCENARIOS[name]) == "allreduce" else 0
+        assert sum(lg["sent_bytes"] for lg in ledgers) == sim.ledger.all_ranks_sent_bytes + checks
+    if _collective(SCENARIOS[name]) == "sharded" and "dense_fallback" not in name:
+        for lg, r in zip(ledgers, range(N)):  # a rank sends its parts, its shard to each other rank, and records
+            records = lg["sent_bytes"] - lg["uplink_bytes"] - lg["downlink_bytes"]
+            assert records > 0 and records % ((N - 1) * (24 + 16)) == 0
+            assert results[name][r]["state"]["counters"]["dense_fallbacks"] == 0
+
+
+def test_sharded_equals_allgather_to_rounding(launched):
+    """The same top-k messages summed by their owners and pulled back, or all-gathered and summed
+    by every rank: the same parameters and memories up to float32 rounding; with fp16 values the
+    pulled sums are rounded to fp16 once more (compared with the all-gather of fp16 messages)."""
+    _, results, _ = launched
+    for r in range(N):
+        for name, ref, tol in (("topk_sharded", "topk_ef", dict(rtol=1e-6, atol=1e-7)),
+                               ("topk_sharded_fp16", "topk_fp16_values", dict(rtol=1e-3, atol=1e-4))):
+            a, b = results[ref][r], results[name][r]
+            for n in a["params"]:
+                torch.testing.assert_close(b["params"][n], a["params"][n], **tol)
+        a, b = results["topk_ef"][r]["state"]["memory"], results["topk_sharded"][r]["state"]["memory"]
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-6, atol=1e-7)
+
+
+def test_sharded_downlink_memory_is_this_ranks_slice_of_every_parameter(launched):
+    """Bidirectional per shard: each rank keeps the downlink memory of its own slice of each
+    parameter (its half here), and the two halves are the simulator's server memory delta."""
+    refs, results, _ = launched
+    sim, _ = refs["topk_sharded_bidirectional"]
+    delta = sim.server_state.downlink_memory.flat
+    for name, a, b in sim.layout.bounds():
+        d_l = b - a
+        halves = [results["topk_sharded_bidirectional"][r]["state"]["shard_memory"][name] for r in range(N)]
+        assert [h.numel() for h in halves] == [d_l // 2, d_l - d_l // 2]
+        torch.testing.assert_close(torch.cat(halves), delta[a:b], rtol=1e-5, atol=1e-7)
+    assert float(delta.abs().sum()) > 0  # the downlink compression kept something back
+
+
+def test_sharded_dense_fallback_never_sends_more_than_dense(launched):
+    """Hard-threshold at 0 pushes every entry: the split records show every rank's push total
+    above half a ring all-reduce, so every rank sends the bucket dense instead: sent bytes = the
+    ring all-reduce's and the split records."""
+    _, results, _ = launched
+    for r in range(N):
+        st = results["threshold_sharded_dense_fallback"][r]["state"]
+        buckets = st["counters"]["dense_fallbacks"]
+        assert buckets >= T
+        assert st["ledger"]["sent_bytes"] == st["counters"]["dense_bytes"] + buckets * (N - 1) * 24
+
+
+def test_allreduce_equals_allgather_of_the_same_shared_support_messages(launched):
+    """Per-parameter shared-support random-k: summed by one all-reduce of the k values, or
+    all-gathered as frames: the same parameters and memories; the all-reduce sends, per step,
+    the ring all-reduce of sum_l k_l float32 values and the 8-byte non-finite check, nothing else."""
+    from gradsparse.compressors import k_from_density
+
+    _, results, _ = launched
+    k = sum(k_from_density(0.1, n) for n in (SIZES[0] * SIZES[1], SIZES[1], SIZES[1] * SIZES[2], SIZES[2]))
+    for r in range(N):
+        a, b = results["randomk_shared_allgather"][r], results["randomk_shared_allreduce"][r]
+        for n in a["params"]:
+            torch.testing.assert_close(b["params"][n], a["params"][n], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(b["state"]["memory"][n], a["state"]["memory"][n], rtol=1e-6, atol=1e-7)
+        assert b["state"]["ledger"]["sent_bytes"] == T * (ring_all_reduce_nbytes(4 * k, N) + ring_all_reduce_nbytes(8, N))
+        assert b["state"]["ledger"]["sent_bytes"] < a["state"]["ledger"]["sent_bytes"]
+
+
 def test_resume_under_weights_only_is_bit_identical(launched):
     _, results, _ = launched
     for r in range(N):
@@ -296,14 +430,15 @@ def test_nonfinite_skip_drops_the_message_and_training_goes_on(launched):
         assert bool(torch.isfinite(mem).all())
 
 
-def test_nonfinite_stop_stops_every_rank_at_the_same_step(launched):
+@pytest.mark.parametrize("name", ["nan_stop", "nan_stop_sharded", "nan_stop_allreduce"])
+def test_nonfinite_stop_stops_every_rank_at_the_same_step(launched, name):
     _, results, _ = launched
-    errors = [results["nan_stop"][r]["error"] for r in range(N)]
+    errors = [results[name][r]["error"] for r in range(N)]
     assert all(e is not None and "NonFiniteGradient" in e for e in errors), errors
     assert all("rank(s) [1] at step 3" in e for e in errors), errors
-    assert [results["nan_stop"][r]["state"]["step"] for r in range(N)] == [3, 3]
+    assert [results[name][r]["state"]["step"] for r in range(N)] == [3, 3]
     for r in range(N):
-        for n, p in results["nan_stop"][r]["params"].items():
+        for n, p in results[name][r]["params"].items():
             assert bool(torch.isfinite(p).all()), n
 
 

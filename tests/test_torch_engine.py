@@ -2,8 +2,9 @@
 ``sync`` on the same configs: the same parameters (fp32/fp64 tolerance), the same exact bytes and
 messages, the same memories, and the same run directory files.
 
-All-to-all configs run 4 workers (replicated server); ``ps_*`` configs run 3 workers and a
-parameter server on rank 0 (point-to-point, wire format). One launch runs every config (the engine-equivalence fixture in tests/test_engines.py cannot
+All-to-all configs run 4 workers (replicated server; by each ``collective``: the ranks' summed
+sent bytes equal the simulator's prediction); ``ps_*`` configs run 3 workers and a parameter
+server on rank 0 (point-to-point, wire format). One launch runs every config (the engine-equivalence fixture in tests/test_engines.py cannot
 step an out-of-process engine: ``TorchDistEngine.synchronous_equivalent`` returns None there).
 """
 
@@ -45,6 +46,25 @@ CONFIGS = {
         "algorithm": {"compressor": {"kind": "topk", "density": 0.02, "scope": "layerwise"}, "feedback": "memory",
                       "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": 0.05}}},
         "schedule": {"lr": 0.05}, "steps": 6, "plots": False,
+    },
+    # collectives (gradsparse.comm.collectives): the owners' push and pull, per-owner downlink
+    # top-k, the shared-support random-k summed by one all_reduce
+    "mlp_topk_sharded": {
+        "task": {"name": "digits_mlp"}, "workers": {"count": 4, "batch_size": 3}, "collective": "sharded",
+        "algorithm": {"compressor": {"kind": "topk", "density": 0.02, "scope": "layerwise"}}, "schedule": {"lr": 0.1},
+        "steps": 6, "plots": False,
+    },
+    "mlp_topk_sharded_bidirectional_fp16": {
+        "task": {"name": "digits_mlp"}, "workers": {"count": 4, "batch_size": 3}, "collective": "sharded",
+        "value_dtype": "fp16",
+        "algorithm": {"compressor": {"kind": "topk", "density": 0.02, "scope": "layerwise"},
+                      "topology": {"kind": "bidirectional", "down_compressor": {"kind": "topk", "density": 0.02}}},
+        "schedule": {"lr": 0.1}, "steps": 6, "plots": False,
+    },
+    "mlp_randomk_allreduce": {
+        "task": {"name": "digits_mlp"}, "workers": {"count": 4, "batch_size": 3}, "collective": "allreduce",
+        "algorithm": {"compressor": {"kind": "randomk", "density": 0.02, "shared_support": True}},
+        "schedule": {"lr": 0.1}, "steps": 6, "plots": False,
     },
     # parameter-server mode: 3 workers + a server rank (point-to-point wire-format messages)
     "ps_toy_uplink": {
@@ -107,10 +127,14 @@ def test_torch_engine_equals_sync(launched, name):
         # 5-field int64 header and the frames the ledger counts; it receives the diagnostics
         assert got["ledger"]["sent_bytes"] == got["ledger"]["downlink_bytes"] + steps * n * 5 * 8
         assert got["ledger"]["diagnostic_bytes"] == 0
+        assert got["ledger"]["all_ranks_sent_bytes"] == 0 < ref["ledger"]["all_ranks_sent_bytes"]  # not summed there
     else:  # every rank sends its frames to the N - 1 others after a 16-byte size record each,
         # and its diagnostics (gradient, accumulated vector, memory, ...) in all-gathers
         assert got["ledger"]["sent_bytes"] > steps * (n - 1) * 16
         assert got["ledger"]["diagnostic_bytes"] > 0
+        # what the 4 ranks handed to the collectives, summed, is what the simulator predicts for
+        # the config's collective (all-gather, owners' push and pull, or the ring all-reduce)
+        assert got["ledger"]["all_ranks_sent_bytes"] == ref["ledger"]["all_ranks_sent_bytes"] > 0
     for part in ("memory", "momentum"):
         a, b = got["algorithm"]["worker"][part], ref["algorithm"]["worker"][part]
         assert (a is None) == (b is None)

@@ -380,18 +380,22 @@ class Algorithm:
         weights: torch.Tensor,
         versions: torch.Tensor | None = None,
         send_downlink: bool = True,
+        aggregate: torch.Tensor | None = None,
     ) -> ServerStepOutput:
         """Messages (one row each), weights p_q, optional versions -> update to subtract.
 
         ``send_downlink=False``: an engine whose server sends something else (the asynchronous
         engine sends each worker the model) skips forming an uncompressed topology's message
-        (``ps_uplink``'s aggregate); a compressed downlink is always formed (it is the update)."""
+        (``ps_uplink``'s aggregate); a compressed downlink is always formed (it is the update).
+        ``aggregate``: A = sum_q p_q s_q as a collective delivered it (``sharded``, ``allreduce``:
+        summed by the transport, rounded to the value dtype); ``message`` is then only recorded."""
         if versions is not None:
             factor = self.staleness.factor(step - versions.to(torch.long))
             weights = weights * factor.to(weights.dtype)
-        aggregate = message.weighted_sum(weights)
-        if self.topology.sends_aggregate:  # what the workers will decode: everyone applies that
-            aggregate = wire.round_values(aggregate, self.value_dtype)
+        if aggregate is None:
+            aggregate = message.weighted_sum(weights)
+            if self.topology.sends_aggregate:  # what the workers will decode: everyone applies that
+                aggregate = wire.round_values(aggregate, self.value_dtype)
         momentum_state = state.momentum
         direction = aggregate
         if self.momentum.side == "server":

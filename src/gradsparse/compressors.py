@@ -14,6 +14,7 @@ topk               the k entries of largest |x_i| per row (per segment when laye
 hard_threshold     the entries with |x_i| >= lambda; the count varies and may be 0
 randomk            k coordinates uniform without replacement, drawn from a seed that is a
                    function of (seed, stream, step, worker), so a receiver regenerates them
+                   (``shared_support``: the same columns for every worker at a step)
 approximate_topk   entries with |x_i| >= a threshold estimated from a uniform sample (about k
                    of them); with ``exact: true`` corrected to exactly the top-k
 =================  ==========================================================================
@@ -414,19 +415,29 @@ class RandomK(_FixedCount):
     """k coordinates uniform without replacement, regenerable from (seed, stream, step, worker).
 
     With ``scale=True`` the kept values are multiplied by d/k (unbiased estimator).
+
+    ``shared_support=True``: every worker draws the *same* support at a step, from
+    ``stream_seed(seed, stream, step, 0)`` (the worker id is left out), so the workers' messages
+    share their columns and their sum is a dense sum of k values: ``collective: allreduce``
+    sends exactly that (a ring all-reduce of k values instead of every worker's frame to every
+    other). Each worker's message is still an unbiased (with ``scale``) random-k of its own vector;
+    what changes is that the workers' errors are no longer independent.
     """
 
     kind = "randomk"
     label = "random-k"
     seeded_support = True
 
-    def __init__(self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False) -> None:
+    def __init__(self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False,
+                 shared_support: bool = False) -> None:
         self._set_amount(k, density)
-        _check_seed_flag("random-k", seed, scale=scale)
-        self.seed, self.scale = int(seed), bool(scale)
+        _check_seed_flag("random-k", seed, scale=scale, shared_support=shared_support)
+        self.seed, self.scale, self.shared_support = int(seed), bool(scale), bool(shared_support)
 
     def message_seeds(self, n: int, context: CompressionContext | None) -> list[int]:
         ctx = context or CompressionContext()
+        if self.shared_support:
+            return [stream_seed(self.seed, ctx.stream, ctx.step, 0)] * n
         return [stream_seed(self.seed, ctx.stream, ctx.step, w) for w in ctx.worker_ids(n)]
 
     def compress(self, x, context=None):
@@ -440,7 +451,7 @@ class RandomK(_FixedCount):
         return SparseBatch.from_rows(cols, vals, d, seeds=torch.tensor(seeds, dtype=torch.long), sorted_rows=True)
 
     def describe(self):
-        return f"random-k({self._amount()}{', scaled' if self.scale else ''})"
+        return f"random-k({self._amount()}{', scaled' if self.scale else ''}{', shared support' if self.shared_support else ''})"
 
 
 class ApproximateTopK(_FixedCount):

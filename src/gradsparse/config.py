@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .algorithm import VALUE_DTYPE_NAMES
+from .comm.collectives import COLLECTIVES
 from .compressors import COMPRESSORS
 from .engines import ENGINES
 from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
@@ -444,6 +445,9 @@ class RunConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     value_dtype: _choices(VALUE_DTYPE_NAMES) = "fp32"
+    #: how an all-to-all round travels between ranks (engine torch) and what the simulators
+    #: charge for it (gradsparse.comm.collectives): allgather | sharded | allreduce
+    collective: _choices(COLLECTIVES) = "allgather"
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     asynchronous: AsynchronousConfig = Field(default_factory=AsynchronousConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -468,7 +472,38 @@ class RunConfig(_Strict):
     def _check(self):
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of steps or epochs")
+        self._check_collective()
         return self
+
+    def _check_collective(self) -> None:
+        """The collective's needs, named in one line (the engine checks them again for Python
+        users; here they fail before anything is built)."""
+        c, a = self.collective, self.algorithm
+        if c == "allgather":
+            return
+        where = f"collective {c!r}"
+        if self.engine in ("async", "torch_async"):
+            raise ValueError(f"{where}: engine {self.engine!r} runs an asynchronous parameter server (point to "
+                             "point); collectives apply to engines sync, loop and torch (use collective: allgather)")
+        kind = a.topology.kind
+        if c == "sharded":
+            if kind not in ("all_to_all", "bidirectional"):
+                raise ValueError(f"{where} runs topology all_to_all or bidirectional, not {kind!r}")
+            down = a.topology.down_compressor
+            if kind == "bidirectional" and (down.kind != "topk" or down.options().get("density") is None):
+                raise ValueError(f"{where} with topology bidirectional: every owner compresses its own slice, so "
+                                 "algorithm.topology.down_compressor must be {kind: topk, density: RHO}")
+            if kind == "bidirectional" and a.momentum.kind == "gradient":
+                raise ValueError(f"{where} with topology bidirectional keeps no server momentum (an owner holds "
+                                 "only its slice of the sum): use momentum kind update, or collective allgather")
+        if c == "allreduce":
+            if kind != "all_to_all":
+                raise ValueError(f"{where} runs topology all_to_all, not {kind!r}")
+            comp = a.compressor
+            if comp.kind != "randomk" or comp.options().get("shared_support") is not True:
+                raise ValueError(f"{where} sums the values of one support shared by every worker: it needs "
+                                 f"algorithm.compressor {{kind: randomk, shared_support: true}}, got kind {comp.kind!r}"
+                                 + ("" if comp.kind != "randomk" else " with shared_support false"))
 
 
 def _config_key(loc: tuple) -> str:

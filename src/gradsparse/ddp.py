@@ -52,6 +52,35 @@ TX counter (``tests/test_network.py``); ``uplink_bytes`` its messages' frames (t
 count), ``downlink_bytes`` their delivery to the P - 1 others, so the ranks' ledgers add up to
 the simulator's. ``dense_bytes`` is what DDP's all-reduce of the same buckets would have sent.
 
+**Collectives** (``collective``, :mod:`gradsparse.comm.collectives`; steps 3 and 4 above are
+``allgather``, the default):
+
+* ``sharded``: the bucket's parameters (in the model's registration order) make one vector; rank
+  o owns 1/P of every parameter (a contiguous range). Each rank splits its messages by owner
+  (one frame per owner), exchanges split records (blocking: each part's bytes, the non-finite
+  flag and the rank's push total), pushes the parts (``all_to_all_single``, waited for: the
+  owner's sum needs them), sums the P parts of its own slices (weights 1/P, message units), and
+  sends back the reduced shard: the union of the parts' supports, values rounded to
+  ``value_dtype`` (a size exchange, then an asynchronous pull that the returned future is
+  chained on). Equal to ``allgather`` up to the rounding of the sums. With an algorithm of
+  topology ``bidirectional`` (``Bidirectional(TopK(density=rho))``) each owner sends C_down(G)
+  of its slices instead (top-k at rho of each slice, G = U + delta, delta <- G - C_down(G) kept
+  per parameter name in ``state.shard_memory``): paper 003's bidirectional scheme per shard,
+  O(k) pull. Dense fall-back: when some rank's push total exceeds half a ring all-reduce of the
+  bucket (the pull of a shard is at most a dense shard: about the other half), every rank sends
+  the bucket dense.
+* ``allreduce``: with ``RandomK(..., shared_support=True)`` every rank's message of a parameter
+  holds the same support (the seed of the run, the step and the parameter); the bucket's k
+  values (zeros for a skipped message) are summed by one ring ``all_reduce`` in the value
+  dtype, after a one-integer non-finite check (``on_nonfinite: stop``). No indices, no seeds,
+  no size exchange.
+
+Both also run in whole-model mode (one vector: the whole model), where they equal
+``engine: torch`` and the simulator run with the same ``collective`` (bytes included); they keep
+no server momentum. The ledger follows the collective: ``uplink_bytes`` the parts this rank
+pushed (``sharded``) or its k values (``allreduce``), ``downlink_bytes`` its shard x (P - 1), or
+the summed values once.
+
 ``scope: entire`` (one top-k over the concatenation of all parameters, in registration order)
 and ``budget_threshold`` (one byte budget over the whole model) run in *whole-model mode*
 (``whole_model=True``, their default): every bucket's gradients are copied into one model-sized
@@ -91,6 +120,7 @@ import torch.distributed as dist
 from . import wire
 from .algorithm import Algorithm, ServerState, WorkerState, WorkerStepOutput
 from .comm import ByteLedger, CollectiveChannel
+from .comm import collectives as coll
 from .comm.collective import ring_all_reduce_nbytes
 from .compressors import ApproximateTopK, BudgetThreshold, Compressor, RandomK, TopK
 from .messages import SparseBatch
@@ -133,7 +163,8 @@ def segment_compressor(compressor: Compressor, layout: Layout, index: int) -> Co
         amount = {"density": compressor.density} if compressor.density is not None else {
             "k": min(d_l, max(1, round(compressor.k * d_l / d)))}
         if isinstance(compressor, RandomK):
-            return RandomK(seed=compressor.seed + 1_000_003 * index, scale=compressor.scale, **amount)
+            return RandomK(seed=compressor.seed + 1_000_003 * index, scale=compressor.scale,
+                           shared_support=compressor.shared_support, **amount)
         return ApproximateTopK(sample_fraction=compressor.sample_fraction, exact=compressor.exact,
                                seed=compressor.seed + 1_000_003 * index, **amount)
     if isinstance(compressor, BudgetThreshold):
@@ -169,6 +200,25 @@ def _segment_budget(budget: BudgetThreshold, layout: Layout, index: int) -> Budg
     return share
 
 
+def _check_collective(algorithm: Algorithm, collective: str) -> None:
+    """What each collective needs of the algorithm (one line naming what to change)."""
+    kind = algorithm.topology.kind
+    if collective == "sharded" and kind == "bidirectional":
+        down = algorithm.topology.down_compressor
+        if not isinstance(down, TopK) or down.density is None:
+            raise ValueError("collective 'sharded' with topology bidirectional: every rank compresses its own slice of "
+                             "the sum, so the down compressor must be TopK(density=RHO), got " + down.describe())
+    elif kind != "all_to_all":
+        raise ValueError(f"the DDP hook runs topology all_to_all (or bidirectional with collective 'sharded'), got "
+                         f"{kind!r} (parameter servers: engine 'torch' with one more process)")
+    if collective != "allgather" and algorithm.momentum.side == "server":
+        raise ValueError(f"collective {collective!r} delivers the sum itself and the hook keeps no server momentum "
+                         "with it: use momentum on the workers ('update') or collective 'allgather'")
+    if collective == "allreduce" and not (isinstance(algorithm.compressor, RandomK) and algorithm.compressor.shared_support):
+        raise ValueError("collective 'allreduce' sums the values of one support shared by every rank: it needs "
+                         f"RandomK(..., shared_support=True), got {algorithm.compressor.describe()}")
+
+
 @dataclass
 class _Segment:
     name: str
@@ -197,6 +247,11 @@ class SparsifiedState:
     process_group:  the group to communicate in (default: the world)
     whole_model:    compress the whole model at the last bucket (default: True for top-k
                     ``scope: entire`` and for ``budget_threshold``, else False)
+    collective:     ``allgather`` (default), ``sharded`` or ``allreduce`` (see the module
+                    docstring and :mod:`gradsparse.comm.collectives`)
+
+    State besides the memories: ``shard_memory`` (``sharded`` + ``bidirectional``: this rank's
+    downlink memory of its slice of each parameter, by name; in the checkpoint).
 
     Counters: ``step``, ``ledger`` (``sent_bytes``, ``uplink_bytes``, ...; ``uplink_bytes`` and
     ``sent_bytes`` are also attributes), ``dense_bytes`` (what DDP's all-reduce of the same
@@ -205,10 +260,9 @@ class SparsifiedState:
 
     def __init__(self, model: torch.nn.Module, algorithm: Algorithm, *, lr=1.0, warmup_steps: int = 0,
                  dense_fallback: bool = True, memory_dtype: torch.dtype | None = None, process_group=None,
-                 whole_model: bool | None = None) -> None:
-        if algorithm.topology.kind != "all_to_all":
-            raise ValueError(f"the DDP hook runs topology all_to_all, got {algorithm.topology.kind!r} "
-                             "(parameter servers: engine 'torch' with one more process)")
+                 whole_model: bool | None = None, collective: str = "allgather") -> None:
+        self.collective = coll.check_collective(collective)
+        _check_collective(algorithm, collective)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
         if not callable(lr) and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)):
@@ -228,6 +282,9 @@ class SparsifiedState:
         self.dense_bytes = 0
         self.messages = 0
         self.dense_fallbacks = 0
+        #: ``sharded`` + ``bidirectional``: this rank's downlink memory of its slice of each
+        #: parameter (by name; created at the first step, when the world size is known)
+        self.shard_memory: dict[str, torch.Tensor] = {}
         self._channel: CollectiveChannel | None = None
         self._bind(params)
         self.segments: dict[str, _Segment] = {}
@@ -293,6 +350,17 @@ class SparsifiedState:
             raise KeyError("a bucket holds a parameter the state was not built with")
         return name
 
+    def shard_delta(self, name: str, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's downlink memory of its slice of parameter ``name`` (``sharded`` +
+        ``bidirectional``), zeros at first."""
+        t = self.shard_memory.get(name)
+        if t is None or t.numel() != length:
+            if t is not None:
+                raise ValueError(f"shard memory of {name!r} has {t.numel()} entries, this rank's slice has {length} "
+                                 "(another world size?)")
+            t = self.shard_memory[name] = torch.zeros(length, dtype=dtype)
+        return t.to(dtype)
+
     def lr_at(self, step: int) -> float:
         return float(self.lr(step) if callable(self.lr) else self.lr)
 
@@ -356,6 +424,8 @@ class SparsifiedState:
             "server_momentum": {n: part(s.server.momentum) for n, s in self.segments.items()},
             "compressor": ({"__whole_model__": compressor(None)} if self.whole_model else
                            {n: compressor(s) for n, s in self.segments.items()}),
+            "collective": self.collective,
+            "shard_memory": {n: t.clone().cpu() for n, t in self.shard_memory.items()},
         }
 
     def load_state_dict(self, sd: dict, *, reset_memory: bool = False) -> None:
@@ -377,6 +447,9 @@ class SparsifiedState:
             if bool(sd.get("whole_model", self.whole_model)) != self.whole_model:
                 raise ValueError(f"checkpoint was written with whole_model={sd.get('whole_model')}, this state has "
                                  f"whole_model={self.whole_model}")
+            if sd.get("collective", "allgather") != self.collective:
+                raise ValueError(f"checkpoint was written with collective {sd.get('collective', 'allgather')!r}, this "
+                                 f"state has {self.collective!r}; pass reset_memory=True to start the memories from zero")
         writes = []  # (destination, source): applied only when every check has passed
         if not reset_memory:
             for n, s in self.segments.items():
@@ -403,11 +476,21 @@ class SparsifiedState:
                     if k not in state or state[k].shape != v.shape:
                         raise ValueError(f"checkpoint compressor state {n!r}/{k!r} does not match this compressor")
                     writes.append((state[k], v))
+        shard_memory = {}
+        if not reset_memory:
+            for n, t in sd.get("shard_memory", {}).items():
+                if n not in self.segments:
+                    raise ValueError(f"checkpoint shard memory of {n!r}: no such parameter")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"checkpoint shard memory of {n!r} holds non-finite values; "
+                                     "pass reset_memory=True to start the memories from zero")
+                shard_memory[n] = t.clone()
         counters = {k: int(v) for k, v in sd["counters"].items()}
         ledger = ByteLedger()
         ledger.load_state_dict(sd.get("ledger", {}))
         for dst, src in writes:
             dst.copy_(src)
+        self.shard_memory = shard_memory
         self.step = int(sd["step"])
         self.ledger.load_state_dict(ledger.state_dict())
         self.dense_bytes, self.messages = counters.get("dense_bytes", 0), counters.get("messages", 0)
@@ -471,6 +554,8 @@ def hook(state: SparsifiedState, bucket: dist.GradBucket) -> torch.futures.Futur
         return _whole_model_bucket(state, channel, bucket, buf, params, step, is_last)
     lr = state.lr_at(step)
     segs, outs = compress_bucket(state, params, buf, step, lr, channel.rank)
+    if state.collective != "allgather":
+        return _collective_bucket(state, channel, params, buf, segs, outs, step, lr, is_last)
     payload = _as_uint8(b"".join(wire.encode(o.message, value_dtype=s.alg.value_dtype) for s, o in zip(segs, outs)))
     sizes = _exchange_sizes(state, channel, payload.numel(), buf, outs, segs, step)
     state.messages += len(outs)
@@ -510,22 +595,194 @@ def _slices(flat: torch.Tensor, params) -> list[torch.Tensor]:
     return out
 
 
-def _exchange_sizes(state: SparsifiedState, channel: CollectiveChannel, nbytes: int, buf: torch.Tensor,
-                    outs: list[WorkerStepOutput], segs: list[_Segment], step: int) -> list[int]:
-    """The size exchange, carrying this rank's non-finite flag (``on_nonfinite: stop``): when any
-    rank has one, every rank raises :class:`NonFiniteGradient` here, before anything is sent."""
-    flag = 0
-    if state.algorithm.on_nonfinite == "stop":
-        finite = bool(torch.isfinite(buf).all()) and all(bool(torch.isfinite(o.message.values).all()) for o in outs)
-        flag = 0 if finite else 1
-    sizes, flags = channel.exchange_sizes(nbytes, flag)
+def _nonfinite_flag(state: SparsifiedState, buf: torch.Tensor, outs: list[WorkerStepOutput]) -> int:
+    """1 when ``on_nonfinite: stop`` and this rank's gradient or messages hold NaN or infinity."""
+    if state.algorithm.on_nonfinite != "stop":
+        return 0
+    finite = bool(torch.isfinite(buf).all()) and all(bool(torch.isfinite(o.message.values).all()) for o in outs)
+    return 0 if finite else 1
+
+
+def _raise_nonfinite(flags: list[int], segs: list[_Segment], step: int) -> None:
     if any(flags):
         ranks = [r for r, f in enumerate(flags) if f]
         names = [s.name for s in segs]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise NonFiniteGradient(f"gradsparse hook: a non-finite gradient or message on rank(s) {ranks} at step {step} "
                                 f"(bucket of {shown}); on_nonfinite 'stop': every rank stops at this step")
+
+
+def _exchange_sizes(state: SparsifiedState, channel: CollectiveChannel, nbytes: int, buf: torch.Tensor,
+                    outs: list[WorkerStepOutput], segs: list[_Segment], step: int) -> list[int]:
+    """The size exchange, carrying this rank's non-finite flag (``on_nonfinite: stop``): when any
+    rank has one, every rank raises :class:`NonFiniteGradient` here, before anything is sent."""
+    sizes, flags = channel.exchange_sizes(nbytes, _nonfinite_flag(state, buf, outs))
+    _raise_nonfinite(flags, segs, step)
     return sizes
+
+
+# ---- the sharded and all-reduce collectives -----------------------------------------------------
+def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, params, buf: torch.Tensor,
+                       segs: list[_Segment], outs: list[WorkerStepOutput], step: int, lr: float, is_last: bool):
+    """One bucket under ``collective: sharded`` or ``allreduce``: the bucket's parameters in layout
+    order make one vector (each parameter a segment of it); its exchange returns the summed
+    update in bucket units, written back into the bucket in the bucket's own order."""
+    world = channel.world
+    order = sorted(range(len(params)), key=lambda i: state.layout.names.index(segs[i].name))
+    names = [segs[i].name for i in order]
+    sizes = [params[i].numel() for i in order]
+    starts, off = {}, 0  # where each parameter sits in the bucket
+    for i, p in enumerate(params):
+        starts[i] = off
+        off += p.numel()
+    flag = _nonfinite_flag(state, buf, outs)
+    messages = [outs[i].message for i in order]
+
+    def write_back(total: torch.Tensor) -> torch.Tensor:
+        at = 0
+        for i, n in zip(order, sizes):
+            buf[starts[i] : starts[i] + n].copy_(total[at : at + n].to(buf.dtype))
+            at += n
+        return buf
+
+    def dense_fallback() -> torch.futures.Future:
+        state.dense_fallbacks += 1
+        for p_i, o in enumerate(outs):
+            buf[starts[p_i] : starts[p_i] + params[p_i].numel()].copy_(o.message.to_dense()[0].to(buf.dtype))
+        fut = channel.all_reduce(buf, message_nbytes=0, messages=0)
+        return fut.then(lambda f: aggregate_bucket(state, segs, [[SparseBatch.from_dense(v[None])] for v in
+                                                                 _slices(f.value(), params)], buf, lr, step, world))
+
+    fallback_nbytes = ring_all_reduce_nbytes(buf.numel() * buf.element_size(), world) // 2 if state.dense_fallback else None
+    if state.collective == "allreduce":
+        fut = _allreduce_exchange(state, channel, [(segs[i].alg.compressor, outs[i].message, params[i].numel())
+                                                   for i in order], step, lr, flag, [segs[i] for i in order])
+    else:
+        indices = torch.cat([m.indices + sum(sizes[:j]) for j, m in enumerate(messages)])
+        values = torch.cat([m.values for m in messages])
+        fut = _sharded_exchange(state, channel, names, sizes, indices, values, step, lr, flag,
+                                [segs[i] for i in order], fallback_nbytes)
+    state.messages += len(outs)
+    if is_last:
+        state.step += 1
+    if fut is None:  # every rank saw the same split totals: the bucket goes dense
+        return dense_fallback()
+    return fut.then(lambda f: write_back(f.value()))
+
+
+def _bucket_units(state: SparsifiedState, lr: float, compressed: bool) -> float:
+    """The factor from what travels (message units: sum_q p_q s_q, or the owner's C_down(G)) to
+    what the bucket holds (SGD(lr) applies lr x the bucket)."""
+    if compressed or state.algorithm.lr_inside:
+        return 1.0 / lr if lr != 0 else 1.0
+    return 1.0
+
+
+def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names: list[str], sizes: list[int],
+                      indices: torch.Tensor, values: torch.Tensor, step: int, lr: float, flag: int,
+                      segs: list[_Segment], fallback_nbytes: int | None):
+    """``sharded`` (:mod:`gradsparse.comm.collectives`) for one vector of segments ``names``/``sizes``
+    (layout order) holding this rank's message (``indices`` into the vector, ``values``):
+
+    1. split by owner, one frame per owner; exchange the split records (blocking; they carry the
+       non-finite flag: every rank raises here, before anything is sent, and every rank's push
+       total: when the largest exceeds ``fallback_nbytes`` every rank returns None, and the
+       caller sends the bucket dense);
+    2. push the parts (all_to_all_single), wait: this rank's shard needs the P parts;
+    3. sum them in rank order with weights 1/P (message units); without a compressed downlink
+       the reduced shard is the union of the parts' supports, values rounded to the value dtype;
+       with topology ``bidirectional``: G = U + delta over this rank's slices, send C_down(G)
+       (top-k of each slice), delta <- G - C_down(G) (``state.shard_memory``, by name);
+    4. exchange the shards' sizes (blocking) and start the pull (all_to_all_single of this
+       rank's shard to every rank); the returned future resolves to the whole vector's update in
+       bucket units (every owner's shard scattered back).
+    """
+    world, rank = channel.world, channel.rank
+    alg, vd = state.algorithm, state.algorithm.value_dtype
+    plan = coll.ShardPlan(sizes, world)
+    indices, values = indices.cpu(), values.cpu()  # the owner's bookkeeping runs on the CPU
+    parts = plan.split(indices, values)
+    frames = [coll.encode_part(plan.owner_sizes[o], i, v, vd) for o, (i, v) in enumerate(parts)]
+    received, flags, totals = channel.exchange_split_sizes([len(f) for f in frames], flag)
+    _raise_nonfinite(flags, segs, step)
+    if fallback_nbytes is not None and world > 1 and max(totals) > fallback_nbytes:
+        return None
+    got = channel.send_parts([_as_uint8(f) for f in frames], received).wait()
+    size = plan.owner_sizes[rank]
+    dtype = values.dtype if values.is_floating_point() else torch.float32
+    dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    decoded = []
+    for payload in got:
+        if payload.numel() == 0:
+            decoded.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)))
+        else:
+            b = wire.decode(payload.cpu().numpy(), max_d=max(size, 1))
+            decoded.append((b.indices, b.values))
+    acc, union = coll.reduce_shard(size, decoded, [1.0 / world] * world, dtype)
+    compressed = alg.topology.compresses_downlink
+    if compressed:
+        pieces = plan.pieces_of(rank)
+        update = acc if alg.lr_inside else lr * acc
+        deltas = [state.shard_delta(name, n, dtype) for name, (_, n, _) in zip(names, pieces)]
+        G = update + torch.cat(deltas) if deltas else update
+        cols, vals = coll.compress_shard(plan, rank, G, alg.down_compressor.density, vd)
+        new = G.clone()
+        new[cols] -= vals.to(dtype)
+        at = 0
+        for name, (_, n, _) in zip(names, pieces):
+            state.shard_memory[name] = new[at : at + n].clone()
+            at += n
+    else:
+        cols, vals = union, wire.round_values(acc[union], vd)
+    shard = _as_uint8(coll.encode_part(size, cols, vals, vd))
+    shard_sizes, _ = channel.exchange_sizes(shard.numel())
+    fut = channel.send_frames(shard, shard_sizes, messages=1, role="pull")
+    scale = _bucket_units(state, lr, compressed)
+
+    def assemble(f):
+        total = torch.zeros(plan.d, dtype=dtype)
+        for owner, payload in enumerate(f.value()):
+            if payload.numel():
+                b = wire.decode(payload.cpu().numpy(), max_d=max(plan.owner_sizes[owner], 1))
+                total[plan.to_global(owner, b.indices)] = b.values.to(dtype)
+        return total * scale if scale != 1.0 else total
+
+    return fut.then(assemble)
+
+
+def _allreduce_exchange(state: SparsifiedState, channel: CollectiveChannel,
+                        pieces: list[tuple[Compressor, SparseBatch, int]], step: int, lr: float, flag: int,
+                        segs: list[_Segment]):
+    """``allreduce``: each piece (compressor, this rank's message, size; layout order) holds the
+    support every rank drew from the shared seed; the k values of all pieces (zeros for a skipped
+    message) go into one ring all-reduce in the value dtype (after a one-integer non-finite
+    check, ``on_nonfinite: stop``: every rank raises before the values are sent). The future
+    resolves to the vector's update in bucket units: the sum x 1/P at the shared supports."""
+    world = channel.world
+    vt = wire.value_dtype_of(state.algorithm.value_dtype)
+    if state.algorithm.on_nonfinite == "stop" and channel.any_flag(flag):
+        _raise_nonfinite(channel.which_ranks(flag), segs, step)
+    supports, chunks, sizes = [], [], [n for _, _, n in pieces]
+    for compressor, m, n in pieces:
+        cols = coll.shared_support(compressor, step, n)
+        supports.append(cols)
+        chunks.append(m.values.cpu().to(vt) if m.nnz else torch.zeros(cols.numel(), dtype=vt))
+    values = torch.cat(chunks) if chunks else torch.zeros(0, dtype=vt)
+    fut = channel.all_reduce_values(values)
+    scale = _bucket_units(state, lr, False) / world
+    dtype = torch.float32 if vt in (torch.float16, torch.bfloat16) else vt
+
+    def assemble(f):
+        summed = f.value().cpu().to(dtype) * scale
+        total = torch.zeros(sum(sizes), dtype=dtype)
+        at, pos = 0, 0
+        for cols, n in zip(supports, sizes):
+            total[at + cols] = summed[pos : pos + cols.numel()]
+            at += n
+            pos += cols.numel()
+        return total
+
+    return fut.then(assemble)
 
 
 def compress_bucket(state: SparsifiedState, params, buf: torch.Tensor, step: int, lr: float,
@@ -601,7 +858,7 @@ def aggregate_bucket(state: SparsifiedState, segs: list[_Segment], rows: list[li
         srv = seg.alg.server_step(batch, seg.server, step=step, lr=lr, weights=weights)
         seg.server = srv.state
         # U / lr: SGD(lr) then applies w <- w - U (for memory, U = lr * D: the bucket holds D)
-        update = srv.update / lr if seg.alg.lr_inside and lr != 0 else srv.update
+        update = srv.update / lr if lr != 0 else srv.update
         target.copy_(update.reshape(-1).to(buf.dtype))
     return buf
 
@@ -640,9 +897,20 @@ def _whole_model_bucket(state: SparsifiedState, channel: CollectiveChannel, buck
         if worker.compressor is not None:
             for k, v in out.state.compressor.items():
                 worker.compressor[k].copy_(v)
-    payload = _as_uint8(wire.encode(out.message, value_dtype=alg.value_dtype))
     pending, state._pending = state._pending, []
     segs = [state.segments[n] for names_, _, _ in pending for n in names_]
+    if state.collective != "allgather":  # one vector: the layout (engine torch's and the simulator's plan)
+        flag = _nonfinite_flag(state, state._grad_full, [out])
+        if state.collective == "allreduce":
+            exchanged = _allreduce_exchange(state, channel, [(alg.compressor, out.message, state.layout.d)], step, lr,
+                                            flag, segs)
+        else:
+            exchanged = _sharded_exchange(state, channel, list(state.layout.names), list(state.layout.sizes),
+                                          out.message.indices, out.message.values, step, lr, flag, segs, None)
+        state.messages += 1
+        state.step += 1
+        return exchanged.then(lambda f: _resolve_pending(state, pending, fut, f.value()))
+    payload = _as_uint8(wire.encode(out.message, value_dtype=alg.value_dtype))
     sizes = _exchange_sizes(state, channel, payload.numel(), state._grad_full, [out], segs, step)
     state.messages += 1
     state.step += 1
@@ -655,14 +923,22 @@ def _whole_model_bucket(state: SparsifiedState, channel: CollectiveChannel, buck
         srv = alg.server_step(batch, state._whole_server, step=step, lr=lr, weights=weights)
         if state._whole_server.momentum is not None:
             state._whole_server.momentum.flat.copy_(srv.state.momentum.flat)
-        update = srv.update / lr if alg.lr_inside and lr != 0 else srv.update
-        mine = None
-        for bucket_names, pending_fut, dtype in pending:  # each future gets its own fresh tensor
-            t = torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(dtype)
-            if pending_fut is fut:
-                mine = t
-            else:
-                pending_fut.set_result(t)
-        return mine
+        # U / lr: SGD(lr) then applies w <- w - U (for memory feedback U = lr x D: the bucket holds D)
+        update = srv.update / lr if lr != 0 else srv.update
+        return _resolve_pending(state, pending, fut, update)
 
     return exchanged.then(finish)
+
+
+def _resolve_pending(state: SparsifiedState, pending: list, fut: torch.futures.Future, update: torch.Tensor):
+    """Whole-model mode: every pending bucket's future gets its own fresh tensor cut from the
+    model-sized ``update`` (bucket units); returns the last bucket's."""
+    mine = None
+    for bucket_names, pending_fut, dtype in pending:
+        t = torch.cat([update[state._bounds[n][0] : state._bounds[n][1]] for n in bucket_names]).to(
+            device=state._grad_full.device, dtype=dtype)
+        if pending_fut is fut:
+            mine = t
+        else:
+            pending_fut.set_result(t)
+    return mine

@@ -47,21 +47,66 @@ class SimulatedRounds(Channel):
 
     Round: the N workers' messages (one batch, row q = worker q, each row's exact frame size in
     ``worker_nbytes``) go up, the server's one message (``server_nbytes``; none for all-to-all)
-    comes down. The topology says how many copies travel (``Topology.synchronous_traffic``):
-    all-to-all delivers each worker's message to the N - 1 others; a parameter server its
-    message to each of the N workers.
+    comes down.
+
+    ``collective`` (:mod:`gradsparse.comm.collectives`) says how a round would travel between N
+    real ranks, and the channel charges what that sends:
+
+    * ``allgather`` (default): the topology says how many copies travel
+      (``Topology.synchronous_traffic``): all-to-all delivers each worker's message to the
+      N - 1 others; a parameter server its message to each of the N workers;
+    * ``sharded`` (needs ``plan``, a :class:`~gradsparse.comm.collectives.ShardPlan` over the N
+      ranks): uplink = the parts each worker pushes to the other owners, downlink = each
+      owner's reduced shard (or, with a compressed downlink, its part of the server's message)
+      once per other rank;
+    * ``allreduce`` (needs ``values_per_rank``, k): each worker's k values once up, their sum
+      once to each worker.
+
+    Every collective also charges ``all_ranks_sent_bytes``: what the N ranks would hand to their
+    transports in the round (frames, size records, ring all-reduce), the same formulas
+    :class:`~gradsparse.comm.collective.CollectiveChannel` charges each real rank with; the last
+    round's per-rank figures are in :attr:`last_traffic`.
     """
 
-    def __init__(self, topology, n_workers: int, ledger: ByteLedger | None = None) -> None:
+    def __init__(self, topology, n_workers: int, ledger: ByteLedger | None = None, *, collective: str = "allgather",
+                 plan=None, value_dtype: str = "fp32", values_per_rank: int | None = None) -> None:
+        from .collectives import check_collective
+
         super().__init__(ledger)
         self.topology, self.n_workers = topology, int(n_workers)
+        self.collective = check_collective(collective)
+        self.plan, self.value_dtype, self.values_per_rank = plan, value_dtype, values_per_rank
+        if collective == "sharded" and (plan is None or plan.world != self.n_workers):
+            raise ValueError(f"collective sharded needs a shard plan over the {self.n_workers} workers")
+        if collective == "allreduce" and values_per_rank is None:
+            raise ValueError("collective allreduce needs values_per_rank (k)")
+        self.last_traffic = None
+        #: charge ``all_ranks_sent_bytes`` with the prediction (off where a real transport
+        #: charges what it measured: ``engine: torch``)
+        self.predicts_sent = True
 
-    def deliver_round(self, worker_nbytes: torch.Tensor, server_nbytes: int) -> tuple[int, int]:
-        """Charge one round; returns its (uplink, downlink) bytes."""
+    def deliver_round(self, worker_nbytes: torch.Tensor, server_nbytes: int, message=None,
+                      server_message=None) -> tuple[int, int]:
+        """Charge one round; returns its (uplink, downlink) bytes. ``message`` (the N rows) is
+        needed by ``sharded``, and ``server_message`` there when the topology compresses its
+        downlink."""
+        from .collectives import allgather_traffic, collective_traffic
+
         n = self.n_workers
-        up, down = self.topology.synchronous_traffic(worker_nbytes, server_nbytes, n)
-        down_messages = n if self.topology.has_server else (n - 1) * n
-        self.ledger.add(up, down, n, down_messages)
+        if self.collective == "allgather":
+            traffic = allgather_traffic([int(b) for b in worker_nbytes.reshape(-1).tolist()])
+            up, down = self.topology.synchronous_traffic(worker_nbytes, server_nbytes, n)
+            down_messages = n if self.topology.has_server else (n - 1) * n
+            self.ledger.add(up, down, n, down_messages)
+        else:
+            down_message = server_message if self.topology.compresses_downlink else None
+            traffic = collective_traffic(self.collective, message, worker_nbytes, self.value_dtype, plan=self.plan,
+                                         down_message=down_message, values_per_rank=self.values_per_rank)
+            up, down = traffic.uplink_bytes, traffic.downlink_bytes
+            self.ledger.add(up, down, traffic.uplink_messages, traffic.downlink_messages)
+        if self.predicts_sent:
+            self.ledger.add_all_ranks_sent(sum(traffic.sent))
+        self.last_traffic = traffic
         return up, down
 
 

@@ -18,6 +18,16 @@ collectives, both issued by the caller (never from a future's callback: on Gloo 
 A dense path (:meth:`CollectiveChannel.all_reduce`, asynchronous) sums a tensor over ranks; a
 ring all-reduce transmits 2 (P - 1) / P of the buffer per rank.
 
+The other collectives of :mod:`gradsparse.comm.collectives` use the same primitives:
+
+* ``sharded`` push: :meth:`CollectiveChannel.exchange_split_sizes` (blocking, an
+  ``all_to_all_single`` of three int64 to each rank: the part's bytes, a flag and the sender's
+  total, (P - 1) x 24 bytes per rank), then :meth:`CollectiveChannel.send_parts` (asynchronous
+  ``all_to_all_single`` of each part to its owner: a rank transmits exactly its parts for the
+  P - 1 others); pull: :meth:`exchange_sizes` and :meth:`send_frames` of the owner's reduced
+  shard (``role="pull"``: charged as downlink only).
+* ``allreduce``: :meth:`CollectiveChannel.all_reduce_values`, a ring all-reduce of the k values.
+
 Diagnostics (:meth:`CollectiveChannel.gather_diagnostics`): an all-gather of plain rows that
 only rank 0's metrics need (``engine: torch``); charged as ``diagnostic_bytes``.
 
@@ -37,18 +47,10 @@ import torch
 import torch.distributed as dist
 
 from .channel import Channel
+from .collectives import SIZE_RECORD_NBYTES, SPLIT_RECORD_NBYTES, ring_all_reduce_nbytes
 from .ledger import ByteLedger
 
 __all__ = ["CollectiveChannel", "ring_all_reduce_nbytes"]
-
-#: bytes each rank contributes to the size exchange: its payload size and a flag word (int64 each)
-SIZE_RECORD_NBYTES = 16
-
-
-def ring_all_reduce_nbytes(nbytes: int, world: int) -> int:
-    """Bytes one rank transmits in a ring all-reduce of ``nbytes`` (reduce-scatter then
-    all-gather: 2 (P - 1) / P of the buffer)."""
-    return (2 * (world - 1) * int(nbytes)) // world
 
 
 class CollectiveChannel(Channel):
@@ -89,16 +91,26 @@ class CollectiveChannel(Channel):
         table = out.view(world, 2).cpu().tolist()
         return [int(r[0]) for r in table], [int(r[1]) for r in table]
 
-    def send_frames(self, payload: torch.Tensor, sizes: list[int], messages: int = 1) -> torch.futures.Future:
+    def send_frames(self, payload: torch.Tensor, sizes: list[int], messages: int = 1,
+                    role: str = "message") -> torch.futures.Future:
         """Start the all-to-all of every rank's payload (``payload``: this rank's uint8 frames;
         ``sizes``: every rank's byte count, from :meth:`exchange_sizes`; ``messages``: how many
         messages (frames) each rank's payload holds). Returns a future of the list of every
-        rank's payload (uint8 tensors on :attr:`device`, this rank's own included)."""
+        rank's payload (uint8 tensors on :attr:`device`, this rank's own included).
+        ``role="pull"``: the payload is an owner's reduced shard (``sharded``): charged as
+        downlink to the P - 1 others only (its uplink was the pushed parts)."""
         world, rank = self.world, self.rank
         mine = int(payload.numel())
         if sizes[rank] != mine:
             raise ValueError(f"rank {rank} exchanged size {sizes[rank]} but holds a payload of {mine} bytes")
-        self._charge_frames(sizes, messages)
+        if role == "pull":
+            self.ledger.add_sent((world - 1) * mine)
+            if self.charge_messages:
+                self.ledger.add(0, (world - 1) * mine, 0, (world - 1) * messages if mine else 0)
+        elif role == "message":
+            self._charge_frames(sizes, messages)
+        else:
+            raise ValueError(f"role must be 'message' or 'pull', got {role!r}")
         payload = payload.to(self.device)
         if world == 1:
             fut = torch.futures.Future()
@@ -135,6 +147,133 @@ class CollectiveChannel(Channel):
             return fut
         work = dist.all_reduce(tensor, group=self.group, async_op=True)
         return work.get_future().then(lambda _fut: tensor)
+
+    def exchange_split_sizes(self, sizes: list[int], flag: int = 0) -> tuple[list[int], list[int], list[int]]:
+        """Blocking all-to-all of split records: this rank will send ``sizes[o]`` bytes to rank o
+        (its own entry is ignored). Returns, indexed by sender: the bytes each rank will send to
+        this one, each rank's flag and each rank's total to the others (so every rank can take
+        the same decision on the totals)."""
+        world, rank = self.world, self.rank
+        if len(sizes) != world:
+            raise ValueError(f"{len(sizes)} split sizes for a world of {world} ranks")
+        total = sum(int(b) for o, b in enumerate(sizes) if o != rank)
+        mine = torch.tensor([[int(b), int(flag), total] for b in sizes], dtype=torch.int64, device=self.device)
+        self.ledger.add_sent((world - 1) * SPLIT_RECORD_NBYTES)
+        if world == 1:
+            table = mine.cpu().tolist()
+        else:
+            got = torch.empty_like(mine)
+            dist.all_to_all_single(got, mine, group=self.group)
+            table = got.cpu().tolist()
+        return [int(r[0]) for r in table], [int(r[1]) for r in table], [int(r[2]) for r in table]
+
+    def send_parts(self, parts: list[torch.Tensor], received_sizes: list[int]) -> torch.futures.Future:
+        """Start the all-to-all of split parts: ``parts[o]`` (uint8, possibly empty) goes to
+        rank o, ``parts[rank]`` stays; ``received_sizes[q]``: the bytes rank q sends here (from
+        :meth:`exchange_split_sizes`). Returns a future of the list of the parts this rank
+        receives, indexed by sender (its own part included). Charges ``sent_bytes`` with the
+        parts for the others and, with ``charge_messages``, uplink with them (one message per
+        non-empty part)."""
+        world, rank = self.world, self.rank
+        if len(parts) != world:
+            raise ValueError(f"{len(parts)} parts for a world of {world} ranks")
+        out_bytes = [0 if o == rank else int(p.numel()) for o, p in enumerate(parts)]
+        self.ledger.add_sent(sum(out_bytes))
+        if self.charge_messages:
+            self.ledger.add(sum(out_bytes), 0, sum(1 for b in out_bytes if b), 0)
+        own = parts[rank].to(self.device)
+        if world == 1:
+            fut = torch.futures.Future()
+            fut.set_result([own])
+            return fut
+        recv_splits = [0 if q == rank else int(received_sizes[q]) for q in range(world)]
+        send = torch.cat([p.to(self.device) for o, p in enumerate(parts) if o != rank]) if sum(out_bytes) else \
+            torch.zeros(0, dtype=torch.uint8, device=self.device)
+        received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=self.device)
+        work = dist.all_to_all_single(received, send, recv_splits, out_bytes, group=self.group, async_op=True)
+
+        def split(_fut, _keep=send):  # _keep: the input stays alive until the collective is done
+            got, off = [], 0
+            for q in range(world):
+                if q == rank:
+                    got.append(own)
+                else:
+                    got.append(received[off : off + recv_splits[q]])
+                    off += recv_splits[q]
+            return got
+
+        return work.get_future().then(split)
+
+    def all_reduce_values(self, values: torch.Tensor, messages: int = 1) -> torch.futures.Future:
+        """Start a sum over ranks of ``values`` (in place; ``collective: allreduce``, the k values
+        of a shared support): ``sent_bytes`` gets the ring all-reduce's bytes; with
+        ``charge_messages`` the values count once as uplink and their sum once as downlink."""
+        world = self.world
+        nbytes = values.numel() * values.element_size()
+        self.ledger.add_sent(ring_all_reduce_nbytes(nbytes, world))
+        if self.charge_messages:
+            self.ledger.add(nbytes, nbytes, messages, messages)
+        if world == 1:
+            fut = torch.futures.Future()
+            fut.set_result(values)
+            return fut
+        work = dist.all_reduce(values, group=self.group, async_op=True)
+        return work.get_future().then(lambda _fut: values)
+
+    def any_flag(self, flag: int) -> bool:
+        """Blocking: whether any rank has a non-zero ``flag`` (a ring all-reduce of one int64,
+        charged to ``sent_bytes``)."""
+        world = self.world
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        self.ledger.add_sent(ring_all_reduce_nbytes(8, world))
+        if world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(int(t.item()))
+
+    def which_ranks(self, flag: int) -> list[int]:
+        """Blocking all-gather of every rank's ``flag`` (after :meth:`any_flag` said one is set:
+        the ranks to name in the error)."""
+        world = self.world
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(world)]
+        self.ledger.add_sent((world - 1) * 8)
+        dist.all_gather(out, t, group=self.group)
+        return [int(x.item()) for x in out]
+
+    def sum_over_ranks(self, value: int) -> int:
+        """Blocking sum of one integer over ranks: bookkeeping (e.g. the ranks' sent bytes for
+        ``all_ranks_sent_bytes``), charged as ``diagnostic_bytes``."""
+        world = self.world
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        self.ledger.add_sent(ring_all_reduce_nbytes(8, world), diagnostic=True)
+        if world > 1:
+            dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+    def gather_payloads_diagnostic(self, payload: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's uint8 ``payload`` (uneven sizes) on every rank, for metrics only: the
+        all-gather's size exchange and frames, charged as ``diagnostic_bytes`` (``engine: torch``
+        under ``sharded``/``allreduce``, where the messages themselves do not travel whole)."""
+        world, rank = self.world, self.rank
+        mine = torch.tensor([int(payload.numel())], dtype=torch.int64, device=self.device)
+        sizes = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(sizes, mine, group=self.group)
+        sizes = [int(t.item()) for t in sizes]
+        self.ledger.add_sent((world - 1) * (8 + sizes[rank]), diagnostic=True)
+        payload = payload.to(self.device)
+        recv_splits = [0 if q == rank else sizes[q] for q in range(world)]
+        send_splits = [0 if q == rank else sizes[rank] for q in range(world)]
+        send = payload.repeat(world - 1) if sizes[rank] else payload
+        received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=self.device)
+        dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group)
+        parts, off = [], 0
+        for q in range(world):
+            if q == rank:
+                parts.append(payload)
+            else:
+                parts.append(received[off : off + sizes[q]])
+                off += sizes[q]
+        return parts
 
     def gather_diagnostics(self, row: torch.Tensor) -> torch.Tensor:
         """Every rank's ``row`` (the same shape and dtype everywhere) stacked ``[P, ...]`` on the

@@ -23,6 +23,17 @@ One :class:`ByteLedger` per engine (or per DDP hook state) is charged by the eng
 ``diagnostic_bytes``   bytes transmitted only so that rank 0 can record metrics (gradients and
                        memories of other ranks); not part of the algorithm
 =====================  ==========================================================================
+
+*What all ranks together transmit* (the question "what would P ranks cost"):
+
+=========================  ======================================================================
+``all_ranks_sent_bytes``   the ranks' ``sent_bytes`` summed over the ranks. The simulators
+                           predict it from the messages' exact frame sizes with the rule of the
+                           chosen collective (:func:`gradsparse.comm.collectives.collective_traffic`);
+                           ``engine: torch`` sums what its ranks' channels were handed
+                           (replicated mode; 0 with a parameter server on rank 0 and in the
+                           asynchronous engines). Per rank and step: divide by P x steps
+=========================  ======================================================================
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ class ByteLedger:
     downlink_messages: int = 0
     sent_bytes: int = 0
     diagnostic_bytes: int = 0
+    all_ranks_sent_bytes: int = 0
 
     def add(self, uplink_bytes: int, downlink_bytes: int, uplink_messages: int, downlink_messages: int) -> None:
         """Charge messages of the algorithm."""
@@ -56,6 +68,10 @@ class ByteLedger:
             self.diagnostic_bytes += int(nbytes)
         else:
             self.sent_bytes += int(nbytes)
+
+    def add_all_ranks_sent(self, nbytes: int) -> None:
+        """Charge bytes transmitted by all ranks together (see the module docstring)."""
+        self.all_ranks_sent_bytes += int(nbytes)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)

@@ -8,8 +8,13 @@ applies the same update. The engines differ only in how the workers' side is com
 call, the loop engine one model copy at a time.
 
 Bytes: each worker step returns each message's size and the server step its message's size; the
-round hands them to the engine's channel (:class:`~gradsparse.comm.SimulatedRounds`), which
-charges the ledger with the topology's synchronous rule (``Topology.synchronous_traffic``).
+round hands them (and the messages) to the engine's channel (:class:`~gradsparse.comm.SimulatedRounds`),
+which charges the ledger with what the chosen ``collective`` sends
+(:mod:`gradsparse.comm.collectives`): ``allgather`` by the topology's synchronous rule
+(``Topology.synchronous_traffic``), ``sharded`` the owners' parts and reduced shards,
+``allreduce`` the k values of a shared random-k support. ``sharded`` and ``allreduce`` deliver
+the aggregate itself, so it is rounded to the value dtype as it travels; ``sharded`` with topology
+``bidirectional`` compresses the downlink per owner slice (top-k over the plan's pieces).
 """
 
 from __future__ import annotations
@@ -19,13 +24,52 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import wire
 from ..algorithm import Algorithm, ServerState, ServerStepOutput, WorkerStepOutput
 from ..comm import SimulatedRounds
+from ..comm.collectives import ShardPlan, check_collective
+from ..compressors import RandomK, TopK
 from ..schedules import Schedule, StagewiseLearning
 from ..tasks import Task
 from .base import GRADIENT_SHIFTS, Engine  # noqa: F401 (GRADIENT_SHIFTS: the config's table)
 from .grouped_grad import GradientFactors
 
+
+
+def configure_collective(alg: Algorithm, collective: str, layout, n_workers: int) -> tuple[ShardPlan | None, int | None]:
+    """Check that ``alg`` can travel by ``collective`` over ``n_workers`` ranks (a ValueError
+    that names what to change otherwise) and return (the shard plan, k values per rank).
+    ``sharded`` + ``bidirectional``: the down compressor becomes top-k at the same density over
+    every owner's slice of every segment (what each owner applies to its own shard)."""
+    topo, kind = alg.topology, alg.topology.kind
+    if collective == "allgather":
+        return None, None
+    if collective == "sharded":
+        if kind not in ("all_to_all", "bidirectional"):
+            raise ValueError(f"collective sharded runs topology all_to_all or bidirectional (owners compress their "
+                             f"slice of the sum), not {kind!r}")
+        plan = ShardPlan.of_layout(layout, n_workers)
+        if kind == "bidirectional":
+            down = topo.down_compressor
+            if not isinstance(down, TopK) or down.density is None:
+                raise ValueError("collective sharded with topology bidirectional: each owner compresses its own slice, "
+                                 "so the down compressor must be top-k with a density (down_compressor: {kind: topk, "
+                                 f"density: RHO}}), got {down.describe()}")
+            if alg.momentum.side == "server":
+                raise ValueError("collective sharded with topology bidirectional keeps no server momentum (each owner "
+                                 "holds only its slice of the sum); use momentum kind update, or collective allgather")
+            # the owners' rule (rebuilt from the density, so building again for another P is the same)
+            topo.down_compressor = TopK(density=down.density, scope="layerwise", layout=plan.piece_layout())
+        return plan, None
+    if collective == "allreduce":
+        comp = alg.compressor
+        if kind != "all_to_all":
+            raise ValueError(f"collective allreduce runs topology all_to_all, not {kind!r}")
+        if not (isinstance(comp, RandomK) and comp.shared_support):
+            raise ValueError("collective allreduce sums the values of one support shared by every worker: it needs "
+                             f"compressor randomk with shared_support: true, got {comp.describe()}")
+        return None, comp.k_for(layout.d)
+    raise AssertionError(collective)  # pragma: no cover - check_collective ran first
 
 
 @dataclass
@@ -100,6 +144,7 @@ class SynchronousEngine(Engine):
         weights: list[float] | None = None,
         seed: int = 0,
         gradient_shift: str = "none",
+        collective: str = "allgather",
     ) -> None:
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
                     shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
@@ -111,6 +156,8 @@ class SynchronousEngine(Engine):
                 raise ValueError(f"weights must be {n_workers} non-negative numbers, got {weights!r}")
             self.weights = torch.tensor(weights, dtype=self.dtype)
         self.worker_ids = torch.arange(n_workers)
+        self.collective = check_collective(collective)
+        self.shard_plan, self.values_per_rank = configure_collective(self.alg, self.collective, self.layout, n_workers)
         self.channel = self._make_channel()
         self.ledger = self.channel.ledger
         self.stagewise = StagewiseLearning(schedule, self.w) if schedule.kind == "stagewise" else None
@@ -118,7 +165,17 @@ class SynchronousEngine(Engine):
 
     def _make_channel(self):
         """How this engine's messages travel (simulated rounds; real engines override)."""
-        return SimulatedRounds(self.alg.topology, self.n_workers)
+        return SimulatedRounds(self.alg.topology, self.n_workers, collective=self.collective, plan=self.shard_plan,
+                               value_dtype=self.alg.value_dtype, values_per_rank=self.values_per_rank)
+
+    def transported_aggregate(self, message) -> torch.Tensor | None:
+        """The aggregate as the collective delivers it (``sharded`` without a compressed downlink,
+        ``allreduce``: sum_q p_q s_q rounded to the value dtype); ``None``: the server step forms
+        it from the messages (``allgather``; ``sharded`` + ``bidirectional``, whose owners send
+        C_down of the exact sum). Real engines return what their transport summed."""
+        if self.collective == "allgather" or self.alg.topology.compresses_downlink:
+            return None
+        return wire.round_values(message.weighted_sum(self.weights), self.alg.value_dtype)
 
     def _renew_live_token(self) -> list:
         """Call before the memory buffer is overwritten in place: the previous round's record can
@@ -154,15 +211,22 @@ class SynchronousEngine(Engine):
         w = self.w
         grads, worker, live = self.worker_round(w, t, lr)
         server_before = self.server_state
-        server = self.alg.server_step(worker.message, self.server_state, step=t, lr=lr, weights=self.weights)
+        server = self.alg.server_step(worker.message, self.server_state, step=t, lr=lr, weights=self.weights,
+                                      aggregate=self.transported_aggregate(worker.message))
+        server = self.delivered(server)
         self.worker_state, self.server_state = worker.state, server.state
         self.w = w - server.update
-        up, down = self.channel.deliver_round(worker.nbytes, server.nbytes)
+        up, down = self.channel.deliver_round(worker.nbytes, server.nbytes, worker.message, server.message)
         self.density_sum += float(worker.message.counts.double().mean()) / self.d
         if self.track_total_error and self.worker_state.memory is not None:
             self.total_error += float(self.worker_state.memory.flat.double().square().sum()) / self.n_workers
         self.t += 1
         return StepRecord(t, lr, w, grads, worker, server, server_before, up, down, live)
+
+    def delivered(self, server: ServerStepOutput) -> ServerStepOutput:
+        """The server step's output with the update as the transport delivered it (real engines
+        whose owners compress their own slices); the simulators deliver it as computed."""
+        return server
 
     # ---- gradients shared by the engines -----------------------------------------------------
     def _shifted(self, g: torch.Tensor, fn) -> torch.Tensor:

@@ -20,7 +20,28 @@ message, values already rounded to ``value_dtype``: their length is checked agai
 step's size). The ledger charges the algorithm's rounds with the simulator's rule
 (:class:`~gradsparse.comm.SimulatedRounds`, so ``uplink_bytes``/``downlink_bytes`` equal
 ``sync``'s; with a replicated server the downlink message is computed on every rank, not sent)
-and, from the channel, ``sent_bytes``: what this rank handed to the collectives.
+and, from the channel, ``sent_bytes``: what this rank handed to the collectives;
+``all_ranks_sent_bytes`` sums the ranks' ``sent_bytes`` of every round (one 8-byte all-reduce a
+step, charged as diagnostics): the figure the simulator predicts for the same collective.
+
+Collectives (``collective``, :mod:`gradsparse.comm.collectives`), in replicated mode:
+
+* ``allgather``: every rank's frames to every other rank (above);
+* ``sharded``: rank q splits its message by owner (:class:`~gradsparse.comm.collectives.ShardPlan`
+  over the task's segments), pushes each part to its owner (split-size exchange, then
+  ``all_to_all_single``), sums the P parts of its own shard in rank order with the weights p_q,
+  and sends the reduced shard (the union of the parts' supports, values rounded to
+  ``value_dtype``) to every rank; every rank assembles the aggregate from the P shards and the
+  server step applies it. With topology ``bidirectional`` the owner sends C_down of its shard
+  instead (top-k of each of its slices, G = U + delta with its slice of the downlink memory) and
+  every rank applies what the owners sent;
+* ``allreduce``: the k values of the shared random-k support (scaled by p_q) summed by one
+  ``all_reduce``; every rank regenerates the support.
+
+Under ``sharded`` and ``allreduce`` the whole messages do not travel, but rank 0's metrics need
+them: every rank's frames are all-gathered as diagnostics (``diagnostic_bytes``), and the
+replicated server step runs on them for the record (its update is replaced by what the
+transport delivered).
 
 Parameter-server mode: for ``ps_uplink``, ``bidirectional`` and ``downlink_only`` started with
 one process more than workers (``--nproc N+1``), rank 0 is a real server and ranks 1..N the
@@ -50,9 +71,12 @@ import os
 import torch
 import torch.distributed as dist
 
+import dataclasses
+
 from .. import wire
 from ..algorithm import ServerStepOutput, WorkerState, WorkerStepOutput
 from ..comm import CollectiveChannel, PointToPointChannel
+from ..comm import collectives as coll
 from ..feedback import FeedbackOutput
 from ..messages import SparseBatch
 from ..segments import SegmentedTensor
@@ -88,6 +112,10 @@ def world_sizes(n_workers: int, has_server: bool) -> tuple[int, ...]:
     return (n_workers, n_workers + 1) if has_server else (n_workers,)
 
 
+def _as_uint8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
 class TorchDistEngine(SynchronousEngine):
     name = "torch"
 
@@ -104,6 +132,9 @@ class TorchDistEngine(SynchronousEngine):
                              f"or --set workers.count={world})")
         if self.parameter_server and self.stagewise is not None:
             raise ValueError("engine 'torch' with a parameter server does not run stagewise learning")
+        if self.parameter_server and self.collective != "allgather":
+            raise ValueError(f"engine 'torch' with a parameter server on rank 0 sends point to point; collective "
+                             f"{self.collective!r} needs one process per worker (--nproc {self.n_workers})")
         self.rank = dist.get_rank()
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         #: what really carries the messages; charges ``sent_bytes`` of the shared ledger
@@ -111,6 +142,9 @@ class TorchDistEngine(SynchronousEngine):
             self.transport = PointToPointChannel("server" if self.rank == 0 else "worker", ledger=self.ledger)
         else:
             self.transport = CollectiveChannel(device=self.device, charge_messages=False, ledger=self.ledger)
+            self.channel.predicts_sent = False  # all_ranks_sent_bytes: what the ranks' transports were handed
+        self._delivered_update: torch.Tensor | None = None
+        self._transported: torch.Tensor | None = None
 
     def agree_to_stop(self, found, signum: int | None):
         """After every step, every rank learns whether any rank saw a non-finite value or got a
@@ -166,8 +200,19 @@ class TorchDistEngine(SynchronousEngine):
         else:
             out = self.alg.worker_step(fed, w, state_q, step=t, lr=lr, workers=ids)
         payload = self._frames(out)
-        sizes, _ = self.transport.exchange_sizes(payload.numel())
-        parts = self.transport.send_frames(payload, sizes).wait()
+        sent_before = self.ledger.sent_bytes
+        self._transported = self._delivered_update = None
+        if self.collective == "allgather":
+            sizes, _ = self.transport.exchange_sizes(payload.numel())
+            parts = self.transport.send_frames(payload, sizes).wait()
+        else:
+            if self.collective == "sharded":
+                self._sharded_round(out, t, lr)
+            else:
+                self._allreduce_round(out, t)
+            parts = self.transport.gather_payloads_diagnostic(payload)  # rank 0's metrics need every message
+            sizes = [int(p.numel()) for p in parts]
+        self.ledger.add_all_ranks_sent(self.transport.sum_over_ranks(self.ledger.sent_bytes - sent_before))
         message = SparseBatch.cat([out.message if r == q else self._decoded(parts[r]) for r in range(self.n_workers)])
         nbytes = torch.tensor(sizes, dtype=torch.long)
         # diagnostics: every worker's gradient, accumulated vector and new state on every rank
@@ -188,6 +233,70 @@ class TorchDistEngine(SynchronousEngine):
         feedback = FeedbackOutput(message, message.gather(accumulated), accumulated)
         inputs = None if out.feedback_input is None else self._gather_rows(out.feedback_input)
         return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), self._renew_live_token() if in_place else [True]
+
+    # ---- the collectives ------------------------------------------------------------------------
+    def transported_aggregate(self, message):
+        if self.collective == "allgather" or self.alg.topology.compresses_downlink:
+            return None
+        return self._transported
+
+    def delivered(self, server: ServerStepOutput) -> ServerStepOutput:
+        if self._delivered_update is None:
+            return server
+        return dataclasses.replace(server, update=self._delivered_update)
+
+    def _sharded_round(self, out: WorkerStepOutput, t: int, lr: float) -> None:
+        """Push this rank's parts to their owners, reduce this rank's shard, pull every shard."""
+        plan, q, vd, channel = self.shard_plan, self.rank, self.alg.value_dtype, self.transport
+        row = out.message
+        frames = [coll.encode_part(plan.owner_sizes[o], i, v, vd) for o, (i, v) in
+                  enumerate(plan.split(row.indices, row.values))]
+        received_sizes, _, _ = channel.exchange_split_sizes([len(f) for f in frames])
+        got = channel.send_parts([_as_uint8(f) for f in frames], received_sizes).wait()
+        size = plan.owner_sizes[q]
+        parts = []
+        for sender, payload in enumerate(got):
+            if payload.numel() == 0:
+                parts.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=self.dtype)))
+                continue
+            b = wire.decode(payload.cpu().numpy(), max_d=max(size, 1))
+            parts.append((b.indices, b.values.to(self.dtype)))
+        acc, union = coll.reduce_shard(size, parts, self.weights.tolist(), self.dtype)
+        if self.alg.topology.compresses_downlink:  # G = U + delta on this owner's slices; send C_down(G)
+            update = acc if self.alg.lr_inside else lr * acc
+            delta = self.server_state.downlink_memory.flat
+            mine = plan.pieces_of(q)
+            G = update + torch.cat([delta[a : a + n] for a, n, _ in mine]) if mine else update
+            cols, vals = coll.compress_shard(plan, q, G, self.alg.down_compressor.density, vd)
+        else:
+            cols, vals = union, wire.round_values(acc[union], vd)
+        shard = _as_uint8(coll.encode_part(size, cols, vals, vd))
+        sizes, _ = channel.exchange_sizes(shard.numel())
+        shards = channel.send_frames(shard, sizes, role="pull").wait()
+        total = torch.zeros(self.d, dtype=self.dtype)
+        for owner, payload in enumerate(shards):
+            if payload.numel():
+                b = wire.decode(payload.cpu().numpy(), max_d=max(plan.owner_sizes[owner], 1))
+                total[plan.to_global(owner, b.indices)] = b.values.to(self.dtype)
+        if self.alg.topology.compresses_downlink:
+            self._delivered_update = total  # what the owners sent is what every rank applies
+        else:
+            self._transported = total
+
+    def _allreduce_round(self, out: WorkerStepOutput, t: int) -> None:
+        """Sum p_q x the k values of the shared support over the ranks (one all_reduce)."""
+        cols = coll.shared_support(self.alg.compressor, t, self.d)
+        vt = wire.value_dtype_of(self.alg.value_dtype)
+        values = torch.zeros(cols.numel(), dtype=self.dtype)
+        row = out.message
+        if row.nnz:  # a skipped message (on_nonfinite: skip) adds zeros
+            if not torch.equal(row.indices, cols):  # pragma: no cover - the compressor's own contract
+                raise AssertionError("a shared-support random-k message does not hold the shared support")
+            values = self.weights[self.rank].to(self.dtype) * row.values.to(self.dtype)
+        summed = self.transport.all_reduce_values(values.to(vt)).wait()
+        total = torch.zeros(self.d, dtype=self.dtype)
+        total[cols] = summed.to(self.dtype)
+        self._transported = total
 
     # ---- parameter-server mode ----------------------------------------------------------------
     def step(self):

@@ -140,6 +140,8 @@ def build_engine(cfg: RunConfig, engine_class=None):
         sampling=w.sampling, n_shards=w.n_shards,
         weights=w.weights, seed=cfg.seed, gradient_shift=cfg.algorithm.gradient_shift,
     )
+    if cfg.engine in ("sync", "loop", "torch"):
+        kwargs.update(collective=cfg.collective)
     if cfg.engine == "sync":
         kwargs.update(gradient_path=cfg.simulator.gradient_path, in_place_memory=cfg.simulator.in_place_memory)
     if cfg.engine in ("async", "torch_async"):
@@ -148,6 +150,8 @@ def build_engine(cfg: RunConfig, engine_class=None):
         engine = (engine_class or ENGINES[cfg.engine])(task, alg, sched, **kwargs)
     except ValueError as exc:
         key = "simulator.gradient_path" if "gradient_path" in str(exc) else "workers"
+        if "collective" in str(exc):
+            key = "collective"
         if cfg.engine in ("async", "torch_async"):
             key = "engine"
         raise ConfigError(f"config key '{key}': {exc}") from None
@@ -1128,6 +1132,11 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         # what this process (rank 0 of a real run) handed to its transport; 0 in the simulators
         "sent_bytes": engine.ledger.sent_bytes,
         "diagnostic_bytes": engine.ledger.diagnostic_bytes,
+        # what all ranks together would hand (simulators: predicted) or handed (engine torch) to
+        # their transports under the collective; per rank and step below
+        "collective": getattr(engine, "collective", None),
+        "all_ranks_sent_bytes": engine.ledger.all_ranks_sent_bytes,
+        "sent_bytes_per_rank_step": engine.ledger.all_ranks_sent_bytes / max(engine.n_workers * engine.t, 1),
         "avg_density": engine.density_sum / max(engine.t, 1),
         "total_error": engine.total_error if engine.track_total_error else None,
         "on_nonfinite": cfg.on_nonfinite,
