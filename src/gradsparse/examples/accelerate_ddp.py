@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.save({"params": {n: p.detach().clone() for n, p in params},
                     "step": int(state.step), "counters": hook_counters(state)}, Path(args.out) / "result.pt")
         print(f"rank 0: {state.step} steps, counters {hook_counters(state)}")
+    # every rank leaves together: a rank exiting while another still sends can abort in Gloo's
+    # destructor ("terminate called without an active exception"); end_training destroys the group
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
