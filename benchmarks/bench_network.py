@@ -36,7 +36,7 @@ steps (what crossed the shaped link, headers included) and, for gradsparse, the 
 reports as sent (``state.sent_bytes``) over the same steps; their ratio; and for the hook, on
 rank 0, the time of its own compute per step (the worker steps of every parameter, encoding
 the frames, decoding P - 1 other ranks' frames and summing them into the bucket: everything but
-the communication), measured alone, as a fraction of the step. Prints ratios against dense
+the communication), measured alone (median of 5 calls on copies of the state), as a fraction of the step. Prints ratios against dense
 measured in the same run. For gradsparse's methods also the simulator's prediction
 (``sim/TX``): after the timed steps every rank's messages go to rank 0, which charges them with
 the rule of :class:`gradsparse.comm.SimulatedRounds` for the method's collective (what the
@@ -137,6 +137,11 @@ def parameter_server(args, net, width) -> dict:
             "tx": netns.own_tx_bytes() - tx0, "sent": channel.ledger.sent_bytes - sent0}
 
 
+#: the hook compute is the median of this many calls, each on a fresh copy of the state (one cold call
+#: includes first-touch allocations: about 2x the warm figure on a 10.5M model)
+COMPUTE_REPEATS = 5
+
+
 def hook_compute_seconds(model, state, x, y, world: int) -> float:
     """The hook's own work for one step on this rank's real gradient, without communication:
     worker steps, frames, decoding P - 1 payloads (this rank's, standing in for the others') and
@@ -153,16 +158,20 @@ def hook_compute_seconds(model, state, x, y, world: int) -> float:
     with model.no_sync():  # this rank's own gradient, not the aggregate
         F.mse_loss(model(x), y).backward()
     params = [p for p in model.module.parameters() if p.requires_grad]
-    bucket = torch.cat([p.grad.reshape(-1) for p in params])
-    twin = copy.deepcopy(state)
-    twin._bind({n: p for n, p in model.module.named_parameters()})
-    t0 = time.perf_counter()
-    segs, outs = gddp.compress_bucket(twin, params, bucket, twin.step, 0.01, 0)
-    payload = torch.frombuffer(bytearray(b"".join(wire.encode(o.message, value_dtype=s.alg.value_dtype)
-                                                  for s, o in zip(segs, outs))), dtype=torch.uint8)
-    rows = gddp.decode_bucket([payload] * world, 0, outs, max_d=max(p.numel() for p in params))
-    gddp.aggregate_bucket(twin, segs, rows, bucket, 0.01, twin.step, world)
-    return time.perf_counter() - t0
+    gradient = torch.cat([p.grad.reshape(-1) for p in params])
+    times = []
+    for _ in range(COMPUTE_REPEATS):
+        twin = copy.deepcopy(state)
+        twin._bind({n: p for n, p in model.module.named_parameters()})
+        bucket = gradient.clone()
+        t0 = time.perf_counter()
+        segs, outs = gddp.compress_bucket(twin, params, bucket, twin.step, 0.01, 0)
+        payload = torch.frombuffer(bytearray(b"".join(wire.encode(o.message, value_dtype=s.alg.value_dtype)
+                                                      for s, o in zip(segs, outs))), dtype=torch.uint8)
+        rows = gddp.decode_bucket([payload] * world, 0, outs, max_d=max(p.numel() for p in params))
+        gddp.aggregate_bucket(twin, segs, rows, bucket, 0.01, twin.step, world)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def worker(args) -> None:
@@ -247,6 +256,7 @@ def worker(args) -> None:
             predicted = predict_sent(gathered, net, parse_method(method), args.steps)
     if state is not None and args.rank == 0 and state.collective == "allgather":
         compute = hook_compute_seconds(model, state, x, y, args.world)
+    dist.barrier()  # the other ranks wait (blocked, idle) while rank 0 times its compute alone
     res = {"d": d, "step_s": statistics.median(times[2:]), "compute_s": compute, "tx": tx, "sent": sent,
            "dense_fallbacks": None if state is None else state.dense_fallbacks, "predicted": predicted}
     Path(args.result).write_text(json.dumps(res))
