@@ -113,26 +113,9 @@ class CollectiveChannel(Channel):
             raise ValueError(f"role must be 'message' or 'pull', got {role!r}")
         payload = payload.to(self.device)
         if world == 1:
-            fut = torch.futures.Future()
-            fut.set_result([payload])
-            return fut
-        in_splits = [0 if q == rank else mine for q in range(world)]
-        out_splits = [0 if q == rank else sizes[q] for q in range(world)]
+            return _done([payload])
         send = payload.repeat(world - 1) if mine else payload
-        received = torch.empty(sum(out_splits), dtype=torch.uint8, device=self.device)
-        work = dist.all_to_all_single(received, send, out_splits, in_splits, group=self.group, async_op=True)
-
-        def split(_fut, _keep=send):  # _keep: the input stays alive until the collective is done
-            parts, off = [], 0
-            for q in range(world):
-                if q == rank:
-                    parts.append(payload)
-                else:
-                    parts.append(received[off : off + sizes[q]])
-                    off += sizes[q]
-            return parts
-
-        return work.get_future().then(split)
+        return self._all_to_all_uneven(send, [0 if q == rank else mine for q in range(world)], sizes, payload)
 
     def all_reduce(self, tensor: torch.Tensor, *, message_nbytes: int = 0, messages: int = 0) -> torch.futures.Future:
         """Start a sum over ranks of ``tensor`` (in place); a future of the summed tensor.
@@ -142,9 +125,7 @@ class CollectiveChannel(Channel):
         self.ledger.add_sent(ring_all_reduce_nbytes(tensor.numel() * tensor.element_size(), world))
         self._charge_messages([int(message_nbytes)] * world, messages)
         if world == 1:
-            fut = torch.futures.Future()
-            fut.set_result(tensor)
-            return fut
+            return _done(tensor)
         work = dist.all_reduce(tensor, group=self.group, async_op=True)
         return work.get_future().then(lambda _fut: tensor)
 
@@ -183,14 +164,20 @@ class CollectiveChannel(Channel):
             self.ledger.add(sum(out_bytes), 0, sum(1 for b in out_bytes if b), 0)
         own = parts[rank].to(self.device)
         if world == 1:
-            fut = torch.futures.Future()
-            fut.set_result([own])
-            return fut
-        recv_splits = [0 if q == rank else int(received_sizes[q]) for q in range(world)]
+            return _done([own])
         send = torch.cat([p.to(self.device) for o, p in enumerate(parts) if o != rank]) if sum(out_bytes) else \
             torch.zeros(0, dtype=torch.uint8, device=self.device)
+        return self._all_to_all_uneven(send, out_bytes, received_sizes, own)
+
+    def _all_to_all_uneven(self, send: torch.Tensor, send_splits: list[int], received_sizes: list[int],
+                           own: torch.Tensor) -> torch.futures.Future:
+        """Start ``all_to_all_single`` of uint8 ``send`` (``send_splits[q]`` bytes to rank q, 0 to
+        this rank) receiving ``received_sizes[q]`` bytes from each rank q; a future of the list of
+        what each rank sent here, indexed by sender, with ``own`` in this rank's place."""
+        world, rank = self.world, self.rank
+        recv_splits = [0 if q == rank else int(received_sizes[q]) for q in range(world)]
         received = torch.empty(sum(recv_splits), dtype=torch.uint8, device=self.device)
-        work = dist.all_to_all_single(received, send, recv_splits, out_bytes, group=self.group, async_op=True)
+        work = dist.all_to_all_single(received, send, recv_splits, send_splits, group=self.group, async_op=True)
 
         def split(_fut, _keep=send):  # _keep: the input stays alive until the collective is done
             got, off = [], 0
@@ -214,9 +201,7 @@ class CollectiveChannel(Channel):
         if self.charge_messages:
             self.ledger.add(nbytes, nbytes, messages, messages)
         if world == 1:
-            fut = torch.futures.Future()
-            fut.set_result(values)
-            return fut
+            return _done(values)
         work = dist.all_reduce(values, group=self.group, async_op=True)
         return work.get_future().then(lambda _fut: values)
 
@@ -295,3 +280,10 @@ class CollectiveChannel(Channel):
         if self.charge_messages:
             world, mine = len(sizes), sizes[self.rank]
             self.ledger.add(mine, (world - 1) * mine, messages, (world - 1) * messages)
+
+
+def _done(value) -> torch.futures.Future:
+    """A future already holding ``value`` (a world of one rank sends nothing)."""
+    fut = torch.futures.Future()
+    fut.set_result(value)
+    return fut
