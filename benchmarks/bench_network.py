@@ -178,7 +178,6 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://{netns.SUBNET}.1:{args.port}", rank=args.rank, world_size=args.world)
@@ -191,43 +190,10 @@ def worker(args) -> None:
         return
     d = sum(p.numel() for p in net.parameters())
     method = args.method
-    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else 25)
-    state = None
-    if method.startswith("powersgd"):
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
-
-        model.register_comm_hook(P.PowerSGDState(process_group=None, matrix_approximation_rank=int(method[8:]),
-                                                 start_powerSGD_iter=2), P.powerSGD_hook)
-    elif method == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif method != "dense":
+    model, state = wrap_method(net, method, lr=0.01, threshold=args.threshold, powersgd_start=2)
+    if state is not None:
         import gradsparse.ddp as gddp
-        from gradsparse.algorithm import Algorithm
-        from gradsparse.compressors import BudgetThreshold, HardThreshold, RandomK, TopK
 
-        layout = gddp.layout_of(net)
-        whole = None
-        base, collective, bidirectional = parse_method(method)
-        topology = {}
-        if base.startswith("topk"):
-            density = float(base[4:]) / 100
-            comp = TopK(density=density, scope="layerwise", layout=layout)
-            if bidirectional:  # each owner sends top-k at the same density of its slices
-                topology = dict(topology="bidirectional", down_compressor=TopK(density=density))
-        elif base.startswith("randomk"):
-            comp = RandomK(density=float(base[7:]) / 100, shared_support=collective == "allreduce")
-        elif method == "budget":
-            # planned over a long run (1,000 steps), of which a few are timed; burst 1: no step
-            # spends more than its share (the first steps keep exactly their top 1%)
-            comp, whole = BudgetThreshold(density=0.01, steps=1000, burst=1.0, scope="layerwise", layout=layout), False
-        else:
-            comp = HardThreshold(args.threshold)
-        feedback = "ef-scaled" if method == "budget" else "ef"
-        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback=feedback, **topology), lr=0.01,
-                                     whole_model=whole, collective=collective)
-        model.register_comm_hook(state, gddp.hook)
         records = record_messages(gddp)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(args.rank)
@@ -261,6 +227,57 @@ def worker(args) -> None:
            "dense_fallbacks": None if state is None else state.dense_fallbacks, "predicted": predicted}
     Path(args.result).write_text(json.dumps(res))
     dist.destroy_process_group()
+
+
+def wrap_method(net, method: str, *, lr: float, threshold: float | None = None, powersgd_start: int = 2):
+    """``net`` in DDP with ``method``'s communication: ``dense`` (DDP's all-reduce), ``fp16``
+    (PyTorch's fp16 hook), ``powersgdR`` (PyTorch's PowerSGD at rank R, one bucket, from step
+    ``powersgd_start``) or a gradsparse method (``topkP``, ``randomkP``, ``threshold``, ``budget``,
+    with a collective suffix: see the module docstring). Returns (model, gradsparse state or None)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else 25)
+    if method == "dense":
+        return model, None
+    if method.startswith("powersgd"):
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
+
+        model.register_comm_hook(P.PowerSGDState(process_group=None, matrix_approximation_rank=int(method[8:]),
+                                                 start_powerSGD_iter=powersgd_start), P.powerSGD_hook)
+        return model, None
+    if method == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        return model, None
+    import gradsparse.ddp as gddp
+    from gradsparse.algorithm import Algorithm
+    from gradsparse.compressors import BudgetThreshold, HardThreshold, RandomK, TopK
+
+    layout = gddp.layout_of(net)
+    whole = None
+    base, collective, bidirectional = parse_method(method)
+    topology = {}
+    if base.startswith("topk"):
+        density = float(base[4:]) / 100
+        comp = TopK(density=density, scope="layerwise", layout=layout)
+        if bidirectional:  # each owner sends top-k at the same density of its slices
+            topology = dict(topology="bidirectional", down_compressor=TopK(density=density))
+    elif base.startswith("randomk"):
+        comp = RandomK(density=float(base[7:]) / 100, shared_support=collective == "allreduce")
+    elif method == "budget":
+        # planned over a long run (1,000 steps), of which a few are timed; burst 1: no step
+        # spends more than its share (the first steps keep exactly their top 1%)
+        comp, whole = BudgetThreshold(density=0.01, steps=1000, burst=1.0, scope="layerwise", layout=layout), False
+    elif method == "threshold":
+        comp = HardThreshold(threshold)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    feedback = "ef-scaled" if method == "budget" else "ef"
+    state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback=feedback, **topology), lr=lr,
+                                 whole_model=whole, collective=collective)
+    model.register_comm_hook(state, gddp.hook)
+    return model, state
 
 
 def parse_method(method: str) -> tuple[str, str, bool]:

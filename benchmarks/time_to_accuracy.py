@@ -42,6 +42,9 @@ HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("gradsparse_netns", HERE / "netns.py")
 netns = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(netns)
+_spec = importlib.util.spec_from_file_location("gradsparse_bench_network", HERE / "bench_network.py")
+bench_network = importlib.util.module_from_spec(_spec)  # its wrap_method: the same methods, built the same way
+_spec.loader.exec_module(bench_network)
 
 TASK = "mnist5k_cnn_paper003"  #: the default --task
 
@@ -50,8 +53,6 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from gradsparse.tasks import TASKS
 
     torch.set_num_threads(1)
@@ -64,36 +65,7 @@ def worker(args) -> None:
             p.copy_(task.init_params(torch.Generator().manual_seed(0))[n])
     for p in net.parameters():  # a task's module holds its parameters frozen (the simulator's functional calls)
         p.requires_grad_(True)
-    method = args.method
-    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else 25)
-    if method.startswith("powersgd"):
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as P
-
-        model.register_comm_hook(P.PowerSGDState(process_group=None, matrix_approximation_rank=int(method[8:]),
-                                                 start_powerSGD_iter=10), P.powerSGD_hook)
-    elif method == "fp16":
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        model.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif method != "dense":
-        import gradsparse.ddp as gddp
-        from gradsparse.algorithm import Algorithm
-        from gradsparse.compressors import RandomK, TopK
-
-        parts = method.split("_")
-        collective = "sharded" if "sharded" in parts else "allreduce" if "allreduce" in parts else "allgather"
-        layout = gddp.layout_of(net)
-        topology = {}
-        if parts[0].startswith("topk"):
-            density = float(parts[0][4:]) / 100
-            comp = TopK(density=density, scope="layerwise", layout=layout)
-            if "bidir" in parts:
-                topology = dict(topology="bidirectional", down_compressor=TopK(density=density))
-        else:
-            comp = RandomK(density=float(parts[0][7:]) / 100, shared_support=collective == "allreduce")
-        state = gddp.SparsifiedState(model, Algorithm(compressor=comp, feedback="ef", **topology), lr=args.lr,
-                                     collective=collective)
-        model.register_comm_hook(state, gddp.hook)
+    model, _ = bench_network.wrap_method(net, args.method, lr=args.lr, powersgd_start=10)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     rows = torch.arange(args.rank, task.train_x.shape[0], args.world)
     g = torch.Generator().manual_seed(1000 + args.rank)
