@@ -42,6 +42,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..experiments.rundir import process_alive
+
 _FILE = re.compile(r"^rank(\d+)-step(\d+)\.pt$")
 KEEP = 2
 
@@ -202,7 +204,7 @@ class RestartCheckpoints:
         pattern = re.compile(rf"^\.rank{self.rank}-step\d+\.pt\.tmp-(\d+)$")
         for p in self.dir.iterdir():
             m = pattern.match(p.name)
-            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1))):
                 p.unlink(missing_ok=True)
                 removed.append(p.name)
         return removed
@@ -212,16 +214,6 @@ class RestartCheckpoints:
 
     def _path(self, step: int) -> Path:
         return self.dir / f"rank{self.rank}-step{step:09d}.pt"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _atomic_write(path: Path, text: str) -> None:

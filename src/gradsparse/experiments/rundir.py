@@ -261,7 +261,8 @@ class RunLock:
 # ---- leftovers of killed runs -------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -291,7 +292,7 @@ def clean_leftovers(run_dir: str | Path, *, say=None) -> list[str]:
         kind, pid = m.group(1), int(m.group(2))
         if pid == os.getpid():
             continue
-        if _alive(pid):
+        if process_alive(pid):
             lines.append(f"{p} was left by process {pid}, which still runs: left alone")
         elif kind == "old" and not (run_dir.exists() or run_dir.is_symlink()):
             os.replace(p, run_dir)
