@@ -969,8 +969,6 @@ def _failed(exc: StorageError, cfg, engine, tmp: Path, final: Path, finish, metr
 def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show, *,
            record, checkpoint, finish, on_step, board=None) -> Path:
     """The step loop of :func:`_loop` (recording rows, checkpoints, the stop rules)."""
-    if not state.rows:
-        record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
     bar = None
     if show:
         from tqdm.auto import tqdm
@@ -985,7 +983,11 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
     # asynchronous.target.stop: end at the first recorded row that reaches the target
     stop_target = cfg.asynchronous.target if (cfg.asynchronous.target is not None and cfg.asynchronous.target.stop) else None
     stopped_at_target = False
+    # the handlers are in place before the first row: a SIGINT / SIGTERM from here on ends the run
+    # as "interrupted" with its files (it killed the process while step 0's metrics were computed)
     with _Signals() as signals:
+        if not state.rows:
+            record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
         try:
             while engine.t < steps:
                 if (agreed_signum if agree is not None else signals.signum) is not None:
