@@ -368,7 +368,7 @@ _FIXED_HEADER = struct.Struct("<4s5B")
 
 def _uvarint_at(mv: memoryview, pos: int, end: int, what: str) -> tuple[int, int]:
     """The canonical unsigned LEB128 varint at ``pos`` (at most 10 bytes, < 2**64) and the
-    position after it (what :meth:`_Reader.uvarint` reads, without its per-byte calls)."""
+    position after it (:meth:`_Reader.uvarint` reads through it)."""
     x = shift = 0
     for i in range(10):
         if pos >= end:
@@ -398,18 +398,8 @@ class _Reader:
         return v
 
     def uvarint(self, what: str) -> int:
-        x = shift = 0
-        for i in range(10):
-            b = self.u8(what)
-            x |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                if i and b == 0:
-                    raise WireError(f"non-canonical varint in {what}")
-                if x >= (1 << 64):
-                    raise WireError(f"{what} overflows 64 bits")
-                return x
-        raise WireError(f"varint in {what} longer than 10 bytes")
+        x, self.pos = _uvarint_at(self.mv, self.pos, self.end, what)
+        return x
 
     def u64(self, what: str) -> int:
         if self.pos + 8 > self.end:
