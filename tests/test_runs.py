@@ -238,6 +238,21 @@ def _files(d):
     return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.suffix in (".csv",)}
 
 
+def test_a_signal_caught_before_the_run_started_ends_it_at_its_first_check(tmp_path):
+    # a torchrun rank catches SIGTERM from its start (distributed/worker.py); one that arrives
+    # while it sets up (before the run's own catcher) must still end the run as "interrupted"
+    raw = cfg_of(LINREG, checkpoint_every=10)
+    with runner.StopSignals() as outer:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert outer.signum == signal.SIGTERM
+        with pytest.raises(runner.RunInterrupted) as info:
+            runner.run(load_config(raw), tmp_path / "r")
+    assert info.value.exit_code == 143
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"] == 0 and (tmp_path / "r" / "checkpoint.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 @pytest.mark.parametrize("compressor", [{"kind": "topk", "k": 2}, {"kind": "hard_threshold", "threshold": 0.02}])
 def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, monkeypatch):
     raw = cfg_of(LINREG, **{"algorithm.compressor": compressor, "checkpoint_every": 10})

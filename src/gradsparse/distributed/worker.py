@@ -32,6 +32,15 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
+    from ..experiments.runner import StopSignals
+
+    # SIGINT / SIGTERM (torchrun passes them on) are caught from here on: one during set-up ends
+    # the run after its first step, with its files, instead of killing this rank mid-way
+    with StopSignals() as caught:
+        return _main(argv, caught)
+
+
+def _main(argv, caught) -> int:
     from ..config import ConfigError, load_config
     from ..experiments.rundir import LOCK_ENV, StorageError
     from ..experiments.runner import RunDiverged, RunFailed, RunInterrupted, default_out

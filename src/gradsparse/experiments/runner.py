@@ -379,8 +379,13 @@ _atomic_write_text = atomic_write_text
 _atomic_save = atomic_save
 
 
-class _Signals:
-    """SIGINT / SIGTERM set a flag that the run checks after each step (main thread only)."""
+class StopSignals:
+    """SIGINT / SIGTERM set a flag that the run checks after each step (main thread only).
+
+    Nested: a signal the enclosing catcher took before this one was entered (a torchrun rank
+    catches from its start, :mod:`gradsparse.distributed.worker`) is this one's too, so a signal
+    during set-up ends the run at its first check (before step 1; the ranks of a run of several
+    processes agree after step 1) instead of killing the process."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -390,6 +395,9 @@ class _Signals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
+                outer = getattr(self._old[sig], "__self__", None)
+                if isinstance(outer, StopSignals) and self.signum is None:
+                    self.signum = outer.signum
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -886,56 +894,61 @@ def _loop(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, f
     show = cfg.progress if progress is None else progress
     t0 = time.perf_counter()
     wall0 = state.wall
-    with storage("config.yaml in", tmp):
-        (tmp / "config.yaml").write_text(_CONFIG_HEADER.format(run_id=state.run_id) + state.config)
-        f = open(tmp / "metrics.csv", "w", newline="")
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(state.rows)
+    # the handlers are in place before metrics.csv appears: a SIGINT / SIGTERM from then on ends
+    # the run as "interrupted" with its files (one between the file and step 0's row killed the
+    # process and left no summary)
+    with StopSignals() as signals:
+        with storage("config.yaml in", tmp):
+            (tmp / "config.yaml").write_text(_CONFIG_HEADER.format(run_id=state.run_id) + state.config)
+            f = open(tmp / "metrics.csv", "w", newline="")
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(state.rows)
 
-    def record(row: dict) -> None:
-        if "skipped_messages" in columns:
-            row["skipped_messages"] = engine.alg.skipped_messages
-        full = {c: row.get(c, "") for c in columns}
-        with storage("metrics.csv in", tmp):
-            writer.writerow(full)
-            f.flush()
-        state.rows.append(full)
-        if board is not None:
-            board.row(full, engine.ledger.uplink_bytes)
-        if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
-            norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
-            state.worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
+        def record(row: dict) -> None:
+            if "skipped_messages" in columns:
+                row["skipped_messages"] = engine.alg.skipped_messages
+            full = {c: row.get(c, "") for c in columns}
+            with storage("metrics.csv in", tmp):
+                writer.writerow(full)
+                f.flush()
+            state.rows.append(full)
+            if board is not None:
+                board.row(full, engine.ledger.uplink_bytes)
+            if cfg.metrics.per_worker_error_norms and engine.worker_state.memory is not None:
+                norms = engine.worker_state.memory.flat.norm(dim=1).tolist()
+                state.worker_rows.append({"step": engine.t, **{f"worker_{q}": v for q, v in enumerate(norms)}})
 
-    def checkpoint() -> None:
-        state.skipped = engine.alg.skipped_messages
-        state.wall = wall0 + time.perf_counter() - t0
-        # the engine's state_dict (loads with engine.load_state_dict as before) plus the runner's
-        sd = {**engine.state_dict(), "runner": state.state_dict()}
-        _atomic_save(sd, tmp / "checkpoint.pt")
-        if on_checkpoint is not None:
-            on_checkpoint(engine.t, sd)
+        def checkpoint() -> None:
+            state.skipped = engine.alg.skipped_messages
+            state.wall = wall0 + time.perf_counter() - t0
+            # the engine's state_dict (loads with engine.load_state_dict as before) plus the runner's
+            sd = {**engine.state_dict(), "runner": state.state_dict()}
+            _atomic_save(sd, tmp / "checkpoint.pt")
+            if on_checkpoint is not None:
+                on_checkpoint(engine.t, sd)
 
-    def finish(status: str, extra: dict | None = None) -> None:
-        with storage("metrics.csv in", tmp):
-            f.close()
-        if board is not None:
-            if async_stats is not None:
-                board.staleness("all_updates", engine.staleness_histogram(), engine.t)
-            board.close()
-        state.wall = wall0 + time.perf_counter() - t0
-        state.skipped = engine.alg.skipped_messages
-        with storage("the outputs in", tmp):
-            _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
+        def finish(status: str, extra: dict | None = None) -> None:
+            with storage("metrics.csv in", tmp):
+                f.close()
+            if board is not None:
+                if async_stats is not None:
+                    board.staleness("all_updates", engine.staleness_histogram(), engine.t)
+                board.close()
+            state.wall = wall0 + time.perf_counter() - t0
+            state.skipped = engine.alg.skipped_messages
+            with storage("the outputs in", tmp):
+                _write_outputs(cfg, engine, columns, state, tmp, status, extra or {}, async_stats)
 
-    try:
-        return _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show,
-                      record=record, checkpoint=checkpoint, finish=finish, on_step=on_step, board=board)
-    except StorageError as exc:
-        raise _failed(exc, cfg, engine, tmp, final, finish, f) from None
-    finally:
-        if board is not None:
-            board.close()
+        try:
+            return _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show,
+                          signals, record=record, checkpoint=checkpoint, finish=finish, on_step=on_step,
+                          board=board)
+        except StorageError as exc:
+            raise _failed(exc, cfg, engine, tmp, final, finish, f) from None
+        finally:
+            if board is not None:
+                board.close()
 
 
 def _failed(exc: StorageError, cfg, engine, tmp: Path, final: Path, finish, metrics_file) -> "RunFailed":
@@ -966,7 +979,7 @@ def _failed(exc: StorageError, cfg, engine, tmp: Path, final: Path, finish, metr
                      f"gradsparse run --resume {final} once there is room)", final)
 
 
-def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show, *,
+def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, final, tmp, show, signals, *,
            record, checkpoint, finish, on_step, board=None) -> Path:
     """The step loop of :func:`_loop` (recording rows, checkpoints, the stop rules)."""
     bar = None
@@ -983,88 +996,85 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
     # asynchronous.target.stop: end at the first recorded row that reaches the target
     stop_target = cfg.asynchronous.target if (cfg.asynchronous.target is not None and cfg.asynchronous.target.stop) else None
     stopped_at_target = False
-    # the handlers are in place before the first row: a SIGINT / SIGTERM from here on ends the run
-    # as "interrupted" with its files (it killed the process while step 0's metrics were computed)
-    with _Signals() as signals:
-        if not state.rows:
-            record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
-        try:
-            while engine.t < steps:
-                if (agreed_signum if agree is not None else signals.signum) is not None:
-                    break
-                rec = engine.step()
-                done = engine.t
-                if on_step is not None:
-                    on_step(done)
-                # full scan on a run's (or resumed run's) first step: later steps may rely on
-                # the memories having been finite one step before
-                bad = find_nonfinite(engine, rec, done, full=first_check)
-                first_check = False
+    if not state.rows:
+        record({**cumulative_metrics(engine, names), **eval_metrics(engine, names)})
+    try:
+        while engine.t < steps:
+            if (agreed_signum if agree is not None else signals.signum) is not None:
+                break
+            rec = engine.step()
+            done = engine.t
+            if on_step is not None:
+                on_step(done)
+            # full scan on a run's (or resumed run's) first step: later steps may rely on
+            # the memories having been finite one step before
+            bad = find_nonfinite(engine, rec, done, full=first_check)
+            first_check = False
+            if async_stats is not None:
+                async_stats.observe(rec)
+            if bad is None and tracked:
+                for m, value in step_metrics(engine, rec, tracked).items():
+                    for name, of in RUNNING_MAXIMA.items():
+                        if of == m and name in maxima and not math.isnan(value):
+                            maxima[name] = max(maxima[name], value)
+            if bad is None and done in rr.steps:
+                G = rec.weighted_grad(engine.weights)
+                ks = rr.ks or sorted({max(1, round(engine.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
+                for k, ratio, worst in residual_ratio_curve(G, [min(k, engine.d) for k in ks]):
+                    state.rr_rows.append({"step": done, "k": k, "density": k / engine.d, "ratio": ratio, "uniform_bound": worst})
+            if bad is None and (done % cfg.metrics.every == 0 or done == steps):
+                row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
                 if async_stats is not None:
-                    async_stats.observe(rec)
-                if bad is None and tracked:
-                    for m, value in step_metrics(engine, rec, tracked).items():
-                        for name, of in RUNNING_MAXIMA.items():
-                            if of == m and name in maxima and not math.isnan(value):
-                                maxima[name] = max(maxima[name], value)
-                if bad is None and done in rr.steps:
-                    G = rec.weighted_grad(engine.weights)
-                    ks = rr.ks or sorted({max(1, round(engine.d * (i / (rr.points - 1)) ** 2)) for i in range(rr.points)})
-                    for k, ratio, worst in residual_ratio_curve(G, [min(k, engine.d) for k in ks]):
-                        state.rr_rows.append({"step": done, "k": k, "density": k / engine.d, "ratio": ratio, "uniform_bound": worst})
-                if bad is None and (done % cfg.metrics.every == 0 or done == steps):
-                    row = {**cumulative_metrics(engine, names), **step_metrics(engine, rec, names), **eval_metrics(engine, names)}
-                    if async_stats is not None:
-                        if board is not None:
-                            board.staleness("since_previous_row", async_stats.staleness, done)
-                        row.update(async_stats.row())
-                    for name in maxima:
-                        row[name] = maxima[name] if maxima[name] > -math.inf else math.nan
-                        maxima[name] = -math.inf
-                    loss = row.get("loss")
-                    if isinstance(loss, float) and not math.isfinite(loss):
-                        bad = NonFinite("loss", done, value=loss)
-                    else:
-                        record(row)
-                        if stop_target is not None and target_reached([row], stop_target)["steps_to_target"] is not None:
-                            stopped_at_target = True
-                    if bar is not None and bad is None:
-                        post = {}
-                        if "loss" in row:
-                            post["loss"] = f"{row['loss']:.4g}"
-                        post["bytes"] = _fmt_bytes(engine.ledger.uplink_bytes + engine.ledger.downlink_bytes)
-                        bar.set_postfix(post, refresh=False)
-                if bar is not None:
-                    bar.update(1)
-                if agree is not None:
-                    bad, agreed_signum = agree(bad, signals.signum)
-                if stopped_at_target and bad is None:
-                    break
-                if bad is not None:
-                    if bar is not None:
-                        bar.close()
-                        bar = None
-                    hint = ("lower the step size, or set on_nonfinite: skip to drop non-finite worker messages"
-                            if cfg.on_nonfinite == "stop" else "skipping worker messages cannot help here; lower the step size")
-                    message = f"{bad.describe()} (on_nonfinite: {cfg.on_nonfinite}); {hint}"
-                    finish("diverged", {"diverged_at_step": done, "nonfinite": {
-                        "what": bad.what, "worker": bad.worker, "segment": bad.segment, "index": bad.index,
-                        "value": bad.value, "step": done}, "message": message,
-                        "checkpoint_step": _checkpoint_step(tmp)})
-                    _install(tmp, final)
-                    raise RunDiverged(message, final)
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
-                    checkpoint()
-        finally:
+                    if board is not None:
+                        board.staleness("since_previous_row", async_stats.staleness, done)
+                    row.update(async_stats.row())
+                for name in maxima:
+                    row[name] = maxima[name] if maxima[name] > -math.inf else math.nan
+                    maxima[name] = -math.inf
+                loss = row.get("loss")
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    bad = NonFinite("loss", done, value=loss)
+                else:
+                    record(row)
+                    if stop_target is not None and target_reached([row], stop_target)["steps_to_target"] is not None:
+                        stopped_at_target = True
+                if bar is not None and bad is None:
+                    post = {}
+                    if "loss" in row:
+                        post["loss"] = f"{row['loss']:.4g}"
+                    post["bytes"] = _fmt_bytes(engine.ledger.uplink_bytes + engine.ledger.downlink_bytes)
+                    bar.set_postfix(post, refresh=False)
             if bar is not None:
-                bar.close()
-        signum = agreed_signum if agree is not None else signals.signum
-        if signum is not None and engine.t < steps:
-            checkpoint()
-            name = signal.Signals(signum).name
-            finish("interrupted", {"interrupted_at_step": engine.t, "signal": name})
-            _install(tmp, final)
-            raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signum)
+                bar.update(1)
+            if agree is not None:
+                bad, agreed_signum = agree(bad, signals.signum)
+            if stopped_at_target and bad is None:
+                break
+            if bad is not None:
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                hint = ("lower the step size, or set on_nonfinite: skip to drop non-finite worker messages"
+                        if cfg.on_nonfinite == "stop" else "skipping worker messages cannot help here; lower the step size")
+                message = f"{bad.describe()} (on_nonfinite: {cfg.on_nonfinite}); {hint}"
+                finish("diverged", {"diverged_at_step": done, "nonfinite": {
+                    "what": bad.what, "worker": bad.worker, "segment": bad.segment, "index": bad.index,
+                    "value": bad.value, "step": done}, "message": message,
+                    "checkpoint_step": _checkpoint_step(tmp)})
+                _install(tmp, final)
+                raise RunDiverged(message, final)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+                checkpoint()
+    finally:
+        if bar is not None:
+            bar.close()
+    signum = agreed_signum if agree is not None else signals.signum
+    if signum is not None and engine.t < steps:
+        checkpoint()
+        name = signal.Signals(signum).name
+        finish("interrupted", {"interrupted_at_step": engine.t, "signal": name})
+        _install(tmp, final)
+        raise RunInterrupted(f"interrupted by {name} after step {engine.t} of {steps}", final, signum)
     checkpoint()
     finish("completed", {"stopped_at_target": True} if stopped_at_target else None)
     if cfg.plots:
