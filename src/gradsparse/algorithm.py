@@ -72,6 +72,22 @@ class WorkerState:
         compressor = None if self.compressor is None else {k: v[index] for k, v in self.compressor.items()}
         return WorkerState(memory, momentum, compressor)
 
+    def clone(self) -> "WorkerState":
+        memory, momentum = (None if s is None else s.clone() for s in (self.memory, self.momentum))
+        compressor = None if self.compressor is None else {k: v.clone() for k, v in self.compressor.items()}
+        return WorkerState(memory, momentum, compressor)
+
+    def copy_(self, other: "WorkerState") -> "WorkerState":
+        """Write ``other``'s memory, momentum and compressor state into this state's tensors
+        (views of an engine's buffers stay current); returns self."""
+        for mine, new in ((self.memory, other.memory), (self.momentum, other.momentum)):
+            if mine is not None and new is not mine:
+                mine.flat.copy_(new.flat)
+        if self.compressor is not None and other.compressor is not self.compressor:
+            for k, v in other.compressor.items():
+                self.compressor[k].copy_(v)
+        return self
+
     @staticmethod
     def cat(states: list["WorkerState"]) -> "WorkerState":
         def cat(parts):
@@ -248,6 +264,38 @@ class Algorithm:
         )
 
     # ---- worker side ------------------------------------------------------------------
+    def worker_update_(
+        self,
+        grads: torch.Tensor | None,
+        params: torch.Tensor | None,
+        state: WorkerState,
+        *,
+        step: int,
+        lr: float,
+        workers: torch.Tensor | None = None,
+        in_place: bool = True,
+    ) -> WorkerStepOutput:
+        """The worker step of rows ``state`` (``[n, d]`` views of an engine's buffers, or the
+        whole buffers), the one entry every engine and the DDP hook call; ``state`` holds the
+        new memory, momentum and compressor state afterwards, and the output's ``state`` is
+        ``state`` itself.
+
+        It takes the in-place step (memory <- memory + c g, s = C(memory), memory <- memory - s
+        in the memory's own buffer; :meth:`worker_step_in_place`) when the algorithm allows it
+        (:attr:`supports_in_place`: memory, no worker momentum, no weight decay, not
+        ``on_nonfinite: skip``) and the caller does (``in_place``: False under stagewise
+        learning, whose proximal term the engine adds to the gradients); otherwise the
+        out-of-place step (:meth:`worker_step`, which also applies the skip policy), whose new
+        state is then written into ``state``. ``grads`` None: the caller has already added
+        c g to the memory (in-place step only). ``params``: the model the gradients were taken
+        at (weight decay reads it)."""
+        if in_place and self.supports_in_place:
+            return self.worker_step_in_place(grads, state, step=step, lr=lr, workers=workers)
+        if grads is None:
+            raise ValueError(f"the out-of-place worker step of {self.describe()} needs the gradients (grads is None)")
+        out = self.worker_step(grads, params, state, step=step, lr=lr, workers=workers)
+        return WorkerStepOutput(out.message, out.nbytes, state.copy_(out.state), out.feedback, out.feedback_input)
+
     def worker_step(
         self,
         grads: torch.Tensor,

@@ -15,8 +15,9 @@ Drop it into any ``DistributedDataParallel`` training script::
 
 What the hook does with a bucket at step t (P ranks, rank r):
 
-1. **Worker step, per parameter** (:meth:`~gradsparse.algorithm.Algorithm.worker_step_in_place`,
-   or ``worker_step`` with worker momentum, weight decay or ``on_nonfinite: skip``): the
+1. **Worker step, per parameter** (:meth:`~gradsparse.algorithm.Algorithm.worker_update_`, the
+   entry every engine calls; in place unless worker momentum, weight decay or ``on_nonfinite:
+   skip`` need the out-of-place step): the
    parameter's gradient g is one row of a one-segment algorithm whose compressor is the
    model-wide one restricted to that parameter (:func:`segment_compressor`), so the result equals
    the simulator's ``scope: layerwise``: momentum (if any), ``a = e + c g``, ``s = C(a)`` with its
@@ -798,12 +799,8 @@ def compress_bucket(state: SparsifiedState, params, buf: torch.Tensor, step: int
         seg = state.segments[state.name_of(p)]
         dtype = seg.worker.memory.flat.dtype if seg.worker.memory is not None else state._dtype_for(p)
         g_row = g.detach().reshape(1, -1).to(dtype)
-        if seg.alg.supports_in_place:
-            out = seg.alg.worker_step_in_place(g_row, seg.worker, step=step, lr=lr, workers=rank_id)
-        else:
-            w = p.detach().reshape(-1).to(dtype) if seg.alg.weight_decay else None
-            out = seg.alg.worker_step(g_row, w, seg.worker, step=step, lr=lr, workers=rank_id)
-            seg.worker = out.state
+        w = p.detach().reshape(-1).to(dtype) if seg.alg.weight_decay else None
+        out = seg.alg.worker_update_(g_row, w, seg.worker, step=step, lr=lr, workers=rank_id)
         segs.append(seg)
         outs.append(out)
     return segs, outs
@@ -887,16 +884,8 @@ def _whole_model_bucket(state: SparsifiedState, channel: CollectiveChannel, buck
     rank, world = channel.rank, channel.world
     worker = state._whole_worker
     g = state._grad_full[None]
-    if alg.supports_in_place:
-        out = alg.worker_step_in_place(g, worker, step=step, lr=lr, workers=torch.tensor([rank]))
-    else:
-        out = alg.worker_step(g, None, worker, step=step, lr=lr, workers=torch.tensor([rank]))
-        for mine, new in ((worker.memory, out.state.memory), (worker.momentum, out.state.momentum)):
-            if mine is not None:
-                mine.flat.copy_(new.flat)  # in place: the per-name views stay current
-        if worker.compressor is not None:
-            for k, v in out.state.compressor.items():
-                worker.compressor[k].copy_(v)
+    # in place: the per-name views of the whole-model state stay current
+    out = alg.worker_update_(g, None, worker, step=step, lr=lr, workers=torch.tensor([rank]))
     pending, state._pending = state._pending, []
     segs = [state.segments[n] for names_, _, _ in pending for n in names_]
     if state.collective != "allgather":  # one vector: the layout (engine torch's and the simulator's plan)

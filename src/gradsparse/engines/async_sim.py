@@ -422,24 +422,10 @@ class AsyncSimulator(Engine):
         tau = self.worker_versions[q]
         lr = float(self.schedule(tau, self.worker_epochs[q]))
         rows = self.worker_state.rows(slice(q, q + 1))
-        before = WorkerState(*(None if s is None else s.clone() for s in (rows.memory, rows.momentum)),
-                             None if rows.compressor is None else {k: v.clone() for k, v in rows.compressor.items()})
+        before = rows.clone()
         ids = torch.tensor([q])
-        if self.alg.supports_in_place:
-            out = self.alg.worker_step_in_place(grads, rows, step=tau, lr=lr, workers=ids)
-        else:
-            out = self.alg.worker_step(grads, self.worker_models[q], rows, step=tau, lr=lr, workers=ids)
-            self._write_rows(q, out.state)
+        out = self.alg.worker_update_(grads, self.worker_models[q], rows, step=tau, lr=lr, workers=ids)
         return InFlight(q, tau, out, before, samples, grads, self.worker_models[q])
-
-    def _write_rows(self, q: int, state: WorkerState) -> None:
-        for part in ("memory", "momentum"):
-            dst, src = getattr(self.worker_state, part), getattr(state, part)
-            if dst is not None:
-                dst.flat[q : q + 1].copy_(src.flat)
-        if self.worker_state.compressor is not None:
-            for k, v in state.compressor.items():
-                self.worker_state.compressor[k][q : q + 1].copy_(v)
 
     def _send_model(self, q: int, at: float) -> None:
         self.worker_models[q] = self.w.clone()
@@ -469,7 +455,7 @@ class AsyncSimulator(Engine):
 
     def _restore(self, msg: InFlight, how: str) -> None:
         if how == "staleness_bound":  # as if the message had never been formed
-            self._write_rows(msg.worker, msg.state_before)
+            self.worker_state.rows(slice(msg.worker, msg.worker + 1)).copy_(msg.state_before)
         elif how == "kardam" and self.kardam.rejected == "restore" and self.worker_state.memory is not None:
             # the rejected content goes back into the worker's memory: nothing is lost
             row = self.worker_state.memory.flat[msg.worker : msg.worker + 1]

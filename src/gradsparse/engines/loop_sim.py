@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithm import WorkerState, WorkerStepOutput
+from ..algorithm import WorkerStepOutput
 from ..feedback import FeedbackOutput
 from ..messages import SparseBatch
 from .base import ModelCopy
@@ -46,17 +46,13 @@ class LoopSimulator(SynchronousEngine):
         self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
         grads = torch.stack([self.worker_gradient(q, w, idx[q]) for q in range(self.n_workers)])
         fed = self.feedback_gradients(grads, w)
-        in_place = self.alg.supports_in_place and self.stagewise is None
-        live = self._renew_live_token() if in_place else [True]
+        live = self._renew_live_token()
         outs = []
-        for q in range(self.n_workers):
-            state_q = self.worker_state.rows(slice(q, q + 1))
-            ids = self.worker_ids[q : q + 1]
-            if in_place:  # worker q updates its own memory rows (views into the shared buffer)
-                outs.append(self.alg.worker_step_in_place(fed[q : q + 1], state_q, step=t, lr=lr, workers=ids))
-            else:
-                outs.append(self.alg.worker_step(fed[q : q + 1], w, state_q, step=t, lr=lr, workers=ids))
-        state = self.worker_state if in_place else WorkerState.cat([o.state for o in outs])
+        for q in range(self.n_workers):  # worker q updates its own rows (views into the shared buffers)
+            outs.append(self.alg.worker_update_(fed[q : q + 1], w, self.worker_state.rows(slice(q, q + 1)), step=t,
+                                                lr=lr, workers=self.worker_ids[q : q + 1],
+                                                in_place=self.stagewise is None))
+        state = self.worker_state
         message = SparseBatch.cat([o.message for o in outs])
         accumulated = [o.feedback.accumulated for o in outs]
         feedback = FeedbackOutput(

@@ -130,14 +130,15 @@ class SyncSimulator(SynchronousEngine):
     def worker_round(self, w, t, lr):
         if not self.uses_in_place_memory:
             grads = self.worker_gradients(w)
-            out = self.alg.worker_step(self.feedback_gradients(grads, w), w, self.worker_state,
-                                       step=t, lr=lr, workers=self.worker_ids)
-            return grads, out, [True]
+            live = self._renew_live_token()
+            out = self.alg.worker_update_(self.feedback_gradients(grads, w), w, self.worker_state, step=t, lr=lr,
+                                          workers=self.worker_ids, in_place=self.stagewise is None)
+            return grads, out, live
         idx = self.data.sample()
         self.samples_seen += idx.numel()
         factors = self._grouped.factors(self.layout.unflatten(w), self.task.train_x[idx], self.task.train_y[idx])
         live = self._renew_live_token()
         memory = self.worker_state.memory
         factors.write_into(memory.flat, alpha=self.alg.feedback.accumulation_scale(lr), accumulate=True)
-        out = self.alg.worker_step_in_place(None, self.worker_state, step=t, lr=lr, workers=self.worker_ids)
+        out = self.alg.worker_update_(None, w, self.worker_state, step=t, lr=lr, workers=self.worker_ids)
         return factors, out, live

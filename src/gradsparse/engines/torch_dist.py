@@ -192,13 +192,8 @@ class TorchDistEngine(SynchronousEngine):
         if self.x_star is not None:
             g = g - self._grad(self.x_star, x, y)
         fed = self.feedback_gradients(g[None], w)
-        in_place = self.alg.supports_in_place and self.stagewise is None
-        state_q = self.worker_state.rows(slice(q, q + 1))
-        ids = self.worker_ids[q : q + 1]
-        if in_place:
-            out = self.alg.worker_step_in_place(fed, state_q, step=t, lr=lr, workers=ids)
-        else:
-            out = self.alg.worker_step(fed, w, state_q, step=t, lr=lr, workers=ids)
+        out = self.alg.worker_update_(fed, w, self.worker_state.rows(slice(q, q + 1)), step=t, lr=lr,
+                                      workers=self.worker_ids[q : q + 1], in_place=self.stagewise is None)
         payload = self._frames(out)
         sent_before = self.ledger.sent_bytes
         self._transported = self._delivered_update = None
@@ -225,14 +220,13 @@ class TorchDistEngine(SynchronousEngine):
         compressor = None
         if new.compressor is not None:
             compressor = {k: self._gather_rows(v) for k, v in new.compressor.items()}
-        state = WorkerState(gathered(new.memory), gathered(new.momentum), compressor)
         accumulated = self._gather_rows(out.accumulated())
-        if in_place:  # keep the engine's own buffer (views of it stay current)
-            self.worker_state.memory.flat.copy_(state.memory.flat)
-            state.memory = self.worker_state.memory
+        live = self._renew_live_token()
+        # every worker's new state into the engine's own buffers (views of them stay current)
+        state = self.worker_state.copy_(WorkerState(gathered(new.memory), gathered(new.momentum), compressor))
         feedback = FeedbackOutput(message, message.gather(accumulated), accumulated)
         inputs = None if out.feedback_input is None else self._gather_rows(out.feedback_input)
-        return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), self._renew_live_token() if in_place else [True]
+        return grads, WorkerStepOutput(message, nbytes, state, feedback, inputs), live
 
     # ---- the collectives ------------------------------------------------------------------------
     def transported_aggregate(self, message):
@@ -343,18 +337,8 @@ class TorchDistEngine(SynchronousEngine):
             g = self._grad(w, x, y)
             if self.x_star is not None:
                 g = g - self._grad(self.x_star, x, y)
-            state_q = self.worker_state.rows(slice(q, q + 1))
-            ids = self.worker_ids[q : q + 1]
-            if self.alg.supports_in_place:
-                out = self.alg.worker_step_in_place(g[None], state_q, step=t, lr=lr, workers=ids)
-            else:
-                out = self.alg.worker_step(g[None], w, state_q, step=t, lr=lr, workers=ids)
-                for mine, new in ((mem, out.state.memory), (mom, out.state.momentum)):
-                    if mine is not None:
-                        mine.flat[q] = new.flat[0]
-                if out.state.compressor is not None:
-                    for k, v in out.state.compressor.items():
-                        self.worker_state.compressor[k][q] = v[0]
+            out = self.alg.worker_update_(g[None], w, self.worker_state.rows(slice(q, q + 1)), step=t, lr=lr,
+                                          workers=self.worker_ids[q : q + 1])
             channel.send(0, "uplink", out.message, step=t, value_dtype=vd)
             fin_q = out.feedback_input[0] if out.feedback_input is not None else g
             parts = [g, out.accumulated()[0], fin_q] + [st.flat[q] for st in (mem, mom) if st is not None]
