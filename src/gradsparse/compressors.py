@@ -199,6 +199,12 @@ class Compressor:
     kind: ClassVar[str] = "compressor"
     #: True when a receiver rebuilds the support from a seed (no indices on the wire)
     seeded_support: ClassVar[bool] = False
+    #: True when the compressor plans over the whole run (a byte budget): :meth:`bind_run` is
+    #: called with the run's length before the first step, and it is an uplink compressor only
+    plans_over_run: ClassVar[bool] = False
+    #: the hard threshold lambda (hard_threshold; budget_threshold's fixed one), else None;
+    #: recorded in summary.json
+    threshold: float | None = None
 
     def compress(self, x: torch.Tensor, context: CompressionContext | None = None) -> SparseBatch:
         raise NotImplementedError
@@ -227,6 +233,16 @@ class Compressor:
         ``s = C(buffer)`` and ``buffer <- buffer - s`` in place, where C keeps values unchanged.
         Returns (message, accumulated values at the support) or ``None`` when this compressor
         has no fused kernel for this input (the caller then runs the unfused steps)."""
+        return None
+
+    def reveals_nonfinite(self, d: int) -> bool:
+        """Whether a row with a non-finite entry always gives a message row with a non-finite
+        value (then :mod:`gradsparse.divergence` need not scan the memories); False unless the
+        compressor knows it does."""
+        return False
+
+    def budget_summary(self, engine) -> dict | None:
+        """What summary.json records under ``uplink_budget`` (budget_threshold); None for others."""
         return None
 
     def describe(self) -> str:
@@ -669,6 +685,7 @@ class BudgetThreshold(Compressor):
     """
 
     kind = "budget_threshold"
+    plans_over_run = True
     #: worst-case value bytes per entry (fp32; fp16/bf16 frames are smaller)
     _BOUND_VALUE_BYTES = 4
 

@@ -91,13 +91,7 @@ def _message_reveals_memory(engine, rec) -> bool:
     finite one (NaN above +inf above all magnitudes), so it is sent; and when a is finite the new
     memory (a - s off and on the support) is finite. The memories before the step are finite by
     the previous step's check (the runner checks everything fully on a run's first step)."""
-    alg = getattr(engine, "alg", None)
-    worker = getattr(rec, "worker", None)
-    d = getattr(engine, "d", None)
-    if alg is None or worker is None or d is None or getattr(worker, "message", None) is None:
-        return False
-    reveals = getattr(alg.compressor, "reveals_nonfinite", None)
-    return bool(reveals is not None and reveals(d))
+    return rec is not None and engine.alg.compressor.reveals_nonfinite(engine.d)
 
 
 def _message_nonfinite(msg, step: int, layout) -> NonFinite | None:
@@ -131,24 +125,21 @@ def find_nonfinite(engine, rec=None, step: int | None = None, *, full: bool = Fa
 
 
 def _find(engine, rec, step: int, *, scan_memory: bool) -> NonFinite | None:
-    layout = getattr(engine, "layout", None)
-    checks = [("model", getattr(engine, "w", None))]
-    ws = getattr(engine, "worker_state", None)
-    if ws is not None:
-        if scan_memory:
-            checks.append(("memory", None if ws.memory is None else ws.memory.flat))
-        checks.append(("momentum", None if ws.momentum is None else ws.momentum.flat))
-    ss = getattr(engine, "server_state", None)
-    if ss is not None:
-        checks.append(("server momentum", None if ss.momentum is None else ss.momentum.flat))
-        checks.append(("server downlink memory", None if ss.downlink_memory is None else ss.downlink_memory.flat))
+    layout, ws, ss = engine.layout, engine.worker_state, engine.server_state
+    checks = [("model", engine.w)]
+    if scan_memory:
+        checks.append(("memory", None if ws.memory is None else ws.memory.flat))
+    checks.append(("momentum", None if ws.momentum is None else ws.momentum.flat))
+    checks.append(("server momentum", None if ss.momentum is None else ss.momentum.flat))
+    checks.append(("server downlink memory", None if ss.downlink_memory is None else ss.downlink_memory.flat))
     for what, x in checks:
         found = first_nonfinite(what, x, step, layout)
         if found is not None:
             return found
-    worker = getattr(rec, "worker", None)
-    if worker is not None:
-        acc = getattr(worker.feedback, "accumulated", None) if scan_memory else None  # feedback none: a = alpha g
+    if rec is not None:
+        worker = rec.worker
+        # feedback none: a = alpha g (the real asynchronous server holds a decoded message only)
+        acc = worker.feedback.accumulated if scan_memory and worker.feedback is not None else None
         if acc is not None:
             found = first_nonfinite("gradient", acc, step, layout)
             if found is not None:

@@ -198,6 +198,7 @@ class AsyncSimulator(Engine):
     name = "async"
     topologies = ("ps_uplink",)
     sends_model_down = True
+    is_asynchronous = True
     metrics = frozenset(METRICS)
 
     def __init__(
@@ -398,16 +399,11 @@ class AsyncSimulator(Engine):
     def epoch(self) -> float:
         return self.samples_seen / max(self.task.n_train, 1)
 
-    @property
-    def stagewise(self):
-        return None
-
     def _worker_gradient(self, q: int) -> tuple[torch.Tensor, int]:
         rows = self.data.sample_worker(q)
         x, y = self.task.train_x[rows], self.task.train_y[rows]
         g = self._grad(self.worker_models[q], x, y) if self._model is None else self._model.gradient(self.worker_models[q], x, y)
-        if self.x_star is not None:
-            g = g - self._grad(self.x_star, x, y)
+        g = self.shifted(g, lambda x_star: self._grad(x_star, x, y))
         return g[None], int(rows.numel())
 
     def _compute_done(self, q: int) -> None:

@@ -46,6 +46,22 @@ class Engine(ABC):
     metrics: ClassVar[frozenset[str]] = frozenset(METRICS) - frozenset(ASYNC_METRICS)
     #: whether the server sends workers the model itself (then downlink bytes differ from sync's)
     sends_model_down: ClassVar[bool] = False
+    #: whether updates arrive with staleness (the asynchronous engines: ``staleness_histogram``,
+    #: ``now``, ``rejected`` and the asynchronous metrics)
+    is_asynchronous: ClassVar[bool] = False
+    #: whether the step loop runs on several processes (engine torch: every rank), which must
+    #: agree after every step whether to stop (:meth:`agree_to_stop`)
+    agrees_to_stop: ClassVar[bool] = False
+
+    # what an engine records in summary.json; engines that have them set them in their constructor
+    #: the gradient path "auto" resolved to (the vectorized simulator), else None
+    gradient_path: str | None = None
+    #: whether the workers' memories take c g in the engine's own buffer (the vectorized simulator)
+    uses_in_place_memory: bool = False
+    #: the collective of a synchronous round (allgather, sharded, allreduce); None when asynchronous
+    collective: str | None = None
+    #: stagewise learning (paper 004) when the schedule is stagewise, else None
+    stagewise = None
 
     task: Task
     layout: Layout
@@ -72,6 +88,20 @@ class Engine(ABC):
     @property
     def d(self) -> int:
         return self.layout.d
+
+    def bind_total_steps(self, steps: int) -> None:
+        """The run's length, told before the first step (the real asynchronous engine's server
+        stops its workers after the last update); nothing by default."""
+
+    def agree_to_stop(self, found, signum: int | None):
+        """After a step: (the first non-finite value any process found, the signal any process
+        got), the same on every process. One process: its own."""
+        return found, signum
+
+    def summary_counts(self) -> dict:
+        """Counts this engine adds to summary.json (the real asynchronous engine: messages drained
+        at the end); none by default."""
+        return {}
 
     def _setup(self, task: Task, algorithm, schedule, *, n_workers: int, batch_size, split: str,
                shards_per_worker: int, seed: int, gradient_shift: str,
@@ -111,6 +141,12 @@ class Engine(ABC):
     # ---- evaluation of the current model (shared by every engine) --------------------------
     def _loss_flat(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.task.loss(self.layout.unflatten(w), x, y)
+
+    def shifted(self, g: torch.Tensor, gradient_at) -> torch.Tensor:
+        """The gradient a worker feeds to the algorithm: ``g`` (taken at the model on some
+        samples), less the same samples' gradient at the optimum under EF-GD* (paper 002,
+        App. C.3.2: g_i(x) - g_i(x*); ``gradient_at(x_star)`` computes it); ``g`` otherwise."""
+        return g if self.x_star is None else g - gradient_at(self.x_star)
 
     @staticmethod
     def _chunks(n: int, size: int = 4096):

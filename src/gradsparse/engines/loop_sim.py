@@ -37,9 +37,7 @@ class LoopSimulator(SynchronousEngine):
         """Worker q's gradient at w on its rows, computed in its own model copy."""
         x, y = self.task.train_x[rows], self.task.train_y[rows]
         g = self._grad(w, x, y) if self.models is None else self.models[q].gradient(w, x, y)
-        if self.x_star is not None:
-            g = g - self._grad(self.x_star, x, y)
-        return g
+        return self.shifted(g, lambda x_star: self._grad(x_star, x, y))
 
     def worker_round(self, w, t, lr):
         idx = self.data.sample()

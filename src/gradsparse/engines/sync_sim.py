@@ -105,11 +105,11 @@ class SyncSimulator(SynchronousEngine):
             self.samples_seen += sum(len(r) for r in idx)
             g = torch.empty(self.data.n_workers, self.d, dtype=w.dtype)
             for workers, x, y in self._ragged_groups(idx):
-                g[workers] = self._shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
+                g[workers] = self.shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
             return g
         self.samples_seen += idx.numel()
         x, y = self.task.train_x[idx], self.task.train_y[idx]
-        return self._shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
+        return self.shifted(self._vgrad(w, x, y), lambda xs: self._vgrad(xs, x, y))
 
     def _ragged_groups(self, idx: list) -> list:
         """Workers grouped by shard size, each group's rows stacked ``[n_group, size]`` (the full

@@ -229,10 +229,6 @@ class SynchronousEngine(Engine):
         return server
 
     # ---- gradients shared by the engines -----------------------------------------------------
-    def _shifted(self, g: torch.Tensor, fn) -> torch.Tensor:
-        """EF-GD*: subtract the same samples' gradient at the optimum."""
-        return g if self.x_star is None else g - fn(self.x_star)
-
     def feedback_gradients(self, grads: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """The gradients the workers feed to the algorithm: + the stagewise proximal term."""
         if self.stagewise is not None:

@@ -85,6 +85,9 @@ class TorchAsyncEngine(AsyncSimulator):
         if self.rank > 0 and self.rank - 1 > 0:  # worker 0 keeps the engine's generator (as the simulator)
             self.data.generator.manual_seed(stream_seed(int(kw.get("seed", 0)), "data", 0, self.rank - 1))
 
+    def summary_counts(self) -> dict:
+        return {"drained_messages": self.drained_messages}
+
     def bind_total_steps(self, steps: int) -> None:
         """The run's length: after that many updates the server stops the workers."""
         self.total_steps = int(steps)

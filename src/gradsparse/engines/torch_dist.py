@@ -146,6 +146,8 @@ class TorchDistEngine(SynchronousEngine):
         self._delivered_update: torch.Tensor | None = None
         self._transported: torch.Tensor | None = None
 
+    agrees_to_stop = True
+
     def agree_to_stop(self, found, signum: int | None):
         """After every step, every rank learns whether any rank saw a non-finite value or got a
         signal, so all of them stop after the same step with the same report (rank 0 records the
@@ -188,9 +190,7 @@ class TorchDistEngine(SynchronousEngine):
         self.samples_seen += sum(len(r) for r in idx) if isinstance(idx, list) else idx.numel()
         rows = idx[q]
         x, y = self.task.train_x[rows], self.task.train_y[rows]
-        g = self._grad(w, x, y)
-        if self.x_star is not None:
-            g = g - self._grad(self.x_star, x, y)
+        g = self.shifted(self._grad(w, x, y), lambda x_star: self._grad(x_star, x, y))
         fed = self.feedback_gradients(g[None], w)
         out = self.alg.worker_update_(fed, w, self.worker_state.rows(slice(q, q + 1)), step=t, lr=lr,
                                       workers=self.worker_ids[q : q + 1], in_place=self.stagewise is None)
@@ -334,9 +334,7 @@ class TorchDistEngine(SynchronousEngine):
             q = self.rank - 1
             rows = idx[q]
             x, y = self.task.train_x[rows], self.task.train_y[rows]
-            g = self._grad(w, x, y)
-            if self.x_star is not None:
-                g = g - self._grad(self.x_star, x, y)
+            g = self.shifted(self._grad(w, x, y), lambda x_star: self._grad(x_star, x, y))
             out = self.alg.worker_update_(g[None], w, self.worker_state.rows(slice(q, q + 1)), step=t, lr=lr,
                                           workers=self.worker_ids[q : q + 1])
             channel.send(0, "uplink", out.message, step=t, value_dtype=vd)

@@ -157,18 +157,17 @@ def build_engine(cfg: RunConfig, engine_class=None):
         raise ConfigError(f"config key '{key}': {exc}") from None
     if alg.topology.kind not in engine.topologies:
         raise ConfigError(f"config key 'engine': engine {cfg.engine!r} does not run topology {alg.topology.kind!r}")
-    if hasattr(engine, "bind_total_steps"):  # torch_async: the server stops the workers after the last update
-        engine.bind_total_steps(total_steps(cfg, engine))
+    engine.bind_total_steps(total_steps(cfg, engine))
     if cfg.engine == "async":  # a virtual clock that stays finite
         try:
             engine.check_horizon(total_steps(cfg, engine))
         except ValueError as exc:
             raise ConfigError(f"config key 'asynchronous': {exc}") from None
     # a compressor that plans over the run (budget_threshold) learns the run's length here
-    if alg.down_compressor is not None and hasattr(alg.down_compressor, "bind_run"):
+    if alg.down_compressor is not None and alg.down_compressor.plans_over_run:
         raise ConfigError("config key 'algorithm.topology.down_compressor': budget_threshold keeps per-worker "
                           "state and is an uplink compressor (algorithm.compressor)")
-    if hasattr(alg.compressor, "bind_run"):
+    if alg.compressor.plans_over_run:
         worker_steps = reserve = None
         if cfg.engine == "async":  # steps counts server updates: each worker plans over its own messages
             try:
@@ -246,7 +245,7 @@ def async_summary(engine, rows: list[dict], cfg: RunConfig) -> dict:
         "staleness_max": max((s for s, _ in hist), default=None),
         "staleness_histogram": {str(s): c for s, c in hist},
         "rejected_messages": dict(engine.rejected),
-        **({"drained_messages": engine.drained_messages} if hasattr(engine, "drained_messages") else {}),
+        **engine.summary_counts(),
         **target_reached(rows, cfg.asynchronous.target),
     }
 
@@ -828,9 +827,8 @@ def _execute(cfg: RunConfig, final: Path, *, progress: bool | None, resume: dict
             state.config_changes.append({"at_step": at, "changes": changes})
             print(f"gradsparse: note: resuming {final} at step {at} with a changed config (--allow-config-change): "
                   f"{_describe_changes(changes)}", file=sys.stderr)
-    is_async = hasattr(engine, "staleness_histogram")
     async_stats = None
-    if is_async:
+    if engine.is_asynchronous:
         from .asynchronous import AsyncRowStats
 
         async_stats = AsyncRowStats(engine, names)
@@ -991,7 +989,7 @@ def _steps(cfg, engine, steps, names, columns, tracked, rr, state, async_stats, 
     first_check = True
     # engines of several processes agree after every step on whether to stop (a signal or a
     # non-finite value seen by any rank), so every rank stops after the same step
-    agree = getattr(engine, "agree_to_stop", None)
+    agree = engine.agree_to_stop if engine.agrees_to_stop else None
     agreed_signum = None
     # asynchronous.target.stop: end at the first recorded row that reaches the target
     stop_target = cfg.asynchronous.target if (cfg.asynchronous.target is not None and cfg.asynchronous.target.stop) else None
@@ -1102,7 +1100,7 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
     if state.worker_rows:
         _write_csv(run_dir / "worker_error_norms.csv", state.worker_rows)
     stages, output = [], None
-    if getattr(engine, "stagewise", None) is not None and status == "completed":
+    if engine.stagewise is not None and status == "completed":
         # w~_1 .. w~_{S-1} started stages; the last stage's average w~_S is the algorithm's output
         output = engine.stagewise.output()
         averages = list(engine.stagewise.averages) + ([output] if output is not None else [])
@@ -1135,8 +1133,8 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "steps": engine.t,
         "epochs": engine.epoch,
         "wall_seconds": state.wall,
-        "gradient_path": getattr(engine, "gradient_path", None),  # what "auto" resolved to
-        "in_place_memory": getattr(engine, "uses_in_place_memory", False),
+        "gradient_path": engine.gradient_path,  # what "auto" resolved to
+        "in_place_memory": engine.uses_in_place_memory,
         "uplink_bytes": engine.ledger.uplink_bytes,
         "downlink_bytes": engine.ledger.downlink_bytes,
         "uplink_messages": engine.ledger.uplink_messages,
@@ -1146,15 +1144,15 @@ def _write_outputs(cfg, engine, columns, state, run_dir: Path, status: str, extr
         "diagnostic_bytes": engine.ledger.diagnostic_bytes,
         # what all ranks together would hand (simulators: predicted) or handed (engine torch) to
         # their transports under the collective; per rank and step below
-        "collective": getattr(engine, "collective", None),
+        "collective": engine.collective,
         "all_ranks_sent_bytes": engine.ledger.all_ranks_sent_bytes,
         "sent_bytes_per_rank_step": engine.ledger.all_ranks_sent_bytes / max(engine.n_workers * engine.t, 1),
         "avg_density": engine.density_sum / max(engine.t, 1),
         "total_error": engine.total_error if engine.track_total_error else None,
         "on_nonfinite": cfg.on_nonfinite,
         "skipped_messages": state.skipped,
-        "hard_threshold": getattr(engine.alg.compressor, "threshold", None),
-        "uplink_budget": getattr(engine.alg.compressor, "budget_summary", lambda e: None)(engine),
+        "hard_threshold": engine.alg.compressor.threshold,
+        "uplink_budget": engine.alg.compressor.budget_summary(engine),
         "stages": stages or None,
         "final_is": "stage_average" if output is not None else "last_iterate",
         **({"final_last_iterate": final_last_iterate} if final_last_iterate is not None else {}),
