@@ -4,7 +4,7 @@ For each d and density rho (k = rho * d, support = top-k of a Gaussian vector, i
 random) it measures, as the median of ``--repeats`` (>= 7) runs:
 
 * encode and decode time of every index encoding (raw32, varint, rice, packed, bitmap, auto; and
-  seed, whose decode regenerates the support with ``gradsparse.compressors.random_k_indices``),
+  seed, whose decode regenerates the support with ``gradsparse.random_support.random_k_indices``),
   for a one-row :class:`~gradsparse.messages.SparseBatch`,
 * the time of ``torch.topk(x.abs(), k)`` on the same d in the same run, and the ratio
   (encode + decode) / topk,

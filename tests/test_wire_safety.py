@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from gradsparse import compressors, wire
-from gradsparse.compressors import random_k_indices
-from gradsparse.wire import WireError, codecs
+from gradsparse import wire
+from gradsparse.random_support import random_k_indices
+from gradsparse.wire import WireError, codecs, frames
 from gradsparse.wire import format as wf
 
 from test_wire import EXPLICIT, SETTINGS, _check_valid_batch, _recrc, row
@@ -109,13 +109,13 @@ def test_seeded_rows_are_regenerated_together_and_equal_one_by_one(monkeypatch):
                                 index_encoding="varint" if q % 7 == 0 else "auto"))
     buf = b"".join(rows)
     calls = []
-    real = compressors.random_k_indices_rows
+    real = frames.random_k_indices_rows
 
     def counting(seeds, d_, k_):
         calls.append(k_)
         return real(seeds, d_, k_)
 
-    monkeypatch.setattr(compressors, "random_k_indices_rows", counting)
+    monkeypatch.setattr(frames, "random_k_indices_rows", counting)  # the decoder's sampler
     together = wire.decode(buf)
     assert sorted(calls) == [1, 3, 400]  # one call per count, not one per frame
     one_by_one = wire.decode(buf, regenerate=random_k_indices)

@@ -130,7 +130,7 @@ def _fmt(v) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import OneLineParser, UsageError, _error
+    from .command_line import OneLineParser, UsageError, error
 
     ap = OneLineParser(prog="gradsparse bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
@@ -139,13 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a = ap.parse_args(argv)
     except UsageError as exc:
-        return _error(exc)
+        return error(exc)
     names = [n.strip() for n in a.only.split(",") if n.strip()]
     bad = [n for n in names if n not in BENCHES]
     if not names:
-        return _error(f"bench --only {a.only!r} names no benchmark; allowed: {', '.join(BENCHES)}")
+        return error(f"bench --only {a.only!r} names no benchmark; allowed: {', '.join(BENCHES)}")
     if bad:
-        return _error(f"bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}")
+        return error(f"bench --only: unknown benchmark(s) {bad}; allowed: {', '.join(BENCHES)}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}

@@ -13,41 +13,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from .command_line import OneLineParser, UsageError, error, example_path, resolve_config
 from .config import ConfigError, load_config
-
-
-def _example_path(name: str) -> Path:
-    base = resources.files("gradsparse") / "examples"
-    p = Path(str(base / name))
-    if not p.suffix:
-        p = p.with_suffix(".yaml")
-    return p
-
-
-def _resolve_config(arg: str) -> Path:
-    p = Path(arg)
-    if p.exists():
-        return p
-    ex = _example_path(arg)
-    return ex if ex.exists() else p
-
-
-class UsageError(Exception):
-    """A malformed command line (argparse's complaint), reported as one line by :func:`main`."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one ``gradsparse: error:`` line (no usage block) and
-    exit status 2; ``--help`` still prints the usage."""
-
-    def error(self, message: str):
-        sub = self.prog[len("gradsparse"):].strip() if self.prog.startswith("gradsparse") else self.prog
-        raise UsageError(f"{sub + ': ' if sub else ''}{message} (see {self.prog} --help)")
-
-
-def _error(message: str, code: int = 2) -> int:
-    print(f"gradsparse: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return code
 
 
 def _ended(exc) -> int:
@@ -67,33 +34,33 @@ def cmd_run(args) -> int:
     try:
         if args.resume is not None:
             if args.config is not None or args.set or args.out is not None or args.overwrite or args.tensorboard:
-                return _error("--resume RUN_DIR takes no config, --set, --out, --overwrite or --tensorboard: it "
+                return error("--resume RUN_DIR takes no config, --set, --out, --overwrite or --tensorboard: it "
                               "continues the run with the config saved in RUN_DIR (edit RUN_DIR/config.yaml and "
                               "pass --allow-config-change to change it)")
             out = resume(args.resume, progress=progress, allow_config_change=args.allow_config_change)
         else:
             if args.allow_config_change:
-                return _error("--allow-config-change goes with --resume RUN_DIR (a new run takes any config)")
+                return error("--allow-config-change goes with --resume RUN_DIR (a new run takes any config)")
             if args.config is None:
-                return _error("run needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
+                return error("run needs a config (a YAML file or a shipped example name) or --resume RUN_DIR")
             overrides = list(args.set)
             if args.no_memory_check:
                 overrides.append("memory_check=false")
             if args.tensorboard:
                 overrides.append("metrics.tensorboard=true")
-            cfg = load_config(_resolve_config(args.config), overrides)
+            cfg = load_config(resolve_config(args.config), overrides)
             out = run(cfg, args.out, progress=progress, overwrite=args.overwrite)
     except ConfigError as exc:
-        return _error(exc)
+        return error(exc)
     except RunEnded as exc:
         return _ended(exc)
     except StorageError as exc:  # before the first step (the run's folder, its lock)
         print(f"gradsparse: failed: {' '.join(str(exc.strerror or exc).split())}", file=sys.stderr)
         return RunFailed.exit_code
     except OSError as exc:
-        return _error(f"cannot write the run directory: {exc}", RunFailed.exit_code)
+        return error(f"cannot write the run directory: {exc}", RunFailed.exit_code)
     except MemoryError as exc:
-        return _error(f"out of memory ({exc}); lower workers.count, the model or the batch "
+        return error(f"out of memory ({exc}); lower workers.count, the model or the batch "
                       "(the up-front estimate did not foresee it)", 1)
     print(f"run directory: {out}")
     return 0
@@ -112,11 +79,11 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     try:  # every config and path is checked before the first run writes anything
-        cfgs = [load_config(_example_path(name), args.set) for name in DEMO_CONFIGS]
+        cfgs = [load_config(example_path(name), args.set) for name in DEMO_CONFIGS]
         for name in DEMO_CONFIGS:  # (out itself holds the demo's runs and plot: it is not a run directory)
             check_out_dir(out / name, overwrite=True)
     except ConfigError as exc:
-        return _error(exc)
+        return error(exc)
     dirs = []
     try:
         for name, cfg in zip(DEMO_CONFIGS, cfgs):
@@ -124,7 +91,7 @@ def cmd_demo(args) -> int:
             print(f"{name}: {d}")
             dirs.append(d)
     except ConfigError as exc:
-        return _error(exc)
+        return error(exc)
     except RunEnded as exc:
         return _ended(exc)
     except StorageError as exc:
@@ -140,13 +107,13 @@ def cmd_compare(args) -> int:
 
     not_dirs = [d for d in args.runs if Path(d).exists() and not Path(d).is_dir()]
     if not_dirs:
-        return _error(f"compare: {not_dirs[0]!r} is not a run directory (give the folders that hold metrics.csv)")
+        return error(f"compare: {not_dirs[0]!r} is not a run directory (give the folders that hold metrics.csv)")
     try:
         print(compare_runs(args.runs, args.out, args.metric))
     except (ValueError, FileNotFoundError) as exc:
-        return _error(exc)
+        return error(exc)
     except OSError as exc:  # e.g. --out under a file, or in a folder that does not exist
-        return _error(f"compare: cannot write --out {args.out!r}: {exc.strerror or exc}")
+        return error(f"compare: cannot write --out {args.out!r}: {exc.strerror or exc}")
     return 0
 
 
@@ -164,7 +131,7 @@ def cmd_budget_compare(args) -> int:
     try:
         summary = compare(args.out, seeds=args.seeds, quick=args.quick)
     except (ConfigError, FileExistsError) as exc:
-        return _error(exc)
+        return error(exc)
     print(Path(summary["files"]["markdown"]).read_text(), end="")
     print(f"table: {summary['files']['csv']}, plot: {summary['files']['plot']}")
     return 0
@@ -177,10 +144,10 @@ def cmd_sweep(args) -> int:
 
     try:
         overrides = [*args.set, *(["metrics.tensorboard=true"] if args.tensorboard else [])]
-        out = sweep(_resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
+        out = sweep(resolve_config(args.config), args.grid, args.out, seeds=args.seeds, processes=args.processes,
                     overrides=overrides, progress=not args.no_progress)
     except ConfigError as exc:
-        return _error(exc)
+        return error(exc)
     except SweepInterrupted as exc:
         print(f"gradsparse: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -204,7 +171,7 @@ def cmd_reproduce(args) -> int:
                 print(f"{'':24s}   {scale}: {rep.settings.get(scale, '')}")
         return 0
     if args.seeds is not None and args.seeds < 1:
-        return _error(f"--seeds must be >= 1, got {args.seeds}")
+        return error(f"--seeds must be >= 1, got {args.seeds}")
     if args.name == "all":
         from .reproduce.suite import run_all
 
@@ -215,7 +182,7 @@ def cmd_reproduce(args) -> int:
         print(f"index: {out / 'index.md'} and {out / 'index.html'}")
         return 0 if all(s["status"] in ("completed", "missing data") for s in summaries.values()) else 1
     if args.name not in table:
-        return _error(f"unknown reproduction {args.name!r}; allowed: {', '.join(table)}, all (see --list)")
+        return error(f"unknown reproduction {args.name!r}; allowed: {', '.join(table)}, all (see --list)")
     out = Path(args.out or f"reproductions/{args.scale}/{args.name}")
     bar = None
     if not args.no_progress:
@@ -229,7 +196,7 @@ def cmd_reproduce(args) -> int:
                                     processes=args.processes or os.cpu_count() or 1,
                                     on_run=(lambda key: bar.update(1)) if bar is not None else None)
     except DataMissing as exc:
-        return _error(str(exc), code=3)
+        return error(str(exc), code=3)
     finally:
         if bar is not None:
             bar.close()
@@ -253,13 +220,13 @@ def cmd_data(args) -> int:
                 print(f"{'':14s} looked for in: {', '.join(str(d) for d in ds.dirs(args.data_dir))}")
             return 0
         if args.name is None:
-            return _error(f"data download needs a data set name: one of {', '.join(datasets.DATASETS)}")
+            return error(f"data download needs a data set name: one of {', '.join(datasets.DATASETS)}")
         paths = datasets.download(args.name, args.data_dir, base_url=args.base_url, force=args.force,
                                   progress=not args.no_progress)
     except ValueError as exc:
-        return _error(exc)
+        return error(exc)
     except OSError as exc:
-        return _error(exc, 1)
+        return error(exc, 1)
     for p in paths:
         print(p)
     return 0
@@ -352,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        return _error(exc)
+        return error(exc)
     try:
         return int(args.fn(args) or 0)
     except KeyboardInterrupt:  # outside a run's own handler (e.g. while the task loads, or between runs)

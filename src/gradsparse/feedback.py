@@ -12,7 +12,7 @@ Each kind is an object with ``init(layout, n) -> memory`` (a
                  M-DSGD, paper 001 phi-MemSGD); the server multiplies the aggregate by eta_t.
 
 Values as sent: every ``update``/``step_in_place_`` takes the wire's ``value_dtype``; the
-message's values are what a receiver decodes (:func:`gradsparse.messages.sendable`: rounded to
+message's values are what a receiver decodes (:func:`gradsparse.wire.sendable`: rounded to
 that dtype), and the memory keeps what rounding took off: ``e <- a - sent``.
 
 One implementation: every kind with a memory forms the accumulated vector ``a = e + c g``
@@ -37,8 +37,9 @@ from typing import ClassVar
 import torch
 
 from .compressors import CompressionContext, Compressor
-from .messages import SparseBatch, sendable
+from .messages import SparseBatch
 from .segments import Layout, SegmentedTensor
+from .wire import sendable
 
 __all__ = ["FeedbackOutput", "Feedback", "NoFeedback", "ErrorFeedback", "ScaledErrorFeedback", "Memory", "FEEDBACKS", "make_feedback"]
 

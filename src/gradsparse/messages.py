@@ -14,7 +14,7 @@ Layout (CSR-like, one row per worker or per server message)::
              the wire encoder sorts.
     values   [nnz]; the values at those columns
     seeds    int64 [n] or None; random-k rows: the receiver regenerates the row's columns from
-             (seed, d, count) with :func:`gradsparse.compressors.random_k_indices`, so the wire
+             (seed, d, count) with :func:`gradsparse.random_support.random_k_indices`, so the wire
              carries the seed instead of indices
     dense    True when every row holds all d entries in column order (identity compressor);
              ``indices`` is then built only on request
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SparseBatch", "sendable"]
+__all__ = ["SparseBatch"]
 
 
 @dataclass
@@ -236,15 +236,3 @@ class SparseBatch:
     def __repr__(self) -> str:
         kind = "dense" if self.dense else ("seeded" if self.seeds is not None else "sparse")
         return f"SparseBatch(n={self.n}, d={self.d}, nnz={self.nnz}, {kind})"
-
-
-def sendable(message: SparseBatch, value_dtype: str | torch.dtype | None) -> SparseBatch:
-    """``message`` with its values as a receiver decodes them from frames carrying
-    ``value_dtype`` (:func:`gradsparse.wire.round_values`); the message itself when nothing
-    changes (``value_dtype`` None, or values already exact in it)."""
-    if value_dtype is None:
-        return message
-    from .wire.format import round_values
-
-    values = round_values(message.values, value_dtype)
-    return message if values is message.values else message.with_values(values)

@@ -58,7 +58,7 @@ import math
 import torch
 
 from .compressors import CompressionContext
-from .messages import sendable
+from .wire import sendable
 
 METRICS = (
     "step",

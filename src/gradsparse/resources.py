@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
-from typing import Any
 
-__all__ = ["machine_memory", "process_memory", "task_dimension"]
+__all__ = ["machine_memory", "process_memory"]
 
 
 def machine_memory() -> tuple[int | None, str]:
@@ -43,32 +42,3 @@ def process_memory() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return now, max(peak, now)
-
-
-def task_dimension(name: str, options: dict[str, Any]) -> tuple[int, int] | None:
-    """(d, bytes per parameter) of task ``name`` with ``options``, read from the options alone
-    (nothing is built), for the tasks whose d the options fix: ``toy_quadratic`` (dim),
-    ``linreg`` (n_features) and ``logreg`` on a generated or fixed data set (its features); None
-    for the others (their d is known once the task is built). Never more than the built task's d."""
-    from .tasks import TASKS, task_options
-
-    if name not in TASKS:
-        return None
-    opts = {**task_options(name), **options}
-    elem = 8 if opts.get("dtype") in ("float64", "double") else 4
-    try:
-        if name == "toy_quadratic":
-            return int(opts["dim"]), elem
-        if name == "linreg":
-            return int(opts["n_features"]), elem
-        if name == "logreg" and opts.get("libsvm_path") is None:
-            fixed = {"breast_cancer": 30, "mnist_4v9": 784}
-            default = {"gisette_like": 5000, "madelon_like": 500}
-            dataset = opts.get("dataset")
-            if dataset in fixed:
-                return fixed[dataset], elem
-            if dataset in default:
-                return int(opts.get("n_features") or default[dataset]), elem
-    except (TypeError, ValueError, KeyError):
-        return None
-    return None

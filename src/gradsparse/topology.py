@@ -30,8 +30,9 @@ from typing import ClassVar
 import torch
 
 from .compressors import CompressionContext, Compressor, Identity
-from .messages import SparseBatch, sendable
+from .messages import SparseBatch
 from .segments import Layout, SegmentedTensor
+from .wire import sendable
 
 __all__ = ["Topology", "AllToAll", "ParameterServerUplink", "Bidirectional", "DownlinkOnly", "TOPOLOGIES", "make_topology"]
 

@@ -172,8 +172,7 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli import OneLineParser, UsageError, _resolve_config
-    from ..cli import _error as error
+    from ..command_line import OneLineParser, UsageError, error, resolve_config
 
     ap = OneLineParser(prog="gradsparse launch", description=__doc__.split("\n")[0])
     ap.add_argument("config", nargs="*", help="YAML file(s) or shipped example name(s); workers.count must equal "
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             where = Path(os.path.realpath(where)) if where.is_symlink() and where.is_dir() else where
             locks.append(RunLock(where, key="--resume").acquire())
             atomic_write_text(Path(args.config[0]), manifest["config"])
-        configs = [str(_resolve_config(c)) for c in args.config]
+        configs = [str(resolve_config(c)) for c in args.config]
         why = _check_before_starting(configs, args.nproc, list(args.set), args.out, check_out=args.resume is None,
                                      overwrite=args.overwrite)
         if why is not None:

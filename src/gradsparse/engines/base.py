@@ -25,7 +25,6 @@ An *engine* runs one :class:`~gradsparse.algorithm.Algorithm` on one task:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch

@@ -38,11 +38,11 @@ from ..config import ConfigError, RunConfig, dump_config
 from ..divergence import NonFinite, find_nonfinite
 from ..engines import ENGINES
 from ..metrics import METRICS, RUNNING_MAXIMA, cumulative_metrics, eval_metrics, residual_ratio_curve, step_metrics
-from ..resources import machine_memory, process_memory, task_dimension
+from ..resources import machine_memory, process_memory
 from ..schedules import Schedule
 from ..segments import Layout
 from ..staleness import StalenessDampening
-from ..tasks import UserTaskError, make_task
+from ..tasks import UserTaskError, make_task, task_dimension
 from .asynchronous import target_reached
 from .rundir import RunLock, StorageError, atomic_save, atomic_write_text, clean_leftovers, storage
 
@@ -449,7 +449,7 @@ def _samples_per_step(cfg: RunConfig, n_train: int | None) -> int:
 
 def estimate_memory_before_task(cfg: RunConfig) -> tuple[int, str] | None:
     """A lower bound of :func:`estimate_memory` from the config alone, for the tasks whose d
-    their options fix (:func:`gradsparse.resources.task_dimension`): this process's memory now
+    their options fix (:func:`gradsparse.tasks.task_dimension`): this process's memory now
     plus the run's [N, d] tensors (no data, no batches). None when d is not known yet. It lets a
     run that cannot fit be refused before its task is built (which can take minutes and GiBs)."""
     dim = task_dimension(cfg.task.name, cfg.task.options)

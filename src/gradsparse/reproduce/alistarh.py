@@ -28,7 +28,7 @@ import math
 import statistics
 
 from .base import (Claim, ClaimSpec, Context, Reproduction, RunResult, agreement, all_verdicts, fmt, fmt_mean_std,
-                   margin_text, mean_std, plot_curves, verdict_of)
+                   margin_text, plot_curves, verdict_of)
 
 #: per scale: steps and logging interval of each task; tests shrink these
 SETTINGS = {

@@ -603,7 +603,7 @@ def sahu_efgdstar(ctx: Context) -> list[Claim]:
         claims.append(efgd_claim(workers, ht, tk))
         curves[f"hard-threshold {ht[0]} N={workers}"] = ht[1]
         curves[f"top-k {tk[0]} N={workers}"] = tk[1]
-    ctx.note(f"Volume counted as paper 002 counts it: elements sent per worker (its official code adds 32 bits per "
+    ctx.note("Volume counted as paper 002 counts it: elements sent per worker (its official code adds 32 bits per "
              f"kept value and averages over workers), bytes beside. Target: (f - f*)/(f_0 - f*) <= 5e-12, the "
              f"quantity the official plots draw. Start: x* + 1e-4 1 at full scale, as the official code; "
              + ("0 at small scale (on the standardized stand-in x* + 1 leaves weight on directions of the redundant "

@@ -27,7 +27,7 @@ from .format import (
     round_values,
     value_dtype_of,
 )
-from .frames import decode, decode_each, encode, frame_headers
+from .frames import decode, decode_each, encode, frame_headers, sendable
 from .sizing import (
     dense_nbytes,
     encoded_nbytes,
@@ -53,5 +53,6 @@ __all__ = [
     "INDEX_ENCODINGS",
     "VALUE_DTYPES",
     "round_values",
+    "sendable",
     "value_dtype_of",
 ]

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..random_support import random_k_indices
 from .format import PACKED_MAX_WIDTH, WireError
 
 __all__ = ["rice_parameter", "packed_width"]
@@ -510,9 +511,7 @@ def bitmap_decode(b: np.ndarray, k: int, d: int) -> np.ndarray:
 
 
 def default_regenerate(seed: int, d: int, k: int) -> torch.Tensor:
-    """The columns of a seeded row: :func:`gradsparse.compressors.random_k_indices`."""
-    from ..compressors import random_k_indices  # lazy: compressors must not import wire
-
+    """The columns of a seeded row: :func:`gradsparse.random_support.random_k_indices`."""
     return random_k_indices(seed, d, k)
 
 

@@ -64,7 +64,7 @@ the first column itself, and adjacent columns give gap 0).
 * ``bitmap`` - d bits, bit ``i`` of the support at byte ``i // 8``, bit ``i % 8`` (least
   significant first, ``np.packbits(..., bitorder="little")``); padding bits are zero.
 * ``seed``   - no index payload: the receiver regenerates the columns from the header's seed with
-  ``regenerate(seed, d, k)``, by default :func:`gradsparse.compressors.random_k_indices` (the
+  ``regenerate(seed, d, k)``, by default :func:`gradsparse.random_support.random_k_indices` (the
   random-k compressor draws its columns with that same function).
 * ``dense``  - no index payload, ``k == d``: every entry of the row is sent, in column order.
 

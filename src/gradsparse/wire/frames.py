@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..messages import SparseBatch
+from ..random_support import random_k_indices_rows
 from . import codecs
 from .format import (
     CRC_NBYTES,
@@ -30,6 +31,7 @@ from .format import (
     check_seed,
     read_frame_header,
     resolve_value_dtype,
+    round_values,
     write_frame,
 )
 from .sizing import plan_row, sort_rows
@@ -210,7 +212,7 @@ def decode(
     :class:`~gradsparse.messages.SparseBatch`, one row per frame.
 
     regenerate: ``(seed, d, k) -> sorted columns`` for ``seed`` frames; defaults to
-                :func:`gradsparse.compressors.random_k_indices` (then the supports of all
+                :func:`gradsparse.random_support.random_k_indices` (then the supports of all
                 seeded frames of one count are regenerated in one vectorized call).
     max_d:      the largest row length a frame may claim (default ``2**31 - 1``), checked before
                 anything is allocated, so a short frame cannot make ``to_dense()`` of the result
@@ -318,7 +320,7 @@ _REGENERATE_CHUNK = 1 << 22
 def _regenerated_supports(headers: list[FrameHeader], d: int, regenerate) -> dict[int, np.ndarray]:
     """The support each seeded non-dense frame's seed regenerates (frame index -> columns). With
     the default regenerator, the rows of one count are drawn together
-    (:func:`gradsparse.compressors.random_k_indices_rows`, vectorized over rows), in chunks of
+    (:func:`gradsparse.random_support.random_k_indices_rows`, vectorized over rows), in chunks of
     about :data:`_REGENERATE_CHUNK` columns."""
     todo = [(i, h) for i, h in enumerate(headers) if h.encoding != "dense"]
     out: dict[int, np.ndarray] = {}
@@ -326,8 +328,6 @@ def _regenerated_supports(headers: list[FrameHeader], d: int, regenerate) -> dic
         for i, h in todo:
             out[i] = codecs.seed_decode(h.seed, h.count, d, regenerate)
         return out
-    from ..compressors import random_k_indices_rows  # lazy: compressors must not import wire
-
     by_count: dict[int, list[int]] = {}
     for i, h in todo:
         by_count.setdefault(h.count, []).append(i)
@@ -359,3 +359,13 @@ def decode_each(data, *, max_d: int = DEFAULT_MAX_D, max_elements: int = DEFAULT
         out.append(decode(mv[h.start : h.end], max_d=max_d, max_elements=max_elements))
         pos = h.end
     return out
+
+
+def sendable(message: SparseBatch, value_dtype: str | torch.dtype | None) -> SparseBatch:
+    """``message`` with its values as a receiver decodes them from frames carrying
+    ``value_dtype`` (:func:`gradsparse.wire.round_values`); the message itself when nothing
+    changes (``value_dtype`` None, or values already exact in it)."""
+    if value_dtype is None:
+        return message
+    values = round_values(message.values, value_dtype)
+    return message if values is message.values else message.with_values(values)
