@@ -18,7 +18,8 @@ import torch
 from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import COMPRESSORS, BudgetThreshold
 from gradsparse.config import ConfigError, load_config
-from gradsparse.experiments.runner import build_engine, run
+from gradsparse.experiments.build import build_engine
+from gradsparse.experiments.runner import run
 from gradsparse.segments import Layout
 
 TASKS = {

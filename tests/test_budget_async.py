@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gradsparse.config import ConfigError, load_config
-from gradsparse.experiments.runner import build_engine, run
+from gradsparse.experiments.build import build_engine
+from gradsparse.experiments.runner import run
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_budget import _config, _dense_frame, _run  # noqa: E402

@@ -16,7 +16,7 @@ from gradsparse.comm.collectives import (
 from gradsparse.compressors import CompressionContext, RandomK, TopK, k_from_density
 from gradsparse.config import load_config
 from gradsparse.engines.synchronous import configure_collective
-from gradsparse.experiments.runner import build_engine
+from gradsparse.experiments.build import build_engine
 from gradsparse.messages import SparseBatch
 from gradsparse.segments import Layout
 from gradsparse.topology import make_topology

@@ -17,7 +17,7 @@ from gradsparse.config import load_config
 from gradsparse.engines import ENGINES
 from gradsparse.engines.base import Engine
 from gradsparse.engines.synchronous import SynchronousEngine
-from gradsparse.experiments.runner import build_engine
+from gradsparse.experiments.build import build_engine
 from gradsparse.momentum import UpdateMomentum
 from gradsparse.schedules import Schedule
 from gradsparse.tasks import make_task

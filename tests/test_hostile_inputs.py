@@ -9,7 +9,7 @@ import pytest
 
 from gradsparse.cli import main
 from gradsparse.config import ConfigError, load_config
-from gradsparse.experiments import runner
+from gradsparse.experiments import build, runner
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_runs import TOY, cfg_of, write  # noqa: E402
@@ -31,7 +31,7 @@ def test_whole_exponent_numbers_are_integers_where_an_integer_is_expected():
     cfg = load_config(cfg_of(TOY, steps="1e3", **{"metrics.every": "2E1"}))
     assert cfg.steps == 1000 and cfg.metrics.every == 20
     raw = cfg_of(TOY, **{"task": {"name": "linreg", "options": {"n_samples": "1e3", "feature_density": "1e-1"}}})
-    task = runner.build_task(load_config(raw))
+    task = build.build_task(load_config(raw))
     assert task.n_train == 1000 and task.info.get("feature_density", 0.1) == pytest.approx(0.1)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gradsparse.cli import main
 from gradsparse.config import load_config
-from gradsparse.experiments import runner
+from gradsparse.experiments import build, memory_estimate
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_runs import write  # noqa: E402
@@ -35,7 +35,7 @@ def test_a_run_that_cannot_fit_is_refused_before_its_task_is_built(tmp_path, cap
     def never(cfg):
         raise AssertionError("the task was built before the refusal")
 
-    monkeypatch.setattr(runner, "build_task", never)
+    monkeypatch.setattr(build, "build_task", never)
     rc = main(["run", str(write(tmp_path, HUGE))])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
@@ -47,12 +47,12 @@ def test_the_up_front_bound_never_exceeds_the_full_estimate():
     raw = {**HUGE, "workers": {"count": 20, "batch_size": 4},
            "task": {"name": "linreg", "options": {"n_samples": 400, "n_features": 3000, "feature_density": 0.01}}}
     cfg = load_config(raw)
-    before, how = runner.estimate_memory_before_task(cfg)
-    engine = runner.build_engine(cfg)
-    after, _ = runner.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
+    before, how = memory_estimate.estimate_memory_before_task(cfg)
+    engine = build.build_engine(cfg)
+    after, _ = memory_estimate.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
     assert before <= after and "20 workers x d = 3000" in how
     # tasks whose d the options do not fix are estimated once built
-    assert runner.estimate_memory_before_task(load_config({**raw, "task": {"name": "digits_mlp"}})) is None
+    assert memory_estimate.estimate_memory_before_task(load_config({**raw, "task": {"name": "digits_mlp"}})) is None
 
 
 CHILD = r'''
@@ -60,12 +60,12 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 from gradsparse.config import load_config
-from gradsparse.experiments import runner
+from gradsparse.experiments import build, memory_estimate
 from gradsparse.metrics import eval_metrics
 raw = json.loads(sys.argv[1])
 cfg = load_config(raw)
-engine = runner.build_engine(cfg)
-need, how = runner.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
+engine = build.build_engine(cfg)
+need, how = memory_estimate.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
 for _ in range(3):
     engine.step()
 eval_metrics(engine, ["loss", "test_accuracy"])

@@ -10,7 +10,8 @@ from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import HardThreshold, TopK
 from gradsparse.config import load_config
 from gradsparse.engines.sync_sim import SyncSimulator
-from gradsparse.experiments.runner import build_engine, run
+from gradsparse.experiments.build import build_engine
+from gradsparse.experiments.runner import run
 from gradsparse.metrics import cumulative_metrics, residual_ratio_curve, step_metrics
 from gradsparse.schedules import Schedule
 from gradsparse.tasks import make_task

@@ -8,7 +8,7 @@ import torch
 
 from gradsparse.config import ConfigError, load_config
 from gradsparse.engines.base import WorkerData
-from gradsparse.experiments.runner import build_engine
+from gradsparse.experiments.build import build_engine
 from gradsparse.tasks import make_task
 
 

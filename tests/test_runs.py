@@ -2,7 +2,6 @@
 directories, checkpoint/resume (bitwise), signals, strict JSON."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -14,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from gradsparse.algorithm import Algorithm, WorkerState
+from gradsparse.algorithm import Algorithm
 from gradsparse.cli import main
 from gradsparse.compressors import HardThreshold, TopK
 from gradsparse.config import load_config
 from gradsparse.divergence import find_nonfinite, first_nonfinite
-from gradsparse.experiments import runner
-from gradsparse.segments import Layout, SegmentedTensor
+from gradsparse.experiments import build, memory_estimate, runner
+from gradsparse.segments import Layout
 
 TOY = {
     "name": "t",
@@ -84,14 +83,14 @@ def test_first_nonfinite_names_worker_segment_and_entry():
 
 def _poisoned_task(monkeypatch, worker_row_value=float("nan")):
     """linreg with one training row set to NaN: the worker that draws it gets a NaN gradient."""
-    real = runner.build_task
+    real = build.build_task
 
     def build(cfg):
         task = real(cfg)
         task.train_x[0] = worker_row_value
         return task
 
-    monkeypatch.setattr(runner, "build_task", build)
+    monkeypatch.setattr(build, "build_task", build)
 
 
 def test_hard_threshold_nan_memory_stops_the_run_naming_memory(tmp_path, monkeypatch, capsys):
@@ -488,16 +487,16 @@ def test_memory_estimate_refuses_and_can_be_overridden(tmp_path, capsys, monkeyp
     assert rc == 2 and "estimated" in captured.err and "limit" in captured.err
     assert not (tmp_path / "runs").exists()
     assert main(["run", str(tmp_path / "c.yaml"), "--no-memory-check", "--out", str(tmp_path / "r")]) == 0
-    need, how = runner.estimate_memory(load_config(TOY), *_task_layout_alg(TOY))
+    need, how = memory_estimate.estimate_memory(load_config(TOY), *_task_layout_alg(TOY))
     # 3 workers x d = 100 x 8 bytes x (grads, accumulated, memory) + data
     assert need >= 3 * 100 * 8 * 3 and "3 workers x d = 100" in how
 
 
 def _task_layout_alg(raw):
     cfg = load_config(raw)
-    task = runner.build_task(cfg)
+    task = build.build_task(cfg)
     layout = Layout.of(task.init_params(torch.Generator().manual_seed(0)))
-    return task, layout, runner.build_algorithm(cfg, layout, 0.01)
+    return task, layout, build.build_algorithm(cfg, layout, 0.01)
 
 
 @pytest.mark.parametrize("engine", ["loop", "async"])

@@ -9,7 +9,7 @@ from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import HardThreshold, Identity, TopK
 from gradsparse.config import load_config
 from gradsparse.engines.sync_sim import SyncSimulator
-from gradsparse.experiments.runner import build_engine
+from gradsparse.experiments.build import build_engine
 from gradsparse.metrics import residual_ratio_curve, step_metrics
 from gradsparse.momentum import UpdateMomentum
 from gradsparse.schedules import Schedule

@@ -46,7 +46,7 @@ def build_command(configs: list[str], nproc: int, out: str | None = None, sets: 
 def _preflight_classes():
     """Stand-ins for the two engines the ranks run, built in the launcher's own process: the same
     construction as a rank's engine (task, algorithm, schedule, data, state; every check of
-    :func:`gradsparse.experiments.runner.build_engine`) without a process group, plus the
+    :func:`gradsparse.experiments.build.build_engine`) without a process group, plus the
     refusals the real engines make in their constructors."""
     from ..engines.async_sim import AsyncSimulator
     from ..engines.synchronous import SynchronousEngine
@@ -97,7 +97,8 @@ def check_as_a_rank(path: str, sets: list[str], nproc: int) -> None:
     engine does not record, TensorBoard without the package, stagewise learning on a
     parameter server, torch_async's unsupported rules)."""
     from ..config import ConfigError, load_config
-    from ..experiments.runner import build_engine, check_outputs
+    from ..experiments.build import build_engine
+    from ..experiments.runner import check_outputs
     from ..topology import TOPOLOGIES
 
     cfg = load_config(path, sets)

@@ -114,7 +114,8 @@ def run_asynchronous(cfg, out_dir: Path) -> None:
     """``engine: torch_async``: rank 0 serves and writes ``out_dir``; the other ranks are workers
     (:mod:`gradsparse.engines.torch_async`). Real timing makes such a run unrepeatable, so it
     keeps no restart checkpoints."""
-    from ..experiments.runner import build_engine, run
+    from ..experiments.build import build_engine
+    from ..experiments.runner import run
 
     if dist.get_rank() == 0:
         print(f"run directory: {run(cfg, out_dir, progress=False)}")

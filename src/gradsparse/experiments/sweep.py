@@ -63,7 +63,7 @@ def plan(config: str, grid: dict[str, list], seeds: int, base_overrides: list[st
             cfg = load_config(config, overrides)  # raises ConfigError for a bad grid value
             if not runs:  # the task of the first run is built once: a user task that does not
                 # import or has the wrong shape is one line before anything is written
-                from .runner import build_task
+                from .build import build_task
 
                 build_task(cfg)
                 if cfg.metrics.tensorboard:
