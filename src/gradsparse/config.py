@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .algorithm import VALUE_DTYPE_NAMES
 from .comm.collectives import COLLECTIVES
 from .compressors import COMPRESSORS
+from .constraints import config_field
 from .engines import ENGINES
 from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
 from .engines.sync_sim import GRADIENT_PATHS
@@ -26,10 +27,10 @@ from .engines.base import SAMPLINGS
 from .engines.synchronous import GRADIENT_SHIFTS
 from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
-from .momentum import MOMENTA, make_momentum
+from .momentum import MOMENTA, Momentum, make_momentum
 from .schedules import Schedule
 from .segments import Layout
-from .staleness import DAMPENINGS
+from .staleness import DAMPENINGS, StalenessDampening
 from .tasks.splits import SPLITS
 from .topology import TOPOLOGIES
 
@@ -251,7 +252,7 @@ class CompressorConfig(BaseModel):
 
 class MomentumConfig(_Strict):
     kind: _choices(MOMENTA) = "none"
-    beta: float = Field(0.9, ge=0.0, lt=1.0)
+    beta: float = config_field(0.9, Momentum.CONSTRAINTS["beta"])
     nesterov: bool = False
     masking: bool = False
 
@@ -282,7 +283,7 @@ class TopologyConfig(_Strict):
 
 class StalenessConfig(_Strict):
     kind: _choices(DAMPENINGS) = "none"
-    beta: float = Field(0.2, gt=0.0)
+    beta: float = config_field(0.2, StalenessDampening.CONSTRAINTS["beta"])
 
 
 class AlgorithmConfig(_Strict):
@@ -318,19 +319,19 @@ class ScheduleConfig(_Strict):
     kind: _choices(Schedule.KINDS) = "constant"
     lr: float | Literal["1/L"] = 0.01
     milestones: list[float] = Field(default_factory=list)
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    warmup_start: float = Field(0.0, ge=0.0)
-    power: float = Field(0.5, ge=0.0)
-    beta: float = Field(0.0, ge=0.0, lt=1.0)
-    mu: float = Field(1.0, gt=0.0)
+    warmup_epochs: float = config_field(0.0, Schedule.CONSTRAINTS["warmup_epochs"])
+    warmup_start: float = config_field(0.0, Schedule.CONSTRAINTS["warmup_start"])
+    power: float = config_field(0.5, Schedule.CONSTRAINTS["power"])
+    beta: float = config_field(0.0, Schedule.CONSTRAINTS["beta"])
+    mu: float = config_field(1.0, Schedule.CONSTRAINTS["mu"])
     stage_steps: list[int] = Field(default_factory=list)
-    prox_gamma: float = Field(1.0, gt=0.0)
+    prox_gamma: float = config_field(1.0, Schedule.CONSTRAINTS["prox_gamma"])
 
     @field_validator("lr")
     @classmethod
     def _lr_positive(cls, v):
-        if isinstance(v, float) and not (0 < v < float("inf")):
-            raise ValueError("lr must be a finite number > 0 or '1/L'")
+        if isinstance(v, float) and not Schedule.CONSTRAINTS["lr"].admits(v):
+            raise ValueError(f"lr must be {Schedule.CONSTRAINTS['lr'].describe()} or '1/L', got {v!r}")
         return v
 
     @field_validator("milestones")

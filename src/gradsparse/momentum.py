@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from .constraints import Interval, check_all
 from .messages import SparseBatch
 from .segments import Layout, SegmentedTensor
 
@@ -30,10 +31,11 @@ class Momentum:
     kind: ClassVar[str]
     #: "worker" (update compression), "server" (gradient compression) or None
     side: ClassVar[str | None] = None
+    #: the bounds of the numeric parameters (the config schema reads the same table)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {"beta": Interval(0.0, 1.0, closed="left")}
 
     def __init__(self, beta: float = 0.0, nesterov: bool = False, masking: bool = False) -> None:
-        if not (0.0 <= beta < 1.0):
-            raise ValueError(f"momentum beta must be in [0, 1), got {beta!r}")
+        check_all("momentum", self.CONSTRAINTS, {"beta": beta})
         if masking and self.side != "worker":
             raise ValueError("momentum-factor masking applies to momentum 'update' only")
         self.beta, self.nesterov, self.masking = float(beta), bool(nesterov), bool(masking)

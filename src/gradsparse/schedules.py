@@ -19,8 +19,11 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
+
+from .constraints import Interval, check_all
 
 
 @dataclass
@@ -37,15 +40,25 @@ class Schedule:
     stage_steps: list[int] = field(default_factory=list)
     prox_gamma: float = 1.0
 
-    KINDS = ("constant", "step_decay", "inverse_power", "momentum_aware", "strongly_convex", "stagewise")
+    KINDS: ClassVar[tuple[str, ...]] = ("constant", "step_decay", "inverse_power", "momentum_aware",
+                                        "strongly_convex", "stagewise")
+    #: the bounds of the numeric parameters (the config schema reads the same table)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {
+        "lr": Interval(0.0, None, closed="neither"),
+        "warmup_epochs": Interval(0.0, None),
+        "warmup_start": Interval(0.0, None),
+        "power": Interval(0.0, None),
+        "beta": Interval(0.0, 1.0, closed="left"),
+        "mu": Interval(0.0, None, closed="neither"),
+        "prox_gamma": Interval(0.0, None, closed="neither"),
+    }
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"unknown schedule {self.kind!r}; allowed: {', '.join(self.KINDS)}")
+        check_all("schedule", self.CONSTRAINTS, {name: getattr(self, name) for name in self.CONSTRAINTS})
         if self.kind == "stagewise" and not self.stage_steps:
             raise ValueError("stagewise schedule needs stage_steps (a list of T_s)")
-        if self.kind == "strongly_convex" and self.mu <= 0:
-            raise ValueError(f"strongly_convex schedule needs mu > 0, got {self.mu!r}")
 
     def base(self, t: int, epoch: float) -> float:
         k = self.kind

@@ -20,7 +20,11 @@ inverse              1 / (1 + tau)                   polynomial staleness weight
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
+
+from .constraints import Interval, check_all
 
 __all__ = ["StalenessDampening", "DAMPENINGS"]
 
@@ -28,11 +32,13 @@ DAMPENINGS = ("none", "exponential", "exponential_density", "inverse")
 
 
 class StalenessDampening:
+    #: the bounds of the numeric parameters (the config schema reads the same table)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {"beta": Interval(0.0, None, closed="neither")}
+
     def __init__(self, kind: str = "none", beta: float = 0.2) -> None:
         if kind not in DAMPENINGS:
             raise ValueError(f"unknown staleness dampening {kind!r}; allowed: {', '.join(DAMPENINGS)}")
-        if not (beta > 0) or beta == float("inf"):
-            raise ValueError(f"staleness dampening beta must be a finite number > 0, got {beta!r}")
+        check_all("staleness dampening", self.CONSTRAINTS, {"beta": beta})
         self.kind, self.beta = kind, float(beta)
 
     def factor(self, staleness: torch.Tensor) -> torch.Tensor:
