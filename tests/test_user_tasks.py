@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from gradsparse.cli import main
-from gradsparse.config import ConfigError, load_config
+from gradsparse.config import load_config
 from gradsparse.engines.async_sim import AsyncSimulator
 from gradsparse.experiments.plots import read_metrics
 from gradsparse.experiments.runner import run

@@ -13,7 +13,7 @@ import torch
 
 from gradsparse import wire
 from gradsparse.algorithm import Algorithm
-from gradsparse.compressors import HardThreshold, Identity, TopK
+from gradsparse.compressors import Identity, TopK
 from gradsparse.engines import SyncSimulator
 from gradsparse.schedules import Schedule
 from gradsparse.segments import Layout

@@ -4,7 +4,6 @@ linear in the buffer (small frames without numpy, seeded rows regenerated togeth
 
 from __future__ import annotations
 
-import struct
 
 import numpy as np
 import pytest
