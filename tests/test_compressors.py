@@ -143,7 +143,7 @@ def test_identity_and_bad_options():
         TopK()
     with pytest.raises(ValueError, match="k = 9 exceeds"):
         TopK(k=9).k_for(5)
-    with pytest.raises(ValueError, match="lambda"):
+    with pytest.raises(ValueError, match="hard-threshold threshold must be a finite number >= 0, got -1.0"):
         HardThreshold(-1.0)
 
 

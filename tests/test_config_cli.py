@@ -39,7 +39,7 @@ def write(tmp_path, cfg, name="c.yaml"):
         ({"workers": {"count": 0}}, "workers.count"),
         ({"algorithm": {"compressor": {"kind": "topq", "k": 1}}}, "algorithm.compressor.kind"),
         ({"algorithm": {"compressor": {"kind": "topk"}}}, "exactly one of k (count) or density"),
-        ({"algorithm": {"compressor": {"kind": "topk", "density": 1.5}}}, "'algorithm.compressor': topk option density=1.5: top-k density must be in (0, 1]"),
+        ({"algorithm": {"compressor": {"kind": "topk", "density": 1.5}}}, "'algorithm.compressor': topk option density=1.5: top-k density must be a finite number in (0, 1]"),
         ({"algorithm": {"feedback": "memroy"}}, "algorithm.feedback"),
         ({"algorithm": {"topology": {"kind": "bidirectional"}}}, "needs down_compressor"),
         ({"schedule": {"lr": -1}}, "schedule.lr"),

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from gradsparse.compressors import COMPRESSORS
 from gradsparse.config import ConfigError, load_config
 from gradsparse.constraints import Interval, check
 from gradsparse.momentum import Momentum, make_momentum
@@ -39,6 +40,18 @@ COMPONENTS = {
 
 CASES = [(section, name, value) for section, (table, _, _) in COMPONENTS.items()
          for name, interval in table.items() for value in interval.invalid_examples()]
+
+
+def _compressor_options(kind: str, name: str, value) -> dict:
+    """One option set to ``value``; a fixed-count compressor also gets k unless the option is its amount."""
+    amount = {} if name in ("k", "density") or "k" not in COMPRESSORS[kind].CONSTRAINTS else {"k": 1}
+    return {**amount, name: value}
+
+
+#: compressors: the config passes the options to the constructor, so the config's message is the
+#: constructor's, behind the option's name (and a run additionally refuses k = 0: it never moves)
+COMPRESSOR_CASES = [(kind, name, value) for kind, cls in sorted(COMPRESSORS.items())
+                    for name, interval in cls.CONSTRAINTS.items() for value in interval.invalid_examples()]
 ADMITTED = []
 for _section, (_table, _, _) in COMPONENTS.items():
     for _name, _iv in _table.items():
@@ -75,7 +88,25 @@ def test_the_admitted_ends_are_accepted_by_both(case):
     assert got == value
 
 
+@pytest.mark.parametrize("case", COMPRESSOR_CASES, ids=_ids)
+def test_a_refused_compressor_option_is_refused_by_the_constructor_and_the_config(case):
+    kind, name, value = case
+    cls = COMPRESSORS[kind]
+    with pytest.raises(ValueError) as info:
+        cls(**_compressor_options(kind, name, value))
+    said = f"{name} must be {cls.CONSTRAINTS[name].describe()}, got {value!r}"
+    assert said in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config({"steps": 1, "algorithm": {"compressor": {"kind": kind, **_compressor_options(kind, name, value)}}})
+    if isinstance(value, float) and not math.isfinite(value):  # refused by the config's number check, by key
+        assert f"config key 'algorithm.compressor.{name}': invalid value {value}" in str(info.value)
+    else:
+        assert f"'algorithm.compressor': {kind} option {name}=" in str(info.value) and said in str(info.value)
+
+
 def test_every_table_yields_cases():
+    assert {(k, n) for k, n, _ in COMPRESSOR_CASES} >= {("topk", "k"), ("topk", "density"), ("hard_threshold", "threshold"),
+                                                        ("randomk", "seed"), ("approximate_topk", "sample_fraction")}
     assert {(s, n) for s, n, _ in CASES} == {(s, n) for s, (t, _, _) in COMPONENTS.items() for n in t}
 
 

@@ -6,9 +6,10 @@ import torch
 
 from .. import kernels
 from ..messages import SparseBatch
+from ..constraints import Interval, check_all
 from ..random_support import stream_seed
 from .base import CompressionContext, _FixedCount
-from .randomk import _check_seed_flag
+from .randomk import SEED, _check_seed_flag
 
 
 class ApproximateTopK(_FixedCount):
@@ -22,13 +23,13 @@ class ApproximateTopK(_FixedCount):
 
     kind = "approximate_topk"
     label = "approximate top-k"
+    CONSTRAINTS = {**_FixedCount.CONSTRAINTS, "seed": SEED, "sample_fraction": Interval(0.0, 1.0, closed="right")}
 
     def __init__(self, k: int | None = None, density: float | None = None, sample_fraction: float = 0.01,
                  exact: bool = False, seed: int = 0) -> None:
         self._set_amount(k, density)
         _check_seed_flag("approximate top-k", seed, exact=exact)
-        if isinstance(sample_fraction, bool) or not isinstance(sample_fraction, (int, float)) or not (0.0 < sample_fraction <= 1.0):
-            raise ValueError(f"approximate top-k sample_fraction must be in (0, 1], got {sample_fraction!r}")
+        check_all(self.label, self.CONSTRAINTS, {"sample_fraction": sample_fraction})
         self.sample_fraction, self.exact, self.seed = float(sample_fraction), bool(exact), int(seed)
 
     def compress(self, x, context=None):

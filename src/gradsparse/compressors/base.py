@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..constraints import Interval, check_all
 from ..messages import SparseBatch
 from ..segments import Layout
 
@@ -63,6 +64,9 @@ class Compressor:
     #: the hard threshold lambda (hard_threshold; budget_threshold's fixed one), else None;
     #: recorded in summary.json
     threshold: float | None = None
+    #: the bounds of the numeric options (:mod:`gradsparse.constraints`; the config passes the
+    #: options to the constructor, which checks them against this table)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {}
 
     def compress(self, x: torch.Tensor, context: CompressionContext | None = None) -> SparseBatch:
         raise NotImplementedError
@@ -130,15 +134,12 @@ class _FixedCount(Compressor):
     """Compressors that keep k entries per row, k given as a count or as a density k/d."""
 
     label: ClassVar[str] = "top-k"
+    CONSTRAINTS = {"k": Interval(0, None, integer=True), "density": Interval(0.0, 1.0, closed="right")}
 
     def _set_amount(self, k: int | None, density: float | None) -> None:
         if (k is None) == (density is None):
             raise ValueError(f"{self.label} needs exactly one of k (count) or density (k/d)")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
-            raise ValueError(f"{self.label} k must be a non-negative integer, got {k!r}")
-        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
-                                    or not (0.0 < density <= 1.0)):
-            raise ValueError(f"{self.label} density must be in (0, 1], got {density!r}")
+        check_all(self.label, self.CONSTRAINTS, {"k": k} if k is not None else {"density": density})
         self.k, self.density = k, density
 
     def k_for(self, d: int) -> int:

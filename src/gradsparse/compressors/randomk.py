@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from ..constraints import Interval, check
 from ..messages import SparseBatch
-from .base import CompressionContext, _FixedCount
 from ..random_support import random_k_indices_rows, stream_seed
+from .base import CompressionContext, _FixedCount
+
+#: a compressor's random seed
+SEED = Interval(0, None, integer=True)
 
 
 def _check_seed_flag(label: str, seed, **flags) -> None:
     """A compressor's ``seed`` is an integer >= 0 and its switches are true/false (not 'maybe' or [1])."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"{label} seed must be an integer >= 0, got {seed!r}")
+    check(label, "seed", seed, SEED)
     for name, v in flags.items():
         if not isinstance(v, bool):
             raise ValueError(f"{label} {name} must be true or false, got {v!r}")
@@ -33,6 +36,7 @@ class RandomK(_FixedCount):
 
     kind = "randomk"
     label = "random-k"
+    CONSTRAINTS = {**_FixedCount.CONSTRAINTS, "seed": SEED}
     seeded_support = True
 
     def __init__(self, k: int | None = None, density: float | None = None, seed: int = 0, scale: bool = False,

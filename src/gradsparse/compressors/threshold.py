@@ -8,6 +8,7 @@ import torch
 
 from .. import kernels
 from ..messages import SparseBatch
+from ..constraints import Interval, check_all
 from .base import Compressor
 
 
@@ -20,10 +21,10 @@ class HardThreshold(Compressor):
     """
 
     kind = "hard_threshold"
+    CONSTRAINTS = {"threshold": Interval(0.0, None)}
 
     def __init__(self, threshold: float) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (threshold >= 0.0) or math.isinf(threshold):
-            raise ValueError(f"hard-threshold lambda must be a finite number >= 0, got {threshold!r}")
+        check_all("hard-threshold", self.CONSTRAINTS, {"threshold": threshold})
         self.threshold = float(threshold)
 
     @classmethod
