@@ -131,9 +131,10 @@ class SyncSimulator(SynchronousEngine):
         if not self.uses_in_place_memory:
             grads = self.worker_gradients(w)
             live = self._renew_live_token()
-            # the out-of-place step (a = e + c g in a new tensor): the fast path below is the in-place one
+            # the out-of-place step (a = e + c g in a new tensor, which becomes the memory): the fast
+            # path below is the in-place one
             out = self.alg.worker_update_(self.feedback_gradients(grads, w), w, self.worker_state, step=t, lr=lr,
-                                          workers=self.worker_ids, in_place=False)
+                                          workers=self.worker_ids, in_place=False, rebind=True)
             return grads, out, live
         idx = self.data.sample()
         self.samples_seen += idx.numel()

@@ -525,20 +525,20 @@ _FULL = ("as small with {lin} / {mlp} steps, the MLP on the 60,000 MNIST digits 
 
 REPRODUCTIONS = [
     Reproduction(
-        name="alistarh-xi", paper="000", title="Assumption 1: xi stays small and stable", run=alistarh_xi,
+        name="alistarh-xi", cpu_minutes={"small": 0.9}, paper="000", title="Assumption 1: xi stays small and stable", run=alistarh_xi,
         settings={"small": _SMALL.format(lin=SETTINGS["small"]["linreg"]["steps"], mlp=SETTINGS["small"]["mlp"]["steps"])
                   + "; top-k 1% and 10% (linreg), 1% (MLP) with memory; xi every 25 steps",
                   "full": _FULL.format(lin=6000, mlp=3000, rcv1=4000) + "; RCV1 at 1%"},
         full_data=("rcv1", "mnist"), expected_runs=_expected(3, 1), claims=(XI,), seeds=3),
     Reproduction(
-        name="alistarh-residual", paper="000", title="Residual ||G - TopK(G)|| / ||G|| vs k/d", run=alistarh_residual,
+        name="alistarh-residual", cpu_minutes={"small": 0.5}, paper="000", title="Residual ||G - TopK(G)|| / ||G|| vs k/d", run=alistarh_residual,
         settings={"small": _SMALL.format(lin=SETTINGS["small"]["linreg"]["steps"], mlp=SETTINGS["small"]["mlp"]["steps"])
                   + "; top-k 1% with memory; residual ratio of the averaged gradient at 3 steps, 41 values of k, "
                   "against the i.i.d. Gaussian reference",
                   "full": _FULL.format(lin=6000, mlp=3000, rcv1=4000)},
         full_data=("rcv1", "mnist"), expected_runs=_expected(2, 1), claims=(RESIDUAL,), seeds=3),
     Reproduction(
-        name="alistarh-k-sweep", paper="000", title="Convergence vs density against plain SGD", run=alistarh_k_sweep,
+        name="alistarh-k-sweep", cpu_minutes={"small": 3.1}, paper="000", title="Convergence vs density against plain SGD", run=alistarh_k_sweep,
         settings={"small": _SMALL.format(lin=SETTINGS["small"]["sweep_linreg"]["steps"],
                                          mlp=SETTINGS["small"]["sweep_mlp"]["steps"])
                   + " (default steps; the one used is plain SGD's best of 1/2, 1, 2 x the default on seed 0); top-k "

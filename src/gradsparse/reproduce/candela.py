@@ -573,7 +573,7 @@ def _expected_rho(scale: str, seeds: int) -> int:
 
 REPRODUCTIONS = [
     Reproduction(
-        name="candela-lambda",
+        name="candela-lambda", cpu_minutes={"small": 31.2},
         paper="001",
         title="Iterations to target accuracy on an asynchronous parameter server, per network rate λ",
         run=candela_lambda,
@@ -584,7 +584,7 @@ REPRODUCTIONS = [
         seeds=5,
     ),
     Reproduction(
-        name="candela-rho",
+        name="candela-rho", cpu_minutes={"small": 21.1},
         paper="001",
         title="How small ρ can be: phiSGD vs phiMemSGD as λ grows",
         run=candela_rho,

@@ -720,7 +720,7 @@ def _equal_volume_count(seeds: int, extra_per_seed: int = 0) -> int:
 
 REPRODUCTIONS = [
     Reproduction(
-        name="sahu-logreg", paper="002", title="Hard-threshold vs top-k at equal volume on logistic regression",
+        name="sahu-logreg", cpu_minutes={"small": 3.4}, paper="002", title="Hard-threshold vs top-k at equal volume on logistic regression",
         run=sahu_logreg,
         settings={
             "small": "logreg on real MNIST 4 vs 9 (800 x 784 train), 20 workers, batch 1, step 1/L, 10 epochs (400 "
@@ -731,7 +731,7 @@ REPRODUCTIONS = [
         full_data=("gisette",), expected_runs=lambda scale, seeds: _equal_volume_count(seeds, 1),
         claims=(HT_BETTER, HT_TOTAL_ERROR, HT_MATCHES_SGD), seeds=5),
     Reproduction(
-        name="sahu-madelon-extreme", paper="002", title="Top-1 vs hard-threshold at the same volume on madelon",
+        name="sahu-madelon-extreme", cpu_minutes={"small": 6.2}, paper="002", title="Top-1 vs hard-threshold at the same volume on madelon",
         run=sahu_madelon_extreme,
         settings={
             "small": "logreg on madelon_like (1,600 x 500 train), 20 workers, batch 1, step 1/L_average, 30 epochs; "
@@ -742,7 +742,7 @@ REPRODUCTIONS = [
         full_data=("madelon",), expected_runs=lambda scale, seeds: _equal_volume_count(seeds),
         claims=(HT_BETTER_TOP1, HT_TOTAL_ERROR_K1), seeds=5),
     Reproduction(
-        name="sahu-efgdstar", paper="002", title="EF-GD*: hard-threshold reaches 5e-12 with less data than top-k",
+        name="sahu-efgdstar", cpu_minutes={"small": 1.9}, paper="002", title="EF-GD*: hard-threshold reaches 5e-12 with less data than top-k",
         run=sahu_efgdstar,
         settings={
             "small": "EF-GD* (full gradients shifted by g_i(x*)), float64, madelon_like 1,000 x 100 started at 0, "
@@ -755,7 +755,7 @@ REPRODUCTIONS = [
         expected_runs=lambda scale, seeds: 2 * (len(EFGD_LAMBDA_FACTORS) + len(EFGD_KS) + 2 * (seeds - 1)
                                                 + (2 if scale == "full" else 0))),
     Reproduction(
-        name="sahu-dnn", paper="002", title="Layer-wise hard-threshold vs top-k on a neural network",
+        name="sahu-dnn", cpu_minutes={"small": 2.3}, paper="002", title="Layer-wise hard-threshold vs top-k on a neural network",
         run=sahu_dnn,
         settings={
             "small": "MLP on 5,000 real MNIST digits, 8 workers, batch 32, Nesterov 0.9 (gradient compression), lr "

@@ -305,7 +305,7 @@ def _plot_stages(ctx: Context, groups: dict[str, list[list[float]]], initial: li
 
 REPRODUCTIONS = [
     Reproduction(
-        name="zhao-momentum", paper="004", title="M-DSGD with momentum converges like dense momentum SGD",
+        name="zhao-momentum", cpu_minutes={"small": 1.7}, paper="004", title="M-DSGD with momentum converges like dense momentum SGD",
         run=zhao_momentum,
         settings={
             "small": "8 nodes, batch 16, beta 0.9, top-k 1% (entire model) with memory vs identity; linear regression "
@@ -317,7 +317,7 @@ REPRODUCTIONS = [
         full_data=("mnist",), claims=(MATCH,), seeds=3,
         expected_runs=lambda scale, seeds: len(SCHEDULES) * (len(LR_GRID) + 2 * seeds)),
     Reproduction(
-        name="zhao-stagewise", paper="004", title="Stagewise M-DSGD on a non-smooth problem", run=zhao_stagewise,
+        name="zhao-stagewise", cpu_minutes={"small": 2.8}, paper="004", title="Stagewise M-DSGD on a non-smooth problem", run=zhao_stagewise,
         settings={
             "small": "ReLU MLP on scikit-learn's digits, 8 nodes, batch 16, M-DSGD top-k 1% layer-wise, beta 0.9; "
                      "stages of 1200, 2400, 3600 steps at eta_s = 0.1/(s+1) (eta_s T_s = 120), gamma = 10; dense "

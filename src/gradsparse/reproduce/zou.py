@@ -611,7 +611,7 @@ def _nn_settings(split: str) -> dict[str, str]:
 
 REPRODUCTIONS = [
     Reproduction(
-        name="zou-toy",
+        name="zou-toy", cpu_minutes={"small": 0.2},
         paper="003",
         title="Bidirectional top-k on the toy quadratic",
         run=zou_toy,
@@ -625,7 +625,7 @@ REPRODUCTIONS = [
         seeds=1,
     ),
     Reproduction(
-        name="zou-workers",
+        name="zou-workers", cpu_minutes={"small": 13.1},
         paper="003",
         title="Bidirectional vs uplink-only top-k with 20 / 50 / 100 workers, iid split",
         run=zou_workers,
@@ -636,7 +636,7 @@ REPRODUCTIONS = [
         seeds=5,
     ),
     Reproduction(
-        name="zou-noniid",
+        name="zou-noniid", cpu_minutes={"small": 14.5},
         paper="003",
         title="Bidirectional vs uplink-only top-k with 20 / 50 / 100 workers, non-iid shard split",
         run=zou_noniid,
