@@ -85,12 +85,12 @@ def _poisoned_task(monkeypatch, worker_row_value=float("nan")):
     """linreg with one training row set to NaN: the worker that draws it gets a NaN gradient."""
     real = build.build_task
 
-    def build(cfg):
+    def poisoned(cfg):
         task = real(cfg)
         task.train_x[0] = worker_row_value
         return task
 
-    monkeypatch.setattr(build, "build_task", build)
+    monkeypatch.setattr(build, "build_task", poisoned)
 
 
 def test_hard_threshold_nan_memory_stops_the_run_naming_memory(tmp_path, monkeypatch, capsys):
