@@ -72,6 +72,7 @@ def _check(result: dict, sim: SyncSimulator) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_lightning_recipe_equals_the_simulator(tmp_path):
     pytest.importorskip("pytorch_lightning", reason="pytorch-lightning is not installed (extra 'frameworks')")
     _torchrun("lightning_ddp.py", tmp_path)
@@ -79,6 +80,7 @@ def test_lightning_recipe_equals_the_simulator(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_accelerate_recipe_equals_the_simulator_and_logs_the_hooks_bytes(tmp_path):
     pytest.importorskip("accelerate", reason="accelerate is not installed (extra 'frameworks')")
     board = importlib.util.find_spec("tensorboard") is not None

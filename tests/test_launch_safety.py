@@ -116,6 +116,7 @@ def test_restart_files_without_a_manifest_are_refused(tmp_path):
     ck.check_manifest()
 
 
+@pytest.mark.multiprocess
 def test_launch_refuses_restart_files_without_a_manifest_before_any_step(tmp_path):
     ck = _checkpoints(tmp_path)
     ck.save(4, {"t": 4, "runner": {}})
@@ -127,6 +128,7 @@ def test_launch_refuses_restart_files_without_a_manifest_before_any_step(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_corrupt_newest_restart_checkpoint_falls_back_to_the_older_step(tmp_path):
     """The audit's case: a stopped job whose rank 1 newest restart file is truncated. ``launch
     --resume`` says which file it skips, continues from the older step every rank can read and
@@ -177,6 +179,7 @@ def test_launch_dry_run_passes_overwrite(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_launch_advice_overwrite_and_torchrun_dying_with_its_launcher(tmp_path):
     long = {**CONFIG, "steps": 200000, "checkpoint_every": 50, "metrics": {"every": 50}}
     cfg = _cfg(tmp_path, long)

@@ -86,6 +86,7 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.multiprocess
 def test_the_estimate_is_within_2x_of_the_measured_peak_rss(case):
     raw = {"steps": 100, "memory_check": False, "metrics": {"every": 2},
            "algorithm": {"compressor": {"kind": "topk", "density": 0.01}}, **CASES[case]}

@@ -108,6 +108,7 @@ def test_run_many_rejects_unsafe_keys(tmp_path):
         Context("t", "small", [0], tmp_path).run_many({"../x": _toy()})
 
 
+@pytest.mark.multiprocess
 def test_run_many_in_parallel_processes_gives_the_serial_result(tmp_path):
     serial = Context("t", "small", [0], tmp_path / "a").run_many({"up": _toy(), "bi": _toy(topology="toy_bidirectional")})
     parallel = Context("t", "small", [0], tmp_path / "b", processes=2).run_many(
@@ -218,6 +219,7 @@ def test_execute_rejects_bad_scale_and_seeds(tmp_path):
         base.execute(_fake("fake"), "small", 0, tmp_path)
 
 
+@pytest.mark.multiprocess
 def test_suite_runs_all_and_indexes_even_when_one_breaks(tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("boom")
@@ -251,6 +253,7 @@ def test_cli_lists_and_rejects(capsys):
     assert cli.main(["reproduce", "zou-toy", "--seeds", "0"]) == 2
 
 
+@pytest.mark.multiprocess
 def test_zou_toy_end_to_end(tmp_path, capsys):
     assert cli.main(["reproduce", "zou-toy", "--out", str(tmp_path), "--no-progress", "--seeds", "1"]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -66,6 +66,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_touches_nothing(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "deeper", "r"]
 
 
+@pytest.mark.multiprocess
 def test_two_concurrent_runs_into_one_directory_lose_nothing(tmp_path):
     """The audit's case: two `gradsparse run --out X` at once. One writes X; the other exits 2
     with one line naming the first and leaves X as the first wrote it."""
@@ -89,6 +90,7 @@ def test_two_concurrent_runs_into_one_directory_lose_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["X", "c.yaml"]
 
 
+@pytest.mark.multiprocess
 def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path):
     out = tmp_path / "r"
     lock = rundir.lock_path(out)
@@ -99,6 +101,7 @@ def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path):
 
 
 # ---- leftovers ----------------------------------------------------------------------------------
+@pytest.mark.multiprocess
 def test_leftovers_of_dead_processes_are_removed_or_restored(tmp_path, capsys):
     out = tmp_path / "r"
     dead = _dead_pid()
@@ -127,6 +130,7 @@ def test_leftovers_of_dead_processes_are_removed_or_restored(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
+@pytest.mark.multiprocess
 def test_sigkill_leftover_is_cleaned_by_the_next_run(tmp_path, capsys):
     raw = cfg_of(LIN, steps=100000, checkpoint_every=None, **{"metrics.every": 500})
     cfg = write(tmp_path, raw)

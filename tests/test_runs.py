@@ -292,6 +292,7 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
         runner.resume(part)
 
 
+@pytest.mark.multiprocess
 def test_sigterm_subprocess_writes_checkpoint_then_resume_matches(tmp_path):
     raw = cfg_of(LINREG, steps=4000, **{"metrics.every": 50})
     raw["metrics"]["residual_ratio"] = {"steps": []}

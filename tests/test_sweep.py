@@ -18,6 +18,7 @@ def test_parse_grid_and_errors():
             parse_grid(bad)
 
 
+@pytest.mark.multiprocess
 def test_sweep_runs_every_point_and_seed_and_tabulates(tmp_path, capsys):
     out = tmp_path / "sweep"
     rc = main(["sweep", "async_lenet_lambda1", "--grid", "asynchronous.network.rate=1,10",
@@ -48,6 +49,7 @@ def test_sweep_rejects_a_bad_grid_value_before_running(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.multiprocess
 def test_a_diverging_grid_point_is_tabulated_not_fatal(tmp_path, capsys):
     """A step size that diverges is a result of the sweep: its runs say 'diverged' in sweep.csv,
     the table counts them and shows no mean for them, and the other points are unaffected."""

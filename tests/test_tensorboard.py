@@ -126,6 +126,7 @@ def test_a_resumed_run_holds_every_row_once(tmp_path):
     assert byte_steps == [int(b) for b in read_metrics(out)["uplink_bytes"]]
 
 
+@pytest.mark.multiprocess
 def test_run_and_sweep_flags(tmp_path, capsys):
     assert main(["run", "toy_uplink", "--set", "steps=6", "--tensorboard", "--out", str(tmp_path / "r"),
                  "--no-progress"]) == 0

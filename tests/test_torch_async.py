@@ -44,6 +44,7 @@ def _launch(tmp: Path, cfg: dict, nproc: int) -> Path:
     return out
 
 
+@pytest.mark.multiprocess
 def test_one_worker_over_processes_equals_the_simulator(tmp_path):
     out = _launch(tmp_path, CONFIG, nproc=2)
     ref = run(load_config(CONFIG), tmp_path / "sim", progress=False)
@@ -63,6 +64,7 @@ def test_one_worker_over_processes_equals_the_simulator(tmp_path):
     assert s["engine"] == "torch_async" and s["staleness_histogram"] == {"0": 30} and s["drained_messages"] == 0
 
 
+@pytest.mark.multiprocess
 def test_one_worker_of_a_float64_task_equals_the_simulator_bitwise(tmp_path):
     """Values travel as fp32 frames (the default value_dtype) in both engines, rounded the same
     way; the model goes down as a dense float64 frame: parameters and bytes agree exactly."""
@@ -81,6 +83,7 @@ def test_one_worker_of_a_float64_task_equals_the_simulator_bitwise(tmp_path):
     assert want["downlink_bytes"][-1] - got["downlink_bytes"][-1] == model_bytes
 
 
+@pytest.mark.multiprocess
 def test_three_workers_follow_the_protocol(tmp_path):
     cfg = {**CONFIG, "workers": {"count": 3, "batch_size": 8}, "steps": 60,
            "asynchronous": {"drop_older_than": 1}}

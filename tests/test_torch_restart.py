@@ -39,6 +39,7 @@ def _launch(tmp: Path, extra_env: dict, max_restarts: int, config: dict | None =
                           env=env, capture_output=True, text=True, timeout=400)
 
 
+@pytest.mark.multiprocess
 def test_a_rank_failing_once_restarts_the_job_from_the_common_checkpoint(tmp_path):
     proc = _launch(tmp_path, {"GRADSPARSE_FAIL_ONCE_AT": "1:7"}, max_restarts=1)
     log = proc.stdout + proc.stderr
@@ -62,6 +63,7 @@ def test_a_rank_failing_once_restarts_the_job_from_the_common_checkpoint(tmp_pat
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.multiprocess
 def test_a_stopped_job_continues_by_hand_with_launch_resume(tmp_path, capsys):
     """No --max-restarts: the job fails (rank 1 after step 7) and stops; ``gradsparse launch
     --resume OUT`` takes the config and world size from the restart manifest and finishes the
@@ -98,6 +100,7 @@ def test_a_stopped_job_continues_by_hand_with_launch_resume(tmp_path, capsys):
     assert missing.returncode == 2 and "no restart checkpoints" in missing.stderr
 
 
+@pytest.mark.multiprocess
 def test_a_restart_folder_of_another_world_size_is_refused(tmp_path):
     folder = restart_dir(tmp_path / "out")
     folder.mkdir(parents=True)
@@ -137,6 +140,7 @@ def test_injected_failure_fires_once_on_its_rank_only():
         injected_failure("seven", 0, 0)
 
 
+@pytest.mark.multiprocess
 def test_a_divergence_seen_by_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     """Only rank 0 records the loss, so only it can see it turn infinite: the ranks agree after
     every step (engine.agree_to_stop), all stop after step 4 with one report, no rank is left

@@ -301,6 +301,7 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_user_task_under_launch_on_torch_and_torch_async(readme_task, tmp_path):
     """One torchrun of 2 processes runs two configs: engine torch (2 workers, every rank runs the
     server step) equals sync; engine async (1 worker + rank 0 serving: torch_async) equals the
@@ -415,6 +416,7 @@ def test_torch_async_refusals_match_the_engine():
     assert torch_async_refusal({"kardam": KardamFilter(enabled=True, rejected="drop"), "staleness_bound": None}) is None
 
 
+@pytest.mark.multiprocess
 def test_a_refused_launch_leaves_no_process(tmp_path):
     """As a user runs it: a separate process group, one line, exit 2, and nothing of it left."""
     path = _toy(tmp_path, {"engine": "async", "asynchronous": {"staleness_bound": 2}})
