@@ -800,7 +800,8 @@ def compress_bucket(state: SparsifiedState, params, buf: torch.Tensor, step: int
         dtype = seg.worker.memory.flat.dtype if seg.worker.memory is not None else state._dtype_for(p)
         g_row = g.detach().reshape(1, -1).to(dtype)
         w = p.detach().reshape(-1).to(dtype) if seg.alg.weight_decay else None
-        out = seg.alg.worker_update_(g_row, w, seg.worker, step=step, lr=lr, workers=rank_id)
+        # the segment owns its state and nothing views it: the out-of-place step rebinds, as before
+        out = seg.alg.worker_update_(g_row, w, seg.worker, step=step, lr=lr, workers=rank_id, rebind=True)
         segs.append(seg)
         outs.append(out)
     return segs, outs
