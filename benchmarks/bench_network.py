@@ -192,9 +192,9 @@ def worker(args) -> None:
     method = args.method
     model, state = wrap_method(net, method, lr=0.01, threshold=args.threshold, powersgd_start=2)
     if state is not None:
-        import gradsparse.ddp as gddp
+        import gradsparse.distributed.ddp_hook as hook_module
 
-        records = record_messages(gddp)
+        records = record_messages(hook_module)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(args.rank)
     x = torch.randn(16, width, generator=g)
@@ -288,11 +288,12 @@ def parse_method(method: str) -> tuple[str, str, bool]:
     return parts[0], collective, "bidir" in parts
 
 
-def record_messages(gddp) -> list:
+def record_messages(hook_module) -> list:
     """Keep every message the hook's worker steps produce, by step: ``records[t][name] =
-    (indices, values)`` (the hook looks ``compress_bucket`` up in its module at each call)."""
+    (indices, values)`` (the hook looks ``compress_bucket`` up in its own module,
+    :mod:`gradsparse.distributed.ddp_hook`, at each call: that module's name is replaced)."""
     records: list[dict] = []
-    compress = gddp.compress_bucket
+    compress = hook_module.compress_bucket
 
     def recording(state, params, buf, step, lr, rank):
         segs, outs = compress(state, params, buf, step, lr, rank)
@@ -303,7 +304,7 @@ def record_messages(gddp) -> list:
             records[step][seg.name] = (m.indices.clone(), m.values.clone())
         return segs, outs
 
-    gddp.compress_bucket = recording
+    hook_module.compress_bucket = recording
     return records
 
 
