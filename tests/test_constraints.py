@@ -10,12 +10,35 @@ import math
 
 import pytest
 
+from types import SimpleNamespace
+
+import torch
+
+from gradsparse.algorithm import Algorithm
 from gradsparse.compressors import COMPRESSORS
 from gradsparse.config import ConfigError, load_config
 from gradsparse.constraints import Interval, check
+from gradsparse.engines.async_sim import AsyncSimulator, ComputeLaw, KardamFilter, NetworkLaw
+from gradsparse.engines.base import WorkerData
 from gradsparse.momentum import Momentum, make_momentum
 from gradsparse.schedules import Schedule
 from gradsparse.staleness import StalenessDampening
+from gradsparse.tasks import make_task
+
+#: rows enough for the largest admitted worker count, with labels for the shard split
+_ROWS = SimpleNamespace(name="rows", worker_data=None, n_train=200_000, train_y=torch.zeros(200_000, dtype=torch.long))
+_ASYNC = {"engine": "async", "algorithm": {"topology": {"kind": "ps_uplink"}}}
+
+
+def _workers(name, v):
+    n_workers = v if name == "count" else 1
+    options = {"shards_per_worker": 1, "batch_size": 1, "n_shards": None, **({} if name == "count" else {name: v})}
+    return WorkerData(_ROWS, n_workers, "shards", generator=torch.Generator().manual_seed(0), **options)
+
+
+def _async_engine(name, v):
+    return AsyncSimulator(make_task("toy_quadratic"), Algorithm(topology="ps_uplink"), Schedule(lr=0.1), n_workers=3,
+                          **{name: v})
 
 #: (config section, the component's table, build the component with one parameter set, the
 #: config with that parameter set)
@@ -31,6 +54,31 @@ COMPONENTS = {
         lambda name, v: {"engine": "async", "algorithm": {"topology": {"kind": "ps_uplink"},
                                                           "staleness": {"kind": "exponential", name: v}}},
     ),
+    "workers": (
+        WorkerData.CONSTRAINTS,
+        _workers,
+        lambda name, v: {"workers": {name: v}},
+    ),
+    "asynchronous.compute": (
+        ComputeLaw.CONSTRAINTS,
+        lambda name, v: ComputeLaw(kind="constant", **{name: v}),
+        lambda name, v: {**_ASYNC, "asynchronous": {"compute": {"kind": "constant", name: v}}},
+    ),
+    "asynchronous.network": (
+        NetworkLaw.CONSTRAINTS,
+        lambda name, v: NetworkLaw(**{name: v}),
+        lambda name, v: {**_ASYNC, "asynchronous": {"network": {name: v}}},
+    ),
+    "asynchronous.kardam": (
+        KardamFilter.CONSTRAINTS,
+        lambda name, v: KardamFilter(**{name: v}),
+        lambda name, v: {**_ASYNC, "asynchronous": {"kardam": {name: v}}},
+    ),
+    "asynchronous": (
+        AsyncSimulator.CONSTRAINTS,
+        _async_engine,
+        lambda name, v: {**_ASYNC, "asynchronous": {name: v}},
+    ),
     "schedule": (
         Schedule.CONSTRAINTS,
         lambda name, v: Schedule(kind="constant", **{name: v}),
@@ -43,8 +91,17 @@ CASES = [(section, name, value) for section, (table, _, _) in COMPONENTS.items()
 
 
 def _compressor_options(kind: str, name: str, value) -> dict:
-    """One option set to ``value``; a fixed-count compressor also gets k unless the option is its amount."""
-    amount = {} if name in ("k", "density") or "k" not in COMPRESSORS[kind].CONSTRAINTS else {"k": 1}
+    """One option set to ``value``, plus the compressor's amount (a fixed count k = 1, or a byte
+    budget's density 0.1) unless the option is the amount itself."""
+    table = COMPRESSORS[kind].CONSTRAINTS
+    if name in ("k", "density", "budget_bytes"):
+        amount = {}
+    elif "k" in table:
+        amount = {"k": 1}
+    elif "budget_bytes" in table:
+        amount = {"density": 0.1}
+    else:
+        amount = {}
     return {**amount, name: value}
 
 
@@ -56,7 +113,8 @@ ADMITTED = []
 for _section, (_table, _, _) in COMPONENTS.items():
     for _name, _iv in _table.items():
         for _v in ([_iv.low if _iv.low_closed else _iv.low + 0.25] if _iv.low is not None else [1.0]) + \
-                  ([_iv.high if _iv.high_closed else _iv.high - 0.25] if _iv.high is not None else []):
+                  ([_iv.high if _iv.high_closed else _iv.high - 0.25] if _iv.high is not None else []) + \
+                  ([None] if _iv.optional else []):
             ADMITTED.append((_section, _name, _v))
 
 
@@ -106,7 +164,8 @@ def test_a_refused_compressor_option_is_refused_by_the_constructor_and_the_confi
 
 def test_every_table_yields_cases():
     assert {(k, n) for k, n, _ in COMPRESSOR_CASES} >= {("topk", "k"), ("topk", "density"), ("hard_threshold", "threshold"),
-                                                        ("randomk", "seed"), ("approximate_topk", "sample_fraction")}
+                                                        ("randomk", "seed"), ("approximate_topk", "sample_fraction"),
+                                                        ("budget_threshold", "gain"), ("budget_threshold", "burst")}
     assert {(s, n) for s, n, _ in CASES} == {(s, n) for s, (t, _, _) in COMPONENTS.items() for n in t}
 
 

@@ -38,7 +38,7 @@ def left_behind(tmp_path, *keep):
     ("workers.batch_size=fulll", "config key 'workers.batch_size': invalid value 'fulll': Input should be a valid integer, "
      "unable to parse string as an integer or Input should be 'full'"),
     ("workers.batch_size=1e8", "config key 'workers.batch_size': invalid value 100000000: batch_size must be an "
-     "integer in 1..1000000"),
+     "integer in [1, 1000000] or 'full'"),
     ("workers.weights=[1,abc,1]", "config key 'workers.weights[1]': invalid value 'abc'"),
     ("schedule.lr=1/M", "Input should be '1/L'"),
     # the task's seed is the run's; a hard-threshold needs its lambda

@@ -21,9 +21,9 @@ from .comm.collectives import COLLECTIVES
 from .compressors import COMPRESSORS
 from .constraints import config_field
 from .engines import ENGINES
-from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS
+from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS, AsyncSimulator, ComputeLaw, KardamFilter, NetworkLaw
 from .engines.sync_sim import GRADIENT_PATHS
-from .engines.base import SAMPLINGS
+from .engines.base import SAMPLINGS, WorkerData
 from .engines.synchronous import GRADIENT_SHIFTS
 from .feedback import FEEDBACKS
 from .metrics import DEFAULT_METRICS, METRICS
@@ -175,12 +175,12 @@ class TaskConfig(_Strict):
 
 
 class WorkersConfig(_Strict):
-    count: int = Field(3, ge=1, le=100_000)
+    count: int = config_field(3, WorkerData.CONSTRAINTS["count"])
     split: _choices(SPLITS) = "iid"
-    shards_per_worker: int = Field(2, ge=1)
+    shards_per_worker: int = config_field(2, WorkerData.CONSTRAINTS["shards_per_worker"])
     #: split shards: the number of label-sorted shards the rows are cut into (default
     #: shards_per_worker x count, every row used; paper 003: 200 shards of 300 MNIST rows)
-    n_shards: int | None = Field(None, ge=1)
+    n_shards: int | None = config_field(None, WorkerData.CONSTRAINTS["n_shards"])
     #: per worker, 1..1,000,000 (drawn from the worker's shard as ``sampling`` says), or "full"
     batch_size: int | Literal["full"] = 1
     #: with_replacement: uniform draws; reshuffle: a fresh random permutation of the shard per pass
@@ -192,8 +192,9 @@ class WorkersConfig(_Strict):
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, v):
-        if isinstance(v, int) and not 1 <= v <= 1_000_000:
-            raise ValueError("batch_size must be an integer in 1..1000000 or 'full'")
+        allowed = WorkerData.CONSTRAINTS["batch_size"]
+        if isinstance(v, int) and not allowed.admits(v):
+            raise ValueError(f"batch_size must be {allowed.describe()} or 'full', got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -392,24 +393,24 @@ class SimulatorConfig(_Strict):
 
 class ComputeLawConfig(_Strict):
     kind: _choices(COMPUTE_LAWS) = "uniform"
-    value: float = Field(1.0, ge=0.0, allow_inf_nan=False)
-    low: float = Field(0.9, ge=0.0, allow_inf_nan=False)
-    high: float = Field(1.1, ge=0.0, allow_inf_nan=False)
+    value: float = config_field(1.0, ComputeLaw.CONSTRAINTS["value"])
+    low: float = config_field(0.9, ComputeLaw.CONSTRAINTS["low"])
+    high: float = config_field(1.1, ComputeLaw.CONSTRAINTS["high"])
     speeds: list[float] | None = None
 
 
 class NetworkLawConfig(_Strict):
-    offset: float = Field(0.002, ge=0.0, allow_inf_nan=False)
-    rate: float | None = Field(1.0, gt=0.0, allow_inf_nan=False)
-    latency: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    bandwidth: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    offset: float = config_field(0.002, NetworkLaw.CONSTRAINTS["offset"])
+    rate: float | None = config_field(1.0, NetworkLaw.CONSTRAINTS["rate"])
+    latency: float = config_field(0.0, NetworkLaw.CONSTRAINTS["latency"])
+    bandwidth: float | None = config_field(None, NetworkLaw.CONSTRAINTS["bandwidth"])
 
 
 class KardamConfig(_Strict):
     enabled: bool = False
-    window: int | None = Field(None, ge=1)
-    byzantine: int = Field(1, ge=0)
-    quantile: float | None = Field(None, gt=0.0, le=1.0)
+    window: int | None = config_field(None, KardamFilter.CONSTRAINTS["window"])
+    byzantine: int = config_field(1, KardamFilter.CONSTRAINTS["byzantine"])
+    quantile: float | None = config_field(None, KardamFilter.CONSTRAINTS["quantile"])
     rejected: _choices(REJECTED_ACTIONS) = "drop"
 
 
@@ -426,9 +427,9 @@ class AsynchronousConfig(_Strict):
 
     compute: ComputeLawConfig = Field(default_factory=ComputeLawConfig)
     network: NetworkLawConfig = Field(default_factory=NetworkLawConfig)
-    server_time: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    staleness_bound: int | None = Field(None, ge=0)
-    drop_older_than: int | None = Field(None, ge=0)
+    server_time: float = config_field(0.0, AsyncSimulator.CONSTRAINTS["server_time"])
+    staleness_bound: int | None = config_field(None, AsyncSimulator.CONSTRAINTS["staleness_bound"])
+    drop_older_than: int | None = config_field(None, AsyncSimulator.CONSTRAINTS["drop_older_than"])
     kardam: KardamConfig = Field(default_factory=KardamConfig)
     update_cosine: bool = False
     #: steps_to_target / time_to_target in summary.json (first recorded row reaching it)

@@ -20,12 +20,15 @@ __all__ = ["Interval", "check", "check_all", "config_field"]
 @dataclass(frozen=True)
 class Interval:
     """A real (or, with ``integer``, whole) number between ``low`` and ``high`` (None: unbounded),
-    ends included as ``closed`` says ("both", "left", "right", "neither"); never NaN or infinite."""
+    ends included as ``closed`` says ("both", "left", "right", "neither"); never NaN or infinite.
+    With ``optional``, None (``null`` in a config: "not set", the component's own default) is
+    admitted too."""
 
     low: float | None = None
     high: float | None = None
     closed: str = "both"
     integer: bool = False
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if self.closed not in ("both", "left", "right", "neither"):
@@ -40,6 +43,8 @@ class Interval:
         return self.closed in ("both", "right")
 
     def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not isinstance(value, int):
@@ -56,12 +61,14 @@ class Interval:
         kind = "an integer" if self.integer else "a finite number"
         if self.low is not None and self.high is not None:
             left, right = "[" if self.low_closed else "(", "]" if self.high_closed else ")"
-            return f"{kind} in {left}{self.low:g}, {self.high:g}{right}"
-        if self.low is not None:
-            return f"{kind} {'>=' if self.low_closed else '>'} {self.low:g}"
-        if self.high is not None:
-            return f"{kind} {'<=' if self.high_closed else '<'} {self.high:g}"
-        return kind
+            out = f"{kind} in {left}{_number(self.low)}, {_number(self.high)}{right}"
+        elif self.low is not None:
+            out = f"{kind} {'>=' if self.low_closed else '>'} {_number(self.low)}"
+        elif self.high is not None:
+            out = f"{kind} {'<=' if self.high_closed else '<'} {_number(self.high)}"
+        else:
+            out = kind
+        return out + (" or null" if self.optional else "")
 
     def field_bounds(self) -> dict[str, Any]:
         """The bounds as pydantic ``Field`` keywords (ge / gt / le / lt, allow_inf_nan)."""
@@ -89,6 +96,11 @@ class Interval:
         else:
             out += [math.inf, math.nan]
         return [v for v in out if not self.admits(v)]
+
+
+def _number(v: float) -> str:
+    """A bound as a reader writes it: whole numbers in full (1000000, not 1e+06), others short."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
 def check(component: str, name: str, value: Any, constraint: Interval) -> None:

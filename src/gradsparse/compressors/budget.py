@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import kernels, wire
+from ..constraints import Interval, check_all
 from ..messages import SparseBatch
 from ..segments import Layout
 from ..wire import format as wire_format
@@ -154,6 +155,14 @@ class BudgetThreshold(Compressor):
 
     kind = "budget_threshold"
     plans_over_run = True
+    CONSTRAINTS = {
+        "budget_bytes": Interval(0, None, integer=True, optional=True),  # total bytes per worker
+        "density": Interval(0.0, 1.0, closed="right", optional=True),
+        "steps": Interval(1, None, integer=True, optional=True),  # null: the run's steps
+        "threshold": Interval(0.0, None, closed="neither", optional=True),  # the initial threshold
+        "gain": Interval(0.0, 2.0), "gain_floor": Interval(0.0, 2.0),
+        "burst": Interval(1.0, None, optional=True),  # null: no burst cap
+    }
     #: worst-case value bytes per entry (fp32; fp16/bf16 frames are smaller)
     _BOUND_VALUE_BYTES = 4
 
@@ -171,24 +180,13 @@ class BudgetThreshold(Compressor):
     ) -> None:
         if (budget_bytes is None) == (density is None):
             raise ValueError("budget_threshold needs exactly one of budget_bytes (total bytes per worker) or density")
-        if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0):
-            raise ValueError(f"budget_threshold budget_bytes must be an integer >= 0, got {budget_bytes!r}")
-        if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0):
-            raise ValueError(f"budget_threshold density must be in (0, 1], got {density!r}")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ValueError(f"budget_threshold steps must be an integer >= 1 (or null: the run's steps), got {steps!r}")
+        check_all(self.kind, self.CONSTRAINTS, {"budget_bytes": budget_bytes, "density": density, "steps": steps})
         if scope not in ("entire", "layerwise"):
             raise ValueError(f"budget_threshold scope must be 'entire' or 'layerwise', got {scope!r}")
         if scope == "layerwise" and layout is None:
             raise ValueError("budget_threshold scope 'layerwise' needs the model's layout")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not 0.0 < threshold < math.inf):
-            raise ValueError(f"budget_threshold initial threshold must be a finite number > 0, got {threshold!r}")
-        for name, v in (("gain", gain), ("gain_floor", gain_floor)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 2.0:
-                raise ValueError(f"budget_threshold {name} must be in [0, 2], got {v!r}")
-        if burst is not None and (isinstance(burst, bool) or not isinstance(burst, (int, float)) or not burst >= 1.0):
-            raise ValueError(f"budget_threshold burst must be >= 1 or null (no burst cap), got {burst!r}")
+        check_all(self.kind, self.CONSTRAINTS, {"threshold": threshold, "gain": gain, "gain_floor": gain_floor,
+                                                "burst": burst})
         self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.density = None if density is None else float(density)
         self.steps = steps

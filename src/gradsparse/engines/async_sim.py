@@ -48,6 +48,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -55,6 +56,7 @@ from .. import wire
 from ..algorithm import Algorithm, WorkerState, WorkerStepOutput
 from ..comm import VirtualTimeNetwork
 from ..compressors import stream_seed
+from ..constraints import Interval, check_all
 from ..messages import SparseBatch
 from ..metrics import METRICS
 from ..schedules import Schedule
@@ -80,13 +82,13 @@ class ComputeLaw:
     high: float = 1.1
     speeds: list[float] | None = None
 
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {"value": Interval(0.0, None), "low": Interval(0.0, None),
+                                                   "high": Interval(0.0, None)}
+
     def __post_init__(self) -> None:
         if self.kind not in COMPUTE_LAWS:
             raise ValueError(f"compute law must be one of {list(COMPUTE_LAWS)}, got {self.kind!r}")
-        for name in ("value", "low", "high"):
-            v = getattr(self, name)
-            if not (0 <= v < math.inf):
-                raise ValueError(f"compute law {name} must be a finite number >= 0, got {v!r}")
+        check_all("compute law", self.CONSTRAINTS, {"value": self.value, "low": self.low, "high": self.high})
         if self.kind == "uniform" and self.low > self.high:
             raise ValueError(f"compute law uniform needs low <= high, got [{self.low}, {self.high}]")
         for q, v in enumerate(self.speeds or []):
@@ -122,13 +124,14 @@ class NetworkLaw:
     latency: float = 0.0
     bandwidth: float | None = None
 
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {
+        "offset": Interval(0.0, None), "latency": Interval(0.0, None),
+        "rate": Interval(0.0, None, closed="neither", optional=True),
+        "bandwidth": Interval(0.0, None, closed="neither", optional=True)}
+
     def __post_init__(self) -> None:
-        if not (0 <= self.offset < math.inf) or not (0 <= self.latency < math.inf):
-            raise ValueError(f"network offset and latency must be finite numbers >= 0, got {self.offset!r}, {self.latency!r}")
-        if self.rate is not None and not (0 < self.rate < math.inf):
-            raise ValueError(f"network rate (lambda) must be a finite number > 0 or null, got {self.rate!r}")
-        if self.bandwidth is not None and not (0 < self.bandwidth < math.inf):
-            raise ValueError(f"network bandwidth must be a finite number > 0 or null, got {self.bandwidth!r}")
+        check_all("network law", self.CONSTRAINTS, {"offset": self.offset, "latency": self.latency,
+                                                    "rate": self.rate, "bandwidth": self.bandwidth})
 
     def longest(self, nbytes: int) -> float:
         """A bound on one message's time (the exponential part: 50 means, exceeded with
@@ -157,13 +160,15 @@ class KardamFilter:
     quantile: float | None = None
     rejected: str = "drop"
 
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {
+        "window": Interval(1, None, integer=True, optional=True), "byzantine": Interval(0, None, integer=True),
+        "quantile": Interval(0.0, 1.0, closed="right", optional=True)}
+
     def __post_init__(self) -> None:
         if self.rejected not in REJECTED_ACTIONS:
             raise ValueError(f"kardam rejected must be one of {list(REJECTED_ACTIONS)}, got {self.rejected!r}")
-        if self.quantile is not None and not (0 < self.quantile <= 1):
-            raise ValueError(f"kardam quantile must be in (0, 1], got {self.quantile!r}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"kardam window must be >= 1, got {self.window!r}")
+        check_all("kardam", self.CONSTRAINTS, {"window": self.window, "byzantine": self.byzantine,
+                                               "quantile": self.quantile})
 
 
 @dataclass
@@ -200,6 +205,9 @@ class AsyncSimulator(Engine):
     sends_model_down = True
     is_asynchronous = True
     metrics = frozenset(METRICS)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {
+        "server_time": Interval(0.0, None), "staleness_bound": Interval(0, None, integer=True, optional=True),
+        "drop_older_than": Interval(0, None, integer=True, optional=True)}
 
     def __init__(
         self,
@@ -234,11 +242,8 @@ class AsyncSimulator(Engine):
             raise ValueError("engine 'async' does not run stagewise learning (its stages are synchronous restarts)")
         if weights is not None:
             raise ValueError("engine 'async' applies each message on arrival with weight 1; remove workers.weights")
-        for name, v in (("staleness_bound", staleness_bound), ("drop_older_than", drop_older_than)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{name} must be an integer >= 0 or null, got {v!r}")
-        if not (0 <= server_time < math.inf):
-            raise ValueError(f"server_time must be a finite number >= 0, got {server_time!r}")
+        check_all("engine async", self.CONSTRAINTS, {"staleness_bound": staleness_bound,
+                                                     "drop_older_than": drop_older_than, "server_time": server_time})
         self._setup(task, algorithm, schedule, n_workers=n_workers, batch_size=batch_size, split=split,
                     shards_per_worker=shards_per_worker, seed=seed, gradient_shift=gradient_shift,
                     sampling=sampling, n_shards=n_shards)

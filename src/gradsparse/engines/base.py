@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from ..comm import ByteLedger  # noqa: F401 (re-exported: gradsparse.engines.ByteLedger)
+from ..constraints import Interval, check_all
 from ..metrics import ASYNC_METRICS, METRICS
 from ..segments import Layout
 from ..tasks import Task, split_workers
@@ -206,9 +207,19 @@ class WorkerData:
     batches; the permutations in use are part of :meth:`state_dict` (resume is exact).
     """
 
+    #: the config's ``workers`` section (``count`` is ``n_workers`` here; ``batch_size`` may
+    #: also be ``"full"``)
+    CONSTRAINTS: ClassVar[dict[str, Interval]] = {
+        "count": Interval(1, 100_000, integer=True), "shards_per_worker": Interval(1, None, integer=True),
+        "n_shards": Interval(1, None, integer=True, optional=True), "batch_size": Interval(1, 1_000_000, integer=True)}
+
     def __init__(self, task: Task, n_workers: int, split: str, shards_per_worker: int,
                  batch_size: int | str, generator: torch.Generator, sampling: str = "with_replacement",
                  n_shards: int | None = None) -> None:
+        check_all("workers", self.CONSTRAINTS, {"count": n_workers, "shards_per_worker": shards_per_worker,
+                                                "n_shards": n_shards})
+        if batch_size != "full":
+            check_all("workers", self.CONSTRAINTS, {"batch_size": batch_size})
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {list(SAMPLINGS)}, got {sampling!r}")
         self.sampling = sampling
@@ -229,8 +240,6 @@ class WorkerData:
             raise ValueError("a worker received no training rows; use fewer workers or another split")
         self.offsets = torch.cumsum(self.lens, 0) - self.lens
         self.rows_cat = torch.cat(rows)
-        if batch_size != "full" and not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive integer or 'full', got {batch_size!r}")
         self.batch_size = batch_size
         self.generator = generator
         #: full local batches of different sizes cannot be stacked: gradients then come per worker
