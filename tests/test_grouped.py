@@ -148,3 +148,26 @@ def test_fused_path_is_off_where_it_does_not_apply():
         Algorithm(compressor=TopK(density=0.02), feedback="none"),
     ):
         assert not _sim(task, alg=alg).uses_in_place_memory
+
+
+@pytest.mark.parametrize("alg_kw", [dict(weight_decay=1e-3), dict(momentum=UpdateMomentum(beta=0.5)),
+                                    dict(on_nonfinite="skip")])
+def test_factors_handed_to_an_out_of_place_step_are_expanded_to_the_same_trajectory(alg_kw):
+    """The simulator hands the worker entry its gradient factors whatever the algorithm; where the
+    in-place step does not apply, the entry expands them and takes the out-of-place step: the same
+    parameters, memories and bytes as the dense-gradient path, step for step."""
+    task = make_task("digits_mlp")
+
+    def sim(in_place):
+        alg = Algorithm(compressor=TopK(density=0.02), feedback="ef", **alg_kw)
+        return _sim(task, alg=alg, seed=5, in_place_memory=in_place)
+
+    factored, dense = sim(True), sim(False)
+    assert factored.hands_factors and not dense.hands_factors and not factored.uses_in_place_memory
+    for _ in range(6):
+        rf, rd = factored.step(), dense.step()
+        assert not rf.worker.in_place
+        torch.testing.assert_close(rf.grads, rd.grads, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(factored.worker_state.memory.flat, dense.worker_state.memory.flat, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(factored.w, dense.w, rtol=1e-5, atol=1e-7)
+    assert factored.ledger == dense.ledger

@@ -38,6 +38,7 @@ Synchronous engines have tau = t.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -109,6 +110,17 @@ class ServerState:
     downlink_memory: SegmentedTensor | None = None
 
 
+class FactoredGradients(Protocol):
+    """The n workers' gradients in a form cheaper than ``[n, d]`` (e.g. per Linear layer the
+    output gradients and the inputs, :class:`gradsparse.engines.grouped_grad.GradientFactors`)."""
+
+    def write_into(self, out: torch.Tensor, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
+        """``out = alpha G`` (or ``out += alpha G``) for the ``[n, d]`` gradients G."""
+
+    def dense(self, d: int, dtype: torch.dtype) -> torch.Tensor:
+        """G as a new ``[n, d]`` tensor."""
+
+
 @dataclass
 class WorkerStepOutput:
     message: SparseBatch  # what the workers send, one row each
@@ -118,6 +130,9 @@ class WorkerStepOutput:
     #: [n, d] the vector fed to error feedback (gradient + weight decay, or the momentum
     #: direction); None on the in-place path, where it is the engine's gradient
     feedback_input: torch.Tensor | None = None
+    #: True when the step ran in the memory's buffer (:meth:`Algorithm.worker_step_in_place`):
+    #: the accumulated vectors are then rebuilt from that buffer and change with it
+    in_place: bool = False
 
     def accumulated(self) -> torch.Tensor:
         """[n, d] the vectors the compressor saw (a, p or v), rebuilt from the new memory."""
@@ -266,7 +281,7 @@ class Algorithm:
     # ---- worker side ------------------------------------------------------------------
     def worker_update_(
         self,
-        grads: torch.Tensor | None,
+        grads: torch.Tensor | FactoredGradients | None,
         params: torch.Tensor | None,
         state: WorkerState,
         *,
@@ -282,20 +297,29 @@ class Algorithm:
         ``state`` itself.
 
         It takes the in-place step (memory <- memory + c g, s = C(memory), memory <- memory - s
-        in the memory's own buffer; :meth:`worker_step_in_place`) when the algorithm allows it
-        (:attr:`supports_in_place`: memory, no worker momentum, no weight decay, not
-        ``on_nonfinite: skip``) and the caller does (``in_place``: False under stagewise
-        learning, whose proximal term the engine adds to the gradients); otherwise the
+        in the memory's own buffer; :meth:`worker_step_in_place`) when
+        :meth:`takes_in_place_step` says so (the algorithm allows it: memory, no worker momentum,
+        no weight decay, not ``on_nonfinite: skip``; and the caller does: ``in_place`` False
+        under stagewise learning, whose proximal term the engine adds to the gradients); otherwise the
         out-of-place step (:meth:`worker_step`, which also applies the skip policy), whose new
         state is then written into ``state`` (``rebind``: put in its place instead, without a
         copy -- for a caller whose ``state`` holds whole buffers of its own that nothing else views;
         the vectorized simulator, where copying 100 x 50,890 memories back doubled the step time).
-        ``grads`` None: the caller has already added c g to the memory (in-place step only).
-        ``params``: the model the gradients were taken at (weight decay reads it)."""
-        if in_place and self.supports_in_place:
+        ``grads``: the ``[n, d]`` gradients, or the gradients in factored form
+        (:class:`FactoredGradients`, e.g. the vectorized simulator's grouped Linear-layer factors): the in-place step then adds ``c g`` from the
+        factors straight into the memory (no ``[n, d]`` gradient tensor), the out-of-place step
+        expands them first. ``params``: the model the gradients were taken at (weight decay reads
+        it). The output's ``in_place`` says which step ran."""
+        if self.takes_in_place_step(in_place):
+            if grads is not None and not isinstance(grads, torch.Tensor):
+                grads.write_into(state.memory.flat, alpha=self.feedback.accumulation_scale(lr), accumulate=True)
+                grads = None
             return self.worker_step_in_place(grads, state, step=step, lr=lr, workers=workers)
         if grads is None:
             raise ValueError(f"the out-of-place worker step of {self.describe()} needs the gradients (grads is None)")
+        if not isinstance(grads, torch.Tensor):
+            like = params if params is not None else state.memory.flat
+            grads = grads.dense(like.shape[-1], like.dtype)
         out = self.worker_step(grads, params, state, step=step, lr=lr, workers=workers)
         if rebind:
             state.memory, state.momentum, state.compressor = out.state.memory, out.state.momentum, out.state.compressor
@@ -375,10 +399,15 @@ class Algorithm:
 
     @property
     def supports_in_place(self) -> bool:
-        """Whether engines should take :meth:`worker_step_in_place` (memory, no worker momentum,
-        no weight decay; and not under ``on_nonfinite: skip``, which needs the memory from before
-        the step to restore a skipped worker: engines then take the out-of-place step)."""
+        """Whether this algorithm's worker step can run in the memory's buffer (memory, no worker
+        momentum, no weight decay; and not under ``on_nonfinite: skip``, which needs the memory
+        from before the step to restore a skipped worker)."""
         return self._in_place_applies and self.on_nonfinite != "skip"
+
+    def takes_in_place_step(self, in_place: bool = True) -> bool:
+        """Whether :meth:`worker_update_` called with ``in_place`` takes the in-place step (the
+        one rule; engines ask it only to report what ran, never to choose a path)."""
+        return bool(in_place) and self.supports_in_place
 
     @property
     def _in_place_applies(self) -> bool:
@@ -417,7 +446,7 @@ class Algorithm:
             new = self.compressor.observe(state.compressor, out.message, nbytes, context)
             for k, v in new.items():  # in place too, so views of the engine's state stay current
                 state.compressor[k].copy_(v)
-        return WorkerStepOutput(out.message, nbytes, state, out, None)
+        return WorkerStepOutput(out.message, nbytes, state, out, None, in_place=True)
 
     def message_nbytes(self, message: SparseBatch) -> torch.Tensor:
         """Exact wire size of each row (the wire's ``auto`` rule: a row whose sparse frame would be

@@ -11,11 +11,12 @@ loop over workers — and the algorithm's worker step runs once on ``[N, d]`` ro
 * ``auto`` (default): ``grouped`` when the task supports it *and* it matches ``vmap`` on a probe
   batch at start-up, else ``vmap``.
 
-Engine fast path (``in_place_memory``, on by default): with grouped gradients and an algorithm
-whose worker step is "a = e + c g, compress, keep a - s" (``Algorithm.supports_in_place``), the
-simulator writes e + c g straight from the gradient factors into the memory buffer and calls the
-algorithm's in-place worker entry — no ``[N, d]`` gradient tensor. The step record then guards
-its accumulated vectors (they live in the memory buffer until the next round).
+Factored gradients (``in_place_memory``, on by default): with grouped gradients the simulator
+hands the algorithm's worker entry (``Algorithm.worker_update_``) the gradients in factored form;
+where the algorithm's step is "a = e + c g, compress, keep a - s" the entry writes e + c g
+straight from the factors into the memory buffer — no ``[N, d]`` gradient tensor — and otherwise
+expands them (the entry chooses; ``uses_in_place_memory`` reports what it takes). The step record
+guards its accumulated vectors (they may live in the memory buffer until the next round).
 """
 
 from __future__ import annotations
@@ -40,14 +41,20 @@ class SyncSimulator(SynchronousEngine):
         super().__init__(task, algorithm, schedule, **kw)
         self._vgrad_dict = vmap(grad(task.loss), in_dims=(None, 0, 0))
         self.gradient_path = self._choose_gradient_path(gradient_path)
-        self.uses_in_place_memory = bool(
+        #: the worker entry gets the gradient factors (it may add them into the memory in place)
+        self.hands_factors = bool(
             in_place_memory
             and self.gradient_path == "grouped"
-            and algorithm.supports_in_place
-            and self.x_star is None
-            and self.stagewise is None
+            and self.x_star is None  # the EF-GD* shift and the stagewise proximal term change
+            and self.stagewise is None  # the gradients; ragged full batches come per shard size
             and not self.data.ragged
         )
+
+    @property
+    def uses_in_place_memory(self) -> bool:
+        """Whether the worker step runs in the memory's buffer from the factors (reported, not chosen:
+        the algorithm's worker entry takes the in-place step where it applies)."""
+        return self.hands_factors and self.alg.takes_in_place_step()
 
     def _choose_gradient_path(self, requested: str) -> str:
         if requested not in GRADIENT_PATHS:
@@ -128,7 +135,7 @@ class SyncSimulator(SynchronousEngine):
 
     # ---- the workers' side of a round ---------------------------------------------------------
     def worker_round(self, w, t, lr):
-        if not self.uses_in_place_memory:
+        if not self.hands_factors:
             grads = self.worker_gradients(w)
             live = self._renew_live_token()
             # the out-of-place step (a = e + c g in a new tensor, which becomes the memory): the fast
@@ -140,7 +147,5 @@ class SyncSimulator(SynchronousEngine):
         self.samples_seen += idx.numel()
         factors = self._grouped.factors(self.layout.unflatten(w), self.task.train_x[idx], self.task.train_y[idx])
         live = self._renew_live_token()
-        memory = self.worker_state.memory
-        factors.write_into(memory.flat, alpha=self.alg.feedback.accumulation_scale(lr), accumulate=True)
-        out = self.alg.worker_update_(None, w, self.worker_state, step=t, lr=lr, workers=self.worker_ids)
+        out = self.alg.worker_update_(factors, w, self.worker_state, step=t, lr=lr, workers=self.worker_ids, rebind=True)
         return factors, out, live
