@@ -1,8 +1,8 @@
-"""Run configuration: a YAML schema validated up front (pydantic).
-
-A bad value raises :class:`ConfigError` whose message is one line naming the dotted key, the
-value given and what is allowed. Nothing is written before validation succeeds.
-"""
+"""The run configuration's schema: one pydantic model per section of the YAML file, the whole
+run being :class:`RunConfig`. Allowed values come from the component tables (compressors,
+feedbacks, topologies, ...) and numeric bounds from the components' constraint tables
+(:mod:`gradsparse.constraints`), so the schema and the constructors cannot disagree; rules that
+tie several keys together are the sections' ``_check`` validators."""
 
 from __future__ import annotations
 
@@ -10,131 +10,30 @@ import inspect
 import math
 import os
 import re
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .algorithm import VALUE_DTYPE_NAMES
-from .comm.collectives import COLLECTIVES
-from .compressors import COMPRESSORS
-from .constraints import config_field
-from .engines import ENGINES
-from .engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS, AsyncSimulator, ComputeLaw, KardamFilter, NetworkLaw
-from .engines.sync_sim import GRADIENT_PATHS
-from .engines.base import SAMPLINGS, WorkerData
-from .engines.synchronous import GRADIENT_SHIFTS
-from .feedback import FEEDBACKS
-from .metrics import DEFAULT_METRICS, METRICS
-from .momentum import MOMENTA, Momentum, make_momentum
-from .schedules import Schedule
-from .segments import Layout
-from .staleness import DAMPENINGS, StalenessDampening
-from .tasks.splits import SPLITS
-from .topology import TOPOLOGIES
-
-
-class ConfigError(ValueError):
-    """A configuration problem, described in one line."""
-
-
-def _admits_bool(annotation) -> bool:
-    """Whether a field's type takes true/false (``bool``, ``Any``, or a union holding one)."""
-    if annotation is bool or annotation is Any:
-        return True
-    if get_origin(annotation) is Literal:
-        return any(isinstance(a, bool) for a in get_args(annotation))
-    return any(_admits_bool(a) for a in get_args(annotation))
-
-
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) if get_args(annotation) == () else str(annotation).replace("typing.", "")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _no_booleans_as_numbers(cls, v, info):
-        """true/false is not a number: pydantic would read ``steps: true`` as 1 (and a list of
-        booleans as 0/1 weights); only fields typed bool take them."""
-        flags = isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
-        if flags:
-            ann = cls.model_fields[info.field_name].annotation
-            if not _admits_bool(ann):
-                raise ValueError(f"true/false is not allowed here; expected {_type_name(ann)}")
-        return v
-
-#: integers in a config must fit in a signed 64-bit integer (seeds, counts, steps)
-INT_MAX = 2**63 - 1
-#: what a run name may be: one path component under runs/, no leading dot (ASCII form; any
-#: Unicode letter, mark or digit is allowed where this allows a letter: see :func:`check_run_name`)
-NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$"
-#: a run name is at most this many bytes in UTF-8 (a directory name, with room for .NAME.partial-PID)
-NAME_MAX_BYTES = 200
-
-
-def check_run_name(name: str) -> str:
-    """A run name is one path component: letters, marks and digits of any script, ``_``, and
-    ``.``, ``+``, ``-`` after the first character (so no ``/``, no leading dot, no ``..``), at
-    most :data:`NAME_MAX_BYTES` bytes in UTF-8."""
-    import unicodedata
-
-    def word(c: str) -> bool:
-        return c == "_" or unicodedata.category(c)[0] in "LN" or (unicodedata.category(c)[0] == "M")
-
-    if not name:
-        raise ValueError("a run name cannot be empty")
-    if not (word(name[0]) and unicodedata.category(name[0])[0] != "M"):
-        raise ValueError(f"a run name starts with a letter, digit or '_' (got {name[0]!r}): it is a folder name, "
-                         "and no leading '.' or '-'")
-    bad = [c for c in name if not (word(c) or c in ".+-")]
-    if bad:
-        raise ValueError(f"a run name is one folder name of letters, digits, '_', '.', '+', '-' (any script); "
-                         f"{bad[0]!r} is not allowed")
-    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
-        raise ValueError(f"a run name is at most {NAME_MAX_BYTES} bytes in UTF-8, got {len(name.encode('utf-8'))}")
-    return name
-
-
-#: a number in exponent form that YAML 1.1 (what PyYAML reads) takes for text: 1e-2, 1E3, 1.0e5,
-#: 5.e3 (YAML 1.1 wants a dot and a signed exponent, e.g. 1.0e-2; YAML 1.2 and JSON read these as numbers)
-EXPONENT_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-#: option names whose values are text even when they look like numbers (names, paths)
-_TEXT_OPTION = re.compile(r"(^name$|path$|dir$|file$|dataset$)")
-
-
-def numbers_in_exponent_form(node: Any, key: str = "") -> Any:
-    """The raw config with every value written as a number in exponent form (``1e-2``, ``1E3``,
-    ``1.0e5``) made a number, as YAML 1.2 reads it: an int when it is whole, written without a
-    dot and fits in 64 bits (``1e4`` -> 10000), else a float. Names and paths stay text."""
-    if isinstance(node, dict):
-        return {k: numbers_in_exponent_form(v, str(k)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [numbers_in_exponent_form(v, key) for v in node]
-    if isinstance(node, str) and not _TEXT_OPTION.search(key) and EXPONENT_NUMBER.fullmatch(node.strip()):
-        text = node.strip()
-        value = float(text)
-        mantissa, exponent = re.split("[eE]", text)
-        if "." not in mantissa and int(exponent) >= 0 and math.isfinite(value):
-            whole = int(mantissa) * 10 ** int(exponent)
-            if -INT_MAX - 1 <= whole <= INT_MAX:
-                return whole
-        return value
-    return node
-
-
-def _choices(table) -> Any:
-    """``Literal`` of a component table's keys: the schema's allowed values come from the table."""
-    return Literal[tuple(table)]
-
-
-def _options_of(cls) -> dict[str, inspect.Parameter]:
-    """The options a component's constructor takes (its config section's keys besides ``kind``)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p for n, p in params.items() if n not in ("self", "layout") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+from ..algorithm import VALUE_DTYPE_NAMES
+from ..comm.collectives import COLLECTIVES
+from ..compressors import COMPRESSORS
+from ..constraints import config_field
+from ..engines import ENGINES
+from ..engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS, AsyncSimulator, ComputeLaw, KardamFilter, NetworkLaw
+from ..engines.base import SAMPLINGS, WorkerData
+from ..engines.sync_sim import GRADIENT_PATHS
+from ..engines.synchronous import GRADIENT_SHIFTS
+from ..feedback import FEEDBACKS
+from ..metrics import DEFAULT_METRICS, METRICS
+from ..momentum import MOMENTA, Momentum, make_momentum
+from ..schedules import Schedule
+from ..segments import Layout
+from ..staleness import DAMPENINGS, StalenessDampening
+from ..tasks import TASKS, is_user_task_name, unknown_task_message
+from ..tasks.splits import SPLITS
+from ..tasks.user import UserTaskError, parse_user_task_name
+from ..topology import TOPOLOGIES
+from .fields import INT_MAX, _choices, _options_of, _Strict, check_run_name
 
 
 class TaskConfig(_Strict):
@@ -150,9 +49,6 @@ class TaskConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known_task(cls, name):
-        from .tasks import TASKS, is_user_task_name, unknown_task_message
-        from .tasks.user import UserTaskError, parse_user_task_name
-
         if name in TASKS:
             return name
         if not is_user_task_name(name):
@@ -506,177 +402,3 @@ class RunConfig(_Strict):
                 raise ValueError(f"{where} sums the values of one support shared by every worker: it needs "
                                  f"algorithm.compressor {{kind: randomk, shared_support: true}}, got kind {comp.kind!r}"
                                  + ("" if comp.kind != "randomk" else " with shared_support false"))
-
-
-def _config_key(loc: tuple) -> str:
-    """pydantic's error location as the dotted config key (``workers.weights[1]``); a union's
-    member (int, float, literal['full'], ...) is pydantic's detail, not part of the key."""
-    key = ""
-    for p in loc:
-        if isinstance(p, int):
-            key += f"[{p}]"
-        elif not (p.startswith(("function-after", "literal[")) or p in ("int", "float", "str", "bool")):
-            key += f".{p}" if key else p
-    return key
-
-
-def _fmt_error(err: ValidationError) -> str:
-    errors = err.errors()
-    e = errors[0]
-    loc = _config_key(e["loc"])
-    # a union (``int | 'full'``) fails once per member: say every form that is allowed
-    msgs = []
-    for other in errors:
-        if _config_key(other["loc"]) == loc and other["msg"] not in msgs:
-            msgs.append(other["msg"])
-    msg = " or ".join(m[len("Value error, "):] if m.startswith("Value error, ") else m for m in msgs)
-    val = e.get("input")
-    where = f"config key '{loc}'" if loc else "config"
-    if e["type"] == "extra_forbidden":
-        return f"{where}: unknown key (value {val!r}); check the spelling against the documented schema"
-    if isinstance(val, dict):
-        return f"{where}: {msg}"
-    if isinstance(val, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", val.strip()):
-        msg += f" (YAML reads {val} as text: write it with a dot, e.g. {float(val):.1e}, or as digits)"
-    shown = repr(val)
-    if len(shown) > 120:
-        shown = shown[:100] + "..."
-    return f"{where}: invalid value {shown}: {msg}"
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """One line: the parser's problem and where (line/column, 1-based)."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{problem}{where}"
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a key given twice in one mapping is an error (the YAML
-    spec forbids it; PyYAML would silently keep the last value)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:  # the keys written here (a '<<' merge may be overridden)
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeyLoader)
-
-
-def parse_yaml_value(text: str, key: str = "", label: str = "override") -> Any:
-    """One value of ``--set key=VALUE`` (or of ``--grid``), read as YAML."""
-    try:
-        return _load_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{label} {key}={text!r} is not valid YAML: {_yaml_problem(exc)}") from None
-
-
-#: a raw config nests at most this deep and holds at most this many values (YAML aliases
-#: expand: ``a: &a [*a]`` is infinitely deep, nine nested lists of nine aliases are 9**9 values)
-MAX_DEPTH = 64
-MAX_VALUES = 1_000_000
-
-
-def check_numbers(node: Any, where: str = "", _seen: list | None = None, _depth: int = 0) -> None:
-    """Every number in a raw config is finite and every integer fits in 64 bits (names the key);
-    the config is not nested deeper than MAX_DEPTH nor holds more than MAX_VALUES values."""
-    seen = [0] if _seen is None else _seen
-    seen[0] += 1
-    if seen[0] > MAX_VALUES:
-        raise ConfigError(f"config holds more than {MAX_VALUES} values (YAML aliases expanding?); "
-                          f"a config is a small mapping (at '{where or 'config'}')")
-    if _depth > MAX_DEPTH:
-        raise ConfigError(f"config key '{where[:80]}...' nests deeper than {MAX_DEPTH} levels "
-                          "(a YAML alias that refers to itself?)")
-    if isinstance(node, dict):
-        for k, v in node.items():
-            check_numbers(v, f"{where}.{k}" if where else str(k), seen, _depth + 1)
-    elif isinstance(node, (list, tuple)):
-        for i, v in enumerate(node):
-            check_numbers(v, f"{where}[{i}]", seen, _depth + 1)
-    elif isinstance(node, bool):
-        return
-    elif isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(f"config key '{where or 'config'}': invalid value {node!r}: must be a finite number")
-    elif isinstance(node, int) and not -INT_MAX - 1 <= node <= INT_MAX:
-        raise ConfigError(
-            f"config key '{where or 'config'}': invalid value {node}: integers must lie in -2**63..2**63-1"
-        )
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``dotted.key=value`` overrides (values parsed as YAML scalars/lists)."""
-    raw = dict(raw)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise ConfigError(f"override key {key!r} is not a dotted key")
-        node = raw
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {key!r}: '{p}' holds a value, not a section")
-            node[p] = child = dict(child)
-            node = child
-        node[parts[-1]] = parse_yaml_value(text, key.strip())
-    return raw
-
-
-def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML file (or a dict), apply overrides, validate. Raises ConfigError."""
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist (or is not a regular file)")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-        if len(data) > 16 << 20:
-            raise ConfigError(f"config file {str(path)!r} is {len(data)} bytes; a config is at most 16 MiB")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ConfigError(
-                f"config file {str(path)!r} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})"
-            ) from None
-        if "\x00" in text:
-            raise ConfigError(f"config file {str(path)!r} is binary (NUL byte at offset {text.index(chr(0))}), not YAML")
-        try:
-            raw = _load_yaml(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(exc)}") from None
-        except RecursionError:
-            raise ConfigError(f"config file {str(path)!r} nests too deeply") from None
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, not {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides or [])
-    check_numbers(raw)  # first: it bounds the depth and size that the next walk visits
-    raw = numbers_in_exponent_form(raw)
-    check_numbers(raw)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_fmt_error(err)) from None
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
