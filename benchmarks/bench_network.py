@@ -2,7 +2,7 @@
 bridge and ``tc tbf`` (benchmarks/netns.py); one DDP rank per namespace; Gloo over the veths.
 
     sudo python benchmarks/bench_network.py [--ranks 4 | --ranks 4,8,16] [--rates 100mbit,1gbit]
-        [--params 11000000] [--steps 3]
+        [--params 11000000] [--steps 3] [--bucket-mb 25]
         [--methods dense,fp16,powersgd1,powersgd4,topk0.1,topk1,threshold,budget,ps0.1]
         [--out benchmarks/results/network]
 
@@ -12,7 +12,10 @@ The collectives' scaling (issue 21), on the same machine, one command:
         --methods dense,powersgd1,topk0.1,topk1,topk0.1_sharded,topk1_sharded,topk1_sharded_bidir,randomk1_allreduce
 
 Each method trains the same model (Linear 1024x1024 layers, about ``--params`` parameters,
-random data, batch 16, torch pinned to 1 thread per rank):
+random data, batch 16, torch pinned to 1 thread per rank) in DDP buckets of ``--bucket-mb`` MB
+(DDP's default 25; PowerSGD always one bucket). Every call of gradsparse's hook costs fixed size
+exchanges with each of the P - 1 peers (and their TCP/IP headers and acknowledgements), so at
+many ranks fewer, larger buckets send less per step: ``--bucket-mb 100000`` is one bucket.
 
 * ``dense``: DDP's default all-reduce; ``fp16``: PyTorch's ``fp16_compress_hook``;
   ``powersgd1`` / ``powersgd4``: PyTorch's PowerSGD hook, rank 1 / 4 (one bucket: Gloo aborts it
@@ -190,7 +193,8 @@ def worker(args) -> None:
         return
     d = sum(p.numel() for p in net.parameters())
     method = args.method
-    model, state = wrap_method(net, method, lr=0.01, threshold=args.threshold, powersgd_start=2)
+    model, state = wrap_method(net, method, lr=0.01, threshold=args.threshold, powersgd_start=2,
+                               bucket_mb=args.bucket_mb)
     if state is not None:
         import gradsparse.distributed.ddp_hook as hook_module
 
@@ -229,14 +233,16 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def wrap_method(net, method: str, *, lr: float, threshold: float | None = None, powersgd_start: int = 2):
-    """``net`` in DDP with ``method``'s communication: ``dense`` (DDP's all-reduce), ``fp16``
+def wrap_method(net, method: str, *, lr: float, threshold: float | None = None, powersgd_start: int = 2,
+                bucket_mb: float = 25):
+    """``net`` in DDP (buckets of ``bucket_mb`` MB, DDP's default 25; PowerSGD always one bucket)
+    with ``method``'s communication: ``dense`` (DDP's all-reduce), ``fp16``
     (PyTorch's fp16 hook), ``powersgdR`` (PyTorch's PowerSGD at rank R, one bucket, from step
     ``powersgd_start``) or a gradsparse method (``topkP``, ``randomkP``, ``threshold``, ``budget``,
     with a collective suffix: see the module docstring). Returns (model, gradsparse state or None)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else 25)
+    model = DDP(net, bucket_cap_mb=100_000 if method.startswith("powersgd") else bucket_mb)
     if method == "dense":
         return model, None
     if method.startswith("powersgd"):
@@ -385,7 +391,8 @@ def run_method(net, method: str, args, tmp: Path, threshold: float) -> dict:
         procs.append(subprocess.Popen(
             net.exec_prefix(r) + [sys.executable, __file__, "--worker", "--rank", str(r), "--world", str(args.ranks),
                                   "--port", str(port), "--method", method, "--params", str(args.params), "--steps",
-                                  str(args.steps), "--threshold", str(threshold), "--result", str(res)],
+                                  str(args.steps), "--threshold", str(threshold), "--bucket-mb", str(args.bucket_mb),
+                                  "--result", str(res)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     deadline = time.time() + args.timeout
     while any(p.poll() is None for p in procs) and time.time() < deadline:
@@ -419,6 +426,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--methods", default=METHODS)
     ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--bucket-mb", type=float, default=25.0,
+                    help="DDP's bucket cap in MB for every method but PowerSGD (one bucket); 25 is DDP's default. "
+                         "Each hook call costs fixed size exchanges with every peer, so fewer buckets send less")
     ap.add_argument("--out", default="benchmarks/results/network")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
