@@ -1,7 +1,7 @@
 """The up-front memory estimate against the measured peak RSS (issue 23): each case runs in a fresh
 process (three steps and an evaluation, ``memory_check`` off); prints one JSON line per case
-with the peak, the estimate (``runner.estimate_memory``), their ratio, and the bound checked
-before the task is built (``runner.estimate_memory_before_task``; null where the options do not
+with the peak, the estimate (``memory_estimate.estimate_memory``), their ratio, and the bound checked
+before the task is built (``memory_estimate.estimate_memory_before_task``; null where the options do not
 fix d). Needs about 10 GiB of memory for the largest case.
 
     python benchmarks/bench_memory_estimate.py [SUBSTRING ...]    # only the cases whose name holds one
@@ -15,13 +15,13 @@ import json, resource, sys
 import torch
 torch.set_num_threads(1)
 from gradsparse.config import load_config
-from gradsparse.experiments import runner
+from gradsparse.experiments import build, memory_estimate
 raw = json.loads(sys.argv[1]); raw.setdefault("steps", 1000); raw["memory_check"] = False
 raw["metrics"] = {"every": 2}
 cfg = load_config(raw)
-pre = runner.estimate_memory_before_task(cfg)
-engine = runner.build_engine(cfg)
-need, how = runner.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
+pre = memory_estimate.estimate_memory_before_task(cfg)
+engine = build.build_engine(cfg)
+need, how = memory_estimate.estimate_memory(cfg, engine.task, engine.layout, engine.alg)
 from gradsparse.metrics import eval_metrics
 for _ in range(3):
     engine.step()

@@ -15,8 +15,10 @@ import torch
 import yaml
 
 from gradsparse.cli import main
-from gradsparse.config import load_config
-from gradsparse.experiments import rundir, runner
+from gradsparse.config import ConfigError, load_config
+from gradsparse.experiments import loop, rundir, runner
+from gradsparse.experiments.errors import RunDiverged, RunInterrupted
+from gradsparse.experiments.run_state import run_id_of_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_runs import LINREG, TOY, cfg_of, write  # noqa: E402
@@ -119,7 +121,7 @@ def test_leftovers_of_dead_processes_are_removed_or_restored(tmp_path, capsys):
     first = (out / "metrics.csv").read_bytes()
     old = tmp_path / f".r.old-{_dead_pid()}"
     os.replace(out, old)
-    with pytest.raises(runner.ConfigError, match="existing run directory"):
+    with pytest.raises(ConfigError, match="existing run directory"):
         runner.run(load_config(TOY), out)  # the previous result came back, so this is refused
     assert (out / "metrics.csv").read_bytes() == first and not old.exists()
     assert "moved back" in capsys.readouterr().err
@@ -159,17 +161,17 @@ def test_overwrite_through_a_symlink_writes_the_target_and_leaves_nothing(tmp_pa
 
 # ---- resume checks -------------------------------------------------------------------------------
 def _interrupted(tmp_path, monkeypatch, raw=LIN, name="part", at=17):
-    real = runner.find_nonfinite
+    real = loop.find_nonfinite
 
     def interrupt_after(engine, rec, done, **kw):
         if done == at:
             os.kill(os.getpid(), signal.SIGINT)
         return real(engine, rec, done, **kw)
 
-    monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
-    with pytest.raises(runner.RunInterrupted):
+    monkeypatch.setattr(loop, "find_nonfinite", interrupt_after)
+    with pytest.raises(RunInterrupted):
         runner.run(load_config(raw), tmp_path / name)
-    monkeypatch.setattr(runner, "find_nonfinite", real)
+    monkeypatch.setattr(loop, "find_nonfinite", real)
     return tmp_path / name
 
 
@@ -177,7 +179,7 @@ def test_run_id_is_in_config_summary_and_checkpoint(tmp_path, monkeypatch):
     part = _interrupted(tmp_path, monkeypatch)
     rid = json.loads((part / "summary.json").read_text())["run_id"]
     assert len(rid) == 32
-    assert runner.run_id_of_config((part / "config.yaml").read_text()) == rid
+    assert run_id_of_config((part / "config.yaml").read_text()) == rid
     assert torch.load(part / "checkpoint.pt", weights_only=True)["runner"]["run_id"] == rid
     runner.resume(part)
     assert json.loads((part / "summary.json").read_text())["run_id"] == rid
@@ -225,7 +227,7 @@ def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path, monkeypatch
 def test_resuming_a_diverged_run_keeps_its_last_finite_checkpoint(tmp_path, capsys):
     raw = cfg_of(LIN, **{"schedule.lr": 5.0})  # diverges at step 30; checkpoints at 10 and 20
     out = tmp_path / "D"
-    with pytest.raises(runner.RunDiverged):
+    with pytest.raises(RunDiverged):
         runner.run(load_config(raw), out)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["t"] == 20

@@ -16,9 +16,10 @@ import yaml
 from gradsparse.algorithm import Algorithm
 from gradsparse.cli import main
 from gradsparse.compressors import HardThreshold, TopK
-from gradsparse.config import load_config
+from gradsparse.config import ConfigError, load_config
 from gradsparse.divergence import find_nonfinite, first_nonfinite
-from gradsparse.experiments import build, memory_estimate, runner
+from gradsparse.experiments import build, loop, memory_estimate, runner
+from gradsparse.experiments.errors import RunInterrupted
 from gradsparse.segments import Layout
 
 TOY = {
@@ -241,10 +242,10 @@ def test_a_signal_caught_before_the_run_started_ends_it_at_its_first_check(tmp_p
     # a torchrun rank catches SIGTERM from its start (distributed/worker.py); one that arrives
     # while it sets up (before the run's own catcher) must still end the run as "interrupted"
     raw = cfg_of(LINREG, checkpoint_every=10)
-    with runner.StopSignals() as outer:
+    with loop.StopSignals() as outer:
         os.kill(os.getpid(), signal.SIGTERM)
         assert outer.signum == signal.SIGTERM
-        with pytest.raises(runner.RunInterrupted) as info:
+        with pytest.raises(RunInterrupted) as info:
             runner.run(load_config(raw), tmp_path / "r")
     assert info.value.exit_code == 143
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -258,7 +259,7 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
     full = runner.run(load_config(raw), tmp_path / "full")
     # a run that stops after step 20 (as an interruption would), then resumes
     calls = {"n": 0}
-    real_step = runner.find_nonfinite
+    real_step = loop.find_nonfinite
 
     def interrupt_after(engine, rec, done, **kw):
         calls["n"] += 1
@@ -266,14 +267,14 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(engine, rec, done, **kw)
 
-    monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
-    with pytest.raises(runner.RunInterrupted) as info:
+    monkeypatch.setattr(loop, "find_nonfinite", interrupt_after)
+    with pytest.raises(RunInterrupted) as info:
         runner.run(load_config(raw), tmp_path / "part")
     assert info.value.exit_code == 130
     part = tmp_path / "part"
     s = json.loads((part / "summary.json").read_text())
     assert s["status"] == "interrupted" and s["steps"] == 17
-    monkeypatch.setattr(runner, "find_nonfinite", real_step)
+    monkeypatch.setattr(loop, "find_nonfinite", real_step)
     run_id = s["run_id"]
     runner.resume(part)
     assert _files(part) == _files(full)
@@ -288,7 +289,7 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
     # a resumed run keeps the run id it started with; two runs have two ids
     assert sb.pop("run_id") == run_id != sa.pop("run_id")
     assert sa == sb and sb["status"] == "completed"
-    with pytest.raises(runner.ConfigError, match="already completed"):
+    with pytest.raises(ConfigError, match="already completed"):
         runner.resume(part)
 
 
@@ -336,7 +337,7 @@ def test_a_crash_mid_run_leaves_no_directory(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(runner, "_write_outputs", boom)
+    monkeypatch.setattr(loop, "write_outputs", boom)
     with pytest.raises(RuntimeError):
         runner.run(load_config(TOY), tmp_path / "r")
     assert list(tmp_path.iterdir()) == []
@@ -505,17 +506,17 @@ def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, 
     raw = cfg_of(LINREG, engine=engine, checkpoint_every=7, **{"algorithm.topology": {"kind": "ps_uplink"}})
     raw["metrics"]["residual_ratio"] = {"steps": []}
     full = runner.run(load_config(raw), tmp_path / "full")
-    real = runner.find_nonfinite
+    real = loop.find_nonfinite
 
     def interrupt_after(engine_, rec, done, **kw):
         if done == 17:
             os.kill(os.getpid(), signal.SIGINT)
         return real(engine_, rec, done, **kw)
 
-    monkeypatch.setattr(runner, "find_nonfinite", interrupt_after)
-    with pytest.raises(runner.RunInterrupted):
+    monkeypatch.setattr(loop, "find_nonfinite", interrupt_after)
+    with pytest.raises(RunInterrupted):
         runner.run(load_config(raw), tmp_path / "part")
-    monkeypatch.setattr(runner, "find_nonfinite", real)
+    monkeypatch.setattr(loop, "find_nonfinite", real)
     runner.resume(tmp_path / "part")
     assert (tmp_path / "part" / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
     # the skip policy lives in the algorithm's worker step: the same on this engine

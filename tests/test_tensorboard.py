@@ -16,7 +16,8 @@ import pytest
 from gradsparse.cli import main
 from gradsparse.config import ConfigError, load_config
 from gradsparse.experiments.plots import read_metrics
-from gradsparse.experiments.runner import RunInterrupted, resume, run
+from gradsparse.experiments.errors import RunInterrupted
+from gradsparse.experiments.runner import resume, run
 
 CONFIG = {
     "name": "tb", "task": {"name": "digits_mlp", "options": {"hidden": 8}}, "workers": {"count": 3, "batch_size": 4},

@@ -17,7 +17,8 @@ import yaml
 from gradsparse.config import dump_config, load_config
 from gradsparse.distributed.restart import KEEP, RestartCheckpoints, injected_failure, restart_dir
 from gradsparse.experiments.plots import read_metrics
-from gradsparse.experiments.runner import RunDiverged, run
+from gradsparse.experiments.errors import RunDiverged
+from gradsparse.experiments.runner import run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CONFIG = {

@@ -27,8 +27,9 @@ def _ended(exc) -> int:
 
 
 def cmd_run(args) -> int:
+    from .experiments.errors import RunEnded, RunFailed
     from .experiments.rundir import StorageError
-    from .experiments.runner import RunEnded, RunFailed, resume, run
+    from .experiments.runner import resume, run
 
     progress = False if args.no_progress else None
     try:
@@ -74,8 +75,8 @@ def cmd_demo(args) -> int:
     from .experiments.plots import compare_runs
     from .experiments.runner import run
 
-    from .experiments.rundir import StorageError
-    from .experiments.runner import RunEnded, RunFailed, check_out_dir
+    from .experiments.errors import RunEnded, RunFailed
+    from .experiments.rundir import StorageError, check_out_dir
 
     out = Path(args.out)
     try:  # every config and path is checked before the first run writes anything
@@ -139,7 +140,7 @@ def cmd_budget_compare(args) -> int:
 
 def cmd_sweep(args) -> int:
     """A grid of runs in parallel processes, with a table and a plot."""
-    from .experiments.runner import RunEnded
+    from .experiments.errors import RunEnded
     from .experiments.sweep import SweepInterrupted, sweep
 
     try:

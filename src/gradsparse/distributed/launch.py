@@ -118,7 +118,7 @@ def check_as_a_rank(path: str, sets: list[str], nproc: int) -> None:
 def run_dirs(configs: list[str], sets: list[str], out: str | None) -> list[Path]:
     """Where the worker will write each config's run directory (a link followed to its folder)."""
     from ..config import load_config
-    from ..experiments.runner import default_out
+    from ..experiments.rundir import default_out
 
     dirs = []
     for path in configs:
@@ -139,7 +139,7 @@ def _check_before_starting(configs: list[str], nproc: int, sets: list[str], out:
 
     from ..config import ConfigError, load_config
     from ..engines.torch_dist import world_sizes
-    from ..experiments.runner import check_out_dir, default_out
+    from ..experiments.rundir import check_out_dir, default_out
     from ..topology import TOPOLOGIES
 
     for path in configs:

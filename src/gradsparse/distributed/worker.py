@@ -32,7 +32,7 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of each torchrun process: run CONFIG on engine torch; rank 0 writes the run
     directory (the others write theirs to a temporary directory that is removed)."""
-    from ..experiments.runner import StopSignals
+    from ..experiments.loop import StopSignals
 
     # SIGINT / SIGTERM (torchrun passes them on) are caught from here on: one during set-up ends
     # the run after its first step, with its files, instead of killing this rank mid-way
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv, caught) -> int:
     from ..config import ConfigError, load_config
-    from ..experiments.rundir import LOCK_ENV, StorageError
-    from ..experiments.runner import RunDiverged, RunFailed, RunInterrupted, default_out
+    from ..experiments.errors import RunDiverged, RunFailed, RunInterrupted
+    from ..experiments.rundir import LOCK_ENV, StorageError, default_out
 
     ap = argparse.ArgumentParser(prog="python -m gradsparse.distributed.worker")
     ap.add_argument("config", nargs="+", help="one or more configs, run one after the other "

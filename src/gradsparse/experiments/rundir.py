@@ -1,5 +1,11 @@
-"""What keeps a run directory whole: one writer at a time, leftovers of killed runs, and writes
-that fail with one line instead of a traceback.
+"""What keeps a run directory whole: where it may go, one writer at a time, how it is put in
+place, leftovers of killed runs, and writes that fail with one line instead of a traceback.
+
+**Where.** :func:`check_out_dir` validates the destination before anything is written (a
+ConfigError naming it): a usable name that fits the file system, not under /proc, /sys or /dev,
+not a file, not a directory that holds something other than a run directory (never replaced),
+an existing run directory only with ``--overwrite``, and a writable parent. Without ``--out`` a
+run goes to ``runs/NAME`` (:func:`default_out`).
 
 **One writer.** A run directory ``PARENT/NAME`` is written by the process that holds the lock
 file ``PARENT/.NAME.lock`` (an exclusive ``fcntl.flock``, taken before anything else is written
@@ -10,13 +16,15 @@ the process that holds it (:class:`RunDirectoryBusy`, exit 2) and touches nothin
 launch`` takes the lock itself and tells its ranks so (environment ``GRADSPARSE_RUN_LOCK_PID``):
 rank 0, which writes the directory, then runs under its launcher's lock.
 
-**Leftovers.** A run is written into ``.NAME.partial-PID`` and renamed into place; ``--overwrite``
-moves the old directory to ``.NAME.old-PID`` for the moment of the swap. A process killed with
-SIGKILL (or a machine that lost power) leaves them. The next run into ``NAME``, holding the lock,
-removes the ``.partial-PID`` of processes that no longer run, moves an ``.old-PID`` back to
-``NAME`` when the swap was cut between its two renames (so the previous result is not lost), and
-removes it otherwise; each is said in one line on stderr. A leftover whose process still runs is
-named and left alone.
+**In place.** A run is written into ``.NAME.partial-PID`` (:func:`partial_dir`) and renamed into
+place (:func:`install_run_dir`); ``--overwrite`` moves the old directory to ``.NAME.old-PID`` for
+the moment of the swap, so the directory is whole or absent.
+
+**Leftovers.** A process killed with SIGKILL (or a machine that lost power) leaves them. The
+next run into ``NAME``, holding the lock, removes the ``.partial-PID`` of processes that no longer
+run, moves an ``.old-PID`` back to ``NAME`` when the swap was cut between its two renames (so the
+previous result is not lost), and removes it otherwise; each is said in one line on stderr. A
+leftover whose process still runs is named and left alone.
 
 **Storage errors.** Every file of a run directory is written through :func:`atomic_save` /
 :func:`atomic_write_text` (a temporary name, flushed to disk, then renamed) or inside
@@ -38,10 +46,18 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
 
 #: set by ``gradsparse launch`` for its ranks: the pid of the launcher, which holds the lock
 LOCK_ENV = "GRADSPARSE_RUN_LOCK_PID"
+
+
+#: the files that make a directory a run directory
+RUN_FILES = ("config.yaml", "metrics.csv", "summary.json", "checkpoint.pt")
+#: paths a run directory may not be written under
+_FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
+#: the longest file name (bytes) on the usual file systems
+_NAME_MAX = 255
 
 
 class RunDirectoryBusy(ConfigError):
@@ -308,3 +324,79 @@ def clean_leftovers(run_dir: str | Path, *, say=None) -> list[str]:
     for line in lines:
         say(line)
     return lines
+
+
+# ---- where a run directory goes ------------------------------------------------------------------
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / f).exists() for f in RUN_FILES)
+
+
+def check_out_dir(path: Path, *, overwrite: bool = False, key: str = "--out") -> Path:
+    """Validate where a run directory will go, before anything is written (ConfigError)."""
+    text = str(path)
+    if not text or "\x00" in text:
+        raise ConfigError(f"{key} {text!r}: not a usable path")
+    resolved = Path(os.path.abspath(path))
+    if resolved.name in ("", ".", ".."):
+        raise ConfigError(f"{key} {text!r}: a run directory needs a name (not the filesystem root)")
+    # names longer than the filesystem's (255 bytes; the run directory's temporary sibling
+    # .NAME.partial-PID needs 24 more) fail with ENAMETOOLONG even in exists()
+    for part in resolved.parts:
+        limit = _NAME_MAX - 24 if part is resolved.parts[-1] else _NAME_MAX
+        if len(os.fsencode(part)) > limit:
+            raise ConfigError(f"{key} {text[:60]!r}...: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes; "
+                              f"a run directory's name is at most {_NAME_MAX - 24} bytes (a folder's {_NAME_MAX})")
+    for root in _FORBIDDEN_ROOTS:
+        if str(resolved) == root or str(resolved).startswith(root + "/"):
+            raise ConfigError(f"{key} {text!r}: a run directory cannot be written under {root}")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise ConfigError(f"{key} {text!r} exists and is not a directory")
+        if is_run_dir(path):
+            if not overwrite:
+                raise ConfigError(
+                    f"{key} {text!r} is an existing run directory; continue it with --resume {text} "
+                    "or replace it with --overwrite"
+                )
+        elif any(path.iterdir()):  # never replaced, even with --overwrite: it is not ours
+            raise ConfigError(f"{key} {text!r} is a non-empty directory that is not a run directory; "
+                              "choose another --out (--overwrite replaces run directories only)")
+    parent = resolved.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise ConfigError(f"{key} {text!r}: {parent} is a dangling link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} {text!r}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {text!r}: {parent} is not writable")
+    return path
+
+
+def default_out(cfg: RunConfig) -> Path:
+    return Path("runs") / cfg.name
+
+
+# ---- putting it in place -------------------------------------------------------------------------
+
+
+def partial_dir(final: Path) -> Path:
+    """The temporary sibling ``.NAME.partial-PID`` this process writes the run directory into."""
+    return final.with_name(f".{final.name}.partial-{os.getpid()}")
+
+
+def install_run_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished temporary directory into place (replacing an older one)."""
+    with storage("the run directory", final):
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)

@@ -78,7 +78,8 @@ def _one(config: str, overrides: list[str], out: str) -> dict:
     import torch
 
     torch.set_num_threads(1)  # several runs share the machine's cores
-    from .runner import RunDiverged, run
+    from .errors import RunDiverged
+    from .runner import run
 
     try:
         run_dir = run(load_config(config, overrides), out)
@@ -105,7 +106,7 @@ def sweep(config: str, grid_items: list[str], out: str | Path, *, seeds: int = 1
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose another folder")
-    from .runner import check_out_dir
+    from .rundir import check_out_dir
 
     check_out_dir(out, overwrite=True)  # a file, /dev/null, /proc/..., an unwritable parent: before any run
     (out / "runs").mkdir(parents=True, exist_ok=True)

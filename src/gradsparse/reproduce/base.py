@@ -349,7 +349,8 @@ def _execute_run(cfg: dict, run_dir: str, threads: int) -> str:
 
     torch.set_num_threads(threads)
     from ..config import load_config
-    from ..experiments.runner import RunDiverged, run
+    from ..experiments.errors import RunDiverged
+    from ..experiments.runner import run
 
     try:
         run(load_config(cfg), run_dir, progress=False, overwrite=True)
@@ -544,9 +545,9 @@ def execute(rep: Reproduction, scale: str, seeds: int | None, out: Path, *, proc
         "claims": [c.to_dict() for c in claims],
         "figures": [f for f, _ in ctx.figures],
     }
-    from ..experiments.runner import _strict_json
+    from ..experiments.outputs import strict_json
 
-    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     (out / "report.md").write_text(report_markdown(rep, ctx, claims, wall, cpu))
     return summary
 
