@@ -339,7 +339,7 @@ class StepLoop:
             from .plots import plot_run
 
             with storage("the plots in", self.tmp):
-                plot_run(self.tmp)
+                plot_run(self.tmp, title=self.final.name)
         install_run_dir(self.tmp, self.final)
         return self.final
 

@@ -98,8 +98,12 @@ def _loss_key(cols) -> str | None:
     return "loss" if "loss" in cols else None
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
+def plot_run(run_dir: str | Path, title: str | None = None) -> list[Path]:
+    """loss.png (and the diagnostics' figures) of a run directory, titled ``title`` (default: the
+    directory's name; a run being written is plotted in its temporary directory, so the runner
+    passes the name it will have)."""
     run_dir = Path(run_dir)
+    title = run_dir.name if title is None else title
     cols = read_metrics(run_dir)
     made = []
     key = _loss_key(cols)
@@ -118,7 +122,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         if key == "suboptimality" or (y and min(y) > 0 and max(y) / max(min(y), 1e-300) > 100):
             for ax in axes:
                 ax.set_yscale("log")
-        fig.suptitle(run_dir.name)
+        fig.suptitle(title)
         fig.tight_layout()
         made.append(run_dir / "loss.png")
         fig.savefig(made[-1], dpi=100)
@@ -130,7 +134,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot(x, y)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
-            ax.set_title(run_dir.name)
+            ax.set_title(title)
             fig.tight_layout()
             made.append(run_dir / f"{name}.png")
             fig.savefig(made[-1], dpi=100)
