@@ -156,9 +156,12 @@ def test_every_example_runs_a_few_steps(name, tmp_path):
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["status"] == "completed"
-    # bytes are counted from step 1 on, every step sends a frame (a header at least), the total is the last row's
+    # bytes are counted from step 1 on and never shrink; under a synchronous engine every step sends a
+    # frame per worker (a header at least); the total is the last row's
     sent = [int(r["uplink_bytes"]) for r in rows]
-    assert sent[0] == 0 and all(b > a for a, b in zip(sent, sent[1:])), sent
+    assert sent[0] == 0 < sent[1] and all(b >= a for a, b in zip(sent, sent[1:])), sent
+    if cfg.engine == "sync":
+        assert all(b > a for a, b in zip(sent, sent[1:])), sent
     assert sent[-1] == summary["uplink_bytes"]
     assert all(math.isfinite(float(r["loss"])) for r in rows)
 
