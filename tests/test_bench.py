@@ -1,6 +1,10 @@
 """The benchmark suite's target table: verdicts from synthetic rows, and a quick smoke run."""
 
 import csv
+import math
+import re
+
+import pytest
 
 from gradsparse.bench import TARGETS, check_targets, main
 
@@ -37,17 +41,39 @@ def test_target_verdicts_use_the_worst_row_at_the_largest_size():
     assert {t[0] for t in TARGETS} == {"topk", "wire", "simulator", "async", "hook"}
 
 
+def _log2_binomial(d: int, k: int) -> float:
+    return (math.lgamma(d + 1) - math.lgamma(k + 1) - math.lgamma(d - k + 1)) / math.log(2)
+
+
 def test_quick_bench_writes_rows_and_a_target_table(tmp_path, capsys):
+    """``gradsparse bench --quick --only wire``: the printed target table is targets.csv, line for
+    line; the wire sweep's ratios are index bytes over log2 C(d, k) bits (computed here), the
+    sweep's maximum is its worst row, and the byte-aligned target reads that maximum."""
     assert main(["--quick", "--only", "wire", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "== targets (quick sizes: indicative only) ==" in out
+    printed = capsys.readouterr().out.split("== targets (quick sizes: indicative only) ==\n", 1)[1].splitlines()
+    line = re.compile(r"^ +(met|NOT MET|not measured) +(\S+) +(.+)$")
+    table = [line.match(ln).groups() for ln in printed if not ln.strip().startswith("->")]
     with open(tmp_path / "targets.csv") as f:
         rows = list(csv.DictReader(f))
-    names = {r["target"] for r in rows}
-    assert "byte-aligned index payload, worst density in 0.05%-0.99%: <= 1.35x log2 C(d,k)" in names
-    byte_aligned = next(r for r in rows if r["target"].startswith("byte-aligned"))
-    assert float(byte_aligned["measured"]) <= 1.35 and byte_aligned["met"] == "True"
-    assert (tmp_path / "wire.csv").exists()
+    assert len(rows) == len(table) == sum(1 for t in TARGETS if t[0] == "wire")
+    for (met, measured, target), row in zip(table, rows):
+        assert target == row["target"]
+        assert met == {"True": "met", "False": "NOT MET", "": "not measured"}[row["met"]]
+        assert measured == ("-" if row["measured"] == "" else f"{float(row['measured']):.4g}")
+    with open(tmp_path / "wire.csv") as f:
+        wire_rows = list(csv.DictReader(f))
+    sweep = [r for r in wire_rows if r["kind"] == "sweep"]
+    assert len(sweep) >= 5
+    for r in sweep:
+        d, k, ib = int(r["d"]), int(r["k"]), int(r["index_bytes"])
+        assert k == max(1, round(float(r["density"]) * d))
+        assert float(r["idx_vs_entropy"]) == pytest.approx(ib / (_log2_binomial(d, k) / 8), rel=1e-9)
+        assert float(r["bits_per_index"]) == pytest.approx(8 * ib / k, rel=1e-12)
+    (worst,) = [r for r in wire_rows if r["kind"] == "sweep_max"]
+    assert float(worst["idx_vs_entropy"]) == max(float(r["idx_vs_entropy"]) for r in sweep)
+    byte_aligned = next(r for r in rows if r["target"].startswith("byte-aligned index payload"))
+    assert float(byte_aligned["measured"]) == pytest.approx(float(worst["idx_vs_entropy"]), rel=1e-12)
+    assert byte_aligned["met"] == str(float(byte_aligned["measured"]) <= 1.35) == "True"
     assert main(["--only", "nope"]) == 2
 
 

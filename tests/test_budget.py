@@ -272,9 +272,24 @@ def test_python_api_without_steps_says_what_is_missing():
     assert int(out.state.compressor["spent"][0]) == int(out.nbytes[0])
 
 
+def _paired_rule(differences: list[float], bytes_ok: bool) -> str:
+    """The module docstring's rule, written out: with D_s = loss(ours) - loss(other) per seed,
+    holds when every D_s <= 0, does not hold when every D_s > 0, else (or off budget) inconclusive."""
+    if not bytes_ok or any(math.isnan(d) for d in differences):
+        return "inconclusive"
+    if all(d <= 0 for d in differences):
+        return "holds"
+    return "does not hold" if all(d > 0 for d in differences) else "inconclusive"
+
+
 def test_budget_compare_quick(tmp_path):
-    """The comparison users run (``gradsparse budget-compare --quick``): every table row, the
-    plot, a verdict per task from the stated rule, budget_threshold at top-k's bytes."""
+    """The comparison users run (``gradsparse budget-compare --quick``), checked against its own
+    run directories: every table row is the mean of its runs' finals, the per-seed loss
+    differences are those of the runs, each verdict is the stated rule applied to them (and
+    the markdown says the same verdicts), budget_threshold at top-k's bytes."""
+    import csv
+    import re
+
     from gradsparse.cli import main
     from gradsparse.experiments.budget import METHODS, TASKS
 
@@ -282,20 +297,35 @@ def test_budget_compare_quick(tmp_path):
     assert main(["budget-compare", "--out", str(out), "--seeds", "3", "--quick"]) == 0
     summary = json.loads((out / "verdict.json").read_text())
     assert set(summary["verdicts"]) == set(TASKS)
-    for v in summary["verdicts"].values():
-        assert v["budget_threshold loss <= top-k loss at equal bytes"] in ("holds", "does not hold", "inconclusive")
-        assert v["budget_bytes_within_[0.95,1]_of_topk"] is True
-        assert len(v["loss_difference_vs_topk_per_seed"]) == 3
-    import csv
+
+    def finals(task, method, key):
+        runs = [json.loads((out / "runs" / task / f"{method}-seed{s}" / "summary.json").read_text()) for s in range(3)]
+        return [math.nan if r["final"].get(key) is None else float(r["final"][key]) for r in runs] if key != "bytes" \
+            else [float(r["uplink_bytes"]) for r in runs]
 
     rows = list(csv.DictReader(open(out / "budget_compare.csv")))
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in TASKS for m in METHODS}
     for r in rows:
-        assert r["seeds"] == "3" and math.isfinite(float(r["final_loss_mean"]))
-        if r["method"] == "budget_threshold":
-            assert 0.95 <= float(r["bytes_vs_topk_mean"]) <= 1.0
+        assert r["seeds"] == "3"
+        assert float(r["final_loss_mean"]) == pytest.approx(sum(finals(r["task"], r["method"], "loss")) / 3, rel=1e-12)
+        assert float(r["uplink_bytes_mean"]) == pytest.approx(sum(finals(r["task"], r["method"], "bytes")) / 3, rel=1e-12)
+    markdown = (out / "budget_compare.md").read_text()
+    said = {m[1]: (m[2], m[3]) for m in re.finditer(r"^- (\S+): vs top-k \*\*([a-z ]+)\*\*, vs hand-tuned hard-threshold "
+                                                     r"\*\*([a-z ]+)\*\*$", markdown, re.M)}
+    for task, v in summary["verdicts"].items():
+        ours, topk, hard = (finals(task, m, "loss") for m in ("budget_threshold", "topk", "hard_threshold"))
+        ratios = [a / b for a, b in zip(finals(task, "budget_threshold", "bytes"), finals(task, "topk", "bytes"))]
+        assert all(0.95 <= x <= 1.0 for x in ratios), (task, ratios)  # the budget spends top-k's bytes, never more
+        assert v["budget_bytes_within_[0.95,1]_of_topk"] is True
+        diffs = [a - b for a, b in zip(ours, topk)]
+        assert v["loss_difference_vs_topk_per_seed"] == pytest.approx(diffs, rel=1e-12)
+        vs_topk = v["budget_threshold loss <= top-k loss at equal bytes"]
+        vs_hard = v["budget_threshold loss <= hand-tuned hard-threshold loss"]
+        assert vs_topk == _paired_rule(diffs, True)
+        assert vs_hard == _paired_rule([a - b for a, b in zip(ours, hard)], True)
+        assert said[task] == (vs_topk, vs_hard)
+    assert set(said) == set(summary["verdicts"])
     assert (out / "budget_compare.png").stat().st_size > 10_000
-    assert "Verdict" in (out / "budget_compare.md").read_text()
     # a second comparison into the same directory replaces its own runs, nothing else
     (out / "runs" / ".budget-compare").unlink()
     with pytest.raises(FileExistsError):

@@ -200,11 +200,49 @@ def test_approximate_topk_is_close_and_exact_variant_is_exact():
     assert torch.equal(approx.indices, again.indices)
 
 
-def test_threshold_rules_from_a_config_section():
+def test_threshold_rule_topk_volume_by_hand_and_through_the_config():
+    """lambda = 1/(2 sqrt K) (paper 002's rule of thumb): 0.5, 0.25, 0.1, 0.05, 5e-4 at K = 1,
+    4, 25, 100, 10^6, the same from a config section as from the function; K must be a
+    positive integer."""
+    from gradsparse.compressors import threshold_for_topk_volume
+
     layout = Layout.flat(400)
-    lam = make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "topk_volume", "k": 25}).threshold
-    assert lam == pytest.approx(1 / (2 * 5))
-    lam = make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "precision", "epsilon": 1e-2}).threshold
-    assert 400 * 0.5**2 * lam**2 == pytest.approx(1e-2)
+    for k, lam in ((1, 0.5), (4, 0.25), (25, 0.1), (100, 0.05), (10**6, 5e-4)):
+        assert threshold_for_topk_volume(k) == pytest.approx(lam, rel=1e-15)
+        got = make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "topk_volume", "k": k}).threshold
+        assert got == threshold_for_topk_volume(k)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="integer k >= 1"):
+            threshold_for_topk_volume(bad)
     with pytest.raises(ValueError, match="unknown threshold rule"):
         make_compressor("hard_threshold", layout, 0.5, threshold={"rule": "guess"})
+
+
+def test_threshold_rule_precision_bounds_the_error_feedback_memory_by_epsilon():
+    """The precision rule's meaning (paper 002): with lambda chosen so that d lr^2 lambda^2 =
+    epsilon, hard-threshold error feedback (ef-scaled: compress (e + lr g) / lr) leaves every
+    memory entry below lr lambda in magnitude, so ||e||^2 <= epsilon at every step -- and
+    gradients just below lambda in every coordinate reach the bound (0.99^2 of it)."""
+    from gradsparse.feedback import make_feedback
+
+    d, lr, eps = 50, 0.3, 1e-3
+    comp = make_compressor("hard_threshold", Layout.flat(d), lr, threshold={"rule": "precision", "epsilon": eps})
+    lam = comp.threshold
+    fb = make_feedback("ef-scaled")
+    # one step of gradients at 0.99 lambda everywhere: nothing passes, e = 0.99 lr lambda per entry
+    out, memory = fb.update(torch.full((1, d), 0.99 * lam, dtype=torch.float64), fb.init(Layout.flat(d), 1, dtype=torch.float64), lr=lr,
+                            compressor=comp, context=CompressionContext(0))
+    assert out.message.nnz == 0
+    assert float(memory.flat.square().sum()) == pytest.approx(0.99**2 * eps, rel=1e-9)
+    memory = fb.init(Layout.flat(d), 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    seen = 0.0
+    for t in range(200):
+        grads = torch.randn(4, d, generator=g, dtype=torch.float64) * lam * (0.5 + (t % 3))
+        out, memory = fb.update(grads, memory, lr=lr, compressor=comp, context=CompressionContext(t))
+        energy = memory.flat.square().sum(1)
+        assert float(energy.max()) <= eps * (1 + 1e-9), t
+        seen = max(seen, float(energy.max()))
+    assert seen > 0.2 * eps  # the memories did fill up (about d (lr lambda)^2 / 3): the bound was tested
+    with pytest.raises(ValueError, match="epsilon > 0"):
+        make_compressor("hard_threshold", Layout.flat(d), lr, threshold={"rule": "precision", "epsilon": 0.0})

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,15 @@ from gradsparse.experiments import rundir
 from gradsparse.experiments.plots import read_metrics
 from gradsparse.experiments.runner import run
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import launch_env, wait_for
+
 CONFIG = {
     "task": {"name": "logreg", "options": {"dataset": "breast_cancer", "dtype": "float64"}},
     "workers": {"count": 2, "batch_size": 4},
     "algorithm": {"compressor": {"kind": "topk", "density": 0.1}, "feedback": "ef"},
     "schedule": {"lr": 0.5}, "steps": 12, "checkpoint_every": 4, "metrics": {"every": 2}, "plots": False,
 }
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-       "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+ENV = launch_env()
 
 
 def _cfg(tmp: Path, config: dict, name="cfg.yaml") -> Path:
@@ -42,14 +41,6 @@ def _cfg(tmp: Path, config: dict, name="cfg.yaml") -> Path:
 
 def _launch_cmd(cfg: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gradsparse.cli", "launch", str(cfg), "--nproc", "2", "--out", str(out), *extra]
-
-
-def _wait_for(pred, what, timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _processes_mentioning(text: str, exclude: int) -> list[int]:
@@ -186,7 +177,7 @@ def test_launch_advice_overwrite_and_torchrun_dying_with_its_launcher(tmp_path):
     out = tmp_path / "out"
     # 1. SIGTERM to launch: every rank stops after the same step; the advice is a command that works
     p = subprocess.Popen(_launch_cmd(cfg, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: list(tmp_path.glob(".out.partial-*/metrics.csv")), "rank 0 to start")
+    wait_for(lambda: list(tmp_path.glob(".out.partial-*/metrics.csv")), "rank 0 to start", timeout=180.0, poll=0.1)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 143, err[-3000:]
@@ -200,12 +191,12 @@ def test_launch_advice_overwrite_and_torchrun_dying_with_its_launcher(tmp_path):
     assert list(restart_dir(out).glob("rank0-step*.pt"))
     log = open(tmp_path / "overwrite.log", "w")
     p = subprocess.Popen(_launch_cmd(cfg, out, "--overwrite"), env=ENV, stdout=log, stderr=subprocess.STDOUT)
-    _wait_for(lambda: [d for d in tmp_path.glob(".out.partial-*/metrics.csv")], "the new rank 0 to start")
+    wait_for(lambda: [d for d in tmp_path.glob(".out.partial-*/metrics.csv")], "the new rank 0 to start", timeout=180.0, poll=0.1)
     children = _processes_mentioning(str(cfg), exclude=p.pid)
     assert len(children) >= 3  # torchrun and two ranks
     p.kill()
     p.wait()
-    _wait_for(lambda: not _processes_mentioning(str(cfg), exclude=p.pid), "torchrun and the ranks to stop")
+    wait_for(lambda: not _processes_mentioning(str(cfg), exclude=p.pid), "torchrun and the ranks to stop", timeout=180.0, poll=0.1)
     log.close()
     assert "resuming from the restart checkpoint" not in (tmp_path / "overwrite.log").read_text()
     # they stopped as on kill -TERM: a checkpoint and status interrupted, no leftovers

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,7 @@ from gradsparse.cli import main
 from gradsparse.config import load_config
 from gradsparse.experiments import build, memory_estimate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_runs import write  # noqa: E402
+from conftest import write_config
 
 HUGE = {
     "name": "huge", "steps": 10,
@@ -36,7 +34,7 @@ def test_a_run_that_cannot_fit_is_refused_before_its_task_is_built(tmp_path, cap
         raise AssertionError("the task was built before the refusal")
 
     monkeypatch.setattr(build, "build_task", never)
-    rc = main(["run", str(write(tmp_path, HUGE))])
+    rc = main(["run", str(write_config(tmp_path, HUGE))])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "10000 workers x d = 1000000 x 4 bytes x 6 tensors" in err and "more than the limit 64 GiB" in err

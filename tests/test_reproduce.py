@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -268,7 +269,9 @@ def test_zou_toy_end_to_end(tmp_path, capsys):
     assert agg["verdict"] == "holds"
     for fig in summary["figures"]:
         assert (tmp_path / fig).stat().st_size > 10_000
-    assert "holds" in capsys.readouterr().out
+    # the command prints one line per claim with the verdict the summary holds, and nothing else as a claim
+    printed = re.findall(r"^ *(holds|does not hold|inconclusive)  (\S+): ", capsys.readouterr().out, re.M)
+    assert printed == [(c["verdict"], c["id"]) for c in summary["claims"]]
 
 
 def test_seed_band_averages_on_a_common_interpolated_axis():

@@ -10,6 +10,8 @@ import pytest
 
 from gradsparse.reproduce import base, sahu
 from gradsparse.reproduce.base import RunResult
+
+from conftest import check_reproduction
 import torch
 
 
@@ -139,11 +141,8 @@ def test_end_to_end_tiny(tiny, tmp_path, name):
     from gradsparse.reproduce import get
 
     summary = base.execute(get(name), "small", 2, tmp_path / name)
-    assert summary["status"] == "completed" and summary["claims"]
-    assert all(c["verdict"] in base.VERDICTS for c in summary["claims"])
-    assert (tmp_path / name / "report.md").is_file()
-    for f in summary["figures"]:
-        assert (tmp_path / name / f).is_file()
+    # expected_runs is not checked: under this fixture the runs exceed it (issue 22 report)
+    check_reproduction(get(name), summary, tmp_path / name, 2, count_runs=False, again=name == "sahu-logreg")
 
 
 @pytest.mark.slow
@@ -152,4 +151,5 @@ def test_end_to_end_tiny_slow(tiny, tmp_path, name):
     from gradsparse.reproduce import get
 
     summary = base.execute(get(name), "small", 2, tmp_path / name)
-    assert summary["status"] == "completed" and summary["claims"]
+    # expected_runs is not checked: under this fixture the runs exceed it (issue 22 report)
+    check_reproduction(get(name), summary, tmp_path / name, 2, count_runs=False, again=False)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,12 @@ from gradsparse.experiments.errors import RunDiverged, RunInterrupted
 from gradsparse.experiments.run_state import run_id_of_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_runs import LINREG, TOY, cfg_of, write  # noqa: E402
+from test_runs import LINREG, TOY  # noqa: E402
+
+from conftest import patched, wait_for, write_config  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-LIN = cfg_of(LINREG, checkpoint_every=10)
+LIN = patched(LINREG, checkpoint_every=10)
 LIN["metrics"]["residual_ratio"] = {"steps": []}
 
 
@@ -44,17 +45,9 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _wait_for(pred, what, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 # ---- one writer -------------------------------------------------------------------------------
 def test_a_second_writer_is_refused_naming_the_first_and_touches_nothing(tmp_path, capsys):
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     out = tmp_path / "r"
     with rundir.RunLock(out):  # another writer of runs/r (a separate open file: flock conflicts)
         before = sorted(p.name for p in tmp_path.iterdir())
@@ -72,12 +65,12 @@ def test_a_second_writer_is_refused_naming_the_first_and_touches_nothing(tmp_pat
 def test_two_concurrent_runs_into_one_directory_lose_nothing(tmp_path):
     """The audit's case: two `gradsparse run --out X` at once. One writes X; the other exits 2
     with one line naming the first and leaves X as the first wrote it."""
-    raw = cfg_of(LIN, steps=1500, checkpoint_every=None, **{"metrics.every": 100})
-    cfg = write(tmp_path, raw)
+    raw = patched(LIN, steps=1500, checkpoint_every=None, **{"metrics.every": 100})
+    cfg = write_config(tmp_path, raw)
     out = tmp_path / "X"
     first = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "run", str(cfg), "--out", str(out)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, text=True)
-    _wait_for(lambda: list(tmp_path.glob(".X.partial-*/metrics.csv")) or first.poll() is not None, "the first run")
+    wait_for(lambda: list(tmp_path.glob(".X.partial-*/metrics.csv")) or first.poll() is not None, "the first run")
     second = subprocess.run([sys.executable, "-m", "gradsparse.cli", "run", str(cfg), "--out", str(out),
                              "--set", "seed=1"], capture_output=True, text=True, env=ENV)
     out1, err1 = first.communicate(timeout=300)
@@ -127,19 +120,19 @@ def test_leftovers_of_dead_processes_are_removed_or_restored(tmp_path, capsys):
     assert "moved back" in capsys.readouterr().err
     # after a completed swap a stale .old-PID is removed
     old.mkdir()
-    runner.run(load_config(cfg_of(TOY, steps=10)), out, overwrite=True)
+    runner.run(load_config(patched(TOY, steps=10)), out, overwrite=True)
     assert not old.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
 @pytest.mark.multiprocess
 def test_sigkill_leftover_is_cleaned_by_the_next_run(tmp_path, capsys):
-    raw = cfg_of(LIN, steps=100000, checkpoint_every=None, **{"metrics.every": 500})
-    cfg = write(tmp_path, raw)
+    raw = patched(LIN, steps=100000, checkpoint_every=None, **{"metrics.every": 500})
+    cfg = write_config(tmp_path, raw)
     out = tmp_path / "r"
     p = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "run", str(cfg), "--out", str(out)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    _wait_for(lambda: list(tmp_path.glob(".r.partial-*/metrics.csv")), "the run to start")
+    wait_for(lambda: list(tmp_path.glob(".r.partial-*/metrics.csv")), "the run to start")
     p.kill()
     p.wait()
     assert (tmp_path / f".r.partial-{p.pid}").is_dir()
@@ -153,7 +146,7 @@ def test_overwrite_through_a_symlink_writes_the_target_and_leaves_nothing(tmp_pa
     runner.run(load_config(TOY), target)
     link = tmp_path / "r"
     link.symlink_to(target)
-    runner.run(load_config(cfg_of(TOY, steps=10)), link, overwrite=True)
+    runner.run(load_config(patched(TOY, steps=10)), link, overwrite=True)
     assert link.is_symlink() and json.loads((target / "summary.json").read_text())["steps"] == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r", "store"]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["r"]
@@ -216,7 +209,7 @@ def test_resume_refuses_an_edited_config_unless_allowed(tmp_path, monkeypatch, c
 
 
 def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
-    part = _interrupted(tmp_path, monkeypatch, raw=cfg_of(LIN, steps=200), at=176)
+    part = _interrupted(tmp_path, monkeypatch, raw=patched(LIN, steps=200), at=176)
     text = (part / "config.yaml").read_text()
     (part / "config.yaml").write_text(text.replace("steps: 200", "steps: 60"))
     rc = main(["run", "--resume", str(part), "--allow-config-change"])
@@ -225,7 +218,7 @@ def test_resume_with_steps_below_the_checkpoint_is_refused(tmp_path, monkeypatch
 
 
 def test_resuming_a_diverged_run_keeps_its_last_finite_checkpoint(tmp_path, capsys):
-    raw = cfg_of(LIN, **{"schedule.lr": 5.0})  # diverges at step 30; checkpoints at 10 and 20
+    raw = patched(LIN, **{"schedule.lr": 5.0})  # diverges at step 30; checkpoints at 10 and 20
     out = tmp_path / "D"
     with pytest.raises(RunDiverged):
         runner.run(load_config(raw), out)
@@ -274,7 +267,7 @@ DISK_FULL = [
 
 @pytest.mark.parametrize("exc", DISK_FULL, ids=["torch-runtime", "enospc", "eio", "erofs"])
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch, capsys, exc):
-    cfg = write(tmp_path, cfg_of(LIN, steps=40))
+    cfg = write_config(tmp_path, patched(LIN, steps=40))
     out = tmp_path / "r"
     real = _failing_save(monkeypatch, 2, exc)  # the checkpoint of step 20 fails; step 10's was written
     rc = main(["run", str(cfg), "--out", str(out)])
@@ -286,12 +279,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "r"]
     monkeypatch.setattr(torch, "save", real)
     assert main(["run", "--resume", str(out)]) == 0  # room again: it continues to the uninterrupted result
-    ref = runner.run(load_config(cfg_of(LIN, steps=40)), tmp_path / "ref")
+    ref = runner.run(load_config(patched(LIN, steps=40)), tmp_path / "ref")
     assert (out / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
 
 
 def test_a_failed_write_while_resuming_keeps_the_directory_and_its_checkpoint(tmp_path, monkeypatch, capsys):
-    part = _interrupted(tmp_path, monkeypatch, raw=cfg_of(LIN, steps=40))
+    part = _interrupted(tmp_path, monkeypatch, raw=patched(LIN, steps=40))
     before = torch.load(part / "checkpoint.pt", weights_only=True)
     _failing_save(monkeypatch, 1, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0"))
     rc = main(["run", "--resume", str(part)])
@@ -303,7 +296,7 @@ def test_a_failed_write_while_resuming_keeps_the_directory_and_its_checkpoint(tm
 
 
 def test_a_write_failing_before_any_checkpoint_leaves_nothing(tmp_path, monkeypatch, capsys):
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     real_write = Path.write_text
 
     def full(self, *a, **k):
@@ -318,7 +311,7 @@ def test_a_write_failing_before_any_checkpoint_leaves_nothing(tmp_path, monkeypa
 
 
 def test_a_read_only_parent_is_one_line(tmp_path, monkeypatch, capsys):
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     real_mkdir = Path.mkdir
 
     def ro(self, *a, **k):

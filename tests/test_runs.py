@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from gradsparse.algorithm import Algorithm
 from gradsparse.cli import main
@@ -21,6 +20,8 @@ from gradsparse.divergence import find_nonfinite, first_nonfinite
 from gradsparse.experiments import build, loop, memory_estimate, runner
 from gradsparse.experiments.errors import RunInterrupted
 from gradsparse.segments import Layout
+
+from conftest import patched, write_config
 
 TOY = {
     "name": "t",
@@ -48,23 +49,6 @@ LINREG = {
     "plots": False,
     "progress": False,
 }
-
-
-def cfg_of(base, **patch):
-    raw = json.loads(json.dumps(base))
-    for k, v in patch.items():
-        node = raw
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return raw
-
-
-def write(tmp_path, raw, name="c.yaml"):
-    p = tmp_path / name
-    p.write_text(yaml.safe_dump(raw))
-    return p
 
 
 # ---- detection -----------------------------------------------------------------------------
@@ -97,11 +81,11 @@ def _poisoned_task(monkeypatch, worker_row_value=float("nan")):
 def test_hard_threshold_nan_memory_stops_the_run_naming_memory(tmp_path, monkeypatch, capsys):
     # NaN never passes |x| >= lambda: the model stays finite, the memory does not
     _poisoned_task(monkeypatch)
-    raw = cfg_of(LINREG, **{"algorithm.compressor": {"kind": "hard_threshold", "threshold": 0.05},
+    raw = patched(LINREG, **{"algorithm.compressor": {"kind": "hard_threshold", "threshold": 0.05},
                             "workers.batch_size": "full", "checkpoint_every": 1000})
     raw["metrics"]["residual_ratio"] = {"steps": []}
     out = tmp_path / "r"
-    rc = main(["run", str(write(tmp_path, raw)), "--out", str(out)])
+    rc = main(["run", str(write_config(tmp_path, raw)), "--out", str(out)])
     assert rc == 3
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "non-finite memory" in err[0] and "worker" in err[0] and "step 1" in err[0]
@@ -116,7 +100,7 @@ def test_hard_threshold_nan_memory_stops_the_run_naming_memory(tmp_path, monkeyp
                                         {"kind": "randomk", "k": 2}, {"kind": "identity"}])
 def test_skip_drops_the_poisoned_worker_and_keeps_memories_finite(tmp_path, monkeypatch, compressor):
     _poisoned_task(monkeypatch)
-    raw = cfg_of(LINREG, **{"algorithm.compressor": compressor, "workers.batch_size": "full",
+    raw = patched(LINREG, **{"algorithm.compressor": compressor, "workers.batch_size": "full",
                             "on_nonfinite": "skip", "steps": 6, "metrics.every": 1})
     # the loss over the training set includes the NaN row: record what the workers' state tells
     raw["metrics"]["names"] = ["step", "mean_memory_norm", "uplink_bytes", "skipped_messages"]
@@ -241,7 +225,7 @@ def _files(d):
 def test_a_signal_caught_before_the_run_started_ends_it_at_its_first_check(tmp_path):
     # a torchrun rank catches SIGTERM from its start (distributed/worker.py); one that arrives
     # while it sets up (before the run's own catcher) must still end the run as "interrupted"
-    raw = cfg_of(LINREG, checkpoint_every=10)
+    raw = patched(LINREG, checkpoint_every=10)
     with loop.StopSignals() as outer:
         os.kill(os.getpid(), signal.SIGTERM)
         assert outer.signum == signal.SIGTERM
@@ -255,7 +239,7 @@ def test_a_signal_caught_before_the_run_started_ends_it_at_its_first_check(tmp_p
 
 @pytest.mark.parametrize("compressor", [{"kind": "topk", "k": 2}, {"kind": "hard_threshold", "threshold": 0.02}])
 def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, monkeypatch):
-    raw = cfg_of(LINREG, **{"algorithm.compressor": compressor, "checkpoint_every": 10})
+    raw = patched(LINREG, **{"algorithm.compressor": compressor, "checkpoint_every": 10})
     full = runner.run(load_config(raw), tmp_path / "full")
     # a run that stops after step 20 (as an interruption would), then resumes
     calls = {"n": 0}
@@ -295,9 +279,9 @@ def test_resume_is_bitwise_equal_to_the_uninterrupted_run(tmp_path, compressor, 
 
 @pytest.mark.multiprocess
 def test_sigterm_subprocess_writes_checkpoint_then_resume_matches(tmp_path):
-    raw = cfg_of(LINREG, steps=4000, **{"metrics.every": 50})
+    raw = patched(LINREG, steps=4000, **{"metrics.every": 50})
     raw["metrics"]["residual_ratio"] = {"steps": []}
-    cfg = write(tmp_path, raw)
+    cfg = write_config(tmp_path, raw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "r"
     p = subprocess.Popen([sys.executable, "-m", "gradsparse.cli", "run", str(cfg), "--out", str(out)],
@@ -321,7 +305,7 @@ def test_sigterm_subprocess_writes_checkpoint_then_resume_matches(tmp_path):
 
 # ---- run directories ---------------------------------------------------------------------------
 def test_existing_run_dir_is_an_error_unless_overwrite(tmp_path, capsys):
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     out = tmp_path / "r"
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     first = (out / "metrics.csv").read_bytes()
@@ -344,7 +328,7 @@ def test_a_crash_mid_run_leaves_no_directory(tmp_path, monkeypatch):
 
 
 def test_summary_is_strict_json(tmp_path):
-    raw = cfg_of(TOY, **{"metrics.names": ["step", "loss", "suboptimality", "rho_hat_max"]})
+    raw = patched(TOY, **{"metrics.names": ["step", "loss", "suboptimality", "rho_hat_max"]})
     out = runner.run(load_config(raw), tmp_path / "r")
     text = (out / "summary.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in summary.json"))
@@ -417,7 +401,7 @@ def _assert_one_line_error(capsys, rc, needle, tmp_path, keep=("c.yaml",)):
 @pytest.mark.parametrize("args, needle", BAD_SETS, ids=[" ".join(a) for a, _ in BAD_SETS])
 def test_bad_overrides_one_line_exit_2_no_directory(tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     rc = main(["run", str(cfg), *args])
     _assert_one_line_error(capsys, rc, needle, tmp_path)
 
@@ -449,7 +433,7 @@ def test_bad_config_files_one_line_exit_2_no_directory(tmp_path, capsys, monkeyp
 
 def test_out_paths_are_checked_before_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = write(tmp_path, TOY)
+    cfg = write_config(tmp_path, TOY)
     (tmp_path / "afile").write_text("x")
     keep = ("c.yaml", "afile")
     for out, needle in [(tmp_path / "afile" / "r", "is a file"), (tmp_path / "afile", "not a directory"),
@@ -483,8 +467,8 @@ def test_demo_with_a_bad_override_writes_nothing(tmp_path, capsys, monkeypatch):
 
 def test_memory_estimate_refuses_and_can_be_overridden(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    raw = cfg_of(TOY, memory_limit_gb=1e-9)
-    rc = main(["run", str(write(tmp_path, raw))])
+    raw = patched(TOY, memory_limit_gb=1e-9)
+    rc = main(["run", str(write_config(tmp_path, raw))])
     captured = capsys.readouterr()
     assert rc == 2 and "estimated" in captured.err and "limit" in captured.err
     assert not (tmp_path / "runs").exists()
@@ -503,7 +487,7 @@ def _task_layout_alg(raw):
 
 @pytest.mark.parametrize("engine", ["loop", "async"])
 def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, engine):
-    raw = cfg_of(LINREG, engine=engine, checkpoint_every=7, **{"algorithm.topology": {"kind": "ps_uplink"}})
+    raw = patched(LINREG, engine=engine, checkpoint_every=7, **{"algorithm.topology": {"kind": "ps_uplink"}})
     raw["metrics"]["residual_ratio"] = {"steps": []}
     full = runner.run(load_config(raw), tmp_path / "full")
     real = loop.find_nonfinite
@@ -521,7 +505,7 @@ def test_resume_and_skip_on_the_other_in_process_engines(tmp_path, monkeypatch, 
     assert (tmp_path / "part" / "metrics.csv").read_bytes() == (full / "metrics.csv").read_bytes()
     # the skip policy lives in the algorithm's worker step: the same on this engine
     _poisoned_task(monkeypatch)
-    raw = cfg_of(raw, on_nonfinite="skip", steps=5, checkpoint_every=None,
+    raw = patched(raw, on_nonfinite="skip", steps=5, checkpoint_every=None,
                  **{"algorithm.compressor": {"kind": "hard_threshold", "threshold": 0.05}, "workers.batch_size": "full"})
     raw["metrics"]["names"] = ["step", "mean_memory_norm", "skipped_messages"]
     out = runner.run(load_config(raw), tmp_path / "skip")

@@ -39,7 +39,15 @@ def test_sweep_runs_every_point_and_seed_and_tabulates(tmp_path, capsys):
         assert float(point["final_loss_mean"]) == pytest.approx(mean)
     summaries = [json.loads(p.read_text()) for p in (out / "runs").glob("*/summary.json")]
     assert len(summaries) == 8 and all(s["engine"] == "async" and s["steps"] == 4 for s in summaries)
-    assert "| asynchronous.network.rate |" in capsys.readouterr().out
+    # the printed table is table.csv: one line per grid point, the same means
+    printed = [ln.split(" | ") for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln]
+    header, body = [c.strip("| ") for c in printed[0]], [[c.strip("| ") for c in ln] for ln in printed[1:]]
+    assert header[:4] == ["asynchronous.network.rate", "algorithm.compressor.density", "seeds", "diverged"]
+    assert len(body) == len(table) == 4
+    loss = header.index("final_loss")
+    for cells, point in zip(body, table):
+        assert cells[:4] == [point["asynchronous.network.rate"], point["algorithm.compressor.density"], "2", "0"]
+        assert float(cells[loss].split(" ± ")[0]) == pytest.approx(float(point["final_loss_mean"]), rel=5e-4)
 
 
 def test_sweep_rejects_a_bad_grid_value_before_running(tmp_path, capsys):

@@ -210,11 +210,3 @@ def test_efgd_star_shift_vanishes_at_the_optimum():
         rec = sim.step()
         assert float(rec.grads.abs().max()) == 0.0
     assert sim.full_loss() - task.f_star < 1e-12
-
-
-def test_threshold_rules():
-    from gradsparse.compressors import threshold_for_precision, threshold_for_topk_volume
-
-    assert threshold_for_topk_volume(25) == pytest.approx(0.1)
-    lam = threshold_for_precision(1e-6, 100, 0.5)
-    assert 100 * 0.5**2 * lam**2 == pytest.approx(1e-6)

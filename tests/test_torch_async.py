@@ -5,7 +5,6 @@ obey the protocol (every update's staleness recorded once, the last messages dra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,8 @@ from gradsparse.config import ConfigError, load_config
 from gradsparse.experiments.plots import read_metrics
 from gradsparse.experiments.runner import run
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import launch_env
+
 CONFIG = {
     "engine": "async",
     "task": {"name": "digits_mlp"},
@@ -35,8 +35,7 @@ CONFIG = {
 def _launch(tmp: Path, cfg: dict, nproc: int) -> Path:
     path = tmp / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = launch_env()
     out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", str(path), "--nproc", str(nproc),
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)

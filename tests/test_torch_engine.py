@@ -11,10 +11,8 @@ step an out-of-process engine: ``TorchDistEngine.synchronous_equivalent`` return
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +21,8 @@ import yaml
 from gradsparse.config import load_config
 from gradsparse.experiments.runner import run
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import launch_env
+
 TOY = {"name": "toy_quadratic", "options": {"dtype": "float64"}}
 
 CONFIGS = {
@@ -97,8 +96,7 @@ def launched(tmp_path_factory):
         p = tmp / f"{name}.yaml"
         p.write_text(yaml.safe_dump(cfg))
         paths.append(str(p))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = launch_env()
     proc = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", *paths, "--nproc", str(NPROC),
                            "--out", str(tmp / "runs")], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -5,7 +5,6 @@ the job restart from the ranks' newest common checkpoint, and the run ends as th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,8 @@ from gradsparse.experiments.plots import read_metrics
 from gradsparse.experiments.errors import RunDiverged
 from gradsparse.experiments.runner import run
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+from conftest import launch_env
+
 CONFIG = {
     "task": {"name": "logreg", "options": {"dataset": "breast_cancer", "dtype": "float64"}},
     "workers": {"count": 2, "batch_size": 4},
@@ -33,8 +33,7 @@ CONFIG = {
 def _launch(tmp: Path, extra_env: dict, max_restarts: int, config: dict | None = None) -> subprocess.CompletedProcess:
     cfg = tmp / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG if config is None else config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), **extra_env}
+    env = launch_env(**extra_env)
     return subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", str(cfg), "--nproc", "2",
                            "--out", str(tmp / "out"), "--max-restarts", str(max_restarts)],
                           env=env, capture_output=True, text=True, timeout=400)
@@ -77,8 +76,7 @@ def test_a_stopped_job_continues_by_hand_with_launch_resume(tmp_path, capsys):
     assert manifest["world_size"] == 2 and "engine: torch" in manifest["config"]
     assert cli_main(["run", "--resume", str(tmp_path / "out")]) == 2  # not the in-process resume
     assert f"gradsparse launch --resume {tmp_path / 'out'}" in capsys.readouterr().err
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env = launch_env()
     bad = subprocess.run([sys.executable, "-m", "gradsparse.cli", "launch", "--resume", str(tmp_path / "out"),
                           "--nproc", "3"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "started with 2 processes" in bad.stderr

@@ -10,7 +10,6 @@ written; ``gradsparse launch`` refuses everything the ranks would refuse before 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,8 +26,9 @@ from gradsparse.engines.async_sim import AsyncSimulator
 from gradsparse.experiments.plots import read_metrics
 from gradsparse.experiments.runner import run
 
+from conftest import launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "src"
 
 
 def readme_task_source() -> str:
@@ -296,8 +296,7 @@ def test_sweep_checks_the_task_before_writing(tmp_path, capsys):
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "GRADSPARSE_BACKEND": "gloo",
-            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    return launch_env()
 
 
 @pytest.mark.slow
