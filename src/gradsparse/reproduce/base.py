@@ -380,7 +380,10 @@ class Context:
     out: Path
     processes: int = 1
     on_run: Callable[[str], None] | None = None
+    #: distinct runs finished or reused (a key asked for again, e.g. the threshold a search
+    #: settled on, is one run)
     runs_done: int = 0
+    _counted: set = field(default_factory=set)
     figures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -436,6 +439,9 @@ class Context:
         return _load_result(key, run_dir, cfg)
 
     def _finished(self, key: str) -> None:
+        if key in self._counted:
+            return
+        self._counted.add(key)
         self.runs_done += 1
         if self.on_run is not None:
             self.on_run(key)
