@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 from gradsparse import kernels as K
+from gradsparse.kernels import library, torch_path, tuning, workspace
 
 NAN = float("nan")
 INF = float("inf")
@@ -44,9 +45,9 @@ def gen(seed: int) -> torch.Generator:
 
 @pytest.fixture
 def retry_path():
-    K._set_rank_scale(0.0)
+    tuning.set_rank_scale(0.0)
     yield
-    K._set_rank_scale(1.0)
+    tuning.set_rank_scale(1.0)
 
 
 def adversarial(name: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -314,9 +315,9 @@ def test_layerwise_adversarial_orders(mode):
         if mode == "one_thread":
             torch.set_num_threads(1)
         elif mode == "generic_isa":
-            K._force_generic(True)
+            library.force_generic(True)
         elif mode == "retry":
-            K._set_rank_scale(0.0)
+            tuning.set_rank_scale(0.0)
         for rep in range(2):  # the second call reuses the warm workspace
             assert torch.equal(K.topk_indices_layerwise(x, offs, ks, use_ext=True), exp), (mode, rep)
         # the same data as many equal rows, the other segment layout
@@ -328,8 +329,8 @@ def test_layerwise_adversarial_orders(mode):
             assert torch.equal(got, ref_rows_flat(rows, order, k)), (mode, k)
     finally:
         torch.set_num_threads(nthreads)
-        K._force_generic(False)
-        K._set_rank_scale(1.0)
+        library.force_generic(False)
+        tuning.set_rank_scale(1.0)
 
 
 @pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
@@ -395,7 +396,7 @@ def test_rows(use_ext, n, d, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("n,d", [(6, 300), (3, K._SMALL_N + 77), (40, 25)])
+@pytest.mark.parametrize("n,d", [(6, 300), (3, tuning.SAMPLING_CUTOFF + 77), (40, 25)])
 def test_rows_other_dtypes(dtype, n, d):
     """float64 / float16 / bfloat16 rows (the pure-torch path) with ties, NaNs, infinities,
     signed zeros, k = 0 and k = d, against the stable-sort reference."""
@@ -596,11 +597,11 @@ def test_ef_no_O_d_allocation_after_warmup(use_ext, with_g):
     def measure():  # in a fresh thread: its own, fresh, work buffers
         steps()
         steps()
-        out["before"] = K._workspace_info()
+        out["before"] = workspace.workspace_info()
         out["big"] = max_alloc_bytes(steps)
         for _ in range(3):
             steps()
-        out["after"] = K._workspace_info()
+        out["after"] = workspace.workspace_info()
 
     out: dict = {}
     t = threading.Thread(target=measure)
@@ -616,7 +617,7 @@ def test_ef_no_O_d_allocation_after_warmup(use_ext, with_g):
         assert after["c_allocs"] > 0
     else:
         assert before["buffers"]
-        assert all(numel <= K._CHUNK for _, numel in after["buffers"].values())  # one chunk each, on CPU
+        assert all(numel <= tuning.CHUNK_LENGTH for _, numel in after["buffers"].values())  # one chunk each, on CPU
 
 
 def test_work_buffers_are_per_thread(use_ext):
@@ -636,7 +637,7 @@ def test_work_buffers_are_per_thread(use_ext):
                 assert torch.equal(K.topk_indices(xs[i], k, use_ext=use_ext), exp[i])
             idx, _ = K.accumulate_topk_(es[i].clone(), g, 0.5, k, use_ext=use_ext)
             assert torch.equal(idx, exp_ef[i])
-            infos[i] = K._workspace_info()
+            infos[i] = workspace.workspace_info()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -695,8 +696,8 @@ def test_threshold_study_runs():
 @pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
 def test_compiled_generic_isa_loops(retry_path):
     """The baseline-ISA loops (used on CPUs without AVX2/FMA) give the same exact results."""
-    assert K._Lib.ef_exact  # the compiled EF update rounds like torch's add_ on this machine
-    K._force_generic(True)
+    assert library.Library.ef_exact  # the compiled EF update rounds like torch's add_ on this machine
+    library.force_generic(True)
     try:
         x = adversarial("ties", 600_000, seed=21)
         assert torch.equal(K.topk_indices(x, 3000, use_ext=True), ref_topk(x, 3000))
@@ -710,13 +711,13 @@ def test_compiled_generic_isa_loops(retry_path):
         mask = a.abs() >= 1.5
         assert torch.equal(idx, mask.nonzero().view(-1)) and torch.equal(e2, a.masked_fill(mask, 0.0))
     finally:
-        K._force_generic(False)
+        library.force_generic(False)
 
 
 @pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
 def test_compiled_unfused_update_mode():
     """gs_set_fma(0) (for a torch whose add_ does not fuse) rounds the product, then the sum."""
-    lib = K._Lib.lib
+    lib = library.Library.lib
     n = 300_001
     e, g = torch.randn(n, generator=gen(5)), torch.randn(n, generator=gen(6))
     alpha = 0.1
@@ -725,7 +726,7 @@ def test_compiled_unfused_update_mode():
     assert not torch.equal(unfused, fused)  # the two really differ on this data
     prev = lib.gs_get_fma()
     for generic in (False, True):
-        K._force_generic(generic)
+        library.force_generic(generic)
         lib.gs_set_fma(0)
         try:
             e1, e2 = e.clone(), e.clone()
@@ -733,16 +734,29 @@ def test_compiled_unfused_update_mode():
             idx, val = K.accumulate_threshold_(e2, g, alpha, 2.0, use_ext=True)
         finally:
             lib.gs_set_fma(prev)
-            K._force_generic(False)
+            library.force_generic(False)
         assert torch.equal(e1, unfused)
         mask = unfused.abs() >= 2.0
         assert torch.equal(idx, mask.nonzero().view(-1)) and torch.equal(val, unfused[mask])
 
 
+@pytest.mark.skipif(not K.has_extension(), reason="C kernels not built or disabled")
+def test_library_found_in_the_package_folder_without_the_import_system(monkeypatch):
+    """When gradsparse._kernels_c cannot be found as a module, the loader looks for the built file
+    in the gradsparse package folder (not the kernels/ subpackage) and finds the same library."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradsparse._kernels_c" else find_spec(name, *a)
+    )
+    assert library._find_library() == K.extension_path()
+
+
 # ------------------------------------------------------------------------------ torch path, sampled
-# Inputs longer than K._SMALL_N take the pure-torch sampling path: a threshold key from a sample,
-# a chunked pass that keeps the 8-byte words of the candidate mask, an exact selection among the
-# candidates. These tests compare it with an independent reference (a stable sort of |x| with NaN
+# Inputs longer than tuning.SAMPLING_CUTOFF take the pure-torch sampling path: a threshold key
+# from a sample, a chunked pass that keeps the 8-byte words of the candidate mask, an exact
+# selection among the candidates. These tests compare it with an independent reference (a stable sort of |x| with NaN
 # above everything) on adversarial inputs, with small chunks (several chunks, ragged tails, words
 # across chunk starts that are not multiples of 8) and with the first threshold forced to miss.
 
@@ -814,14 +828,68 @@ def pick_k(n: int, how: str, frac: float) -> int:
 def knobs(chunk: int, rank_scale: float = 1.0):
     """Temporarily set the torch path's chunk length and the sample-rank scale (0 makes the first
     threshold the sample maximum, so the pass finds too few candidates and retries)."""
-    old = K._CHUNK
-    K._CHUNK = chunk
-    K._set_rank_scale(rank_scale)
+    old = tuning.CHUNK_LENGTH
+    tuning.CHUNK_LENGTH = chunk
+    tuning.set_rank_scale(rank_scale)
     try:
+        assert torch_path.chunk_length(1 << 30, torch.device("cpu")) == (chunk + 7) & ~7  # it took effect
         yield
     finally:
-        K._CHUNK = old
-        K._set_rank_scale(1.0)
+        tuning.CHUNK_LENGTH = old
+        tuning.set_rank_scale(1.0)
+
+
+def test_chunk_length_setting_reaches_every_torch_pass():
+    """tuning.CHUNK_LENGTH, set at run time, sizes the chunked passes of the flat, layer-wise and
+    hard-threshold torch paths: a fresh thread's scratch tensors are one (small) chunk long, not
+    the input's length, and the results stay exact."""
+    n, k, chunk = 200_000, 500, 4096
+    x = torch.randn(n, generator=gen(3))
+    offs = [0, 90_000, n]  # two segments above the sampling cutoff: one shared pass
+    assert offs[1] > tuning.SAMPLING_CUTOFF and n - offs[1] > tuning.SAMPLING_CUTOFF
+    out: dict = {}
+
+    def work() -> None:  # in a fresh thread: its own, empty, scratch cache
+        try:
+            with knobs(chunk):
+                out["flat"] = K.topk_indices(x, k, use_ext=False)
+                out["segments"] = K.topk_indices_layerwise(x, offs, [k, k], use_ext=False)
+                e = x.clone()
+                out["threshold"] = K.accumulate_threshold_(e, None, 1.0, 2.5, use_ext=False)[0]
+                out["info"] = workspace.workspace_info()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            out["error"] = exc
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert "error" not in out, out.get("error")
+    assert torch.equal(out["flat"], ref_topk(x, k))
+    assert torch.equal(out["segments"], ref_layerwise(x, offs, [k, k]))
+    assert torch.equal(out["threshold"], (x.abs() >= 2.5).nonzero().view(-1))
+    names = {name for name, _, _ in out["info"]["buffers"]}
+    assert {"key", "mask", "abs"} <= names, names
+    assert all(numel == chunk for _, numel in out["info"]["buffers"].values()), out["info"]["buffers"]
+
+
+def test_rank_scale_setting_reaches_the_torch_path(monkeypatch):
+    """tuning.set_rank_scale(0) makes the first sampled threshold the sample maximum, so the torch
+    path's candidate pass finds too few and runs again (the retry the retry tests rely on);
+    at the default scale one pass suffices here."""
+    passes = []
+    filter_keys = torch_path._filter_keys
+
+    def counted(*args, **kwargs):
+        passes.append(1)
+        return filter_keys(*args, **kwargs)
+
+    monkeypatch.setattr(torch_path, "_filter_keys", counted)
+    x = torch.randn(200_000, generator=gen(4))
+    for scale in (1.0, 0.0):
+        passes.clear()
+        with knobs(1 << 20, scale):
+            assert torch.equal(K.topk_indices(x, 2000, use_ext=False), ref_topk(x, 2000))
+        assert (len(passes) == 1) if scale == 1.0 else (len(passes) > 1), (scale, len(passes))
 
 
 CHUNKS = st.sampled_from([4096, 12_340, 1 << 20])  # several chunks with ragged tails / one chunk
@@ -831,7 +899,7 @@ RANK_SCALES = st.sampled_from([1.0, 1.0, 0.0, 0.3])  # 0: first threshold = samp
 @settings(max_examples=80, deadline=None)
 @given(
     bits=PALETTE,
-    n=st.integers(K._SMALL_N + 1, 3 * K._SMALL_N),
+    n=st.integers(tuning.SAMPLING_CUTOFF + 1, 3 * tuning.SAMPLING_CUTOFF),
     layout=st.sampled_from(LAYOUTS),
     how=st.sampled_from(["one", "d-1", "sparse", "any"]),
     frac=st.floats(0.0, 1.0),
@@ -875,7 +943,7 @@ def test_torch_sampled_path_pinned_cases(rank_scale):
 @given(
     bits=PALETTE,
     sizes=st.lists(
-        st.one_of(st.integers(K._SMALL_N + 1, 2 * K._SMALL_N), st.integers(0, 300)), min_size=2, max_size=6
+        st.one_of(st.integers(tuning.SAMPLING_CUTOFF + 1, 2 * tuning.SAMPLING_CUTOFF), st.integers(0, 300)), min_size=2, max_size=6
     ),
     lead=st.integers(0, 13),
     layout=st.sampled_from(LAYOUTS),
@@ -905,7 +973,7 @@ def test_torch_layerwise_sampled_matches_sort(bits, sizes, lead, layout, kinds, 
 @settings(max_examples=60, deadline=None)
 @given(
     bits=PALETTE,
-    sizes=st.lists(st.one_of(st.integers(0, 40), st.integers(0, 5000), st.just(K._SMALL_N)), min_size=1, max_size=40),
+    sizes=st.lists(st.one_of(st.integers(0, 40), st.integers(0, 5000), st.just(tuning.SAMPLING_CUTOFF)), min_size=1, max_size=40),
     kfrac=st.lists(st.floats(0.0, 1.0), min_size=40, max_size=40),
     lead=st.integers(0, 13),
     layout=st.sampled_from(LAYOUTS),
@@ -928,7 +996,7 @@ def test_torch_layerwise_small_segments_match_sort(bits, sizes, kfrac, lead, lay
 @settings(max_examples=40, deadline=None)
 @given(
     bits=PALETTE,
-    n=st.integers(K._SMALL_N + 1, 2 * K._SMALL_N),
+    n=st.integers(tuning.SAMPLING_CUTOFF + 1, 2 * tuning.SAMPLING_CUTOFF),
     layout=st.sampled_from(LAYOUTS),
     how=st.sampled_from(["one", "d-1", "sparse", "any"]),
     frac=st.floats(0.0, 1.0),
@@ -997,7 +1065,7 @@ def test_rows_nan_above_inf_with_ties(use_ext, dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("d", [40, K._SMALL_N + 1000])
+@pytest.mark.parametrize("d", [40, tuning.SAMPLING_CUTOFF + 1000])
 def test_nan_above_inf_every_path(use_ext, dtype, d):
     """NaN ranks above +inf (lower index first among NaNs) for flat, layer-wise and row top-k, on
     both sides of the sampling cutoff, with finite ties at the boundary."""

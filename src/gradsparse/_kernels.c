@@ -2,8 +2,8 @@
  * gradsparse/_kernels.c -- optional compiled kernels for exact top-k by magnitude and fused
  * error-feedback steps on contiguous float32 CPU arrays.
  *
- * Loaded with ctypes by gradsparse/kernels.py (no Python C API is used; PyInit is a stub so that
- * setuptools can build this file as an ordinary extension). All entry points are prefixed gs_.
+ * Loaded with ctypes by gradsparse/kernels/library.py (no Python C API is used; PyInit is a stub so
+ * that setuptools can build this file as an ordinary extension). All entry points are prefixed gs_.
  *
  * Ordering key. For a float32 x with bit pattern b, key(x) = min(b & 0x7fffffff, NANKEY) with
  * NANKEY = 0x7f800001. For non-negative IEEE floats the unsigned bit pattern orders like the
