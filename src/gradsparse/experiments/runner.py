@@ -52,6 +52,9 @@ from .outputs import async_summary  # noqa: F401
 from .rundir import RUN_FILES, is_run_dir  # noqa: F401
 from .run_state import config_sha256  # noqa: F401
 
+__all__ = ["run", "resume", "metric_names", "check_outputs", "RunFailed", "RunDiverged", "RunEnded", "RunInterrupted",
+           "StopSignals", "async_summary", "RUN_FILES", "is_run_dir", "config_sha256"]
+
 
 def run(cfg: RunConfig, out: str | Path | None = None, *, progress: bool | None = None,
         overwrite: bool = False, resume_state: dict | None = None,
