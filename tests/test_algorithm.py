@@ -392,3 +392,32 @@ def test_weighted_sum_into_a_given_buffer_equals_the_allocating_sum_by_hand(kind
         batch.weighted_sum(w, out=torch.zeros(5))
     with pytest.raises(ValueError, match="out must be"):
         batch.weighted_sum(w, out=torch.zeros(4, dtype=torch.float64))
+
+
+
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, -2.0, 0.0], True),
+    ([3e38, 3e38, -1.0], True),  # the sum overflows to inf: the exact check must still say finite
+    ([-3e38, -3e38], True),
+    ([1.0, float("inf")], False),
+    ([float("-inf"), 2.0], False),
+    ([float("inf"), float("-inf")], False),  # the sum is NaN
+    ([1.0, float("nan")], False),
+    ([], True),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_is_the_entrywise_check(values, finite, dtype):
+    from gradsparse.divergence import all_finite
+
+    x = torch.tensor(values, dtype=dtype)
+    assert all_finite(x) is finite
+    assert all_finite(x.reshape(1, -1)) is finite
+
+
+def test_all_finite_on_half_precision():
+    from gradsparse.divergence import all_finite
+
+    big = torch.full((8,), 6e4, dtype=torch.float16)  # finite halves whose fp16 sum would overflow
+    assert all_finite(big)
+    big[3] = float("nan")
+    assert not all_finite(big)

@@ -360,14 +360,14 @@ class Algorithm:
         """The ``skip`` policy on an out-of-place worker step: rows whose new memory, message
         values or (feedback ``none``) accumulated vector are non-finite send nothing and keep
         their memory and momentum from ``before``. Cost when all is finite: one sum per tensor."""
-        from .divergence import _all_finite
+        from .divergence import all_finite
 
         parts = [out.message.values]
         if memory is not None:
             parts.append(memory.flat)
         if out.accumulated is not None:
             parts.append(out.accumulated)
-        if all(_all_finite(x) for x in parts):
+        if all(all_finite(x) for x in parts):
             return out, memory, momentum_state
         msg = out.message
         n = msg.n

@@ -113,6 +113,8 @@ receives their average divided by lr, and SGD multiplies by lr again; DDP averag
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -122,6 +124,7 @@ from ..comm import CollectiveChannel
 from ..comm import collectives as coll
 from ..comm.collective import ring_all_reduce_nbytes
 from ..compressors import Compressor
+from ..divergence import all_finite
 from ..messages import SparseBatch
 
 __all__ = ["SparsifiedState", "hook", "layout_of", "segment_compressor", "NonFiniteGradient"]
@@ -207,7 +210,7 @@ def _nonfinite_flag(state: SparsifiedState, buf: torch.Tensor, outs: list[Worker
     """1 when ``on_nonfinite: stop`` and this rank's gradient or messages hold NaN or infinity."""
     if state.algorithm.on_nonfinite != "stop":
         return 0
-    finite = bool(torch.isfinite(buf).all()) and all(bool(torch.isfinite(o.message.values).all()) for o in outs)
+    finite = all_finite(buf) and all(all_finite(o.message.values) for o in outs)
     return 0 if finite else 1
 
 
@@ -230,6 +233,22 @@ def _exchange_sizes(state: SparsifiedState, channel: CollectiveChannel, nbytes: 
 
 
 # ---- the sharded and all-reduce collectives -----------------------------------------------------
+class SparseUpdate(NamedTuple):
+    """What a ``sharded`` or ``allreduce`` exchange returns: the summed update in bucket units at
+    the entries it touches (``indices`` into the vector of its segments in layout order, each at
+    most once); every other entry of the ``d`` is zero. Kept sparse so that the bucket is written
+    in place: a model-sized temporary costs page faults and passes that dominate at many ranks."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    d: int
+
+    def dense(self) -> torch.Tensor:
+        total = torch.zeros(self.d, dtype=self.values.dtype)
+        total[self.indices] = self.values
+        return total
+
+
 def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, params, buf: torch.Tensor,
                        segs: list[_Segment], outs: list[WorkerStepOutput], step: int, lr: float, is_last: bool):
     """One bucket under ``collective: sharded`` or ``allreduce``: the bucket's parameters in layout
@@ -246,11 +265,9 @@ def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, param
     flag = _nonfinite_flag(state, buf, outs)
     messages = [outs[i].message for i in order]
 
-    def write_back(total: torch.Tensor) -> torch.Tensor:
-        at = 0
-        for i, n in zip(order, sizes):
-            buf[starts[i] : starts[i] + n].copy_(total[at : at + n].to(buf.dtype))
-            at += n
+    def write_back(update: SparseUpdate) -> torch.Tensor:
+        buf.zero_()
+        buf[_bucket_positions(update.indices, sizes, [starts[i] for i in order])] = update.values.to(buf.dtype)
         return buf
 
     def dense_fallback() -> torch.futures.Future:
@@ -278,6 +295,19 @@ def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, param
     return fut.then(lambda f: write_back(f.value()))
 
 
+def _bucket_positions(indices: torch.Tensor, sizes: list[int], bucket_starts: list[int]) -> torch.Tensor:
+    """Where entries of the layout-order vector (segments of ``sizes``) sit in the bucket, whose
+    segments start at ``bucket_starts`` (the same segments in the bucket's own order)."""
+    layout_starts = [0]
+    for n in sizes[:-1]:
+        layout_starts.append(layout_starts[-1] + n)
+    if layout_starts == list(bucket_starts):
+        return indices
+    starts = torch.tensor(layout_starts, dtype=torch.int64)
+    segment = torch.searchsorted(starts, indices, right=True) - 1
+    return indices - starts[segment] + torch.tensor(bucket_starts, dtype=torch.int64)[segment]
+
+
 def _bucket_units(state: SparsifiedState, lr: float, compressed: bool) -> float:
     """The factor from what travels (message units: sum_q p_q s_q, or the owner's C_down(G)) to
     what the bucket holds (SGD(lr) applies lr x the bucket)."""
@@ -303,7 +333,7 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
        (top-k of each slice), delta <- G - C_down(G) (``state.shard_memory``, by name);
     4. exchange the shards' sizes (blocking) and start the pull (all_to_all_single of this
        rank's shard to every rank); the returned future resolves to the whole vector's update in
-       bucket units (every owner's shard scattered back).
+       bucket units (every owner's shard), a :class:`SparseUpdate`.
     """
     world, rank = channel.world, channel.rank
     alg, vd = state.algorithm, state.algorithm.value_dtype
@@ -348,12 +378,15 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
     scale = _bucket_units(state, lr, compressed)
 
     def assemble(f):
-        total = torch.zeros(plan.d, dtype=dtype)
+        where, what = [], []
         for owner, payload in enumerate(f.value()):
             if payload.numel():
                 b = wire.decode(payload.cpu().numpy(), max_d=max(plan.owner_sizes[owner], 1))
-                total[plan.to_global(owner, b.indices)] = b.values.to(dtype)
-        return total * scale if scale != 1.0 else total
+                where.append(plan.to_global(owner, b.indices))
+                what.append(b.values.to(dtype))
+        indices = torch.cat(where) if where else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat(what) if what else torch.zeros(0, dtype=dtype)
+        return SparseUpdate(indices, values * scale if scale != 1.0 else values, plan.d)
 
     return fut.then(assemble)
 
@@ -365,7 +398,8 @@ def _allreduce_exchange(state: SparsifiedState, channel: CollectiveChannel,
     support every rank drew from the shared seed; the k values of all pieces (zeros for a skipped
     message) go into one ring all-reduce in the value dtype (after a one-integer non-finite
     check, ``on_nonfinite: stop``: every rank raises before the values are sent). The future
-    resolves to the vector's update in bucket units: the sum x 1/P at the shared supports."""
+    resolves to the vector's update in bucket units: the sum x 1/P at the shared supports (a
+    :class:`SparseUpdate`)."""
     world = channel.world
     vt = wire.value_dtype_of(state.algorithm.value_dtype)
     if state.algorithm.on_nonfinite == "stop" and channel.any_flag(flag):
@@ -380,15 +414,13 @@ def _allreduce_exchange(state: SparsifiedState, channel: CollectiveChannel,
     scale = _bucket_units(state, lr, False) / world
     dtype = torch.float32 if vt in (torch.float16, torch.bfloat16) else vt
 
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    indices = torch.cat([at + cols for at, cols in zip(starts, supports)]) if supports else torch.zeros(0, dtype=torch.int64)
+
     def assemble(f):
-        summed = f.value().cpu().to(dtype) * scale
-        total = torch.zeros(sum(sizes), dtype=dtype)
-        at, pos = 0, 0
-        for cols, n in zip(supports, sizes):
-            total[at + cols] = summed[pos : pos + cols.numel()]
-            at += n
-            pos += cols.numel()
-        return total
+        return SparseUpdate(indices, f.value().cpu().to(dtype) * scale, sum(sizes))
 
     return fut.then(assemble)
 
@@ -506,7 +538,7 @@ def _whole_model_bucket(state: SparsifiedState, channel: CollectiveChannel, buck
                                           out.message.indices, out.message.values, step, lr, flag, segs, None)
         state.messages += 1
         state.step += 1
-        return exchanged.then(lambda f: _resolve_pending(state, pending, fut, f.value()))
+        return exchanged.then(lambda f: _resolve_pending(state, pending, fut, f.value().dense()))
     payload = _as_uint8(wire.encode(out.message, value_dtype=alg.value_dtype))
     sizes = _exchange_sizes(state, channel, payload.numel(), state._grad_full, [out], segs, step)
     state.messages += 1

@@ -14,6 +14,7 @@ from ..algorithm import Algorithm, ServerState, WorkerState
 from ..comm import ByteLedger, CollectiveChannel
 from ..comm import collectives as coll
 from ..compressors import ApproximateTopK, BudgetThreshold, Compressor, RandomK, TopK
+from ..divergence import all_finite
 from ..segments import Layout, SegmentedTensor
 
 __all__ = ["SparsifiedState", "layout_of", "segment_compressor", "NonFiniteGradient"]
@@ -352,7 +353,7 @@ class SparsifiedState:
                         continue
                     if got.numel() != st.flat.numel():
                         raise ValueError(f"checkpoint {key} of {n!r} has {got.numel()} entries, expected {st.flat.numel()}")
-                    if not bool(torch.isfinite(got).all()):
+                    if not all_finite(got):
                         raise ValueError(f"checkpoint {key} of {n!r} holds non-finite values; "
                                          "pass reset_memory=True to start the memories from zero")
                     writes.append((st.flat, got.reshape(st.flat.shape)))
@@ -371,7 +372,7 @@ class SparsifiedState:
             for n, t in sd.get("shard_memory", {}).items():
                 if n not in self.segments:
                     raise ValueError(f"checkpoint shard memory of {n!r}: no such parameter")
-                if not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise ValueError(f"checkpoint shard memory of {n!r} holds non-finite values; "
                                      "pass reset_memory=True to start the memories from zero")
                 shard_memory[n] = t.clone()
