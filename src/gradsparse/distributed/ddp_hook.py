@@ -340,7 +340,8 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
     plan = coll.ShardPlan(sizes, world)
     indices, values = indices.cpu(), values.cpu()  # the owner's bookkeeping runs on the CPU
     parts = plan.split(indices, values)
-    frames = [coll.encode_part(plan.owner_sizes[o], i, v, vd) for o, (i, v) in enumerate(parts)]
+    # this rank's own part stays here as it is (its values are already what a frame would carry)
+    frames = [b"" if o == rank else coll.encode_part(plan.owner_sizes[o], i, v, vd) for o, (i, v) in enumerate(parts)]
     received, flags, totals = channel.exchange_split_sizes([len(f) for f in frames], flag)
     _raise_nonfinite(flags, segs, step)
     if fallback_nbytes is not None and world > 1 and max(totals) > fallback_nbytes:
@@ -350,8 +351,10 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
     dtype = values.dtype if values.is_floating_point() else torch.float32
     dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     decoded = []
-    for payload in got:
-        if payload.numel() == 0:
+    for sender, payload in enumerate(got):
+        if sender == rank:
+            decoded.append((parts[rank][0], parts[rank][1]))
+        elif payload.numel() == 0:
             decoded.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=dtype)))
         else:
             b = wire.decode(payload.cpu().numpy(), max_d=max(size, 1))
@@ -380,7 +383,10 @@ def _sharded_exchange(state: SparsifiedState, channel: CollectiveChannel, names:
     def assemble(f):
         where, what = [], []
         for owner, payload in enumerate(f.value()):
-            if payload.numel():
+            if owner == rank:  # this rank's own shard, as it encoded it
+                where.append(plan.to_global(rank, cols))
+                what.append(vals.to(dtype))
+            elif payload.numel():
                 b = wire.decode(payload.cpu().numpy(), max_d=max(plan.owner_sizes[owner], 1))
                 where.append(plan.to_global(owner, b.indices))
                 what.append(b.values.to(dtype))
