@@ -13,6 +13,14 @@ P - 1 times):
 * ``encdec_fraction``: (encode + decode) / hook, the share the wire format adds to the hook's
   compute (the network's share of a step is in ``benchmarks/bench_network.py``).
 
+With ``--sharded``: one whole hook call for ``collective: sharded`` with the owners' top-k
+(topology bidirectional, top-k 1% both ways, one bucket) at P = 4 and 16, rank 0 of P, through a
+loopback channel (:class:`LoopbackChannel`: every exchange returns at once, and each peer's part
+or reduced shard is one this rank built, with as many entries as a real peer's), so it is the
+hook's compute alone: ``worker_ms`` and ``exchange_ms`` (split, encode P - 1 parts, decode P - 1
+parts, sum the shard, the owner's top-k, encode its shard, decode P - 1 shards, write the bucket).
+Its CPU per rank decides the step time when ranks share cores.
+
 Medians of ``repeats`` runs; torch pinned to the thread count it is given (``--threads``, 1 by
 default). A suite runner calls :func:`run`.
 """
@@ -88,13 +96,83 @@ def run(quick: bool = False, repeats: int | None = None) -> list[dict]:
     return rows
 
 
+class LoopbackChannel:
+    """Rank 0 of a world of ``world`` ranks without a network, for :func:`sharded_hook_ms`: the
+    size exchanges return at once; in the push, sender q's part for this rank is the part this
+    rank built for owner q (the owners' shards are equal here, so it decodes as one of its own);
+    in the pull, every owner's reduced shard is this rank's."""
+
+    rank = 0
+
+    def __init__(self, world: int):
+        self.world = world
+        self.parts = None
+
+    @staticmethod
+    def _done(value):
+        fut = torch.futures.Future()
+        fut.set_result(value)
+        return fut
+
+    def exchange_split_sizes(self, sizes, flag=0):
+        return list(sizes), [flag] * self.world, [sum(sizes)] * self.world
+
+    def send_parts(self, parts, received_sizes):
+        self.parts = parts
+        return self._done(list(parts))
+
+    def exchange_sizes(self, nbytes, flag=0):
+        return [nbytes] * self.world, [flag] * self.world
+
+    def send_frames(self, payload, sizes, messages=1, role="message"):
+        return self._done([payload] * self.world)
+
+
+def sharded_hook_ms(world: int, repeats: int, layers: int, density: float = 0.01) -> dict:
+    """One hook call of ``sharded`` + owners' top-k at ``density`` on rank 0 of ``world`` (see
+    the module docstring), median of ``repeats`` calls on one state (the memories evolve as in a
+    run)."""
+    import gradsparse.ddp as gddp
+    import gradsparse.distributed.ddp_hook as hook_module
+    from gradsparse.algorithm import Algorithm
+    from gradsparse.compressors import TopK
+
+    net = _model(layers)
+    F.mse_loss(net(torch.randn(16, 1024)), torch.randn(16, 1024)).backward()
+    params = list(net.parameters())
+    grad = torch.cat([p.grad.reshape(-1) for p in params])
+    alg = Algorithm(compressor=TopK(density=density, scope="layerwise", layout=gddp.layout_of(net)), feedback="ef",
+                    topology="bidirectional", down_compressor=TopK(density=density))
+    state = gddp.SparsifiedState(net, alg, lr=0.01, collective="sharded")
+    channel = LoopbackChannel(world)
+    worker, exchange = [], []
+    for step in range(repeats + 1):  # the first call is not timed (first touch of the memories)
+        bucket = grad.clone()
+        t0 = time.perf_counter()
+        segs, outs = hook_module.compress_bucket(state, params, bucket, step, 0.01, 0)
+        t1 = time.perf_counter()
+        hook_module._collective_bucket(state, channel, params, bucket, segs, outs, step, 0.01, True).wait()
+        t2 = time.perf_counter()
+        if step:
+            worker.append((t1 - t0) * 1e3)
+            exchange.append((t2 - t1) * 1e3)
+    worker_ms, exchange_ms = statistics.median(worker), statistics.median(exchange)
+    return {"case": f"hook call, top-k {density:.0%} sharded + owners' top-k, rank 0 of {world}", "d": grad.numel(),
+            "world": world, "worker_ms": worker_ms, "exchange_ms": exchange_ms, "hook_ms": worker_ms + exchange_ms,
+            "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sharded", action="store_true", help="also one sharded hook call at P = 4 and 16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for r in run(args.quick):
+    rows = run(args.quick)
+    if args.sharded:
+        rows += [sharded_hook_ms(world, 3 if args.quick else 7, 2 if args.quick else 10) for world in (4, 16)]
+    for r in rows:
         print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 

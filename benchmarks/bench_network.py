@@ -430,6 +430,8 @@ def main(argv=None) -> int:
                     help="DDP's bucket cap in MB for every method but PowerSGD (one bucket); 25 is DDP's default. "
                          "Each hook call costs fixed size exchanges with every peer, so fewer buckets send less")
     ap.add_argument("--out", default="benchmarks/results/network")
+    ap.add_argument("--from-csv", help="no runs: merge these network.csv files (comma-separated; e.g. 32 ranks "
+                                       "measured apart), print the table and draw the plot into --out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
         ap.add_argument(a, type=int, help=argparse.SUPPRESS)
@@ -440,6 +442,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.from_csv:
+        return merge_results(args.from_csv.split(","), Path(args.out))
     try:
         rank_counts = [int(r) for r in str(args.ranks).split(",")]
     except ValueError:
@@ -474,19 +478,67 @@ def main(argv=None) -> int:
                 net.down()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    fields = ["rate", "ranks", "method", "d", "step_s", "tx_bytes_per_step", "reported_bytes_per_step",
-              "reported_over_tx_min", "reported_over_tx_max", "predicted_bytes_per_step", "predicted_over_tx",
-              "compute_fraction", "dense_fallbacks", "error"]
-    with open(out / "network.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in fields})
+    write_csv(rows, out / "network.csv")
     print_table(rows, rank_counts, rates)
     try:
         plot(rows, rank_counts, rates, methods, out)
     except Exception as exc:  # the CSV is the result; the plot is a convenience
         print(f"bench_network: no plot ({exc})")
+    print(f"wrote {out / 'network.csv'}")
+    return 0
+
+
+FIELDS = ["rate", "ranks", "method", "d", "step_s", "tx_bytes_per_step", "reported_bytes_per_step",
+          "reported_over_tx_min", "reported_over_tx_max", "predicted_bytes_per_step", "predicted_over_tx",
+          "compute_fraction", "dense_fallbacks", "error"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in FIELDS})
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a ``network.csv`` as :func:`run_method` returns them (numbers parsed; an empty
+    cell is None; a row without an error has no ``error`` key)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {}
+            for k, v in raw.items():
+                if k == "error":
+                    if v:
+                        row[k] = v
+                elif k in ("rate", "method"):
+                    row[k] = v
+                else:
+                    row[k] = None if v == "" else (int(v) if k in ("ranks", "d", "dense_fallbacks") else float(v))
+            rows.append(row)
+    return rows
+
+
+def merge_results(paths: list[str], out: Path) -> int:
+    """``--from-csv``: the rows of several runs as one result (table, ``network.csv``, plot); a
+    (rate, ranks, method) measured twice is refused rather than silently picked."""
+    rows, seen = [], {}
+    for p in paths:
+        for r in read_csv(Path(p)):
+            key = (r["rate"], r["ranks"], r["method"])
+            if key in seen:
+                raise SystemExit(f"bench_network: {key} is in both {seen[key]} and {p}; keep one")
+            seen[key] = p
+            rows.append(r)
+    rows.sort(key=lambda r: r["ranks"])
+    rank_counts = sorted({r["ranks"] for r in rows})
+    rates = list(dict.fromkeys(r["rate"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "network.csv")
+    print_table(rows, rank_counts, rates)
+    plot(rows, rank_counts, rates, methods, out)
     print(f"wrote {out / 'network.csv'}")
     return 0
 

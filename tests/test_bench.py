@@ -85,3 +85,41 @@ def test_hook_targets_read_the_encode_decode_share_per_density():
     assert v["DDP hook, top-k 1.0% layer-wise: encode + decode <= 40% of the hook's compute"] == {
         "target": "DDP hook, top-k 1.0% layer-wise: encode + decode <= 40% of the hook's compute",
         "measured": 0.25, "met": True}
+
+
+def _bench_network():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_network.py"
+    spec = importlib.util.spec_from_file_location("bench_network_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_network_merges_runs_measured_apart_and_refuses_a_row_measured_twice(tmp_path, capsys):
+    bn = _bench_network()
+    row = dict(rate="1gbit", method="dense", d=1000, step_s=1.5, tx_bytes_per_step=4000.0, reported_bytes_per_step=None,
+               reported_over_tx_min=None, reported_over_tx_max=None, predicted_bytes_per_step=None,
+               predicted_over_tx=None, compute_fraction=None, dense_fallbacks=None)
+    sparse = {**row, "method": "topk1_sharded_bidir", "tx_bytes_per_step": 100.0, "reported_bytes_per_step": 97.0,
+              "reported_over_tx_min": 0.96, "reported_over_tx_max": 0.98, "dense_fallbacks": 0}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bn.write_csv([{**row, "ranks": 4}, {**sparse, "ranks": 4}], tmp_path / "a" / "network.csv")
+    bn.write_csv([{**row, "ranks": 32, "step_s": 5.0}, {**sparse, "ranks": 32, "step_s": 4.0}], tmp_path / "b" / "network.csv")
+    assert bn.read_csv(tmp_path / "a" / "network.csv")[1] == {**sparse, "ranks": 4}  # numbers and empty cells round-trip
+    out = tmp_path / "merged"
+    assert bn.main(["--from-csv", f"{tmp_path / 'b' / 'network.csv'},{tmp_path / 'a' / 'network.csv'}", "--out", str(out)]) == 0
+    merged = bn.read_csv(out / "network.csv")
+    assert [(r["ranks"], r["method"]) for r in merged] == [(4, "dense"), (4, "topk1_sharded_bidir"),
+                                                             (32, "dense"), (32, "topk1_sharded_bidir")]
+    assert (out / "network_scaling.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    line = next(ln for ln in table.splitlines() if "32 ranks" in ln)
+    after = table.split(line, 1)[1].splitlines()
+    speedup = next(ln for ln in after if "topk1_sharded_bidir" in ln).split()[3]
+    assert speedup == "1.25x"  # dense 5.0 s / 4.0 s, against the dense row of the same rank count
+    with pytest.raises(SystemExit, match="keep one"):
+        bn.main(["--from-csv", f"{tmp_path / 'a' / 'network.csv'},{tmp_path / 'a' / 'network.csv'}", "--out", str(out)])
