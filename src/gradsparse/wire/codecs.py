@@ -261,13 +261,30 @@ def rice_encode(g: np.ndarray, r: int) -> bytes:
     unary_pos = np.cumsum(q + 1) - 1  # position of each terminating one bit
     total = nrem + int(unary_pos[-1]) + 1
     bits = np.zeros(total, dtype=np.uint8)
-    if 0 < r <= 57:
-        bits[:nrem] = np.unpackbits(_msb_pack(g & ((1 << r) - 1), r))[:nrem]
-    elif r:
-        shifts = np.arange(r - 1, -1, -1, dtype=np.int64)
-        bits[:nrem] = (((g & ((1 << r) - 1))[:, None] >> shifts[None, :]) & 1).reshape(-1)
+    if r:
+        bits[:nrem] = _msb_bits(g & ((1 << r) - 1), r)
     bits[nrem + unary_pos] = 1
     return np.packbits(bits).tobytes()
+
+
+#: up to this many fields, :func:`_msb_bits` and :func:`_msb_fields` work field by field (a few
+#: numpy calls in all); above, group by group (8 fields at once, fewer bytes touched per field)
+_FIELDWISE_MAX = 1024
+
+
+def _msb_bits(v: np.ndarray, r: int) -> np.ndarray:
+    """The low r bits of each value (1 <= r <= 62), concatenated most significant bit first, as
+    an array of k r bits (0/1 bytes). Few fields: each value's big-endian bytes unpacked and its
+    last r bits kept; many fields (r <= 57): :func:`_msb_pack`, unpacked; else bit by bit."""
+    k = v.size
+    if k <= _FIELDWISE_MAX:
+        width = 1 if r <= 8 else 2 if r <= 16 else 4 if r <= 32 else 8  # bytes holding r bits
+        be = v.astype(f">u{width}").view(np.uint8).reshape(k, width)
+        return np.unpackbits(be, axis=1)[:, 8 * width - r :].reshape(-1)
+    if r <= 57:
+        return np.unpackbits(_msb_pack(v, r))[: k * r]
+    shifts = np.arange(r - 1, -1, -1, dtype=np.int64)
+    return ((v[:, None] >> shifts[None, :]) & 1).reshape(-1).astype(np.uint8)
 
 
 def _msb_pack(v: np.ndarray, r: int) -> np.ndarray:
@@ -292,22 +309,28 @@ def _msb_pack(v: np.ndarray, r: int) -> np.ndarray:
     return out[: (k * r + 7) // 8]
 
 
-def _msb_fields(b: np.ndarray, k: int, r: int) -> np.ndarray:
-    """Inverse of :func:`_msb_pack` (r <= 57): the k consecutive r-bit fields at the start of the
-    byte stream ``b``, as int64. Field 8m + c starts at byte m r + (c r) // 8, so for each c the
-    8-byte windows holding its fields are one strided view (stride r bytes), read as big-endian
-    64-bit words and shifted."""
+def _msb_fields(b: np.ndarray, bits: np.ndarray, k: int, r: int) -> np.ndarray:
+    """Inverse of :func:`_msb_bits` (1 <= r <= 62): the k consecutive r-bit fields at the start
+    of the byte stream ``b`` (whose bits, unpacked, are ``bits``), as int64.
+
+    Few fields: each field's bits packed into bytes, left-aligned in a big-endian 64-bit word and
+    shifted down. Many fields (r <= 57): field 8m + c starts at byte m r + (c r) // 8, so for each
+    c the 8-byte windows holding its fields are one strided view (stride r bytes), read as
+    big-endian 64-bit words and shifted."""
+    if k <= _FIELDWISE_MAX or r > 57:
+        words = np.zeros((k, 8), dtype=np.uint8)
+        words[:, : (r + 7) // 8] = np.packbits(bits[: k * r].reshape(k, r), axis=1)
+        return (words.view(">u8").reshape(k) >> np.uint64(64 - r)).astype(np.int64)
     ng = -(-k // 8)
     pad = np.zeros(max(b.size, ng * r) + 8, dtype=np.uint8)
     pad[: b.size] = b
-    out = np.empty((ng, 8), dtype=np.int64)
+    out = np.empty((ng, 8), dtype=np.uint64)
     mask = np.uint64((1 << r) - 1)
     for c in range(8):
         off, sh = divmod(c * r, 8)
-        win = np.lib.stride_tricks.as_strided(pad[off:], shape=(ng, 8), strides=(r, 1))
-        words = win.copy().view(">u8").reshape(ng)
-        out[:, c] = (words >> np.uint64(64 - r - sh)) & mask
-    return out.reshape(-1)[:k]
+        words = np.ndarray((ng,), dtype=">u8", buffer=pad, offset=off, strides=(r,))
+        np.bitwise_and(words >> np.uint64(64 - r - sh), mask, out=out[:, c])
+    return out.reshape(-1)[:k].astype(np.int64)
 
 
 def rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
@@ -326,18 +349,12 @@ def rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
     used = nrem + int(ones[-1]) + 1
     if (used + 7) // 8 != b.size:
         raise WireError("rice index payload has trailing bytes")
-    q = np.diff(ones, prepend=-1) - 1
+    q = gaps(ones)
     if int(q.max()) > ((d - 1) >> r if d else 0):
         raise WireError("rice index gap exceeds the tensor size")
     g = q << r
-    if 0 < r <= 57:
-        g |= _msb_fields(b, k, r)
-    elif r:
-        rb = bits[:nrem].reshape(k, r).astype(np.int64)
-        rem = np.zeros(k, dtype=np.int64)
-        for j in range(r):
-            rem = (rem << 1) | rb[:, j]
-        g |= rem
+    if r:
+        g |= _msb_fields(b, bits, k, r)
     return g
 
 
