@@ -14,6 +14,8 @@ batches.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import struct
 from typing import Callable
@@ -27,6 +29,8 @@ from .format import PACKED_MAX_WIDTH, WireError
 __all__ = ["rice_parameter", "packed_width"]
 
 _LN2 = math.log(2.0)
+#: the encodings whose payload codes the gaps
+GAP_ENCODINGS = ("varint", "rice", "packed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +120,17 @@ def varint_lengths(x: np.ndarray, vmax: int | None = None) -> np.ndarray:
     return lens
 
 
+def varint_nbytes(g: np.ndarray, gmax: int) -> int:
+    """Bytes of the LEB128 varints of the (non-negative) values ``g`` whose largest is ``gmax``:
+    one per value, plus one per value at or above each of 2**7, 2**14, ... (up to gmax)."""
+    n = g.size
+    t = 7
+    while t < 63 and (1 << t) <= gmax:
+        n += int(np.count_nonzero(g >= (1 << t)))
+        t += 7
+    return n
+
+
 def varint_encode(g: np.ndarray) -> bytes:
     if g.size == 0:
         return b""
@@ -180,7 +195,7 @@ def rice_choose(g: np.ndarray) -> tuple[int, int]:
 
     def S(r: int) -> int:
         if r not in cache:
-            cache[r] = int(np.sum(g >> r)) if r < 63 else 0
+            cache[r] = int(np.add.reduce(g >> r if r else g)) if r < 63 else 0
         return cache[r]
 
     r = rice_estimate(float(S(0)), k)
@@ -378,12 +393,37 @@ def _all_packed_thresholds() -> tuple[np.ndarray, np.ndarray]:
 _PACKED_THRESHOLDS, _PACKED_THRESHOLD_POS = _all_packed_thresholds()
 
 
+_PACKED_THRESHOLD_LIST = _PACKED_THRESHOLDS.tolist()
+
+
 def _packed_thresholds(gmax: int) -> tuple[np.ndarray, np.ndarray]:
     """The thresholds that some gap <= ``gmax`` reaches (a prefix of the sorted table) and their
     positions ``pos[b - 1, m]`` as in :func:`_all_packed_thresholds`, or their count where the
     threshold exceeds ``gmax``."""
-    nt = int(np.searchsorted(_PACKED_THRESHOLDS, gmax, side="right"))
+    return _packed_threshold_prefix(bisect.bisect_right(_PACKED_THRESHOLD_LIST, gmax))
+
+
+@functools.lru_cache(maxsize=None)  # at most one entry per prefix length (<= 289)
+def _packed_threshold_prefix(nt: int) -> tuple[np.ndarray, np.ndarray]:
     return _PACKED_THRESHOLDS[:nt], np.minimum(_PACKED_THRESHOLD_POS, nt)
+
+
+def _thresholds_at_or_below(thr: np.ndarray, g: np.ndarray, gmax: int) -> np.ndarray:
+    """For each gap, the number of the sorted thresholds ``thr`` (all <= ``gmax``) at or below
+    it: from a cumulative table over 0..gmax when that table is not much larger than the gaps
+    (one gather per gap), else by binary search."""
+    if gmax < 8 * g.size + 4096:
+        return np.cumsum(np.bincount(thr, minlength=gmax + 1))[g]
+    return np.searchsorted(thr.astype(g.dtype), g, side="right")
+
+
+def _packed_widths(gmax: int) -> np.ndarray:
+    """The widths worth trying: beyond the first width whose escape value exceeds every gap, only
+    the field bytes grow."""
+    return _PACKED_WIDTHS[: min(gmax.bit_length() + 1, PACKED_MAX_WIDTH)]
+
+
+_PACKED_WIDTHS = np.arange(1, PACKED_MAX_WIDTH + 1, dtype=np.int64)
 
 
 def packed_choose_rows(g: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -396,36 +436,39 @@ def packed_choose_rows(g: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nda
     if g.size == 0:
         return np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     gmax = int(g.max())
-    # beyond the first width whose escape value exceeds every gap, only the field bytes grow
-    widths = np.arange(1, min(gmax.bit_length() + 1, PACKED_MAX_WIDTH) + 1, dtype=np.int64)
+    widths = _packed_widths(gmax)
     thr, pos = _packed_thresholds(gmax)
     pos = pos[: widths.size]
     nt = thr.size
-    # above[j] = number of thresholds <= g_j: from a table over 0..gmax when that table is not
-    # much larger than the gaps (one gather per gap), else by binary search
-    if gmax < 4 * g.size + 65536:
-        table = np.cumsum(np.bincount(thr, minlength=gmax + 1))
-        above = table[g]
-    else:
-        above = np.searchsorted(thr.astype(g.dtype), g, side="right")
+    above = _thresholds_at_or_below(thr, g, gmax)
     if n == 1:
         hist = np.bincount(above, minlength=nt + 1)[None, :]
     else:
         above += np.repeat(np.arange(0, n * (nt + 1), nt + 1, dtype=above.dtype), k)
         hist = np.bincount(above, minlength=n * (nt + 1)).reshape(n, nt + 1)
-    # ge[:, i] = gaps >= thr[i] (those with more than i thresholds below); column nt stays 0
-    ge = np.zeros((n, nt + 1), dtype=np.int64)
-    ge[:, :nt] = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    # ge[:, i] = gaps >= thr[i] (those with more than i thresholds below): the row's count less
+    # those with at most i; column nt is 0
+    ge = k.astype(np.int64)[:, None] - np.cumsum(hist, axis=1)
     esc_bytes = ge[:, pos].sum(axis=2)  # [n, widths]: exception-stream bytes of every width
     size = (k.astype(np.int64)[:, None] * widths[None, :] + 7) // 8 + esc_bytes
     best = np.argmin(size, axis=1)  # first minimum: the smallest width on ties
     return widths[best], size[np.arange(n), best]
 
 
-def packed_choose(g: np.ndarray) -> tuple[int, int]:
-    """(b, payload bytes) of the exact byte-minimising packed width (smallest on ties)."""
-    b, nbytes = packed_choose_rows(g, np.array([g.size], dtype=np.int64))
-    return int(b[0]), int(nbytes[0])
+def packed_choose(g: np.ndarray, gmax: int | None = None) -> tuple[int, int]:
+    """(b, payload bytes) of the exact byte-minimising packed width (smallest on ties) of one
+    row's gaps (largest ``gmax``, computed when not given): :func:`packed_choose_rows` for one row,
+    without its per-row bookkeeping."""
+    k = g.size
+    if k == 0:
+        return 1, 0
+    gmax = int(g.max()) if gmax is None else gmax
+    widths = _packed_widths(gmax)
+    thr, pos = _packed_thresholds(gmax)
+    ge = k - np.cumsum(np.bincount(_thresholds_at_or_below(thr, g, gmax), minlength=thr.size + 1))
+    size = (k * widths + 7) // 8 + ge[pos[: widths.size]].sum(axis=1)
+    best = int(size.argmin())  # first minimum: the smallest width on ties
+    return best + 1, int(size[best])
 
 
 def packed_width(indices: torch.Tensor | np.ndarray) -> int:
@@ -551,16 +594,21 @@ def seed_decode(
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_index_payload(encoding: str, idx: np.ndarray, d: int, parameter: int | None) -> bytes:
-    """The index payload of sorted unique columns ``idx`` (b"" for seed and dense)."""
+def encode_index_payload(
+    encoding: str, idx: np.ndarray, d: int, parameter: int | None, g: np.ndarray | None = None
+) -> bytes:
+    """The index payload of sorted unique columns ``idx`` (b"" for seed and dense); ``g``: their
+    gaps when already computed."""
     if encoding == "raw32":
         return raw32_encode(idx)
+    if encoding in GAP_ENCODINGS and g is None:
+        g = gaps(idx)
     if encoding == "varint":
-        return varint_encode(gaps(idx))
+        return varint_encode(g)
     if encoding == "rice":
-        return rice_encode(gaps(idx), parameter)
+        return rice_encode(g, parameter)
     if encoding == "packed":
-        return packed_encode(gaps(idx), parameter)
+        return packed_encode(g, parameter)
     if encoding == "bitmap":
         return bitmap_encode(idx, d)
     return b""

@@ -34,7 +34,7 @@ from .format import (
     round_values,
     write_frame,
 )
-from .sizing import plan_row, sort_rows
+from .sizing import plan_row, row_candidates, sort_rows
 
 __all__ = ["encode", "decode", "decode_each", "frame_headers"]
 
@@ -119,9 +119,10 @@ def encode(
         if not batch.sorted_rows:
             cols, values = sort_rows(cols, ptr, d, values)
         if cols.size > 1:
-            step = np.diff(cols)
-            step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < cols.size)] - 1] = 1  # row boundaries
-            if int(step.min()) <= 0:
+            step = cols[1:] - cols[:-1]
+            if n > 1:
+                step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < cols.size)] - 1] = 1  # row boundaries
+            if int(np.minimum.reduce(step)) <= 0:
                 raise ValueError("columns must be unique within each row")
     full = np.arange(d, dtype=np.int64) if batch.dense else None
     frames = []
@@ -129,7 +130,9 @@ def encode(
         a, b = int(ptr[q]), int(ptr[q + 1])
         idx = full if batch.dense else cols[a:b]
         seed = None if seeds is None else seeds[q]
-        plan = plan_row(idx, d, seed is not None, vdt.itemsize, index_encoding, dense_row=batch.dense)
+        cands = row_candidates(index_encoding, seed is not None, batch.dense)
+        g = codecs.gaps(idx) if any(c in codecs.GAP_ENCODINGS for c in cands) else None  # shared
+        plan = plan_row(idx, d, seed is not None, vdt.itemsize, index_encoding, batch.dense, g)
         if plan.encoding == "seed" and verify_seed:
             expect = codecs.default_regenerate(seed, d, idx.size).numpy()
             if not np.array_equal(expect, idx):
@@ -140,7 +143,7 @@ def encode(
             row = np.zeros(d, dtype=values.dtype)  # +0.0 in every wire dtype
             row[idx] = vals
             vals, count = row, d
-        ipay = codecs.encode_index_payload(plan.encoding, idx, d, plan.parameter)
+        ipay = codecs.encode_index_payload(plan.encoding, idx, d, plan.parameter, g)
         frame = write_frame(d, count, plan.encoding, vid, plan.parameter, seed, ipay, vals.tobytes())
         if len(frame) != plan.nbytes:  # pragma: no cover - internal consistency
             raise AssertionError(f"{plan.encoding} frame is {len(frame)} bytes, predicted {plan.nbytes}")
