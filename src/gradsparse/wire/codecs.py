@@ -51,12 +51,13 @@ def gaps(idx: np.ndarray) -> np.ndarray:
 def indices_from_gaps(g: np.ndarray, d: int) -> np.ndarray:
     if g.size == 0:
         return g.astype(np.int64)
-    if int(g.min()) < 0 or int(g.max()) >= d:
+    if int(np.minimum.reduce(g)) < 0 or int(np.maximum.reduce(g)) >= d:
         raise WireError("index gap out of range")
     # each gap + 1 <= d < 2**62: a float sum bounds the int64 cumsum before computing it
-    if float(np.sum(g, dtype=np.float64)) + g.size > d + 1e-6 * d + 1024:
+    if float(np.add.reduce(g, dtype=np.float64)) + g.size > d + 1e-6 * d + 1024:
         raise WireError("indices run past the end of the tensor")
-    idx = np.cumsum(g + 1) - 1
+    idx = np.cumsum(g + 1)
+    idx -= 1
     if int(idx[-1]) >= d:
         raise WireError(f"index {int(idx[-1])} out of range for a tensor of {d} entries")
     return idx
@@ -358,14 +359,14 @@ def rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
     if nrem + k > nbits:
         raise WireError("rice index payload too short")
     bits = np.unpackbits(b)
-    ones = np.flatnonzero(bits[nrem:])
+    ones = np.flatnonzero(bits[nrem:].view(bool))  # 0/1 bytes: as bool, nonzero is several times faster
     if ones.size != k:
         raise WireError(f"rice index payload holds {ones.size} codes, header says {k}")
     used = nrem + int(ones[-1]) + 1
     if (used + 7) // 8 != b.size:
         raise WireError("rice index payload has trailing bytes")
     q = gaps(ones)
-    if int(q.max()) > ((d - 1) >> r if d else 0):
+    if int(np.maximum.reduce(q)) > ((d - 1) >> r if d else 0):
         raise WireError("rice index gap exceeds the tensor size")
     g = q << r
     if r:
@@ -554,12 +555,12 @@ def bitmap_encode(idx: np.ndarray, d: int) -> bytes:
 def bitmap_decode(b: np.ndarray, k: int, d: int) -> np.ndarray:
     if d % 8 and b.size and (int(b[-1]) >> (d % 8)):
         raise WireError("bitmap padding bits are not zero")
-    nzb = np.flatnonzero(b)
+    nzb = np.flatnonzero(b != 0)
     if nzb.size * 4 < b.size:  # sparse: only unpack the bytes that hold set bits
-        r, c = np.nonzero(np.unpackbits(b[nzb][:, None], axis=1, bitorder="little"))
+        r, c = np.nonzero(np.unpackbits(b[nzb][:, None], axis=1, bitorder="little").view(bool))
         idx = nzb[r] * 8 + c
     else:
-        idx = np.flatnonzero(np.unpackbits(b, bitorder="little"))
+        idx = np.flatnonzero(np.unpackbits(b, bitorder="little").view(bool))
     if idx.size != k:
         raise WireError(f"bitmap holds {idx.size} indices, header says {k}")
     return idx.astype(np.int64, copy=False)

@@ -7,6 +7,7 @@ The frame layout, the encodings and the ``auto`` rule are specified in
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -289,9 +290,7 @@ def decode(
                                 "are not the support that seed regenerates")
         it = iter(supports[i] for i, h in enumerate(headers) if h.encoding == "seed")
         parts = [next(it) if p is None else p for p in parts]
-    counts = torch.tensor([h.count for h in headers], dtype=torch.long)
-    offsets = torch.zeros(len(headers) + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    offsets = torch.tensor(list(itertools.accumulate((h.count for h in headers), initial=0)), dtype=torch.long)
     seeds = torch.tensor([h.seed for h in headers], dtype=torch.long) if seeded else None
     dense = all(h.encoding == "dense" for h in headers)
     ks = {h.count for h in headers}
