@@ -272,6 +272,15 @@ def encoded_nbytes(batch, index_encoding: str = "auto", value_dtype=None) -> tor
         g = np.zeros(n * d, dtype=np.int32 if d < RAW32_LIMIT else np.int64)
         return _sizes_from_gaps(k, g, d, vb, index_encoding, seeded)
     idx = batch.indices.detach().to("cpu", torch.int64)
+    if n == 1:  # one row: what encode itself computes to choose (the batched machinery costs more)
+        cols = idx.numpy()
+        _check_range(cols, d)
+        if not batch.sorted_rows and cols.size > 1:
+            cols = np.sort(cols)
+        g = codecs.gaps(cols)
+        if cols.size > 1 and int(np.minimum.reduce(g[1:])) < 0:
+            raise ValueError("columns must be unique within each row")
+        return torch.tensor([plan_row(cols, d, seeded, vb, index_encoding, g=g).nbytes], dtype=torch.long)
     if batch.fixed_k is not None:
         kk = batch.fixed_k
         cols = idx.numpy().reshape(n, kk)
