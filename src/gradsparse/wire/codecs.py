@@ -458,15 +458,21 @@ def packed_choose_rows(g: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def packed_choose(g: np.ndarray, gmax: int | None = None) -> tuple[int, int]:
     """(b, payload bytes) of the exact byte-minimising packed width (smallest on ties) of one
-    row's gaps (largest ``gmax``, computed when not given): :func:`packed_choose_rows` for one row,
-    without its per-row bookkeeping."""
+    row's gaps (largest ``gmax``, computed when not given): the sizes of
+    :func:`packed_choose_rows`, from the number of gaps at or above each threshold, counted
+    from a histogram of the gaps over 0..gmax when it is not much larger than the gaps, else
+    by binary search in the sorted gaps."""
     k = g.size
     if k == 0:
         return 1, 0
     gmax = int(g.max()) if gmax is None else gmax
     widths = _packed_widths(gmax)
-    thr, pos = _packed_thresholds(gmax)
-    ge = k - np.cumsum(np.bincount(_thresholds_at_or_below(thr, g, gmax), minlength=thr.size + 1))
+    thr, pos = _packed_thresholds(gmax)  # every threshold is >= 1
+    ge = np.zeros(thr.size + 1, dtype=np.int64)  # the last entry: thresholds above gmax
+    if gmax < 8 * k + 4096:
+        ge[: thr.size] = k - np.cumsum(np.bincount(g, minlength=gmax + 1))[thr - 1]
+    else:
+        ge[: thr.size] = k - np.searchsorted(np.sort(g), thr)
     size = (k * widths + 7) // 8 + ge[pos[: widths.size]].sum(axis=1)
     best = int(size.argmin())  # first minimum: the smallest width on ties
     return best + 1, int(size[best])

@@ -115,7 +115,7 @@ def encode(
         if cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
             raise ValueError(f"columns must be an integer tensor, got {cols.dtype}")
         cols = cols.to(torch.int64).numpy()
-        if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= d):
+        if cols.size and (int(np.minimum.reduce(cols)) < 0 or int(np.maximum.reduce(cols)) >= d):
             raise ValueError(f"columns must lie in [0, {d}); got range [{int(cols.min())}, {int(cols.max())}]")
         if not batch.sorted_rows:
             cols, values = sort_rows(cols, ptr, d, values)
