@@ -1325,6 +1325,24 @@ def test_frames_sizes_and_decoded_rows_match_the_golden_file():
     assert encodings == set(wire.INDEX_ENCODINGS)  # every encoding is pinned
 
 
+@pytest.mark.parametrize("r", [1, 7, 8, 9, 16, 17, 33, 57, 58, 62])
+@pytest.mark.parametrize("k", [1, 9, 1024, 1025])
+def test_rice_codec_matches_the_bit_layout_on_both_remainder_paths(r, k):
+    """rice_encode / rice_decode against the spec's bit string written in plain Python: k
+    remainders of r bits, most significant first, then each quotient in unary, zero padded. k on
+    both sides of the field-by-field / group-by-group switch, r on both sides of 57."""
+    rng = np.random.default_rng(r * 10_000 + k)
+    d = 2**62 - 1  # the largest row length: every gap is at most d - 1
+    q = rng.integers(0, min(2, (d - 1) >> r) + 1, size=k)
+    rem = rng.integers(0, 2**r, size=k, dtype=np.int64)
+    g = (q << r) | rem
+    bits = "".join(format(int(x), f"0{r}b") for x in rem) + "".join("0" * int(x) + "1" for x in q)
+    bits += "0" * (-len(bits) % 8)
+    want = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    assert codecs.rice_encode(g, r) == want
+    assert np.array_equal(codecs.rice_decode(np.frombuffer(want, dtype=np.uint8), k, r, d), g)
+
+
 if __name__ == "__main__":
     import sys
 
