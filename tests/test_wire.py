@@ -1175,3 +1175,176 @@ def test_random_k_dense_branch_is_uniform():
     expected = n * k / d
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < d + 5 * math.sqrt(2 * d)
+
+
+# ------------------------------------------------------------------------------------------
+# golden frames: the bytes the wire writes are pinned
+# ------------------------------------------------------------------------------------------
+# Seeded random batches (one row and many; d from 1 to 2M plus a few above 2**31; every value
+# dtype; sorted and unsorted rows; every index encoding and auto). tests/data/wire_golden.json
+# holds, per case, a hash of the batch (so a change in how cases are generated is reported as
+# such), a hash of the encoded frames, encoded_nbytes, and a hash of what decode returns. It was
+# written by the implementation of commit d248e24, before the fixed per-frame cost was cut:
+# any change of a single output byte, size or decoded value fails this test. Regenerate it only
+# for an intended format change: ``python tests/test_wire.py --write-golden``.
+
+GOLDEN_PATH = __import__("pathlib").Path(__file__).parent / "data" / "wire_golden.json"
+GOLDEN_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def _digest(*parts) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return h.hexdigest()[:32]
+
+
+def _golden_support(rng: np.random.Generator, d: int, k: int, kind: str) -> np.ndarray:
+    if k == 0 or d == 0:
+        return np.zeros(0, dtype=np.int64)
+    if kind == "prefix":
+        return np.arange(k, dtype=np.int64)
+    if kind == "ends":
+        return np.unique(np.array([0, d - 1][:k], dtype=np.int64))
+    if kind == "runs" and k < d:  # bursts of adjacent columns between long gaps
+        starts = np.sort(rng.integers(0, d, size=max(1, k // 16)))
+        cols = (starts[:, None] + np.arange(16)[None, :]).reshape(-1)
+        return np.unique(cols[cols < d])[:k].astype(np.int64)
+    if 4 * k > d:
+        return np.sort(rng.permutation(d)[:k]).astype(np.int64)
+    return np.unique(rng.integers(0, d, size=k)).astype(np.int64)  # about k distinct columns
+
+
+def _golden_cases():
+    """[(name, batch, index_encoding, value_dtype)]: deterministic in the seed."""
+    rng = np.random.default_rng(20261206)
+    ds = [1, 2, 7, 8, 9, 63, 64, 65, 100, 257, 1000, 4096, 65_537, 656_000, 2_000_000]
+    encodings = ["auto"] * 4 + ["raw32", "varint", "rice", "packed", "bitmap", "dense"]
+    cases = []
+    for c in range(360):
+        d = int(rng.choice(ds))
+        if c % 60 == 59:
+            d = int(2**33 + rng.integers(0, 1000))  # beyond raw32 and int32 gaps
+        big = d > 100_000
+        n = 1 if c % 3 else int(rng.integers(1, 2 if big else 6))
+        fraction = float(rng.choice([0.0, 0.001, 0.01, 0.05, 0.2, 0.6, 1.0]))
+        kind = str(rng.choice(["random", "random", "runs", "prefix", "ends"]))
+        if d > 2**31:
+            fraction, kind = min(fraction, 1e-8), "random"
+        seeded = c % 11 == 0 and d <= 2**31
+        fixed = c % 2 == 0
+        k_fixed = min(d, int(rng.integers(0, 4)) if fraction == 0 else max(1, int(fraction * d)))
+        rows = []
+        seeds = []
+        for q in range(n):
+            k = k_fixed if fixed else min(d, int(rng.integers(0, 2 * k_fixed + 2)))
+            if seeded:
+                s = int(rng.integers(0, 2**62))
+                seeds.append(s)
+                cols = random_k_indices(s, d, k).numpy()
+            else:
+                cols = _golden_support(rng, d, k, kind)
+            rows.append(cols)
+        if fixed and len({r.size for r in rows}) > 1:
+            fixed = False
+        vdt = GOLDEN_DTYPES[str(rng.choice(list(GOLDEN_DTYPES)))]
+        wire_dt = str(rng.choice(list(GOLDEN_DTYPES)))
+        counts = [r.size for r in rows]
+        vals = rng.standard_normal(sum(counts)) * 10.0 ** rng.integers(-3, 4, size=sum(counts))
+        values = torch.from_numpy(vals).to(vdt)
+        cols = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        sorted_rows = bool(rng.integers(0, 2))
+        if not sorted_rows:  # shuffle the entries within each row, values along
+            offs = np.concatenate([[0], np.cumsum(counts)])
+            order = np.concatenate([a + rng.permutation(b - a) for a, b in zip(offs[:-1], offs[1:])]).astype(np.int64)
+            cols, values = cols[order], values[torch.from_numpy(order)]
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(counts)]), dtype=torch.long)
+        batch = SparseBatch(d, offsets, values, torch.from_numpy(np.ascontiguousarray(cols)),
+                            torch.tensor(seeds, dtype=torch.long) if seeded else None, False, sorted_rows,
+                            counts[0] if fixed and n else None)
+        enc = "seed" if seeded and c % 2 else str(rng.choice(encodings))
+        if enc == "raw32" and d >= 2**31:
+            enc = "varint"
+        cases.append((f"case{c}", batch, enc, wire_dt))
+    return cases
+
+
+def _golden_record(batch: SparseBatch, enc: str, wire_dt: str, keep: dict | None = None) -> dict:
+    """What the golden file holds for one case (``keep`` receives the frames and the decoded batch)."""
+    frames = wire.encode(batch, index_encoding=enc, value_dtype=wire_dt)
+    sizes = wire.encoded_nbytes(batch, index_encoding=enc, value_dtype=wire_dt).tolist()
+    back = wire.decode(frames, max_d=max(batch.d, 1))
+    if keep is not None:
+        keep.update(frames=frames, back=back)
+    v = back.values.view(torch.int16) if back.values.dtype == torch.bfloat16 else back.values
+    src_v = batch.values.view(torch.int16) if batch.values.dtype == torch.bfloat16 else batch.values
+    return {
+        "input": _digest(batch.d, batch.offsets.numpy().tobytes(), batch.indices.numpy().tobytes(),
+                         str(batch.values.dtype), src_v.numpy().tobytes(), batch.sorted_rows, batch.fixed_k,
+                         None if batch.seeds is None else batch.seeds.tolist(), enc, wire_dt),
+        "frames": _digest(frames),
+        "nbytes": sizes,
+        "decoded": _digest(back.offsets.numpy().tobytes(), back.dense,
+                           None if back.dense else back.indices.numpy().tobytes(), v.numpy().tobytes()),
+    }
+
+
+def write_golden() -> None:
+    import json
+
+    out = {name: _golden_record(b, enc, dt) for name, b, enc, dt in _golden_cases()}
+    GOLDEN_PATH.parent.mkdir(exist_ok=True)
+    lines = [f"{json.dumps(name)}: {json.dumps(out[name], sort_keys=True)}" for name in out]
+    GOLDEN_PATH.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def test_frames_sizes_and_decoded_rows_match_the_golden_file():
+    """Every frame byte, every size and every decoded value of a few hundred seeded batches is
+    what the reference implementation produced; each row also decodes to its input (sorted)."""
+    import json
+
+    golden = json.loads(GOLDEN_PATH.read_text())
+    cases = _golden_cases()
+    assert len(cases) == len(golden)
+    encodings = set()
+    for name, batch, enc, wire_dt in cases:
+        keep: dict = {}
+        got, want = _golden_record(batch, enc, wire_dt, keep), golden[name]
+        assert got["input"] == want["input"], f"{name}: the case generator changed, not the wire"
+        assert got["frames"] == want["frames"], f"{name} ({enc}, {wire_dt}, d={batch.d}, n={batch.n}): frames differ"
+        assert got["nbytes"] == want["nbytes"], f"{name}: encoded_nbytes differ"
+        assert got["decoded"] == want["decoded"], f"{name}: decoded rows differ"
+        back = keep["back"]
+        assert sum(got["nbytes"]) == len(keep["frames"])
+        if batch.d <= 2_000_000:
+            want_dense = wire.round_values(batch.to_dense(torch.float64), wire_dt)
+            assert torch.equal(back.to_dense(torch.float64), want_dense.to(GOLDEN_DTYPES[wire_dt]).double())
+        encodings.update(h.encoding for h in wire.frame_headers(keep["frames"], max_d=max(batch.d, 1)))
+    assert encodings == set(wire.INDEX_ENCODINGS)  # every encoding is pinned
+
+
+@pytest.mark.parametrize("r", [1, 7, 8, 9, 16, 17, 33, 57, 58, 62])
+@pytest.mark.parametrize("k", [1, 9, 1024, 1025])
+def test_rice_codec_matches_the_bit_layout_on_both_remainder_paths(r, k):
+    """rice_encode / rice_decode against the spec's bit string written in plain Python: k
+    remainders of r bits, most significant first, then each quotient in unary, zero padded. k on
+    both sides of the field-by-field / group-by-group switch, r on both sides of 57."""
+    rng = np.random.default_rng(r * 10_000 + k)
+    d = 2**62 - 1  # the largest row length: every gap is at most d - 1
+    q = rng.integers(0, min(2, (d - 1) >> r) + 1, size=k)
+    rem = rng.integers(0, 2**r, size=k, dtype=np.int64)
+    g = (q << r) | rem
+    bits = "".join(format(int(x), f"0{r}b") for x in rem) + "".join("0" * int(x) + "1" for x in q)
+    bits += "0" * (-len(bits) % 8)
+    want = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    assert codecs.rice_encode(g, r) == want
+    assert np.array_equal(codecs.rice_decode(np.frombuffer(want, dtype=np.uint8), k, r, d), g)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--write-golden"]:
+        write_golden()

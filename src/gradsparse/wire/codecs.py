@@ -14,6 +14,8 @@ batches.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 import struct
 from typing import Callable
@@ -27,6 +29,8 @@ from .format import PACKED_MAX_WIDTH, WireError
 __all__ = ["rice_parameter", "packed_width"]
 
 _LN2 = math.log(2.0)
+#: the encodings whose payload codes the gaps
+GAP_ENCODINGS = ("varint", "rice", "packed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,12 +51,13 @@ def gaps(idx: np.ndarray) -> np.ndarray:
 def indices_from_gaps(g: np.ndarray, d: int) -> np.ndarray:
     if g.size == 0:
         return g.astype(np.int64)
-    if int(g.min()) < 0 or int(g.max()) >= d:
+    if int(np.minimum.reduce(g)) < 0 or int(np.maximum.reduce(g)) >= d:
         raise WireError("index gap out of range")
     # each gap + 1 <= d < 2**62: a float sum bounds the int64 cumsum before computing it
-    if float(np.sum(g, dtype=np.float64)) + g.size > d + 1e-6 * d + 1024:
+    if float(np.add.reduce(g, dtype=np.float64)) + g.size > d + 1e-6 * d + 1024:
         raise WireError("indices run past the end of the tensor")
-    idx = np.cumsum(g + 1) - 1
+    idx = np.cumsum(g + 1)
+    idx -= 1
     if int(idx[-1]) >= d:
         raise WireError(f"index {int(idx[-1])} out of range for a tensor of {d} entries")
     return idx
@@ -114,6 +119,17 @@ def varint_lengths(x: np.ndarray, vmax: int | None = None) -> np.ndarray:
         lens += x >= (1 << t)
         t += 7
     return lens
+
+
+def varint_nbytes(g: np.ndarray, gmax: int) -> int:
+    """Bytes of the LEB128 varints of the (non-negative) values ``g`` whose largest is ``gmax``:
+    one per value, plus one per value at or above each of 2**7, 2**14, ... (up to gmax)."""
+    n = g.size
+    t = 7
+    while t < 63 and (1 << t) <= gmax:
+        n += int(np.count_nonzero(g >= (1 << t)))
+        t += 7
+    return n
 
 
 def varint_encode(g: np.ndarray) -> bytes:
@@ -180,7 +196,7 @@ def rice_choose(g: np.ndarray) -> tuple[int, int]:
 
     def S(r: int) -> int:
         if r not in cache:
-            cache[r] = int(np.sum(g >> r)) if r < 63 else 0
+            cache[r] = int(np.add.reduce(g >> r if r else g)) if r < 63 else 0
         return cache[r]
 
     r = rice_estimate(float(S(0)), k)
@@ -261,13 +277,30 @@ def rice_encode(g: np.ndarray, r: int) -> bytes:
     unary_pos = np.cumsum(q + 1) - 1  # position of each terminating one bit
     total = nrem + int(unary_pos[-1]) + 1
     bits = np.zeros(total, dtype=np.uint8)
-    if 0 < r <= 57:
-        bits[:nrem] = np.unpackbits(_msb_pack(g & ((1 << r) - 1), r))[:nrem]
-    elif r:
-        shifts = np.arange(r - 1, -1, -1, dtype=np.int64)
-        bits[:nrem] = (((g & ((1 << r) - 1))[:, None] >> shifts[None, :]) & 1).reshape(-1)
+    if r:
+        bits[:nrem] = _msb_bits(g & ((1 << r) - 1), r)
     bits[nrem + unary_pos] = 1
     return np.packbits(bits).tobytes()
+
+
+#: up to this many fields, :func:`_msb_bits` and :func:`_msb_fields` work field by field (a few
+#: numpy calls in all); above, group by group (8 fields at once, fewer bytes touched per field)
+_FIELDWISE_MAX = 1024
+
+
+def _msb_bits(v: np.ndarray, r: int) -> np.ndarray:
+    """The low r bits of each value (1 <= r <= 62), concatenated most significant bit first, as
+    an array of k r bits (0/1 bytes). Few fields: each value's big-endian bytes unpacked and its
+    last r bits kept; many fields (r <= 57): :func:`_msb_pack`, unpacked; else bit by bit."""
+    k = v.size
+    if k <= _FIELDWISE_MAX:
+        width = 1 if r <= 8 else 2 if r <= 16 else 4 if r <= 32 else 8  # bytes holding r bits
+        be = v.astype(f">u{width}").view(np.uint8).reshape(k, width)
+        return np.unpackbits(be, axis=1)[:, 8 * width - r :].reshape(-1)
+    if r <= 57:
+        return np.unpackbits(_msb_pack(v, r))[: k * r]
+    shifts = np.arange(r - 1, -1, -1, dtype=np.int64)
+    return ((v[:, None] >> shifts[None, :]) & 1).reshape(-1).astype(np.uint8)
 
 
 def _msb_pack(v: np.ndarray, r: int) -> np.ndarray:
@@ -292,22 +325,28 @@ def _msb_pack(v: np.ndarray, r: int) -> np.ndarray:
     return out[: (k * r + 7) // 8]
 
 
-def _msb_fields(b: np.ndarray, k: int, r: int) -> np.ndarray:
-    """Inverse of :func:`_msb_pack` (r <= 57): the k consecutive r-bit fields at the start of the
-    byte stream ``b``, as int64. Field 8m + c starts at byte m r + (c r) // 8, so for each c the
-    8-byte windows holding its fields are one strided view (stride r bytes), read as big-endian
-    64-bit words and shifted."""
+def _msb_fields(b: np.ndarray, bits: np.ndarray, k: int, r: int) -> np.ndarray:
+    """Inverse of :func:`_msb_bits` (1 <= r <= 62): the k consecutive r-bit fields at the start
+    of the byte stream ``b`` (whose bits, unpacked, are ``bits``), as int64.
+
+    Few fields: each field's bits packed into bytes, left-aligned in a big-endian 64-bit word and
+    shifted down. Many fields (r <= 57): field 8m + c starts at byte m r + (c r) // 8, so for each
+    c the 8-byte windows holding its fields are one strided view (stride r bytes), read as
+    big-endian 64-bit words and shifted."""
+    if k <= _FIELDWISE_MAX or r > 57:
+        words = np.zeros((k, 8), dtype=np.uint8)
+        words[:, : (r + 7) // 8] = np.packbits(bits[: k * r].reshape(k, r), axis=1)
+        return (words.view(">u8").reshape(k) >> np.uint64(64 - r)).astype(np.int64)
     ng = -(-k // 8)
     pad = np.zeros(max(b.size, ng * r) + 8, dtype=np.uint8)
     pad[: b.size] = b
-    out = np.empty((ng, 8), dtype=np.int64)
+    out = np.empty((ng, 8), dtype=np.uint64)
     mask = np.uint64((1 << r) - 1)
     for c in range(8):
         off, sh = divmod(c * r, 8)
-        win = np.lib.stride_tricks.as_strided(pad[off:], shape=(ng, 8), strides=(r, 1))
-        words = win.copy().view(">u8").reshape(ng)
-        out[:, c] = (words >> np.uint64(64 - r - sh)) & mask
-    return out.reshape(-1)[:k]
+        words = np.ndarray((ng,), dtype=">u8", buffer=pad, offset=off, strides=(r,))
+        np.bitwise_and(words >> np.uint64(64 - r - sh), mask, out=out[:, c])
+    return out.reshape(-1)[:k].astype(np.int64)
 
 
 def rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
@@ -320,24 +359,18 @@ def rice_decode(b: np.ndarray, k: int, r: int, d: int) -> np.ndarray:
     if nrem + k > nbits:
         raise WireError("rice index payload too short")
     bits = np.unpackbits(b)
-    ones = np.flatnonzero(bits[nrem:])
+    ones = np.flatnonzero(bits[nrem:].view(bool))  # 0/1 bytes: as bool, nonzero is several times faster
     if ones.size != k:
         raise WireError(f"rice index payload holds {ones.size} codes, header says {k}")
     used = nrem + int(ones[-1]) + 1
     if (used + 7) // 8 != b.size:
         raise WireError("rice index payload has trailing bytes")
-    q = np.diff(ones, prepend=-1) - 1
-    if int(q.max()) > ((d - 1) >> r if d else 0):
+    q = gaps(ones)
+    if int(np.maximum.reduce(q)) > ((d - 1) >> r if d else 0):
         raise WireError("rice index gap exceeds the tensor size")
     g = q << r
-    if 0 < r <= 57:
-        g |= _msb_fields(b, k, r)
-    elif r:
-        rb = bits[:nrem].reshape(k, r).astype(np.int64)
-        rem = np.zeros(k, dtype=np.int64)
-        for j in range(r):
-            rem = (rem << 1) | rb[:, j]
-        g |= rem
+    if r:
+        g |= _msb_fields(b, bits, k, r)
     return g
 
 
@@ -361,12 +394,37 @@ def _all_packed_thresholds() -> tuple[np.ndarray, np.ndarray]:
 _PACKED_THRESHOLDS, _PACKED_THRESHOLD_POS = _all_packed_thresholds()
 
 
+_PACKED_THRESHOLD_LIST = _PACKED_THRESHOLDS.tolist()
+
+
 def _packed_thresholds(gmax: int) -> tuple[np.ndarray, np.ndarray]:
     """The thresholds that some gap <= ``gmax`` reaches (a prefix of the sorted table) and their
     positions ``pos[b - 1, m]`` as in :func:`_all_packed_thresholds`, or their count where the
     threshold exceeds ``gmax``."""
-    nt = int(np.searchsorted(_PACKED_THRESHOLDS, gmax, side="right"))
+    return _packed_threshold_prefix(bisect.bisect_right(_PACKED_THRESHOLD_LIST, gmax))
+
+
+@functools.lru_cache(maxsize=None)  # at most one entry per prefix length (<= 289)
+def _packed_threshold_prefix(nt: int) -> tuple[np.ndarray, np.ndarray]:
     return _PACKED_THRESHOLDS[:nt], np.minimum(_PACKED_THRESHOLD_POS, nt)
+
+
+def _thresholds_at_or_below(thr: np.ndarray, g: np.ndarray, gmax: int) -> np.ndarray:
+    """For each gap, the number of the sorted thresholds ``thr`` (all <= ``gmax``) at or below
+    it: from a cumulative table over 0..gmax when that table is not much larger than the gaps
+    (one gather per gap), else by binary search."""
+    if gmax < 8 * g.size + 4096:
+        return np.cumsum(np.bincount(thr, minlength=gmax + 1))[g]
+    return np.searchsorted(thr.astype(g.dtype), g, side="right")
+
+
+def _packed_widths(gmax: int) -> np.ndarray:
+    """The widths worth trying: beyond the first width whose escape value exceeds every gap, only
+    the field bytes grow."""
+    return _PACKED_WIDTHS[: min(gmax.bit_length() + 1, PACKED_MAX_WIDTH)]
+
+
+_PACKED_WIDTHS = np.arange(1, PACKED_MAX_WIDTH + 1, dtype=np.int64)
 
 
 def packed_choose_rows(g: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -379,36 +437,45 @@ def packed_choose_rows(g: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.nda
     if g.size == 0:
         return np.ones(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     gmax = int(g.max())
-    # beyond the first width whose escape value exceeds every gap, only the field bytes grow
-    widths = np.arange(1, min(gmax.bit_length() + 1, PACKED_MAX_WIDTH) + 1, dtype=np.int64)
+    widths = _packed_widths(gmax)
     thr, pos = _packed_thresholds(gmax)
     pos = pos[: widths.size]
     nt = thr.size
-    # above[j] = number of thresholds <= g_j: from a table over 0..gmax when that table is not
-    # much larger than the gaps (one gather per gap), else by binary search
-    if gmax < 4 * g.size + 65536:
-        table = np.cumsum(np.bincount(thr, minlength=gmax + 1))
-        above = table[g]
-    else:
-        above = np.searchsorted(thr.astype(g.dtype), g, side="right")
+    above = _thresholds_at_or_below(thr, g, gmax)
     if n == 1:
         hist = np.bincount(above, minlength=nt + 1)[None, :]
     else:
         above += np.repeat(np.arange(0, n * (nt + 1), nt + 1, dtype=above.dtype), k)
         hist = np.bincount(above, minlength=n * (nt + 1)).reshape(n, nt + 1)
-    # ge[:, i] = gaps >= thr[i] (those with more than i thresholds below); column nt stays 0
-    ge = np.zeros((n, nt + 1), dtype=np.int64)
-    ge[:, :nt] = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    # ge[:, i] = gaps >= thr[i] (those with more than i thresholds below): the row's count less
+    # those with at most i; column nt is 0
+    ge = k.astype(np.int64)[:, None] - np.cumsum(hist, axis=1)
     esc_bytes = ge[:, pos].sum(axis=2)  # [n, widths]: exception-stream bytes of every width
     size = (k.astype(np.int64)[:, None] * widths[None, :] + 7) // 8 + esc_bytes
     best = np.argmin(size, axis=1)  # first minimum: the smallest width on ties
     return widths[best], size[np.arange(n), best]
 
 
-def packed_choose(g: np.ndarray) -> tuple[int, int]:
-    """(b, payload bytes) of the exact byte-minimising packed width (smallest on ties)."""
-    b, nbytes = packed_choose_rows(g, np.array([g.size], dtype=np.int64))
-    return int(b[0]), int(nbytes[0])
+def packed_choose(g: np.ndarray, gmax: int | None = None) -> tuple[int, int]:
+    """(b, payload bytes) of the exact byte-minimising packed width (smallest on ties) of one
+    row's gaps (largest ``gmax``, computed when not given): the sizes of
+    :func:`packed_choose_rows`, from the number of gaps at or above each threshold, counted
+    from a histogram of the gaps over 0..gmax when it is not much larger than the gaps, else
+    by binary search in the sorted gaps."""
+    k = g.size
+    if k == 0:
+        return 1, 0
+    gmax = int(g.max()) if gmax is None else gmax
+    widths = _packed_widths(gmax)
+    thr, pos = _packed_thresholds(gmax)  # every threshold is >= 1
+    ge = np.zeros(thr.size + 1, dtype=np.int64)  # the last entry: thresholds above gmax
+    if gmax < 8 * k + 4096:
+        ge[: thr.size] = k - np.cumsum(np.bincount(g, minlength=gmax + 1))[thr - 1]
+    else:
+        ge[: thr.size] = k - np.searchsorted(np.sort(g), thr)
+    size = (k * widths + 7) // 8 + ge[pos[: widths.size]].sum(axis=1)
+    best = int(size.argmin())  # first minimum: the smallest width on ties
+    return best + 1, int(size[best])
 
 
 def packed_width(indices: torch.Tensor | np.ndarray) -> int:
@@ -494,12 +561,12 @@ def bitmap_encode(idx: np.ndarray, d: int) -> bytes:
 def bitmap_decode(b: np.ndarray, k: int, d: int) -> np.ndarray:
     if d % 8 and b.size and (int(b[-1]) >> (d % 8)):
         raise WireError("bitmap padding bits are not zero")
-    nzb = np.flatnonzero(b)
+    nzb = np.flatnonzero(b != 0)
     if nzb.size * 4 < b.size:  # sparse: only unpack the bytes that hold set bits
-        r, c = np.nonzero(np.unpackbits(b[nzb][:, None], axis=1, bitorder="little"))
+        r, c = np.nonzero(np.unpackbits(b[nzb][:, None], axis=1, bitorder="little").view(bool))
         idx = nzb[r] * 8 + c
     else:
-        idx = np.flatnonzero(np.unpackbits(b, bitorder="little"))
+        idx = np.flatnonzero(np.unpackbits(b, bitorder="little").view(bool))
     if idx.size != k:
         raise WireError(f"bitmap holds {idx.size} indices, header says {k}")
     return idx.astype(np.int64, copy=False)
@@ -534,16 +601,21 @@ def seed_decode(
 # ----------------------------------------------------------------------------------------------
 
 
-def encode_index_payload(encoding: str, idx: np.ndarray, d: int, parameter: int | None) -> bytes:
-    """The index payload of sorted unique columns ``idx`` (b"" for seed and dense)."""
+def encode_index_payload(
+    encoding: str, idx: np.ndarray, d: int, parameter: int | None, g: np.ndarray | None = None
+) -> bytes:
+    """The index payload of sorted unique columns ``idx`` (b"" for seed and dense); ``g``: their
+    gaps when already computed."""
     if encoding == "raw32":
         return raw32_encode(idx)
+    if encoding in GAP_ENCODINGS and g is None:
+        g = gaps(idx)
     if encoding == "varint":
-        return varint_encode(gaps(idx))
+        return varint_encode(g)
     if encoding == "rice":
-        return rice_encode(gaps(idx), parameter)
+        return rice_encode(g, parameter)
     if encoding == "packed":
-        return packed_encode(gaps(idx), parameter)
+        return packed_encode(g, parameter)
     if encoding == "bitmap":
         return bitmap_encode(idx, d)
     return b""

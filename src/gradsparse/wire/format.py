@@ -199,7 +199,7 @@ class WireError(ValueError):
 
 def uvarint_len(x: int) -> int:
     """Bytes of the unsigned LEB128 varint of ``x``."""
-    return max(1, (int(x).bit_length() + 6) // 7)
+    return (int(x).bit_length() + 6) // 7 or 1
 
 
 def put_uvarint(out: bytearray, x: int) -> None:

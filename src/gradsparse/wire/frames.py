@@ -7,6 +7,7 @@ The frame layout, the encodings and the ``auto`` rule are specified in
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -34,7 +35,7 @@ from .format import (
     round_values,
     write_frame,
 )
-from .sizing import plan_row, sort_rows
+from .sizing import plan_row, row_candidates, sort_rows
 
 __all__ = ["encode", "decode", "decode_each", "frame_headers"]
 
@@ -114,14 +115,15 @@ def encode(
         if cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
             raise ValueError(f"columns must be an integer tensor, got {cols.dtype}")
         cols = cols.to(torch.int64).numpy()
-        if cols.size and (int(cols.min()) < 0 or int(cols.max()) >= d):
+        if cols.size and (int(np.minimum.reduce(cols)) < 0 or int(np.maximum.reduce(cols)) >= d):
             raise ValueError(f"columns must lie in [0, {d}); got range [{int(cols.min())}, {int(cols.max())}]")
         if not batch.sorted_rows:
             cols, values = sort_rows(cols, ptr, d, values)
         if cols.size > 1:
-            step = np.diff(cols)
-            step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < cols.size)] - 1] = 1  # row boundaries
-            if int(step.min()) <= 0:
+            step = cols[1:] - cols[:-1]
+            if n > 1:
+                step[ptr[1:-1][(ptr[1:-1] > 0) & (ptr[1:-1] < cols.size)] - 1] = 1  # row boundaries
+            if int(np.minimum.reduce(step)) <= 0:
                 raise ValueError("columns must be unique within each row")
     full = np.arange(d, dtype=np.int64) if batch.dense else None
     frames = []
@@ -129,7 +131,9 @@ def encode(
         a, b = int(ptr[q]), int(ptr[q + 1])
         idx = full if batch.dense else cols[a:b]
         seed = None if seeds is None else seeds[q]
-        plan = plan_row(idx, d, seed is not None, vdt.itemsize, index_encoding, dense_row=batch.dense)
+        cands = row_candidates(index_encoding, seed is not None, batch.dense)
+        g = codecs.gaps(idx) if any(c in codecs.GAP_ENCODINGS for c in cands) else None  # shared
+        plan = plan_row(idx, d, seed is not None, vdt.itemsize, index_encoding, batch.dense, g)
         if plan.encoding == "seed" and verify_seed:
             expect = codecs.default_regenerate(seed, d, idx.size).numpy()
             if not np.array_equal(expect, idx):
@@ -140,7 +144,7 @@ def encode(
             row = np.zeros(d, dtype=values.dtype)  # +0.0 in every wire dtype
             row[idx] = vals
             vals, count = row, d
-        ipay = codecs.encode_index_payload(plan.encoding, idx, d, plan.parameter)
+        ipay = codecs.encode_index_payload(plan.encoding, idx, d, plan.parameter, g)
         frame = write_frame(d, count, plan.encoding, vid, plan.parameter, seed, ipay, vals.tobytes())
         if len(frame) != plan.nbytes:  # pragma: no cover - internal consistency
             raise AssertionError(f"{plan.encoding} frame is {len(frame)} bytes, predicted {plan.nbytes}")
@@ -286,9 +290,7 @@ def decode(
                                 "are not the support that seed regenerates")
         it = iter(supports[i] for i, h in enumerate(headers) if h.encoding == "seed")
         parts = [next(it) if p is None else p for p in parts]
-    counts = torch.tensor([h.count for h in headers], dtype=torch.long)
-    offsets = torch.zeros(len(headers) + 1, dtype=torch.long)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    offsets = torch.tensor(list(itertools.accumulate((h.count for h in headers), initial=0)), dtype=torch.long)
     seeds = torch.tensor([h.seed for h in headers], dtype=torch.long) if seeded else None
     dense = all(h.encoding == "dense" for h in headers)
     ks = {h.count for h in headers}

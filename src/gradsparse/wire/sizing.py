@@ -64,25 +64,25 @@ class RowPlan(NamedTuple):
     nbytes: int  # the whole frame
 
 
-def _index_sizes(idx: np.ndarray, d: int, which) -> dict[str, tuple[int, int | None]]:
+def _index_sizes(idx: np.ndarray, d: int, which, g: np.ndarray | None = None) -> dict[str, tuple[int, int | None]]:
     """{encoding: (index payload bytes, parameter)} of the explicit encodings in ``which`` that
-    apply to the sorted unique columns ``idx``."""
+    apply to the sorted unique columns ``idx`` (``g``: their gaps, computed when needed and not
+    given). The gap codes share the gaps and their largest value."""
     out: dict[str, tuple[int, int | None]] = {}
-    g = None
+    if g is None and any(enc in codecs.GAP_ENCODINGS for enc in which):
+        g = codecs.gaps(idx)
+    gmax = int(np.maximum.reduce(g)) if g is not None and g.size else 0
     for enc in which:
         if enc == "raw32":
             if d < RAW32_LIMIT:
                 out[enc] = (4 * idx.size, None)
         elif enc == "varint":
-            g = codecs.gaps(idx) if g is None else g
-            out[enc] = (int(codecs.varint_lengths(g, d).sum()), None)
+            out[enc] = (codecs.varint_nbytes(g, gmax), None)
         elif enc == "rice":
-            g = codecs.gaps(idx) if g is None else g
             r, bits = codecs.rice_choose(g)
             out[enc] = ((bits + 7) // 8, r)
         elif enc == "packed":
-            g = codecs.gaps(idx) if g is None else g
-            b, nbytes = codecs.packed_choose(g)
+            b, nbytes = codecs.packed_choose(g, gmax)
             out[enc] = (nbytes, b)
         elif enc == "bitmap":
             out[enc] = ((d + 7) // 8, None)
@@ -93,31 +93,41 @@ def _dense_frame_nbytes(d: int, value_bytes: int, seeded: bool) -> int:
     return frame_nbytes(d, d, "dense", seeded, 0, d * value_bytes)
 
 
-def plan_row(
-    idx: np.ndarray, d: int, seeded: bool, value_bytes: int, index_encoding: str, dense_row: bool = False
-) -> RowPlan:
-    """Encoding, parameter and sizes of one row's frame (sorted unique columns ``idx``; a
-    ``dense_row`` holds all d columns and goes dense under ``auto``)."""
+def row_candidates(index_encoding: str, seeded: bool, dense_row: bool = False) -> tuple[str, ...]:
+    """The encodings one row may get, in tie-breaking order."""
     if index_encoding == "auto":
-        cands = ("dense",) if dense_row else (AUTO_ORDER_SEEDED if seeded else AUTO_ORDER)
-    else:
-        cands = (index_encoding,)
+        return ("dense",) if dense_row else (AUTO_ORDER_SEEDED if seeded else AUTO_ORDER)
+    return (index_encoding,)
+
+
+def plan_row(
+    idx: np.ndarray, d: int, seeded: bool, value_bytes: int, index_encoding: str, dense_row: bool = False,
+    g: np.ndarray | None = None,
+) -> RowPlan:
+    """Encoding, parameter and sizes of one row's frame (sorted unique columns ``idx``, whose
+    gaps ``g`` are computed when needed and not given; a ``dense_row`` holds all d columns and
+    goes dense under ``auto``)."""
+    cands = row_candidates(index_encoding, seeded, dense_row)
     if cands == ("seed",) and not seeded:
         raise ValueError("the seed encoding needs a batch with seeds (random-k rows)")
     if cands == ("raw32",) and d >= RAW32_LIMIT:
         raise ValueError(f"raw32 indices need d < 2**31, got d = {d}; use varint, rice or packed")
     k = idx.size
     vbytes = k * value_bytes
-    sizes = _index_sizes(idx, d, [c for c in cands if c in EXPLICIT_ENCODINGS])
+    sizes = _index_sizes(idx, d, [c for c in cands if c in EXPLICIT_ENCODINGS], g)
+    # the bytes of every sparse frame of this row but its index payload, the payload's length and
+    # the parameter byte (see frame_nbytes)
+    common = (FIXED_HEADER_NBYTES + uvarint_len(d) + uvarint_len(k) + (SEED_NBYTES if seeded else 0)
+              + uvarint_len(vbytes) + vbytes + CRC_NBYTES)
     best: RowPlan | None = None
     for enc in cands:
         if enc == "dense":
             plan = RowPlan("dense", None, 0, _dense_frame_nbytes(d, value_bytes, seeded))
         elif enc == "seed":
-            plan = RowPlan("seed", None, 0, frame_nbytes(d, k, "seed", True, 0, vbytes))
+            plan = RowPlan("seed", None, 0, common + uvarint_len(0))
         elif enc in sizes:
             ib, param = sizes[enc]
-            plan = RowPlan(enc, param, ib, frame_nbytes(d, k, enc, seeded, ib, vbytes))
+            plan = RowPlan(enc, param, ib, common + (enc in PARAMETER_ENCODINGS) + uvarint_len(ib) + ib)
         else:
             continue
         if best is None or plan.nbytes < best.nbytes:
@@ -262,6 +272,15 @@ def encoded_nbytes(batch, index_encoding: str = "auto", value_dtype=None) -> tor
         g = np.zeros(n * d, dtype=np.int32 if d < RAW32_LIMIT else np.int64)
         return _sizes_from_gaps(k, g, d, vb, index_encoding, seeded)
     idx = batch.indices.detach().to("cpu", torch.int64)
+    if n == 1:  # one row: what encode itself computes to choose (the batched machinery costs more)
+        cols = idx.numpy()
+        _check_range(cols, d)
+        if not batch.sorted_rows and cols.size > 1:
+            cols = np.sort(cols)
+        g = codecs.gaps(cols)
+        if cols.size > 1 and int(np.minimum.reduce(g[1:])) < 0:
+            raise ValueError("columns must be unique within each row")
+        return torch.tensor([plan_row(cols, d, seeded, vb, index_encoding, g=g).nbytes], dtype=torch.long)
     if batch.fixed_k is not None:
         kk = batch.fixed_k
         cols = idx.numpy().reshape(n, kk)
