@@ -22,7 +22,7 @@ from ..engines import ENGINES
 from ..engines.async_sim import COMPUTE_LAWS, REJECTED_ACTIONS, AsyncSimulator, ComputeLaw, KardamFilter, NetworkLaw
 from ..engines.base import SAMPLINGS, WorkerData
 from ..engines.sync_sim import GRADIENT_PATHS
-from ..engines.synchronous import GRADIENT_SHIFTS
+from ..engines.base import GRADIENT_SHIFTS
 from ..feedback import FEEDBACKS
 from ..metrics import DEFAULT_METRICS, METRICS
 from ..momentum import MOMENTA, Momentum, make_momentum

@@ -31,7 +31,7 @@ from ..comm.collectives import ShardPlan, check_collective
 from ..compressors import RandomK, TopK
 from ..schedules import Schedule, StagewiseLearning
 from ..tasks import Task
-from .base import GRADIENT_SHIFTS, Engine  # noqa: F401 (GRADIENT_SHIFTS: the config's table)
+from .base import Engine
 from .grouped_grad import GradientFactors
 
 

@@ -604,8 +604,8 @@ def sahu_efgdstar(ctx: Context) -> list[Claim]:
         curves[f"hard-threshold {ht[0]} N={workers}"] = ht[1]
         curves[f"top-k {tk[0]} N={workers}"] = tk[1]
     ctx.note("Volume counted as paper 002 counts it: elements sent per worker (its official code adds 32 bits per "
-             f"kept value and averages over workers), bytes beside. Target: (f - f*)/(f_0 - f*) <= 5e-12, the "
-             f"quantity the official plots draw. Start: x* + 1e-4 1 at full scale, as the official code; "
+             "kept value and averages over workers), bytes beside. Target: (f - f*)/(f_0 - f*) <= 5e-12, the "
+             "quantity the official plots draw. Start: x* + 1e-4 1 at full scale, as the official code; "
              + ("0 at small scale (on the standardized stand-in x* + 1 leaves weight on directions of the redundant "
                 "features that GD contracts at mu/L = 1e-4 per step: 600 steps reach only 2.6e-4 of f_0 - f*)"
                 if ctx.small else "the same here") + f". Hard-threshold lambda = lambda0 x {list(EFGD_LAMBDA_FACTORS)} with lambda0 = "
