@@ -116,7 +116,15 @@ def test_sharded_simulator_equals_allgather_and_charges_its_own_traffic():
     ag, sh = _steps(DIGITS), _steps({**DIGITS, "collective": "sharded"})
     assert torch.equal(ag.w, sh.w)  # float32 values: the pulled sums are exact
     assert sh.ledger.uplink_bytes != ag.ledger.uplink_bytes
-    assert sh.ledger.all_ranks_sent_bytes > 0 and ag.ledger.all_ranks_sent_bytes > 0
+    P, T = DIGITS["workers"]["count"], DIGITS["steps"]
+    # allgather: every rank's frames go to the P - 1 others, each after a 16-byte size record
+    assert ag.ledger.downlink_bytes == (P - 1) * ag.ledger.uplink_bytes
+    assert ag.ledger.all_ranks_sent_bytes == ag.ledger.downlink_bytes + T * P * (P - 1) * SIZE_RECORD_NBYTES
+    # sharded: the parts pushed to their owners, each owner's shard to the P - 1 others, and per
+    # rank and round one split record and one size record to every peer
+    assert sh.ledger.downlink_bytes % (P - 1) == 0
+    assert sh.ledger.all_ranks_sent_bytes == sh.ledger.uplink_bytes + sh.ledger.downlink_bytes + \
+        T * P * (P - 1) * (SPLIT_RECORD_NBYTES + SIZE_RECORD_NBYTES)
     fp16 = _steps({**DIGITS, "collective": "sharded", "value_dtype": "fp16"})
     fp16_ag = _steps({**DIGITS, "value_dtype": "fp16"})
     assert not torch.equal(fp16.w, fp16_ag.w)  # the sums travel in fp16 too

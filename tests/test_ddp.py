@@ -403,7 +403,11 @@ def test_bf16_parameters_keep_fp32_memories(launched):
     for n in a["params"]:
         assert a["params"][n].dtype == torch.bfloat16 and torch.equal(a["params"][n], b["params"][n])
         assert bool(torch.isfinite(a["params"][n].float()).all())
-    assert a["state"]["step"] == T and a["state"]["ledger"]["uplink_bytes"] > 0
+    assert a["state"]["step"] == T
+    ledger = a["state"]["ledger"]  # one message per parameter and step, its frames to the other rank
+    assert ledger["uplink_messages"] == T * len(a["params"]) and ledger["downlink_bytes"] == ledger["uplink_bytes"]
+    # handed to the transport: those frames plus one 16-byte size record per step (one bucket)
+    assert ledger["sent_bytes"] == ledger["uplink_bytes"] + 16 * T
 
 
 def test_join_with_uneven_inputs_finishes_on_every_rank(launched):
@@ -416,7 +420,11 @@ def test_join_with_uneven_inputs_finishes_on_every_rank(launched):
     assert a["state"]["step"] == b["state"]["step"] == T
     for n in a["params"]:
         assert torch.equal(a["params"][n], b["params"][n])
-    assert b["state"]["ledger"]["uplink_bytes"] > 0
+    # the joined steps ran the hook too: rank 1 sent one message per parameter at every one of the T
+    # steps, as rank 0 did, and each rank received what the other sent
+    la, lb = a["state"]["ledger"], b["state"]["ledger"]
+    assert la["uplink_messages"] == lb["uplink_messages"] == T * len(a["params"])
+    assert la["downlink_bytes"] == la["uplink_bytes"] and lb["downlink_bytes"] == lb["uplink_bytes"]
 
 
 def test_nonfinite_skip_drops_the_message_and_training_goes_on(launched):
