@@ -37,6 +37,7 @@ Synchronous engines have tau = t.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -335,8 +336,7 @@ class Algorithm:
             state.memory, state.momentum, state.compressor = out.state.memory, out.state.momentum, out.state.compressor
         else:
             state.copy_(out.state)
-        return WorkerStepOutput(out.message, out._nbytes, state, out.feedback, out.feedback_input, out.in_place,
-                                out.value_dtype)
+        return dataclasses.replace(out, state=state)
 
     def worker_step(
         self,

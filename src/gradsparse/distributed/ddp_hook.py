@@ -113,6 +113,7 @@ receives their average divided by lr, and SGD multiplies by lr again; DDP averag
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -258,10 +259,7 @@ def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, param
     order = sorted(range(len(params)), key=lambda i: state.layout.names.index(segs[i].name))
     names = [segs[i].name for i in order]
     sizes = [params[i].numel() for i in order]
-    starts, off = {}, 0  # where each parameter sits in the bucket
-    for i, p in enumerate(params):
-        starts[i] = off
-        off += p.numel()
+    starts = _segment_starts([p.numel() for p in params])  # where each parameter sits in the bucket
     flag = _nonfinite_flag(state, buf, outs)
     messages = [outs[i].message for i in order]
 
@@ -283,7 +281,7 @@ def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, param
         fut = _allreduce_exchange(state, channel, [(segs[i].alg.compressor, outs[i].message, params[i].numel())
                                                    for i in order], step, lr, flag, [segs[i] for i in order])
     else:
-        indices = torch.cat([m.indices + sum(sizes[:j]) for j, m in enumerate(messages)])
+        indices = torch.cat([m.indices + at for at, m in zip(_segment_starts(sizes), messages)])
         values = torch.cat([m.values for m in messages])
         fut = _sharded_exchange(state, channel, names, sizes, indices, values, step, lr, flag,
                                 [segs[i] for i in order], fallback_nbytes)
@@ -295,12 +293,15 @@ def _collective_bucket(state: SparsifiedState, channel: CollectiveChannel, param
     return fut.then(lambda f: write_back(f.value()))
 
 
+def _segment_starts(sizes: list[int]) -> list[int]:
+    """Where each of the back-to-back segments of ``sizes`` starts."""
+    return list(itertools.accumulate(sizes[:-1], initial=0)) if sizes else []
+
+
 def _bucket_positions(indices: torch.Tensor, sizes: list[int], bucket_starts: list[int]) -> torch.Tensor:
     """Where entries of the layout-order vector (segments of ``sizes``) sit in the bucket, whose
     segments start at ``bucket_starts`` (the same segments in the bucket's own order)."""
-    layout_starts = [0]
-    for n in sizes[:-1]:
-        layout_starts.append(layout_starts[-1] + n)
+    layout_starts = _segment_starts(sizes)
     if layout_starts == list(bucket_starts):
         return indices
     starts = torch.tensor(layout_starts, dtype=torch.int64)
@@ -420,10 +421,8 @@ def _allreduce_exchange(state: SparsifiedState, channel: CollectiveChannel,
     scale = _bucket_units(state, lr, False) / world
     dtype = torch.float32 if vt in (torch.float16, torch.bfloat16) else vt
 
-    starts = [0]
-    for n in sizes[:-1]:
-        starts.append(starts[-1] + n)
-    indices = torch.cat([at + cols for at, cols in zip(starts, supports)]) if supports else torch.zeros(0, dtype=torch.int64)
+    indices = torch.cat([at + cols for at, cols in zip(_segment_starts(sizes), supports)]) if supports else \
+        torch.zeros(0, dtype=torch.int64)
 
     def assemble(f):
         return SparseUpdate(indices, f.value().cpu().to(dtype) * scale, sum(sizes))
